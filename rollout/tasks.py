@@ -1,0 +1,90 @@
+"""Verifiable tasks: prompt generators with exact verifiers and a held-out split.
+
+Contract: a task yields `Problem`s whose `prompt` and `answer` use only `task.alphabet`; the
+verifier scores a completion 1.0 iff it equals the answer exactly (after stripping the end-of-sequence
+marker), else 0.0. Train and eval splits are disjoint by construction: a problem belongs to the eval
+split iff a stable hash of its operands falls in the eval bucket, so no eval problem is ever trained on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from typing import Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ARITHMETIC_ALPHABET = "0123456789+-*="
+
+
+class TaskConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["arithmetic"] = "arithmetic"
+    min_digits: int = Field(1, ge=1, le=9)
+    max_digits: int = Field(3, ge=1, le=9)
+    ops: tuple[Literal["+", "-", "*"], ...] = ("+",)
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    eval_size: int = Field(200, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _digits(self) -> "TaskConfig":
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"task.min_digits={self.min_digits} > task.max_digits={self.max_digits}; set min_digits <= max_digits")
+        if not self.ops:
+            raise ValueError("task.ops is empty; give at least one of '+', '-', '*'")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+    task: str
+
+
+class ArithmeticTask:
+    """`a op b =` with operands of `min_digits..max_digits` digits; answer is the exact integer."""
+
+    name = "arithmetic"
+    alphabet = ARITHMETIC_ALPHABET
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+
+    def _operand(self, rng: random.Random) -> int:
+        d = rng.randint(self.cfg.min_digits, self.cfg.max_digits)
+        return rng.randint(0 if d == 1 else 10 ** (d - 1), 10**d - 1)
+
+    def _is_eval(self, a: int, op: str, b: int) -> bool:
+        h = hashlib.blake2b(f"{a}{op}{b}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") / 2**64 < self.cfg.eval_fraction
+
+    def _make(self, a: int, op: str, b: int) -> Problem:
+        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return Problem(prompt=f"{a}{op}{b}=", answer=str(value), task=f"{self.name}{op}")
+
+    def _draw(self, rng: random.Random, want_eval: bool) -> Problem:
+        while True:
+            a, b, op = self._operand(rng), self._operand(rng), rng.choice(self.cfg.ops)
+            if self._is_eval(a, op, b) == want_eval:
+                return self._make(a, op, b)
+
+    def train_stream(self, seed: int | None = None) -> Iterator[Problem]:
+        """Endless stream of training problems (never an eval problem)."""
+        rng = random.Random(self.cfg.seed if seed is None else seed)
+        while True:
+            yield self._draw(rng, want_eval=False)
+
+    def eval_set(self) -> list[Problem]:
+        """The fixed held-out split: `eval_size` problems, the same for every run with this config."""
+        rng = random.Random(10_000 + self.cfg.seed)
+        return [self._draw(rng, want_eval=True) for _ in range(self.cfg.eval_size)]
+
+    @staticmethod
+    def score(problem: Problem, completion: str) -> float:
+        return 1.0 if completion.strip() == problem.answer else 0.0
+
+
+def make_task(cfg: TaskConfig) -> ArithmeticTask:
+    return ArithmeticTask(cfg)
