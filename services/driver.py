@@ -1,0 +1,101 @@
+"""The Ray job entrypoint: config -> model + cold start -> actors -> the actor-learner loop -> outputs.
+
+    python -m services.driver --config deploy/configs/tiny_cpu.yaml [section.field=value ...] [--dry-run]
+
+The loop keeps every rollout worker busy (up to `run.max_buffered_steps` learner steps of groups
+ahead; with `replay.max_staleness: 0` only at the learner's current version, i.e. synchronous), lets
+the learner sample whole groups from replay whenever it is idle, and after every
+`learner.weight_sync.sync_every_steps` steps publishes a new `policy_version` to every worker.
+Outputs go to `runs/<run.name>/` (see services/report.py). Exit code 2 = invalid config.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from services.config import REPO_ROOT, ConfigError, RunConfig, check_model_path, load_config, write_resolved
+from services.placement import format_plan, plan
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m services.driver", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="YAML run config (deploy/configs/*.yaml); omitted = built-in defaults")
+    ap.add_argument("--dry-run", action="store_true", help="validate the config, print the actor placement, start nothing")
+    ap.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray started here)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=3e-4 run.name=try2")
+    args, unknown = ap.parse_known_args(argv)
+    args.overrides += [u for u in unknown if u.startswith("--") and "=" in u]
+    bad = [u for u in unknown if not (u.startswith("--") and "=" in u)]
+    if bad:
+        ap.error(f"unrecognised arguments {bad}; overrides look like section.field=value")
+    return args
+
+
+def prepare_model(cfg: RunConfig, cache_dir: Path) -> tuple[Path, float]:
+    """The policy's starting point (version 0): the given or built-in model, after the cold start. Cached."""
+    from learner.sft import cold_start
+    from learner.tiny_model import TinyModelSpec, build_tiny_model
+    from rollout.tasks import make_task
+
+    task = make_task(cfg.task)
+    if cfg.model.path is not None:
+        base = Path(cfg.model.path).expanduser()
+    else:
+        spec = TinyModelSpec(alphabet=task.alphabet, **cfg.model.model_dump(exclude={"path"}))
+        base = build_tiny_model(cache_dir / "models" / f"tiny-{spec.cache_key()}", spec)
+    if cfg.cold_start is None:
+        return base, 0.0
+    key = hashlib.sha256(f"{base.resolve()}|{cfg.task.model_dump_json()}|{cfg.cold_start.model_dump_json()}".encode()).hexdigest()[:16]
+    t0 = time.perf_counter()
+    out = cold_start(base, cache_dir / "models" / f"coldstart-{key}", task, cfg.cold_start, threads=os.cpu_count())
+    return out, time.perf_counter() - t0
+
+
+def start_ray(cfg: RunConfig, address: str | None) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(format_plan(cfg, plan(cfg)))
+            try:
+                check_model_path(cfg)
+            except ConfigError as e:
+                print(f"note (checked again at start-up on the cluster): {e}")
+            return 0
+        check_model_path(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from services.loop import ActorLearnerLoop
+
+    run_dir = Path(cfg.run.runs_dir) / cfg.run.name
+    cache_dir = Path(cfg.run.cache_dir).resolve()
+    write_resolved(cfg, run_dir)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    model_dir, cold_start_s = prepare_model(cfg, cache_dir)
+    start_ray(cfg, args.address)
+    loop = ActorLearnerLoop(cfg, run_dir, model_dir, cache_dir)
+    summary = loop.run(job_started=t0, cold_start_s=cold_start_s)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""`LearnerRank`: one DeepSpeed rank as a Ray actor, a thin shell over `learner.step.LearnerCore`.
+
+Rank 0 also owns the sending end of the weight broadcast. `publish` snapshots the weights (a
+collective under ZeRO-3, so every rank calls it) and sends them from a background thread, so the
+next training steps overlap the broadcast; a new publish first waits for the previous send.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import ray
+
+from learner.config import LearnerConfig
+from learner.weight_transport import BroadcastTransport, SyncStats, WeightSyncConfig
+
+
+@ray.remote
+class LearnerRank:
+    def __init__(self, cfg: LearnerConfig, model_dir: str, rank: int, world_size: int):
+        self.cfg, self.model_dir, self.rank, self.world_size = cfg, model_dir, rank, world_size
+        self.core = None
+        self.transport: BroadcastTransport | None = None
+        self._sender: threading.Thread | None = None
+        self._last: SyncStats | None = None
+        self._error: BaseException | None = None
+
+    def node_address(self) -> tuple[str, int]:
+        """This actor's node IP and a free port on it (rank 0's become the group's rendezvous)."""
+        from learner.weight_transport import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the DeepSpeed group (all ranks call this concurrently) and build the model + optimiser."""
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", DS_ACCELERATOR="cuda" if self.cfg.device == "cuda" else "cpu",
+        )
+        from learner.step import LearnerCore
+
+        self.core = LearnerCore(self.cfg, self.model_dir, self.rank, self.world_size)
+        return self.rank
+
+    def train_step(self, batch) -> dict[str, float]:
+        return self.core.train_step(batch)
+
+    def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, world_size: int) -> int:
+        self.transport = BroadcastTransport.create(cfg, master_addr, master_port, 0, world_size)
+        return 0
+
+    def publish(self, policy_version: int) -> None:
+        """Snapshot weights now and broadcast them in the background as `policy_version`."""
+        self.wait_published()
+        weights = self.core.named_weights()
+        if self.rank != 0:
+            return
+        self._sender = threading.Thread(target=self._send, args=(weights, policy_version), daemon=True)
+        self._sender.start()
+
+    def _send(self, weights, policy_version: int) -> None:
+        try:
+            self._last = self.transport.send(weights, policy_version)
+        except BaseException as e:  # surfaced by wait_published
+            self._error = e
+
+    def wait_published(self) -> SyncStats | None:
+        if self._sender is not None:
+            self._sender.join()
+            self._sender = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return self._last
+
+    def logprobs(self, batch):
+        return self.core.logprobs(batch)
+
+    def save(self, out_dir: str) -> str | None:
+        out = self.core.save(Path(out_dir), self.model_dir)
+        return None if out is None else str(out)
+
+    def shutdown(self) -> None:
+        self.wait_published()
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,252 @@
+"""The actor-learner loop the driver runs: dispatch, sample, train, publish, evaluate — as named steps.
+
+Invariants:
+- at most one learner step is in flight; every rank trains on its own whole groups of one sample;
+- `policy_version` is published in order 1, 2, ...; a weight receive is queued on every worker
+  right after a publish, so any rollout dispatched later runs on the new weights;
+- rollout runs at most `run.max_buffered_steps` learner steps of groups ahead of the learner; with
+  `replay.max_staleness: 0` it only produces for the current version (synchronous baseline).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from services.config import RunConfig
+from services.placement import start_actors
+from services.report import MetricsLog, draw_report, format_summary
+
+TARGET_GAIN = 0.20  # the headline figure: RL seconds to +20 points of held-out accuracy
+
+
+@dataclasses.dataclass
+class LoopState:
+    version: int = 0
+    steps: int = 0
+    traces_consumed: int = 0
+    groups_consumed: int = 0
+    max_staleness_seen: int = 0
+    versions_consumed: set = dataclasses.field(default_factory=set)
+    produced_at: dict = dataclasses.field(default_factory=dict)  # version -> groups produced
+    publish_t: dict = dataclasses.field(default_factory=lambda: {0: 0.0})
+    evals: list = dataclasses.field(default_factory=list)  # (version, t_published, accuracy)
+    seconds_to_target: float | None = None
+
+
+class ActorLearnerLoop:
+    def __init__(self, cfg: RunConfig, run_dir: Path, model_dir: Path, cache_dir: Path):
+        from rollout.tasks import make_task
+
+        self.cfg, self.run_dir, self.model_dir = cfg, run_dir, model_dir
+        self.log = MetricsLog(run_dir / "metrics.jsonl")
+        self.replay, self.ranks, self.workers = start_actors(cfg, model_dir, cache_dir)
+        evals = make_task(cfg.task).eval_set()
+        self.eval_prompts, self.eval_answers = [p.prompt for p in evals], [p.answer for p in evals]
+        self.s = LoopState()
+        self.rollouts: dict = {}  # ref -> worker index
+        self.train_refs: list = []
+        self.side_refs: dict = {}  # ref -> what (publish/receive/eval)
+        self.pending_eval = None
+        self.initial_accuracy = math.nan
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self, job_started: float, cold_start_s: float) -> dict:
+        try:
+            _, self.initial_accuracy = ray.get(self.workers[0].evaluate.remote(self.eval_prompts, self.eval_answers))
+            self.log.restart_clock()
+            self.log.write("eval", policy_version=0, accuracy=self.initial_accuracy, t_published=0.0)
+            self._progress_start()
+            while not self._done():
+                self._dispatch_rollouts()
+                self._try_train()
+                self._collect(timeout_s=0.05)
+            self._drain_and_publish_final()
+            summary = self._finish(job_started, cold_start_s)
+        finally:
+            self._shutdown()
+        return summary
+
+    def _done(self) -> bool:
+        run = self.cfg.run
+        if self.s.steps >= run.max_learner_steps or self.log.now() >= run.max_wall_s:
+            return True
+        return run.stop_at_gain is not None and any(acc >= self.initial_accuracy + run.stop_at_gain for _, _, acc in self.s.evals)
+
+    # -- rollout ----------------------------------------------------------------------------------
+    def _groups_per_call(self) -> int:
+        return self.cfg.rollout.prompts_per_step
+
+    def _may_dispatch(self) -> bool:
+        lc, inflight = self.cfg.learner, len(self.rollouts) * self._groups_per_call()
+        if self.cfg.synchronous:
+            need = lc.groups_per_step * lc.weight_sync.sync_every_steps
+            return self.s.produced_at.get(self.s.version, 0) + inflight < need
+        held = sum(st.groups for st in self.replay.stats())
+        return held + inflight < self.cfg.run.max_buffered_steps * lc.groups_per_step
+
+    def _dispatch_rollouts(self) -> None:
+        busy = set(self.rollouts.values())
+        for i, worker in enumerate(self.workers):
+            if i not in busy and self._may_dispatch():
+                self.rollouts[worker.rollout.remote(self._groups_per_call())] = i
+                if self.cfg.synchronous:  # count what this call will produce at the current version
+                    self.s.produced_at.setdefault(self.s.version, 0)
+
+    def _on_rollout(self, ref) -> None:
+        self.rollouts.pop(ref)
+        st = ray.get(ref)
+        self.s.produced_at[st.policy_version] = self.s.produced_at.get(st.policy_version, 0) + st.accepted_groups
+        self.log.write("rollout", **dataclasses.asdict(st))
+
+    # -- learner ----------------------------------------------------------------------------------
+    def _try_train(self) -> None:
+        if self.train_refs:
+            return
+        res = self.replay.sample(self.cfg.learner.groups_per_step, self.s.version, timeout_s=0.0)
+        if res is None:
+            return
+        self._staleness = list(res.staleness)
+        self._batch_rows = res.batch.num_rows
+        self.s.versions_consumed.update(pc.unique(res.batch.column("policy_version")).to_pylist())
+        self.train_refs = [rank.train_step.remote(part) for rank, part in zip(self.ranks, _split_groups(res.batch, len(self.ranks)))]
+
+    def _on_train_done(self) -> None:
+        diags = ray.get(self.train_refs)
+        self.train_refs = []
+        s = self.s
+        s.steps += 1
+        s.traces_consumed += self._batch_rows
+        s.groups_consumed += len(self._staleness)
+        s.max_staleness_seen = max(s.max_staleness_seen, max(self._staleness))
+        merged = {k: sum(d[k] for d in diags) / len(diags) for k in diags[0]}
+        rec = self.log.write("learner_step", learner_step=s.steps, policy_version=s.version, staleness_mean=sum(self._staleness) / len(self._staleness),
+                             staleness_max=max(self._staleness), **merged)
+        self._progress_update(rec)
+        if s.steps % self.cfg.learner.weight_sync.sync_every_steps == 0:
+            self._publish()
+
+    # -- weights and eval -------------------------------------------------------------------------
+    def _publish(self) -> None:
+        s = self.s
+        s.version += 1
+        s.publish_t[s.version] = self.log.now()
+        for rank in self.ranks:
+            self.side_refs[rank.publish.remote(s.version)] = ("publish", s.version)
+        for i, worker in enumerate(self.workers):
+            self.side_refs[worker.receive_weights.remote()] = ("receive", i)
+        if s.steps % self.cfg.run.eval_every_steps == 0 or self._done():
+            self._eval_async()
+        ckpt = self.cfg.run.checkpoint_every_steps
+        if ckpt and s.steps % ckpt == 0:
+            ray.get([r.save.remote(str(self.run_dir / "checkpoints" / f"step_{s.steps:06d}")) for r in self.ranks])
+
+    def _eval_async(self) -> None:
+        ref = self.workers[0].evaluate.remote(self.eval_prompts, self.eval_answers)
+        self.side_refs[ref] = ("eval", self.s.version)
+
+    def _on_side(self, ref) -> None:
+        what, arg = self.side_refs.pop(ref)
+        value = ray.get(ref)  # re-raises actor errors: a failed broadcast must not pass silently
+        if what == "eval":
+            version, acc = value
+            t_pub = self.s.publish_t[version]
+            self.s.evals.append((version, t_pub, acc))
+            self.log.write("eval", policy_version=version, accuracy=acc, t_published=t_pub)
+            if self.s.seconds_to_target is None and acc >= self.initial_accuracy + TARGET_GAIN - 1e-9:
+                self.s.seconds_to_target = t_pub
+        elif what == "receive":
+            self.log.write("sync", worker=arg, policy_version=value)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _collect(self, timeout_s: float) -> None:
+        refs = list(self.rollouts) + self.train_refs + list(self.side_refs)
+        if not refs:
+            time.sleep(timeout_s)
+            return
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=False)
+        ready = set(ready)
+        for ref in [r for r in self.rollouts if r in ready]:
+            self._on_rollout(ref)
+        for ref in [r for r in self.side_refs if r in ready]:
+            self._on_side(ref)
+        if self.train_refs and all(r in ready for r in self.train_refs):
+            self._on_train_done()
+
+    def _drain_and_publish_final(self) -> None:
+        while self.train_refs:
+            self._collect(timeout_s=1.0)
+        last_eval = max((v for v, _, _ in self.s.evals), default=0)
+        if self.s.steps and (self.s.publish_t.get(self.s.version) is None or self.s.version == 0 or
+                             self.s.steps % self.cfg.learner.weight_sync.sync_every_steps):
+            self._publish()
+        if last_eval < self.s.version and not any(w == "eval" for w, _ in self.side_refs.values()):
+            self._eval_async()
+        while self.side_refs or self.rollouts:
+            self._collect(timeout_s=1.0)
+
+    def _finish(self, job_started: float, cold_start_s: float) -> dict:
+        self.final_dir = self.run_dir / "final_model"
+        ray.get([r.save.remote(str(self.final_dir)) for r in self.ranks])
+        s = self.s
+        final = max(s.evals, key=lambda e: (e[0], e[1]))
+        summary = {
+            "eval_accuracy_initial": self.initial_accuracy,
+            "eval_accuracy_final": final[2],
+            "eval_accuracy_best": max(a for _, _, a in s.evals),
+            "wall_s": time.perf_counter() - job_started,
+            "rl_wall_s": self.log.now(),
+            "cold_start_s": cold_start_s,
+            "rl_seconds_to_target": s.seconds_to_target,
+            "target_gain": TARGET_GAIN,
+            "learner_steps": s.steps,
+            "policy_versions_published": s.version,
+            "traces_consumed": s.traces_consumed,
+            "groups_consumed": s.groups_consumed,
+            "max_staleness_seen": s.max_staleness_seen,
+            "max_staleness_bound": self.cfg.replay.max_staleness,
+            "distinct_policy_versions_consumed": len(s.versions_consumed),
+            "synchronous": self.cfg.synchronous,
+        }
+        (self.run_dir / "summary.json").write_text(__import__("json").dumps(summary, indent=1))
+        draw_report(self.run_dir)
+        self._progress_close()
+        print(f"\nrun {self.cfg.run.name!r} finished -> {self.run_dir}\n{format_summary(summary)}")
+        return summary
+
+    def _shutdown(self) -> None:
+        self.log.close()
+        for actor in self.workers + self.ranks:
+            try:
+                ray.get(actor.shutdown.remote(), timeout=30)
+            except Exception as e:  # an actor that already died has nothing to release
+                print(f"warning: shutdown of {actor} failed: {e}")
+
+    # -- terminal -----------------------------------------------------------------------------------
+    def _progress_start(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.cfg.run.max_learner_steps, desc="RL", unit="step", disable=not self.cfg.run.progress, mininterval=1.0)
+
+    def _progress_update(self, rec: dict) -> None:
+        acc = self.s.evals[-1][2] if self.s.evals else self.initial_accuracy
+        self.bar.set_postfix_str(f"v={self.s.version} reward={rec.get('reward_mean', 0):.2f} eval={acc:.2f} "
+                                 f"stale<={rec['staleness_max']} kl={rec.get('kl_behaviour', 0) or 0:.4f}", refresh=False)
+        self.bar.update(1)
+
+    def _progress_close(self) -> None:
+        self.bar.close()
+
+
+def _split_groups(batch: pa.RecordBatch, parts: int) -> list[pa.Table]:
+    """Split a batch of whole groups into `parts` tables of whole groups (round-robin by group)."""
+    table = pa.Table.from_batches([batch])
+    if parts == 1:
+        return [table]
+    groups = pc.unique(table.column("group_id")).to_pylist()
+    return [table.filter(pc.is_in(table.column("group_id"), value_set=pa.array(groups[i::parts]))) for i in range(parts)]

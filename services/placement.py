@@ -1,0 +1,90 @@
+"""Where every actor goes and what it asks for: the plan (`plan`, printed by `--dry-run`) and the start-up.
+
+Contract: `plan(cfg)` is pure (no Ray) and lists exactly the actors `start_actors` creates, with the
+same resource requests, so a dry run shows what a real run will ask the cluster for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from services.config import REPO_ROOT, RunConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorSpec:
+    role: str
+    index: int
+    num_cpus: float
+    num_gpus: float
+    detail: str
+
+
+def plan(cfg: RunConfig) -> list[ActorSpec]:
+    specs = [ActorSpec("replay_shard", i, 0.0, 0.0, f"sampler={cfg.replay.sampler} max_staleness={cfg.replay.max_staleness}")
+             for i in range(cfg.replay.num_shards)]
+    lc = cfg.learner
+    specs += [ActorSpec("learner_rank", r, lc.num_cpus_per_rank, lc.num_gpus_per_rank,
+                        f"deepspeed zero-{lc.zero_stage} {lc.dist_backend} {lc.groups_per_step // lc.num_ranks} groups/step")
+              for r in range(lc.num_ranks)]
+    rc = cfg.rollout
+    specs += [ActorSpec("rollout_worker", w, rc.num_cpus_per_worker, rc.num_gpus_per_worker,
+                        f"{rc.engine} on {rc.device}, G={rc.group_size}, {rc.prompts_per_step} prompts/call")
+              for w in range(rc.num_workers)]
+    return specs
+
+
+def format_plan(cfg: RunConfig, specs: list[ActorSpec]) -> str:
+    lines = [f"run {cfg.run.name!r}: model={cfg.model.path or 'built-in tiny Llama'}, "
+             f"weight sync={cfg.learner.weight_sync.backend} every {cfg.learner.weight_sync.sync_every_steps} step(s), "
+             f"mode={'synchronous' if cfg.synchronous else f'asynchronous (max_staleness={cfg.replay.max_staleness})'}",
+             f"{'actor':<16}{'#':>3}{'CPU':>6}{'GPU':>6}  detail"]
+    lines += [f"{s.role:<16}{s.index:>3}{s.num_cpus:>6g}{s.num_gpus:>6g}  {s.detail}" for s in specs]
+    lines.append(f"{'total':<19}{sum(s.num_cpus for s in specs):>6g}{sum(s.num_gpus for s in specs):>6g}")
+    return "\n".join(lines)
+
+
+def actor_env(cfg: RunConfig, cache_dir: Path) -> dict[str, str]:
+    """Environment every actor gets: the repo on the path, vLLM in-process, DeepSpeed's op cache."""
+    env = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": f"{max(1, round(cfg.rollout.kv_cache_gib))}",
+        "TORCH_EXTENSIONS_DIR": str(cache_dir / "torch_extensions"),
+        "DS_ACCELERATOR": "cuda" if cfg.learner.device == "cuda" else "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    return env
+
+
+def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
+    """Create replay, the DeepSpeed group and the rollout workers, and wire the weight group.
+
+    Returns (replay_client, learner_ranks, rollout_workers). Blocks until every actor is ready.
+    """
+    import ray
+
+    from services.learner_rank import LearnerRank
+    from services.replay_client import create_replay
+    from services.rollout_worker import RolloutWorker
+
+    env = {"env_vars": actor_env(cfg, cache_dir)}
+    replay = create_replay(cfg.replay)
+    lc, rc = cfg.learner, cfg.rollout
+    ranks = [LearnerRank.options(num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank, runtime_env=env)
+             .remote(lc, str(model_dir), r, lc.num_ranks) for r in range(lc.num_ranks)]
+    addr, port = ray.get(ranks[0].node_address.remote())
+    setups = [rank.setup.remote(addr, port) for rank in ranks]
+    workers = [RolloutWorker.options(num_cpus=rc.num_cpus_per_worker, num_gpus=rc.num_gpus_per_worker, runtime_env=env)
+               .remote(rc, cfg.task, str(model_dir), w, replay) for w in range(rc.num_workers)]
+    ray.get(setups)
+    _, wport = ray.get(ranks[0].node_address.remote())
+    world = 1 + len(workers)
+    joins = [ranks[0].join_weight_group.remote(lc.weight_sync, addr, lc.weight_sync.master_port or wport, world)]
+    joins += [w.join_weight_group.remote(lc.weight_sync, addr, lc.weight_sync.master_port or wport, i + 1, world)
+              for i, w in enumerate(workers)]
+    ray.get(joins)
+    return replay, ranks, workers

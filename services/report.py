@@ -1,0 +1,95 @@
+"""A run's outputs under `runs/<name>/`: `metrics.jsonl` (one JSON record per event), `summary.json`, `report.png`.
+
+Every metrics record has `kind` (one of `learner_step`, `rollout`, `eval`, `sync`) and `t` (seconds since
+the RL loop started); the rest depends on the kind. `report.png` is drawn only from `metrics.jsonl`,
+so it can be re-drawn from a finished run: `python -m services.report runs/<name>`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = path.open("a", buffering=1)
+        self.t0 = time.perf_counter()
+
+    def restart_clock(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def write(self, kind: str, **fields: Any) -> dict:
+        rec = {"kind": kind, "t": round(self.now(), 4), **{k: _clean(v) for k, v in fields.items()}}
+        self._f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _series(records: list[dict], kind: str, key: str, x: str = "t") -> tuple[list, list]:
+    pts = [(r[x], r[key]) for r in records if r["kind"] == kind and r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def draw_report(run_dir: Path) -> Path:
+    """Plot reward, eval accuracy, KL to behaviour and staleness over RL wall time into report.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(run_dir)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    panels = [
+        (axes[0, 0], [("learner_step", "reward_mean", "train reward (batch mean)")], "reward"),
+        (axes[0, 1], [("eval", "accuracy", "held-out greedy accuracy")], "accuracy"),
+        (axes[1, 0], [("learner_step", "kl_behaviour", "KL(learner || behaviour), k3")], "KL"),
+        (axes[1, 1], [("learner_step", "staleness_mean", "mean staleness"), ("learner_step", "staleness_max", "max staleness")], "policy versions"),
+    ]
+    for ax, series, ylabel in panels:
+        for kind, key, label in series:
+            xs, ys = _series(recs, kind, key)
+            ax.plot(xs, ys, marker="o" if kind == "eval" else None, ms=3, label=label)
+        ax.set_xlabel("RL wall time (s)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        fig.suptitle(f"{run_dir.name}: eval {s['eval_accuracy_initial']:.2f} -> {s['eval_accuracy_final']:.2f} "
+                     f"in {s['wall_s']:.0f}s, {s['learner_steps']} learner steps, {s['policy_versions_published']} versions")
+    out = run_dir / "report.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    rows = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in summary.items() if not isinstance(v, (dict, list))]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+if __name__ == "__main__":
+    print(draw_report(Path(sys.argv[1])))

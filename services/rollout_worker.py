@@ -1,0 +1,112 @@
+"""`RolloutWorker`: a Ray actor that samples scored groups with a live engine and pushes them to replay.
+
+Thin by design: generation is `rollout.sampling.sample_groups` over a `rollout.engine.Engine`,
+scoring is the task's verifier, the record is `replay.schema.Trace`. The actor is sequential, so a
+weight update queued behind a rollout call is applied between batches ("drain" semantics): every
+trace of a batch comes from one `policy_version`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import ray
+
+from learner.weight_transport import BroadcastTransport, WeightSyncConfig
+from replay.schema import traces_to_batch
+from rollout.config import RolloutConfig
+from rollout.tasks import TaskConfig, make_task
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutStats:
+    worker_id: int
+    policy_version: int
+    groups: int
+    traces: int
+    tokens: int
+    reward_mean: float
+    accepted_groups: int
+    rejected_groups: int
+    generate_s: float
+    total_s: float
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, cfg: RolloutConfig, task_cfg: TaskConfig, model_dir: str, worker_id: int, replay):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from transformers import AutoTokenizer
+
+        from rollout.engine import make_engine
+
+        self.cfg, self.worker_id, self.replay = cfg, worker_id, replay
+        self.task = make_task(task_cfg)
+        self.problems = self.task.train_stream(seed=task_cfg.seed * 1000 + 1 + worker_id)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.engine = make_engine(cfg, Path(model_dir))
+        self.transport = None
+        self.batches = 0
+
+    def _encode(self, prompt: str) -> list[int]:
+        from rollout.evaluation import encode_prompt
+
+        return encode_prompt(self.tokenizer, prompt)
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def rollout(self, num_prompts: int) -> RolloutStats:
+        """Sample `num_prompts` groups at the current weights, score them and insert them into replay."""
+        from rollout.sampling import sample_groups
+
+        t0 = time.perf_counter()
+        problems = [next(self.problems) for _ in range(num_prompts)]
+        seed = self.cfg.seed * 1_000_003 + self.worker_id * 10_007 + self.batches
+        traces = sample_groups(self.engine, problems, self._encode, self._decode, self.task.score, self.cfg.group_size, seed=seed)
+        t_gen = time.perf_counter()
+        self.batches += 1
+        result = self.replay.insert(traces_to_batch(traces))
+        return RolloutStats(
+            worker_id=self.worker_id,
+            policy_version=self.engine.policy_version,
+            groups=len({t.group_id for t in traces}),
+            traces=len(traces),
+            tokens=sum(len(t.completion_ids) for t in traces),
+            reward_mean=sum(t.reward for t in traces) / max(1, len(traces)),
+            accepted_groups=result.accepted_groups,
+            rejected_groups=len(result.rejected),
+            generate_s=t_gen - t0,
+            total_s=time.perf_counter() - t0,
+        )
+
+    def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, rank: int, world_size: int) -> int:
+        self.transport = BroadcastTransport.create(cfg, master_addr, master_port, rank, world_size)
+        return rank
+
+    def receive_weights(self) -> int:
+        """Block until learner rank 0 broadcasts, load the weights into the live engine; return the new version."""
+        if self.transport is None:
+            raise RuntimeError(f"rollout worker {self.worker_id} has not joined the weight group; call join_weight_group first")
+        version, tensors = self.transport.receive()
+        self.engine.load_weights(tensors, version)
+        return version
+
+    def evaluate(self, prompts: list[str], answers: list[str]) -> tuple[int, float]:
+        """Greedy pass@1 on the given problems at the current weights: (policy_version, accuracy)."""
+        outs = self.engine.greedy([self._encode(p) for p in prompts])
+        correct = sum(self._decode(o).strip() == a for o, a in zip(outs, answers))
+        return self.engine.policy_version, correct / max(1, len(prompts))
+
+    def teacher_forced_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        return self.engine.teacher_forced_logprobs(prompt_ids, completion_ids)
+
+    def policy_version(self) -> int:
+        return self.engine.policy_version
+
+    def shutdown(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.engine.shutdown()
