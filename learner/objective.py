@@ -1,0 +1,283 @@
+"""The learner's objective: config -> (scalar loss, diagnostics), composed from kl/advantages/losses.
+
+Contract:
+- `ObjectiveConfig` selects every piece by name and is validated as a whole at start-up.
+- `requires(cfg)` names the optional `ObjectiveInputs` fields the learner must fill for `cfg`.
+- `compute_objective(cfg, x)` returns the loss to minimise (attached to `x.learner_logprobs`, and to
+  `x.values` / `x.entropy` when they are used) and `dict[str, float]` diagnostics. It never reads padded
+  positions. Advantages are computed inside the call from the batch's whole groups, without grad.
+
+Loss = policy term + sum_j beta_j * agg(kl_penalty_j)   [KL terms with `kl_*_in="loss"`]
+       - entropy_coef * agg(entropy) + value_coef * agg((V - returns)^2 / 2)   [gae / vtrace only;
+       the returns are GAE's A + V or V-trace's vs, from the detached values of this same call]
+KL terms with `kl_*_in="reward"` are instead subtracted per token from the rewards before the
+advantage estimator (token-level shaping; the outcome reward sits on the last response token).
+
+KL naming: `kl_behaviour_*` is the KL between the learner and the behaviour policy mu that sampled the
+tokens (always available); `kl_ref_*` to a frozen reference model (`ref_logprobs`, off when coef is 0).
+Directions (see `learner.kl`): behaviour defaults to "forward" + k3 = UKL(mu || pi), exact under mu's
+samples with no importance weight; reference defaults to "reverse" + k3 = UKL(pi || ref), the RLHF
+penalty with RPG's importance weight pi/mu (GRPO's unweighted k3 is "reverse_unweighted").
+
+Data parallelism: each rank calls this on whole groups; the gradient all-reduce averages ranks, so
+"token-mean" is exact only when ranks hold equal token counts (otherwise each rank's tokens weigh
+1/(R * n_rank)); "seq-mean-*" is exact with equal row counts per rank; "seq-mean-token-sum-norm" is a
+constant normaliser and exact with equal row counts. Batch statistics (GRPO/RLOO groups, REINFORCE++
+and GAE whitening) are per rank: whole groups make group baselines exact, whitening is rank-local.
+Diagnostics are per rank: reduce keys ending
+in `_min`/`_max` with min/max and the rest with mean.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from learner import advantages as adv_lib
+from learner import losses
+from learner.kl import KLDirection, KLEstimator, kl_penalty, kl_reinforce_coef
+
+AdvantageName = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae", "vtrace"]
+CRITIC_ADVANTAGES = ("gae", "vtrace")
+PolicyLossName = Literal["ppo", "decoupled_ppo", "gspo", "vtrace", "rpg_surrogate", "rpg_reinforce"]
+OPTIONAL_INPUTS = ("ref_logprobs", "proximal_logprobs", "token_rewards", "values", "entropy")
+
+
+class ObjectiveConfig(BaseModel):
+    """Every choice of the objective; defaults are GRPO + PPO-clip 0.2/0.2 + 0.01 * k3 KL to behaviour.
+
+    Recipes: Dr.GRPO = advantage "dr_grpo" + agg "seq-mean-token-sum-norm"; DAPO = clip_high 0.28 +
+    filter_zero_variance_groups + agg "token-mean"; GSPO = policy_loss "gspo" with clip_low/high ~3e-4/4e-4
+    and agg "seq-mean-token-mean" (0.2 almost never clips a length-normalised sequence ratio);
+    AReaL = "decoupled_ppo" (+ tis_cap); IMPALA = advantage "vtrace" + policy_loss "vtrace".
+    RPG family (arXiv:2505.17508) = policy_loss "rpg_surrogate" (fully differentiable) or
+    "rpg_reinforce" (REINFORCE-style, `rpg_clip` for RPG-style clip) x kl_*_direction reverse|forward
+    x kl_*_estimator k1 (normalised KL) | k3 (unnormalised UKL); RPG's iteratively refreshed reference
+    is `kl_behaviour` (the sampling policy) or a `kl_ref` model the learner refreshes.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    advantage: AdvantageName = "grpo"
+    grpo_scale_by_std: bool = True  # read by "grpo" only; "dr_grpo" never scales
+    grpo_eps: float = Field(1e-6, gt=0)
+    gamma: float = Field(1.0, gt=0, le=1)  # reinforce_pp*, gae
+    gae_lambda: float = Field(1.0, ge=0, le=1)
+    filter_zero_variance_groups: bool = False  # DAPO dynamic sampling, applied as a loss mask
+
+    policy_loss: PolicyLossName = "ppo"
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    clip_high: float = Field(0.2, ge=0)
+    dual_clip: float | None = Field(None, gt=1)
+    tis_cap: float | None = Field(None, gt=0)
+    tis_mode: Literal["truncate", "mask"] = "truncate"
+    vtrace_rho_bar: float = Field(1.0, gt=0)  # policy_loss="vtrace" and advantage="vtrace"
+    vtrace_c_bar: float = Field(1.0, gt=0)  # advantage="vtrace" (trace cutting)
+    rpg_clip: bool = False  # RPG-style clip of w in rpg_reinforce (uses clip_low/clip_high/dual_clip)
+
+    agg: losses.AggMode = "token-mean"
+    agg_norm_tokens: int | None = Field(None, ge=1)
+
+    kl_behaviour_coef: float = Field(0.01, ge=0)
+    kl_behaviour_estimator: KLEstimator = "k3"
+    kl_behaviour_direction: KLDirection = "forward"
+    kl_behaviour_in: Literal["loss", "reward"] = "loss"
+    kl_ref_coef: float = Field(0.0, ge=0)
+    kl_ref_estimator: KLEstimator = "k3"
+    kl_ref_direction: KLDirection = "reverse"
+    kl_ref_in: Literal["loss", "reward"] = "loss"
+
+    entropy_coef: float = Field(0.0, ge=0)
+    value_coef: float = Field(0.5, ge=0)  # gae / vtrace only
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ObjectiveConfig":
+        for problem in _config_problems(self):
+            raise ValueError(problem)
+        return self
+
+
+def _config_problems(c: ObjectiveConfig) -> list[str]:
+    p = []
+    if c.advantage == "dr_grpo" and c.agg != "seq-mean-token-sum-norm":
+        p.append("objective.advantage='dr_grpo' drops length normalisation: set objective.agg="
+                 "'seq-mean-token-sum-norm' (and agg_norm_tokens), or use advantage='grpo' with "
+                 "grpo_scale_by_std=false")
+    if c.agg == "seq-mean-token-sum-norm" and c.agg_norm_tokens is None:
+        p.append("objective.agg='seq-mean-token-sum-norm' needs objective.agg_norm_tokens "
+                 "(e.g. the max response length)")
+    if c.tis_cap is not None and c.policy_loss != "decoupled_ppo":
+        p.append("objective.tis_cap caps the proximal/behaviour weight, which only objective.policy_loss="
+                 "'decoupled_ppo' has; use vtrace_rho_bar for 'vtrace' or unset tis_cap")
+    if c.dual_clip is not None and c.policy_loss in ("vtrace", "rpg_surrogate"):
+        p.append(f"objective.dual_clip does not apply to policy_loss='{c.policy_loss}'; unset it")
+    if c.dual_clip is not None and c.dual_clip <= 1 + c.clip_high and c.policy_loss != "rpg_reinforce":
+        p.append(f"objective.dual_clip={c.dual_clip} must exceed 1 + clip_high = {1 + c.clip_high}")
+    if c.rpg_clip and c.policy_loss != "rpg_reinforce":
+        p.append("objective.rpg_clip applies to policy_loss='rpg_reinforce' only")
+    return p
+
+
+def requires(cfg: ObjectiveConfig) -> set[str]:
+    """Optional `ObjectiveInputs` fields `cfg` needs (token_rewards is always optional)."""
+    need = set()
+    if cfg.kl_ref_coef > 0:
+        need.add("ref_logprobs")
+    if cfg.policy_loss == "decoupled_ppo":
+        need.add("proximal_logprobs")
+    if cfg.advantage in CRITIC_ADVANTAGES:
+        need.add("values")
+    if cfg.entropy_coef > 0:
+        need.add("entropy")
+    return need
+
+
+@dataclass
+class ObjectiveInputs:
+    """One rank's batch of whole groups. Per-token tensors are `[B, T]`, aligned with `mask`."""
+
+    learner_logprobs: torch.Tensor  # [B, T], requires grad
+    behaviour_logprobs: torch.Tensor  # [B, T]
+    mask: torch.Tensor  # [B, T] float/bool, 1 = response token
+    rewards: torch.Tensor  # [B]
+    group_ids: torch.Tensor  # [B] long
+    ref_logprobs: torch.Tensor | None = None  # [B, T]
+    proximal_logprobs: torch.Tensor | None = None  # [B, T]
+    token_rewards: torch.Tensor | None = None  # [B, T], added to the outcome reward
+    values: torch.Tensor | None = None  # [B, T], V(s_t) from the value head (grad -> value loss)
+    entropy: torch.Tensor | None = None  # [B, T], learner's per-token entropy
+
+
+def _check_inputs(cfg: ObjectiveConfig, x: ObjectiveInputs) -> None:
+    shape = tuple(x.learner_logprobs.shape)
+    if len(shape) != 2:
+        raise ValueError(f"learner_logprobs must be [B, T]; got shape {shape}")
+    for name in ("behaviour_logprobs", "mask", *OPTIONAL_INPUTS):
+        t = getattr(x, name)
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {shape} like learner_logprobs")
+    for name in ("rewards", "group_ids"):
+        if tuple(getattr(x, name).shape) != shape[:1]:
+            raise ValueError(f"{name} has shape {tuple(getattr(x, name).shape)}; expected ({shape[0]},)")
+    missing = sorted(n for n in requires(cfg) if getattr(x, n) is None)
+    if missing:
+        raise ValueError(f"the objective config needs {missing} (see objective.requires(cfg)); compute them "
+                         "in the learner or change objective.kl_ref_coef / policy_loss / advantage / entropy_coef")
+
+
+def _kl_terms(cfg: ObjectiveConfig, x: ObjectiveInputs) -> list[tuple[str, float, torch.Tensor, str, str, str]]:
+    """(name, coef, target logprobs, estimator, direction, placement) for each active KL term."""
+    terms = []
+    if cfg.kl_behaviour_coef > 0:
+        terms.append(("kl_behaviour", cfg.kl_behaviour_coef, x.behaviour_logprobs, cfg.kl_behaviour_estimator,
+                      cfg.kl_behaviour_direction, cfg.kl_behaviour_in))
+    if cfg.kl_ref_coef > 0:
+        terms.append(("kl_ref", cfg.kl_ref_coef, x.ref_logprobs, cfg.kl_ref_estimator, cfg.kl_ref_direction,
+                      cfg.kl_ref_in))
+    return terms
+
+
+def _advantages(cfg, x, m, reward_kl: torch.Tensor):
+    """Per-token advantages `[B, T]` (no grad), returns `[B, T]` or None, and the outcome rewards `[B]`."""
+    outcome = adv_lib.outcome_token_rewards(x.rewards.to(reward_kl.dtype), m, x.token_rewards)
+    tok = outcome - reward_kl
+    if cfg.advantage in ("grpo", "dr_grpo", "rloo"):
+        seq = tok.sum(-1)
+        if cfg.advantage == "rloo":
+            a = adv_lib.rloo_advantages(seq, x.group_ids)
+        else:
+            a = adv_lib.grpo_advantages(seq, x.group_ids, cfg.advantage == "grpo" and cfg.grpo_scale_by_std,
+                                        cfg.grpo_eps)
+        return torch.where(m, a[:, None].expand_as(tok), 0.0), None, outcome.sum(-1)
+    if cfg.advantage in ("reinforce_pp", "reinforce_pp_baseline"):
+        gids = x.group_ids if cfg.advantage == "reinforce_pp_baseline" else None
+        a, ret = adv_lib.reinforce_pp_advantages(tok, m, cfg.gamma, gids)
+        return a, ret, outcome.sum(-1)
+    if cfg.advantage == "vtrace":
+        log_rhos = x.learner_logprobs.detach() - x.behaviour_logprobs
+        a, vs = adv_lib.vtrace(tok, x.values, log_rhos, m, cfg.gamma, cfg.vtrace_rho_bar, cfg.vtrace_c_bar)
+        return a, vs, outcome.sum(-1)
+    a, ret = adv_lib.gae(tok, x.values, m, cfg.gamma, cfg.gae_lambda)
+    # PPO implementations (verl, OpenRLHF) whiten GAE advantages over the batch.
+    return adv_lib.masked_whiten(a, m), ret, outcome.sum(-1)
+
+
+def _policy_term(cfg, x, adv, m, kl_coef):
+    common = {"agg": cfg.agg, "norm_tokens": cfg.agg_norm_tokens}
+    lp, mu = x.learner_logprobs, x.behaviour_logprobs
+    if cfg.policy_loss in ("ppo", "gspo", "decoupled_ppo"):
+        decoupled = cfg.policy_loss == "decoupled_ppo"
+        return losses.policy_loss(
+            lp, x.proximal_logprobs if decoupled else mu, adv, m, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip, ratio_level="sequence" if cfg.policy_loss == "gspo" else "token",
+            behaviour_logprobs=mu if decoupled else None, tis_cap=cfg.tis_cap, tis_mode=cfg.tis_mode, **common)
+    if cfg.policy_loss == "vtrace":
+        return losses.vtrace_policy_loss(lp, mu, adv, m, rho_bar=cfg.vtrace_rho_bar, **common)
+    if cfg.policy_loss == "rpg_surrogate":
+        return losses.is_surrogate_loss(lp, mu, adv, m, **common)
+    clip = (cfg.clip_low, cfg.clip_high, cfg.dual_clip) if cfg.rpg_clip else (None, None, None)
+    return losses.rpg_reinforce_loss(lp, mu, adv, m, kl_coef=kl_coef, clip_low=clip[0], clip_high=clip[1],
+                                     dual_clip=clip[2], **common)
+
+
+def compute_objective(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """Scalar loss to minimise and per-rank diagnostics for one batch of whole groups (module docstring)."""
+    _check_inputs(cfg, x)
+    x = _upcast(x)
+    m = x.mask.bool()
+    adv_lib.last_token_index(m)  # every row must have a response token
+    lp, mu = x.learner_logprobs, x.behaviour_logprobs.detach()
+    terms = _kl_terms(cfg, x)
+    pens = {n: kl_penalty(lp, t, mu, est, d, m) for n, _, t, est, d, _ in terms}
+    zeros = torch.zeros(m.shape, dtype=lp.dtype, device=lp.device)
+    reward_kl = sum((c * pens[n].detach() for n, c, *_, w in terms if w == "reward"), zeros)
+    adv, returns, outcome = _advantages(cfg, x, m, reward_kl)
+    keep = ~adv_lib.zero_variance_groups(outcome, x.group_ids) if cfg.filter_zero_variance_groups else m.any(-1)
+    lm = m & keep[:, None]
+    loss_terms = [(n, c, t, est, d) for n, c, t, est, d, w in terms if w == "loss"]
+    rpg = cfg.policy_loss == "rpg_reinforce"
+    kl_coef = sum((c * kl_reinforce_coef(lp, t, mu, est, d, lm) for _, c, t, est, d in loss_terms),
+                  zeros) if rpg else None
+    pg, diag = _policy_term(cfg, x, adv, lm, kl_coef)
+    kl_loss = sum((c * losses.aggregate(pens[n], lm, cfg.agg, cfg.agg_norm_tokens) for n, c, *_ in loss_terms),
+                  torch.zeros((), dtype=lp.dtype, device=lp.device))
+    # rpg_reinforce already carries the KL terms in its REINFORCE coefficient: report, don't add.
+    loss, extra = (pg if rpg else pg + kl_loss), {"pg_loss": pg.detach(), "kl_loss": kl_loss.detach()}
+    loss, extra = _entropy_and_value(cfg, x, lm, returns, loss, extra)
+    extra |= {n: losses.masked_mean(p.detach(), m) for n, p in pens.items()}
+    extra |= _batch_stats(adv, m, lm, outcome)
+    out = {"loss": float(loss.detach())} | losses.as_floats(extra) | diag
+    return loss, out | losses.importance_diagnostics(lp.detach(), mu, m)
+
+
+def _upcast(x: ObjectiveInputs) -> ObjectiveInputs:
+    """Float tensors to at least float32 (bf16 ratios and advantages lose too much); grad flows through."""
+    def up(t):
+        return t if t is None or not t.is_floating_point() else t.to(torch.promote_types(t.dtype, torch.float32))
+    return dataclasses.replace(x, **{f.name: up(getattr(x, f.name)) for f in dataclasses.fields(x)
+                                     if f.name not in ("mask", "group_ids")})
+
+
+def _entropy_and_value(cfg, x, lm, returns, loss, extra):
+    if x.entropy is not None:
+        extra["entropy"] = losses.masked_mean(x.entropy.detach(), x.mask)
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * losses.aggregate(x.entropy, lm, cfg.agg, cfg.agg_norm_tokens)
+    if cfg.advantage in CRITIC_ADVANTAGES and cfg.value_coef > 0:
+        err = torch.where(lm, x.values - returns.to(x.values.dtype), 0.0)
+        v_loss = losses.aggregate(0.5 * err * err, lm, cfg.agg, cfg.agg_norm_tokens)
+        loss, extra["value_loss"] = loss + cfg.value_coef * v_loss, v_loss.detach()
+    return loss, extra
+
+
+def _batch_stats(adv, m, lm, outcome):
+    a = adv[lm].to(torch.float64)
+    n_tok = m.sum().clamp(min=1)
+    return {"adv_mean": a.mean() if a.numel() else torch.zeros(()),
+            "adv_std": a.std() if a.numel() > 1 else torch.zeros(()),
+            "reward_mean": outcome.to(torch.float64).mean(),
+            "masked_token_frac": 1 - m.sum() / m.numel(),
+            "filtered_token_frac": (m & ~lm).sum() / n_tok}
