@@ -91,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model_dir, cold_start_s = prepare_model(cfg, cache_dir)
     start_ray(cfg, args.address)
-    loop = ActorLearnerLoop(cfg, run_dir, model_dir, cache_dir)
-    summary = loop.run(job_started=t0, cold_start_s=cold_start_s)
+    import ray
+
+    try:
+        loop = ActorLearnerLoop(cfg, run_dir, model_dir, cache_dir)
+        summary = loop.run(job_started=t0, cold_start_s=cold_start_s)
+    finally:
+        ray.shutdown()
     print(json.dumps(summary, indent=1))
     return 0
 

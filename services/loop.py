@@ -113,7 +113,8 @@ class ActorLearnerLoop:
             return
         self._staleness = list(res.staleness)
         self._batch_rows = res.batch.num_rows
-        self.s.versions_consumed.update(pc.unique(res.batch.column("policy_version")).to_pylist())
+        self._trace_versions = sorted(pc.unique(res.batch.column("policy_version")).to_pylist())
+        self.s.versions_consumed.update(self._trace_versions)
         self.train_refs = [rank.train_step.remote(part) for rank, part in zip(self.ranks, _split_groups(res.batch, len(self.ranks)))]
 
     def _on_train_done(self) -> None:
@@ -126,7 +127,7 @@ class ActorLearnerLoop:
         s.max_staleness_seen = max(s.max_staleness_seen, max(self._staleness))
         merged = {k: sum(d[k] for d in diags) / len(diags) for k in diags[0]}
         rec = self.log.write("learner_step", learner_step=s.steps, policy_version=s.version, staleness_mean=sum(self._staleness) / len(self._staleness),
-                             staleness_max=max(self._staleness), **merged)
+                             staleness_max=max(self._staleness), trace_versions=self._trace_versions, **merged)
         self._progress_update(rec)
         if s.steps % self.cfg.learner.weight_sync.sync_every_steps == 0:
             self._publish()
@@ -220,12 +221,16 @@ class ActorLearnerLoop:
         return summary
 
     def _shutdown(self) -> None:
+        """Release engines and groups (vLLM leaks /dev/shm otherwise), then end the actors."""
         self.log.close()
-        for actor in self.workers + self.ranks:
+        actors = self.ranks + self.workers
+        refs = [a.shutdown.remote() for a in actors]
+        for actor, ref in zip(actors, refs):
             try:
-                ray.get(actor.shutdown.remote(), timeout=30)
+                ray.get(ref, timeout=30)
             except Exception as e:  # an actor that already died has nothing to release
                 print(f"warning: shutdown of {actor} failed: {e}")
+            ray.kill(actor, no_restart=True)
 
     # -- terminal -----------------------------------------------------------------------------------
     def _progress_start(self) -> None:
