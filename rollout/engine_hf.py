@@ -1,0 +1,135 @@
+"""`HFEngine`: the `Engine` protocol on a plain transformers causal LM (fallback and test double).
+
+Contract: as `rollout/engine.py`. All prompts x n samples decode as one left-padded batch with a KV
+cache; sampling draws from `softmax(logits / temperature)` restricted to the top-p nucleus with a
+seeded `torch.Generator`, and the returned logprob is that (renormalised) distribution's log-prob
+of the drawn token. Rows stop at an eos id of the model config; the eos is kept with its logprob.
+Same `seed` and inputs give the same completions. Without a seed, draws continue one generator
+seeded with `RolloutConfig.seed` at construction.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from rollout.config import RolloutConfig
+from rollout.engine import FINISH_LENGTH, FINISH_STOP, Completion, check_max_model_len, check_prompts, check_weights
+from rollout.evaluation import left_pad
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _eos_ids(config) -> frozenset[int]:
+    eos = config.eos_token_id
+    if eos is None:
+        raise ValueError("the model config has no eos_token_id: set it in config.json so completions can stop")
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probs of the sampling distribution. `logits [B, V]` -> `[B, V]` (-inf outside the nucleus).
+
+    Top-p keeps the smallest prefix of tokens (by descending prob) whose mass reaches `top_p`,
+    always at least the most likely token, then renormalises (as vLLM's processed_logprobs).
+    """
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return logp
+    sorted_logp, order = logp.sort(dim=-1, descending=True)
+    mass_before = sorted_logp.exp().cumsum(dim=-1) - sorted_logp.exp()
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+
+
+class HFEngine:
+    def __init__(self, cfg: RolloutConfig, model_dir: str | Path):
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[cfg.dtype])
+        self.model.to(self.device).eval()
+        check_max_model_len(cfg, self.model.config.max_position_embeddings)
+        self.eos_ids = _eos_ids(self.model.config)
+        self._eos_tensor = torch.tensor(sorted(self.eos_ids), device=self.device)
+        pad = self.model.config.pad_token_id
+        self.pad_id = int(pad) if pad is not None else min(self.eos_ids)
+        self.vocab_size = self.model.config.vocab_size
+        self.policy_version = 0
+        self._generator = torch.Generator(self.device).manual_seed(cfg.seed)
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None) -> list[list[Completion]]:
+        if n < 1:
+            raise ValueError(f"n={n}: ask for at least one completion per prompt")
+        gen = self._generator if seed is None else torch.Generator(self.device).manual_seed(seed)
+        rows = [p for p in prompts for _ in range(n)]
+        flat = self._decode(prompts, rows, gen, self.cfg.max_new_tokens)
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def greedy(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+        return [c.token_ids for c in self._decode(prompts, list(prompts), None, self.cfg.max_new_tokens)]
+
+    @torch.no_grad()
+    def teacher_forced_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
+        check_prompts([prompt_ids], self.vocab_size, self.cfg.max_model_len - len(completion_ids))
+        ids = torch.tensor([list(prompt_ids) + list(completion_ids)], device=self.device)
+        logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        return logp.gather(-1, ids[0, len(prompt_ids):, None]).squeeze(-1).tolist()
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> None:
+        params = self.model.state_dict()
+        weights = list(named_tensors)
+        check_weights(weights, {k: tuple(v.shape) for k, v in params.items()})  # all-or-nothing
+        for name, tensor in weights:
+            params[name].copy_(tensor)
+        self.policy_version = policy_version
+
+    def shutdown(self) -> None:
+        self.model = None
+
+    @torch.no_grad()
+    def _decode(self, prompts, rows, gen: torch.Generator | None, max_new: int) -> list[Completion]:
+        """Decode `rows` (one token-id list per output) together; `gen=None` means greedy."""
+        check_prompts(prompts, self.vocab_size, self.cfg.max_model_len - max_new)
+        ids, mask = (t.to(self.device) for t in left_pad(rows, self.pad_id))
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        tokens, logprobs = [], []
+        for step in range(max_new):
+            tok, lp = self._pick(out.logits[:, -1], gen)
+            tokens.append(tok)
+            logprobs.append(lp)
+            done |= torch.isin(tok, self._eos_tensor)
+            if bool(done.all()) or step == max_new - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            pos = pos[:, -1:] + 1
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                             past_key_values=out.past_key_values, use_cache=True)
+        return self._completions(torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist())
+
+    def _pick(self, logits: torch.Tensor, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row. `logits [B, V]` -> `(token [B], logprob [B])`."""
+        if gen is None:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            tok = logp.argmax(dim=-1)
+        else:
+            logp = sampling_logprobs(logits, self.cfg.temperature, self.cfg.top_p)
+            tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
+        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+    def _completions(self, tokens: list[list[int]], logprobs: list[list[float]]) -> list[Completion]:
+        """Cut each row after its first eos. `tokens`, `logprobs`: `[B][T]` nested lists."""
+        out = []
+        for toks, lps in zip(tokens, logprobs):
+            end = next((i + 1 for i, t in enumerate(toks) if t in self.eos_ids), None)
+            reason = FINISH_STOP if end is not None else FINISH_LENGTH
+            end = end or len(toks)
+            out.append(Completion(tuple(toks[:end]), tuple(lps[:end]), reason))
+        return out

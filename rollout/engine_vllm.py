@@ -1,0 +1,146 @@
+"""`VLLMEngine`: the `Engine` protocol on an in-process vLLM `LLM` (CPU or CUDA, same code).
+
+Contract: as `rollout/engine.py`, plus:
+- in-process engine core (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, forced): weight tensors pass to the
+  workers by reference, start-up is seconds, and `shutdown` frees the engine's /dev/shm segment.
+- behaviour logprobs are vLLM's `processed_logprobs` (after temperature and top-p), i.e. the
+  sampling distribution's; `teacher_forced_logprobs` uses `prompt_logprobs` at temperature 1.
+- `load_weights` reloads in place, then resets the prefix cache: KV cached under the old weights
+  would otherwise be reused for a repeated prompt (6.7 nats of logprob error, shared/PLATFORM.md).
+- detokenisation is off: the engine speaks token ids only.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from rollout.config import RolloutConfig
+
+if TYPE_CHECKING:
+    import torch
+from rollout.engine import FINISH_LENGTH, FINISH_STOP, Completion, check_max_model_len, check_prompts, check_weights
+
+
+def _set_env(cfg: RolloutConfig) -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM reads whole GiB; round up so a fractional request still gets at least what it asked for.
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(cfg.kv_cache_gib)))
+
+
+def _check_platform(cfg: RolloutConfig) -> None:
+    from vllm.platforms import current_platform
+
+    if current_platform.device_type != cfg.device:
+        raise RuntimeError(
+            f"rollout.device={cfg.device!r} but the installed vLLM runs on {current_platform.device_type!r}: "
+            "set rollout.device to match, or install the vLLM build for that device"
+        )
+
+
+class VLLMEngine:
+    def __init__(self, cfg: RolloutConfig, model_dir: str | Path):
+        _set_env(cfg)
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        _check_platform(cfg)
+        hf_config = AutoConfig.from_pretrained(str(model_dir))
+        check_max_model_len(cfg, hf_config.max_position_embeddings)
+        self.cfg = cfg
+        self.vocab_size = hf_config.vocab_size
+        self.policy_version = 0
+        self._shapes = _checkpoint_shapes(Path(model_dir))
+        self.llm = LLM(
+            model=str(model_dir), dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager, enable_prefix_caching=cfg.enable_prefix_caching,
+            gpu_memory_utilization=cfg.gpu_memory_utilization, logprobs_mode="processed_logprobs",
+            **({} if cfg.block_size is None else {"block_size": cfg.block_size}),
+        )
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        if n < 1:
+            raise ValueError(f"n={n}: ask for at least one completion per prompt")
+        params = [
+            SamplingParams(
+                n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_tokens=self.cfg.max_new_tokens,
+                seed=s, logprobs=0, detokenize=False,
+            )
+            for s in _prompt_seeds(seed, len(prompts))
+        ]
+        outs = self._run(prompts, params, self.cfg.max_model_len - self.cfg.max_new_tokens)
+        return [[_completion(o) for o in out.outputs] for out in outs]
+
+    def greedy(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_new_tokens, detokenize=False)
+        outs = self._run(prompts, params, self.cfg.max_model_len - self.cfg.max_new_tokens)
+        return [tuple(out.outputs[0].token_ids) for out in outs]
+
+    def teacher_forced_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
+        from vllm import SamplingParams
+
+        ids = list(prompt_ids) + list(completion_ids)
+        params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        # One position is left for the single token vLLM must generate after the prompt.
+        check_prompts([prompt_ids], self.vocab_size, self.cfg.max_model_len - 1 - len(completion_ids))
+        (out,) = self._run([ids], params, self.cfg.max_model_len - 1)
+        return [out.prompt_logprobs[t][ids[t]].logprob for t in range(len(prompt_ids), len(ids))]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> None:
+        weights = [(name, t.detach()) for name, t in named_tensors]
+        # A reload that fails inside vLLM leaves the engine unusable (PLATFORM.md): reject bad input first.
+        check_weights(weights, self._shapes)
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+        )
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update (requests still running?)")
+        self.policy_version = policy_version
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+    def _run(self, prompts: Sequence[Sequence[int]], params, max_prompt_len: int):
+        from vllm.inputs import TokensPrompt
+
+        check_prompts(prompts, self.vocab_size, max_prompt_len)
+        token_prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
+        return self.llm.generate(token_prompts, sampling_params=params, use_tqdm=False)
+
+
+def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """HF parameter name -> shape, from the safetensors headers (no tensor data read)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    if not shapes:
+        raise FileNotFoundError(f"{model_dir} holds no *.safetensors weights: save the model with safe_serialization")
+    return shapes
+
+
+def _prompt_seeds(seed: int | None, n_prompts: int) -> list[int | None]:
+    """One independent seed per prompt. vLLM seeds a prompt's i-th sample with `seed + i`, so one
+    shared seed would give every prompt the same noise (identical completions on a flat model)."""
+    if seed is None:
+        return [None] * n_prompts
+    rng = random.Random(seed)
+    return [rng.getrandbits(48) for _ in range(n_prompts)]
+
+
+def _completion(out) -> Completion:
+    """One vLLM `CompletionOutput` -> `Completion` (eos kept, with its logprob)."""
+    ids = tuple(out.token_ids)
+    logprobs = tuple(step[tok].logprob for step, tok in zip(out.logprobs, ids))
+    reason = FINISH_STOP if out.finish_reason == "stop" else FINISH_LENGTH
+    return Completion(ids, logprobs, reason)

@@ -1,0 +1,72 @@
+"""Group sampling: problems -> one engine call -> scored `Trace`s, `group_size` per problem.
+
+Contract:
+- one `engine.generate` call for all problems; problem i's `group_size` traces share one fresh
+  `group_id` and appear consecutively, in problem order.
+- `reward = score(problem, text)` where `text = decode(completion)` without the trailing eos.
+- `policy_version` is the engine's version when sampling started, `policy_version_max` when it
+  ended (they differ only if a weight update landed during the call).
+- `task = problem.task`; `metadata` is JSON `{"answer": ..., "finish_reason": ...}`.
+- every returned trace passes `replay.schema.validate_trace`. Completions are never empty
+  (`RolloutConfig.max_new_tokens >= 1`; an eos-only completion is a 1-token trace); an engine that
+  returns an empty completion or the wrong number per prompt breaks its contract and raises here.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Callable, Sequence
+
+from replay.schema import Trace, validate_trace
+from rollout.engine import FINISH_STOP, Completion, Engine
+from rollout.tasks import Problem
+
+
+def sample_groups(
+    engine: Engine,
+    problems: Sequence[Problem],
+    encode: Callable[[str], list[int]],
+    decode: Callable[[Sequence[int]], str],
+    score: Callable[[Problem, str], float],
+    group_size: int,
+    seed: int | None = None,
+) -> list[Trace]:
+    """Sample `group_size` completions per problem and return them as scored Traces."""
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size}: a group needs at least 2 completions (rollout.group_size >= 2)")
+    if not problems:
+        return []
+    prompts = [encode(p.prompt) for p in problems]
+    version_min = engine.policy_version
+    groups = engine.generate(prompts, n=group_size, seed=seed)
+    version_max = engine.policy_version
+    if len(groups) != len(problems) or any(len(g) != group_size for g in groups):
+        raise RuntimeError(
+            f"engine returned {[len(g) for g in groups]} completions for {len(problems)} prompts, "
+            f"expected {group_size} each: the engine breaks the Engine.generate contract"
+        )
+    traces = []
+    for problem, prompt, group in zip(problems, prompts, groups):
+        group_id = uuid.uuid4().hex
+        for c in group:
+            text = decode(_without_eos(c))
+            traces.append(_trace(group_id, problem, prompt, c, score(problem, text), version_min, version_max))
+    return traces
+
+
+def _without_eos(c: Completion) -> tuple[int, ...]:
+    return c.token_ids[:-1] if c.finish_reason == FINISH_STOP else c.token_ids
+
+
+def _trace(group_id: str, problem: Problem, prompt: Sequence[int], c: Completion, reward: float,
+           version_min: int, version_max: int) -> Trace:
+    if not c.token_ids:
+        raise RuntimeError("engine returned an empty completion; engines must return >= 1 token (max_new_tokens >= 1)")
+    trace = Trace(
+        group_id=group_id, prompt_ids=tuple(int(t) for t in prompt), completion_ids=c.token_ids,
+        behaviour_logprobs=c.logprobs, reward=float(reward), policy_version=version_min,
+        policy_version_max=version_max, task=problem.task,
+        metadata=json.dumps({"answer": problem.answer, "finish_reason": c.finish_reason}),
+    )
+    validate_trace(trace)
+    return trace
