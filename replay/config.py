@@ -1,0 +1,59 @@
+"""`ReplayConfig`: how one replay table samples, removes, limits and persists groups.
+
+All counts are in GRPO groups (the unit of insert, sample and eviction) unless the name says
+traces or tokens. Tokens are prompt + completion tokens. With `num_shards > 1` every limit
+(capacity, `min_size_to_sample`, the rate limiter) applies per shard, as in Reverb.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ReplayConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_shards: int = Field(1, ge=1)
+    sampler: Literal["fifo", "uniform", "prioritized", "lifo"] = "fifo"
+    # Remover: a group is removed after being sampled this many times; None = only capacity/staleness remove.
+    max_times_sampled: int | None = Field(1, ge=1)
+    capacity_groups: int = Field(4096, ge=1)
+    capacity_traces: int | None = Field(None, ge=1)
+    capacity_tokens: int | None = Field(None, ge=1)
+    on_full: Literal["block", "evict_oldest"] = "evict_oldest"
+    insert_timeout_s: float = Field(30.0, ge=0.0)
+    # Rate limiter (Reverb's SampleToInsertRatio): sample only when >= min_size_to_sample groups are held,
+    # and keep inserts * samples_per_insert - samples within error_buffer of its start value.
+    min_size_to_sample: int = Field(1, ge=1)
+    samples_per_insert: float | None = Field(None, gt=0.0)
+    error_buffer: float = Field(512.0, gt=0.0)
+    # Staleness in policy versions: learner's policy_version - group's oldest policy_version.
+    max_staleness: int | None = Field(4, ge=0)
+    stale_policy: Literal["evict", "downweight"] = "evict"
+    # downweight: a group `s` versions past max_staleness is weighted stale_weight_decay ** s.
+    stale_weight_decay: float = Field(0.5, gt=0.0, le=1.0)
+    # Prioritized sampling (Schaul et al., PER): P(i) ∝ p_i^priority_exponent, weight (N P(i))^-importance_exponent.
+    priority_exponent: float = Field(1.0, ge=0.0)
+    importance_exponent: float = Field(0.4, ge=0.0)
+    priority_epsilon: float = Field(1e-3, gt=0.0)
+    # Persistence: each shard appends Arrow IPC segments under segment_dir/shard-<id>/.
+    segment_dir: str | None = None
+    segment_bytes: int = Field(64 << 20, ge=1 << 16)
+    fsync: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _rate_limiter_can_progress(self) -> "ReplayConfig":
+        spi = self.samples_per_insert
+        if spi is not None and self.error_buffer < max(1.0, spi):
+            raise ValueError(
+                f"replay.error_buffer={self.error_buffer} < max(1, samples_per_insert={spi}); "
+                "the rate limiter would deadlock: raise error_buffer (it must admit one insert and one sample)"
+            )
+        if self.min_size_to_sample > self.capacity_groups:
+            raise ValueError(
+                f"replay.min_size_to_sample={self.min_size_to_sample} > capacity_groups={self.capacity_groups}; "
+                "sampling could never start: lower min_size_to_sample or raise capacity_groups"
+            )
+        return self

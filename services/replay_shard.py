@@ -1,0 +1,99 @@
+"""`ReplayShard`: one Ray actor around a `replay.table.ReplayTable`.
+
+Contract: the actor is threaded (`max_concurrency`); one condition variable serialises every table
+call, so an insert proceeds while a `sample(timeout_s=...)` waits for data, and a sample wakes
+inserts blocked by back-pressure. `insert` waits up to `cfg.insert_timeout_s` for room (on_full="block"
+or the rate limiter), then inserts what fits and rejects the rest with a reason — it never blocks
+forever and never drops an acknowledged group. With `cfg.segment_dir` set, a restarted actor (Ray
+`max_restarts`) rebuilds its table from disk in `__init__`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from replay.config import ReplayConfig
+from replay.table import InsertResult, ReplayStats, ReplayTable, SampleResult
+from replay.validation import schema_problem
+
+MAX_CONCURRENCY = 16
+
+
+def _demand(batch: pa.RecordBatch) -> tuple[int, int, int]:
+    """(groups, traces, prompt + completion tokens) a batch asks room for; zeros if its schema is wrong
+    (the table then rejects it with the reason)."""
+    if schema_problem(batch) is not None:
+        return 0, 0, 0
+    tokens = sum(pc.sum(pc.list_value_length(batch[c])).as_py() or 0 for c in ("prompt_ids", "completion_ids"))
+    return pc.count_distinct(batch["group_id"]).as_py(), batch.num_rows, tokens
+
+
+@ray.remote(num_cpus=0, max_concurrency=MAX_CONCURRENCY)
+class ReplayShard:
+    def __init__(self, cfg: ReplayConfig, shard_id: int):
+        self._cfg = cfg
+        self._table = ReplayTable(cfg, shard_id)
+        self._cond = threading.Condition()
+
+    def insert(self, batch: pa.RecordBatch) -> InsertResult:
+        demand = _demand(batch)
+        with self._cond:
+            if self._table.can_accept_ever(*demand):
+                self._cond.wait_for(lambda: self._table.can_accept(*demand), self._cfg.insert_timeout_s)
+            result = self._table.insert(batch)
+            self._cond.notify_all()
+        return result
+
+    def sample(self, n_groups: int, policy_version: int, timeout_s: float = 0.0) -> SampleResult | None:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                result = self._table.sample(n_groups, policy_version)
+                remaining = deadline - time.monotonic()
+                if result is not None or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            self._cond.notify_all()  # a sample frees room and rate-limiter budget for blocked inserts
+        return result
+
+    def draw(self, n_groups: int, policy_version: int) -> tuple[SampleResult | None, int]:
+        """A non-waiting sample plus how many groups this shard could still give (for the client's plan)."""
+        with self._cond:
+            result = self._table.sample(n_groups, policy_version)
+            left = self._table.available(policy_version)
+            if result is not None:
+                self._cond.notify_all()
+        return result, left
+
+    def available(self, policy_version: int) -> int:
+        with self._cond:
+            return self._table.available(policy_version)
+
+    def update_priorities(self, group_ids: list[str], priorities: list[float]) -> int:
+        with self._cond:
+            return self._table.update_priorities(group_ids, priorities)
+
+    def stats(self) -> ReplayStats:
+        with self._cond:
+            return self._table.stats()
+
+    def checkpoint(self) -> str:
+        with self._cond:
+            return self._table.checkpoint()
+
+    def close(self) -> None:
+        with self._cond:
+            self._table.close()
+
+    def arrow_allocated_bytes(self) -> int:
+        """Bytes Arrow's memory pool holds in this process now (the table's data plus any temporaries)."""
+        return pa.total_allocated_bytes()
+
+    def pid(self) -> int:
+        """The actor's process id (fault tests kill -9 it)."""
+        return os.getpid()
