@@ -1,0 +1,99 @@
+"""Spine benchmark: the default job end to end, and TRL's GRPOTrainer on the same start, side by side.
+
+    .venv/bin/python tests/bench/spine.py [--config deploy/configs/tiny_cpu.yaml] [--skip-trl] [--trl-max-rl-seconds 900]
+
+1. Runs `python -m services.driver` on the config exactly as `make run` does (fresh run dir) and reads
+   its summary: total wall time (incl. model build, cold start, actor start-up), eval accuracy before
+   RL and at the end, and RL seconds until held-out accuracy first reached +20 points (the time the
+   weights that reached it were published; eval itself runs on the rollout worker, off the learner).
+2. Runs TRL's GRPOTrainer (its own venv, tests/bench/trl_setup.sh) from the *same* cold-start
+   checkpoint with the same task, eval split, group size, prompts per step, lr, max new tokens,
+   temperature and KL coefficient, and 2 threads (the whole box), until +20 points or a time cap;
+   its RL clock excludes its eval time.
+Prints a table and writes tests/bench/results/spine.json with the ratio TRL / ours (>1 = we are faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from services.config import load_config  # noqa: E402
+from services.driver import prepare_model  # noqa: E402
+
+
+def run_ours(config: Path, run_name: str, runs_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "services.driver", "--config", str(config), f"run.name={run_name}", f"run.runs_dir={runs_dir}", "run.progress=false"]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"our run failed:\n{out.stderr[-4000:]}")
+    summary = json.loads((runs_dir / run_name / "summary.json").read_text())
+    summary["process_wall_s"] = time.perf_counter() - t0
+    return summary
+
+
+def run_trl(cfg, model_dir: Path, out_json: Path, max_rl_seconds: float) -> dict:
+    subprocess.run(["bash", str(REPO / "tests/bench/trl_setup.sh")], check=True, cwd=REPO)
+    lc, rc = cfg.learner, cfg.rollout
+    cmd = [str(REPO / ".venv-trl/bin/python"), str(REPO / "tests/bench/trl_baseline.py"),
+           "--model-dir", str(model_dir), "--out", str(out_json), "--task-json", cfg.task.model_dump_json(),
+           "--group-size", str(rc.group_size), "--prompts-per-step", str(lc.groups_per_step), "--lr", str(lc.lr),
+           "--max-new-tokens", str(rc.max_new_tokens), "--temperature", str(rc.temperature),
+           "--beta", str(lc.objective.kl_behaviour_coef), "--target-gain", "0.2",
+           "--max-rl-seconds", str(max_rl_seconds), "--threads", "2", "--seed", str(cfg.rollout.seed)]
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return json.loads(out_json.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(REPO / "deploy/configs/tiny_cpu.yaml"))
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--trl-max-rl-seconds", type=float, default=900.0)
+    args = ap.parse_args()
+    results = REPO / "tests/bench/results"
+    results.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(args.config)
+    ours = run_ours(Path(args.config), "bench-spine", REPO / "runs")
+    model_dir, _ = prepare_model(cfg, (REPO / cfg.run.cache_dir).resolve())  # cached: the checkpoint our run started from
+    trl = None if args.skip_trl else run_trl(cfg, model_dir, results / "trl_spine.json", args.trl_max_rl_seconds)
+    report = {
+        "config": str(Path(args.config).relative_to(REPO)),
+        "ours": {k: ours[k] for k in ("eval_accuracy_initial", "eval_accuracy_final", "eval_accuracy_best", "wall_s",
+                                      "cold_start_s", "rl_wall_s", "rl_seconds_to_target", "learner_steps",
+                                      "policy_versions_published", "traces_consumed", "max_staleness_seen")},
+        "trl": None if trl is None else {k: trl.get(k) for k in ("initial_accuracy", "final_accuracy", "rl_seconds_to_target",
+                                                                  "steps", "completions_sampled", "versions")},
+    }
+    o = report["ours"]
+    report["gain_points"] = 100 * (o["eval_accuracy_final"] - o["eval_accuracy_initial"])
+    report["default_job_within_15_min"] = o["wall_s"] <= 900
+    t_ours, t_trl = o["rl_seconds_to_target"], (trl or {}).get("rl_seconds_to_target")
+    report["trl_over_ours_time_to_target"] = (t_trl / t_ours) if (t_ours and t_trl) else None
+    (results / "spine.json").write_text(json.dumps(report, indent=1))
+    print(format_table(report))
+
+
+def format_table(r: dict) -> str:
+    o, t = r["ours"], r["trl"] or {}
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    rows = [("eval accuracy after cold start", o["eval_accuracy_initial"], t.get("initial_accuracy")),
+            ("eval accuracy at end", o["eval_accuracy_final"], t.get("final_accuracy")),
+            ("RL seconds to +20 points", o["rl_seconds_to_target"], t.get("rl_seconds_to_target")),
+            ("learner steps", o["learner_steps"], t.get("steps")),
+            ("whole job wall seconds", o["wall_s"], None)]
+    lines = [f"{'':<34}{'flywheel':>12}{'TRL GRPO':>12}"] + [f"{name:<34}{fmt(a):>12}{fmt(b):>12}" for name, a, b in rows]
+    lines.append(f"gain {r['gain_points']:.1f} points; job within 15 min: {r['default_job_within_15_min']}; "
+                 f"TRL/flywheel time to target: {fmt(r['trl_over_ours_time_to_target'])}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
