@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from learner.config import LearnerConfig
 from learner.sft import SFTConfig
+from learner.tiny_model import TinyModelSpec
 from replay.config import ReplayConfig
 from rollout.config import RolloutConfig
 from rollout.tasks import TaskConfig
@@ -26,16 +27,24 @@ class ConfigError(ValueError):
     """A run config is invalid; the message names the field and what to do."""
 
 
+def _tiny(field: str):
+    """The built-in model's default for `field`, so the run config and `TinyModelSpec` cannot drift apart."""
+    return TinyModelSpec.model_fields[field].default
+
+
 class ModelConfig(BaseModel):
-    """Either a local HF model directory (`path`) or the built-in tiny Llama (built offline, cached)."""
+    """Either a local HF model directory (`path`) or the built-in tiny Llama (built offline, cached).
+
+    The size fields apply to the built-in model only (defaults: `learner.tiny_model.TinyModelSpec`).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     path: str | None = None
-    hidden_size: int = Field(256, ge=16)
-    intermediate_size: int = Field(768, ge=16)
-    num_hidden_layers: int = Field(4, ge=1)
-    num_attention_heads: int = Field(4, ge=1)
-    max_position_embeddings: int = Field(64, ge=8)
+    hidden_size: int = Field(_tiny("hidden_size"), ge=16)
+    intermediate_size: int = Field(_tiny("intermediate_size"), ge=16)
+    num_hidden_layers: int = Field(_tiny("num_hidden_layers"), ge=1)
+    num_attention_heads: int = Field(_tiny("num_attention_heads"), ge=1)
+    max_position_embeddings: int = Field(_tiny("max_position_embeddings"), ge=8)
     seed: int = 0
 
 

@@ -1,0 +1,76 @@
+"""The cold start: batch layout, loss goes down, determinism, and the on-disk cache."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from learner.sft import MARKER, SFTConfig, cold_start, lr_factor, sft_batch, train_sft
+from learner.tiny_model import build_tokenizer
+from rollout.tasks import ARITHMETIC_ALPHABET, ArithmeticTask, Problem, TaskConfig
+
+TASK = ArithmeticTask(TaskConfig(min_digits=1, max_digits=1))
+
+
+def test_batch_masks_prompt_and_pads():
+    tok = build_tokenizer(ARITHMETIC_ALPHABET)
+    ids, labels, mask = sft_batch(tok, [Problem("1+2=", "3", "a"), Problem("10+20=", "30", "a")])
+    c = {ch: tok.convert_tokens_to_ids(ch) for ch in ARITHMETIC_ALPHABET}
+    assert ids[0].tolist() == [1, c["1"], c["+"], c["2"], c["="], c["3"], 2, 0, 0, 0]
+    assert labels[0].tolist() == [-100] * 5 + [c["3"], 2] + [-100] * 3
+    assert ids[1].tolist() == [1, c["1"], c["0"], c["+"], c["2"], c["0"], c["="], c["3"], c["0"], 2]
+    assert labels[1].tolist() == [-100] * 7 + [c["3"], c["0"], 2]
+    assert mask.tolist() == [[1] * 7 + [0] * 3, [1] * 10]
+
+
+def test_lr_schedule_values():
+    cfg = SFTConfig(steps=110, warmup_steps=10, schedule="cosine")
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    assert lr_factor(50, SFTConfig(warmup_steps=10, schedule="constant")) == 1.0
+
+
+def test_config_rejects_unknown_fields():
+    with pytest.raises(ValueError):
+        SFTConfig(stepz=3)
+
+
+def test_training_reduces_loss(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    losses = train_sft(model, tok, TASK.train_stream(), SFTConfig(steps=40, batch_size=16, warmup_steps=5))
+    assert len(losses) == 40
+    assert losses[0] > 2.0  # ~ln(vocab=17) at init
+    assert sum(losses[-5:]) / 5 < 0.6 * losses[0]
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_cold_start_is_deterministic_and_cached(tiny_model_dir, tmp_path):
+    cfg = SFTConfig(steps=3, batch_size=4, warmup_steps=1)
+    a = cold_start(tiny_model_dir, tmp_path / "a", TASK, cfg, threads=1)
+    b = cold_start(tiny_model_dir, tmp_path / "b", TASK, cfg, threads=1)
+    wa, wb, w0 = _weights(a), _weights(b), _weights(tiny_model_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], w0[k]) for k in wa)
+    assert (a / "tokenizer.json").exists()
+    stamp = (a / "model.safetensors").stat().st_mtime_ns
+    assert cold_start(tiny_model_dir, tmp_path / "a", TASK, cfg) == tmp_path / "a"
+    assert (a / "model.safetensors").stat().st_mtime_ns == stamp
+    cold_start(tiny_model_dir, tmp_path / "a", TASK, cfg.model_copy(update={"steps": 4}))
+    assert json.loads((a / MARKER).read_text())["key"]["sft"]["steps"] == 4
+
+
+def test_missing_base_model_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="build the base model"):
+        cold_start(tmp_path / "nope", tmp_path / "out", TASK, SFTConfig(steps=1))

@@ -1,0 +1,83 @@
+"""encode_prompt round-trips; greedy decoding handles left padding and eos; accuracy scores values."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from learner.tiny_model import build_tokenizer
+from rollout.evaluation import encode_prompt, greedy_accuracy, greedy_generate
+from rollout.tasks import ARITHMETIC_ALPHABET, Problem
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(ARITHMETIC_ALPHABET)
+
+
+class ScriptedLM(torch.nn.Module):
+    """Emits, after the '=' of each row, `answer_of(prompt)` then <eos> (a fake with known outputs)."""
+
+    def __init__(self, tokenizer, answer_of):
+        super().__init__()
+        self.tok, self.answer_of = tokenizer, answer_of
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        logits = torch.zeros(*input_ids.shape, len(self.tok))
+        for i, row in enumerate(input_ids.tolist()):
+            text = self.tok.decode([t for t, m in zip(row, attention_mask[i].tolist()) if m], skip_special_tokens=True)
+            prompt, _, done = text.partition("=")
+            target = self.tok.encode(self.answer_of(prompt + "="), add_special_tokens=False) + [self.tok.eos_token_id]
+            logits[i, -1, target[min(len(done), len(target) - 1)]] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+PROBLEMS = [Problem("1+2=", "3", "arithmetic+"), Problem("45+67=", "112", "arithmetic+"),
+            Problem("999+1=", "1000", "arithmetic+")]
+
+
+def test_encode_prompt_starts_with_bos_and_round_trips(tok):
+    ids = encode_prompt(tok, "12+34=")
+    assert ids[0] == tok.bos_token_id == 1
+    assert len(ids) == 7
+    assert tok.decode(ids[1:]) == "12+34="
+
+
+def test_encode_prompt_rejects_unknown_characters(tok):
+    with pytest.raises(ValueError, match="alphabet"):
+        encode_prompt(tok, "1 + x")
+
+
+def test_oracle_scores_one_and_constant_scores_zero(tok):
+    truth = {p.prompt: p.answer for p in PROBLEMS}
+    assert greedy_accuracy(ScriptedLM(tok, truth.__getitem__), tok, PROBLEMS, max_new_tokens=6) == 1.0
+    assert greedy_accuracy(ScriptedLM(tok, lambda _: "7"), tok, PROBLEMS, max_new_tokens=6) == 0.0
+
+
+def test_partial_accuracy_and_small_batches(tok):
+    wrong_on_second = {"1+2=": "3", "45+67=": "111", "999+1=": "1000"}
+    acc = greedy_accuracy(ScriptedLM(tok, wrong_on_second.__getitem__), tok, PROBLEMS, 6, batch_size=2)
+    assert acc == pytest.approx(2 / 3)
+
+
+def test_budget_truncates_completion(tok):
+    truth = {p.prompt: p.answer for p in PROBLEMS}
+    # 3 tokens cannot spell "1000": only the first two problems can be right.
+    assert greedy_accuracy(ScriptedLM(tok, truth.__getitem__), tok, PROBLEMS, 3) == pytest.approx(2 / 3)
+
+
+def test_left_padded_batch_matches_single_rows(tiny_model_dir, tok):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [encode_prompt(tok, p.prompt) for p in PROBLEMS]
+    batched = greedy_generate(model, prompts, tok.eos_token_id, tok.pad_token_id, 8)
+    singles = [greedy_generate(model, [p], tok.eos_token_id, tok.pad_token_id, 8)[0] for p in prompts]
+    assert batched == singles
+    assert all(len(c) <= 8 and tok.eos_token_id not in c for c in batched)
+
+
+def test_empty_problem_list_is_an_error(tok):
+    with pytest.raises(ValueError, match="no problems"):
+        greedy_accuracy(ScriptedLM(tok, lambda _: "1"), tok, [], 4)
