@@ -14,6 +14,7 @@ import ray
 
 from learner.config import LearnerConfig
 from learner.weight_transport import BroadcastTransport, SyncStats, WeightSyncConfig
+from services import metrics
 
 
 @ray.remote
@@ -44,7 +45,9 @@ class LearnerRank:
         return self.rank
 
     def train_step(self, batch) -> dict[str, float]:
-        return self.core.train_step(batch)
+        diag = self.core.train_step(batch)
+        metrics.record_learner_step(self.rank, diag)
+        return diag
 
     def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, world_size: int) -> int:
         self.transport = BroadcastTransport.create(cfg, master_addr, master_port, 0, world_size)
@@ -56,13 +59,16 @@ class LearnerRank:
         weights = self.core.named_weights()
         if self.rank != 0:
             return
+        metrics.record_published(policy_version)
         self._sender = threading.Thread(target=self._send, args=(weights, policy_version), daemon=True)
         self._sender.start()
 
     def _send(self, weights, policy_version: int) -> None:
         try:
             self._last = self.transport.send(weights, policy_version)
+            metrics.record_sent(self._last.seconds, self._last.bytes)
         except BaseException as e:  # surfaced by wait_published
+            metrics.record_send_failed()
             self._error = e
 
     def wait_published(self) -> SyncStats | None:

@@ -29,6 +29,7 @@ from ray.actor import ActorHandle
 from replay.config import ReplayConfig
 from replay.sharding import allocate, merge_inserts, merge_samples, split_by_shard
 from replay.table import InsertResult, ReplayStats, SampleResult
+from services import metrics
 from services.replay_shard import MAX_CONCURRENCY, ReplayShard
 
 _RETRY_SLEEP_S = 0.01
@@ -79,6 +80,9 @@ class ReplayClient:
         parts = split_by_shard(batch, len(self.shards))
         sent = [(k, part) for k, part in enumerate(parts) if part is not None]
         results = _gather([self.shards[k].insert.remote(part) for k, part in sent])
+        for (k, part), r in zip(sent, results):
+            if not isinstance(r, InsertResult):
+                metrics.record_shard_down(k, part.num_rows)
         return merge_inserts([r if isinstance(r, InsertResult) else _shard_failed(k, part, r)
                               for (k, part), r in zip(sent, results)])
 

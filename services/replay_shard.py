@@ -20,6 +20,7 @@ import ray
 from replay.config import ReplayConfig
 from replay.table import InsertResult, ReplayStats, ReplayTable, SampleResult
 from replay.validation import schema_problem
+from services import metrics
 
 MAX_CONCURRENCY = 16
 
@@ -33,20 +34,33 @@ def _demand(batch: pa.RecordBatch) -> tuple[int, int, int]:
     return pc.count_distinct(batch["group_id"]).as_py(), batch.num_rows, tokens
 
 
+def _traces_per_group(batch: pa.RecordBatch) -> dict[str, int]:
+    if "group_id" not in batch.schema.names:
+        return {}
+    counts = pc.value_counts(batch["group_id"])
+    return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+
+
 @ray.remote(num_cpus=0, max_concurrency=MAX_CONCURRENCY)
 class ReplayShard:
     def __init__(self, cfg: ReplayConfig, shard_id: int):
         self._cfg = cfg
         self._table = ReplayTable(cfg, shard_id)
         self._cond = threading.Condition()
+        self._meter = metrics.ReplayMeter(shard_id, cfg.max_staleness, self._table.stats())
 
     def insert(self, batch: pa.RecordBatch) -> InsertResult:
         demand = _demand(batch)
         with self._cond:
             if self._table.can_accept_ever(*demand):
+                t0 = time.monotonic()
                 self._cond.wait_for(lambda: self._table.can_accept(*demand), self._cfg.insert_timeout_s)
+                self._meter.on_insert_blocked(time.monotonic() - t0)
             result = self._table.insert(batch)
+            self._meter.update(self._table.stats())
             self._cond.notify_all()
+        if result.rejected:
+            metrics.record_rejected(self._table.shard_id, result.rejected, _traces_per_group(batch))
         return result
 
     def sample(self, n_groups: int, policy_version: int, timeout_s: float = 0.0) -> SampleResult | None:
@@ -59,6 +73,7 @@ class ReplayShard:
                     break
                 self._cond.wait(remaining)
             self._cond.notify_all()  # a sample frees room and rate-limiter budget for blocked inserts
+            self._record_sample(result)
         return result
 
     def draw(self, n_groups: int, policy_version: int) -> tuple[SampleResult | None, int]:
@@ -68,11 +83,19 @@ class ReplayShard:
             left = self._table.available(policy_version)
             if result is not None:
                 self._cond.notify_all()
+            self._record_sample(result)
         return result, left
+
+    def _record_sample(self, result: SampleResult | None) -> None:
+        if result is not None:
+            self._meter.on_sample(result.staleness, result.batch.column("created_at").to_pylist(), time.time())
+        self._meter.update(self._table.stats())
 
     def available(self, policy_version: int) -> int:
         with self._cond:
-            return self._table.available(policy_version)
+            left = self._table.available(policy_version)  # may evict stale groups
+            self._meter.update(self._table.stats())
+            return left
 
     def update_priorities(self, group_ids: list[str], priorities: list[float]) -> int:
         with self._cond:

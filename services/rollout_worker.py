@@ -18,6 +18,7 @@ from learner.weight_transport import BroadcastTransport, WeightSyncConfig
 from replay.schema import traces_to_batch
 from rollout.config import RolloutConfig
 from rollout.tasks import TaskConfig, make_task
+from services import metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ class RolloutWorker:
         self.engine = make_engine(cfg, Path(model_dir))
         self.transport = None
         self.batches = 0
+        metrics.record_engine_version(worker_id, self.engine.policy_version)
 
     def _encode(self, prompt: str) -> list[int]:
         from rollout.evaluation import encode_prompt
@@ -64,11 +66,13 @@ class RolloutWorker:
 
         t0 = time.perf_counter()
         problems = [next(self.problems) for _ in range(num_prompts)]
+        metrics.rollout_started(self.worker_id, num_prompts * self.cfg.group_size)
         seed = self.cfg.seed * 1_000_003 + self.worker_id * 10_007 + self.batches
         traces = sample_groups(self.engine, problems, self._encode, self._decode, self.task.score, self.cfg.group_size, seed=seed)
         t_gen = time.perf_counter()
         self.batches += 1
         result = self.replay.insert(traces_to_batch(traces))
+        metrics.record_rollout(self.worker_id, self.engine.policy_version, traces, t_gen - t0, time.perf_counter() - t_gen)
         return RolloutStats(
             worker_id=self.worker_id,
             policy_version=self.engine.policy_version,
@@ -90,14 +94,17 @@ class RolloutWorker:
         """Block until learner rank 0 broadcasts, load the weights into the live engine; return the new version."""
         if self.transport is None:
             raise RuntimeError(f"rollout worker {self.worker_id} has not joined the weight group; call join_weight_group first")
+        t0 = time.perf_counter()
         version, tensors = self.transport.receive()
         self.engine.load_weights(tensors, version)
+        metrics.record_weights_received(self.worker_id, time.perf_counter() - t0, version)
         return version
 
     def evaluate(self, prompts: list[str], answers: list[str]) -> tuple[int, float]:
         """Greedy pass@1 on the given problems at the current weights: (policy_version, accuracy)."""
         outs = self.engine.greedy([self._encode(p) for p in prompts])
         correct = sum(self._decode(o).strip() == a for o, a in zip(outs, answers))
+        metrics.record_eval(self.engine.policy_version, correct / max(1, len(prompts)))
         return self.engine.policy_version, correct / max(1, len(prompts))
 
     def teacher_forced_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
