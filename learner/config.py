@@ -27,6 +27,7 @@ class LearnerConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="must equal rollout.temperature")
     num_cpus_per_rank: float = Field(1.0, ge=0)
     num_gpus_per_rank: float = Field(0.0, ge=0)
+    ray_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rank, e.g. {flywheel_learner: 1} to pin ranks to the learner worker group")
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
 

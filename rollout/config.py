@@ -34,6 +34,8 @@ class RolloutConfig(BaseModel):
     num_workers: int = Field(1, ge=1)
     num_cpus_per_worker: float = Field(1, ge=0)
     num_gpus_per_worker: float = Field(0, ge=0)
+    # Custom Ray resources per worker, e.g. {flywheel_rollout: 1}, so workers land on the rollout worker group.
+    ray_resources: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> "RolloutConfig":

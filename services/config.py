@@ -62,6 +62,7 @@ class LoopConfig(BaseModel):
     checkpoint_every_steps: int = Field(0, ge=0, description="0 = only the final model")
     max_buffered_steps: int = Field(2, ge=1, description="rollout runs at most this many learner steps of groups ahead")
     num_cpus: int | None = Field(None, description="CPUs for a local Ray (None = all)")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="local Ray only: serve Prometheus metrics on this port")
     progress: bool = True
 
 

@@ -63,8 +63,9 @@ def start_ray(cfg: RunConfig, address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        extra = {} if cfg.run.metrics_port is None else {"_metrics_export_port": cfg.run.metrics_port}
         ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}, **extra)
 
 
 def main(argv: list[str] | None = None) -> int:

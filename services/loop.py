@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from services import metrics
 from services.config import RunConfig
 from services.placement import start_actors
 from services.report import MetricsLog, draw_report, format_summary
@@ -163,6 +164,7 @@ class ActorLearnerLoop:
                 self.s.seconds_to_target = t_pub
         elif what == "receive":
             self.log.write("sync", worker=arg, policy_version=value)
+            metrics.record_version_lag(arg, value, self.s.version)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _collect(self, timeout_s: float) -> None:

@@ -19,6 +19,7 @@ class ActorSpec:
     num_cpus: float
     num_gpus: float
     detail: str
+    resources: tuple[tuple[str, float], ...] = ()
 
 
 def plan(cfg: RunConfig) -> list[ActorSpec]:
@@ -26,11 +27,13 @@ def plan(cfg: RunConfig) -> list[ActorSpec]:
              for i in range(cfg.replay.num_shards)]
     lc = cfg.learner
     specs += [ActorSpec("learner_rank", r, lc.num_cpus_per_rank, lc.num_gpus_per_rank,
-                        f"deepspeed zero-{lc.zero_stage} {lc.dist_backend} {lc.groups_per_step // lc.num_ranks} groups/step")
+                        f"deepspeed zero-{lc.zero_stage} {lc.dist_backend} {lc.groups_per_step // lc.num_ranks} groups/step",
+                        tuple(lc.ray_resources.items()))
               for r in range(lc.num_ranks)]
     rc = cfg.rollout
     specs += [ActorSpec("rollout_worker", w, rc.num_cpus_per_worker, rc.num_gpus_per_worker,
-                        f"{rc.engine} on {rc.device}, G={rc.group_size}, {rc.prompts_per_step} prompts/call")
+                        f"{rc.engine} on {rc.device}, G={rc.group_size}, {rc.prompts_per_step} prompts/call",
+                        tuple(rc.ray_resources.items()))
               for w in range(rc.num_workers)]
     return specs
 
@@ -40,7 +43,8 @@ def format_plan(cfg: RunConfig, specs: list[ActorSpec]) -> str:
              f"weight sync={cfg.learner.weight_sync.backend} every {cfg.learner.weight_sync.sync_every_steps} step(s), "
              f"mode={'synchronous' if cfg.synchronous else f'asynchronous (max_staleness={cfg.replay.max_staleness})'}",
              f"{'actor':<16}{'#':>3}{'CPU':>6}{'GPU':>6}  detail"]
-    lines += [f"{s.role:<16}{s.index:>3}{s.num_cpus:>6g}{s.num_gpus:>6g}  {s.detail}" for s in specs]
+    lines += [f"{s.role:<16}{s.index:>3}{s.num_cpus:>6g}{s.num_gpus:>6g}  {s.detail}"
+              + "".join(f" {k}={v:g}" for k, v in s.resources) for s in specs]
     lines.append(f"{'total':<19}{sum(s.num_cpus for s in specs):>6g}{sum(s.num_gpus for s in specs):>6g}")
     return "\n".join(lines)
 
@@ -74,11 +78,11 @@ def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
     env = {"env_vars": actor_env(cfg, cache_dir)}
     replay = create_replay(cfg.replay)
     lc, rc = cfg.learner, cfg.rollout
-    ranks = [LearnerRank.options(num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank, runtime_env=env)
+    ranks = [LearnerRank.options(num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank, resources=dict(lc.ray_resources), runtime_env=env)
              .remote(lc, str(model_dir), r, lc.num_ranks) for r in range(lc.num_ranks)]
     addr, port = ray.get(ranks[0].node_address.remote())
     setups = [rank.setup.remote(addr, port) for rank in ranks]
-    workers = [RolloutWorker.options(num_cpus=rc.num_cpus_per_worker, num_gpus=rc.num_gpus_per_worker, runtime_env=env)
+    workers = [RolloutWorker.options(num_cpus=rc.num_cpus_per_worker, num_gpus=rc.num_gpus_per_worker, resources=dict(rc.ray_resources), runtime_env=env)
                .remote(rc, cfg.task, str(model_dir), w, replay) for w in range(rc.num_workers)]
     ray.get(setups)
     _, wport = ray.get(ranks[0].node_address.remote())

@@ -51,6 +51,14 @@ def _series(records: list[dict], kind: str, key: str, x: str = "t") -> tuple[lis
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _rolling_mean(ys: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y - (ys[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
 def draw_report(run_dir: Path) -> Path:
     """Plot reward, eval accuracy, KL to behaviour and staleness over RL wall time into report.png."""
     import matplotlib
@@ -69,7 +77,14 @@ def draw_report(run_dir: Path) -> Path:
     for ax, series, ylabel in panels:
         for kind, key, label in series:
             xs, ys = _series(recs, kind, key)
+            if kind == "learner_step" and key == "reward_mean" and len(ys) > 20:
+                ax.plot(xs, ys, alpha=0.25, lw=0.8)
+                ys, label = _rolling_mean(ys, 20), f"{label}, mean of 20 steps"
             ax.plot(xs, ys, marker="o" if kind == "eval" else None, ms=3, label=label)
+        if ylabel == "accuracy":
+            _, acc = _series(recs, "eval", "accuracy")
+            if acc:
+                ax.axhline(acc[0] + 0.2, ls="--", c="gray", lw=1, label="initial + 20 points")
         ax.set_xlabel("RL wall time (s)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

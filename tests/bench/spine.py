@@ -44,9 +44,13 @@ def run_trl(cfg, model_dir: Path, out_json: Path, max_rl_seconds: float) -> dict
     lc, rc = cfg.learner, cfg.rollout
     cmd = [str(REPO / ".venv-trl/bin/python"), str(REPO / "tests/bench/trl_baseline.py"),
            "--model-dir", str(model_dir), "--out", str(out_json), "--task-json", cfg.task.model_dump_json(),
-           "--group-size", str(rc.group_size), "--prompts-per-step", str(lc.groups_per_step), "--lr", str(lc.lr),
+           # TRL's best setting found on this task (tests/bench/results/trl_*.json): 64 prompts per generation,
+           # 4 optimiser steps of 16 prompts each -- the same 16 groups per step our learner takes.
+           "--group-size", str(rc.group_size), "--prompts-per-step", "64", "--updates-per-batch", "4", "--lr", str(lc.lr),
            "--max-new-tokens", str(rc.max_new_tokens), "--temperature", str(rc.temperature),
-           "--beta", str(lc.objective.kl_behaviour_coef), "--target-gain", "0.2",
+           # TRL's beta is a KL to a reference model (a second model copy), not to the behaviour policy:
+           # our behaviour-KL has no TRL equivalent, so TRL runs with its default beta=0.
+           "--beta", "0.0", "--target-gain", "0.2",
            "--max-rl-seconds", str(max_rl_seconds), "--threads", "2", "--seed", str(cfg.rollout.seed)]
     subprocess.run(cmd, check=True, cwd=REPO)
     return json.loads(out_json.read_text())
@@ -74,11 +78,35 @@ def main() -> None:
     }
     o = report["ours"]
     report["gain_points"] = 100 * (o["eval_accuracy_final"] - o["eval_accuracy_initial"])
+    ours_curve = _our_curve(REPO / "runs" / "bench-spine")
+    trl_curve = [(c["rl_seconds"], c["accuracy"]) for c in (trl or {}).get("accuracy_curve", [])]
+    report["seconds_to_gain"] = {
+        f"+{g}": {"ours": _first_reach(ours_curve, g / 100), "trl": _first_reach(trl_curve, g / 100) if trl else None}
+        for g in GAINS}
+    for row in report["seconds_to_gain"].values():
+        row["trl_over_ours"] = row["trl"] / row["ours"] if row["ours"] and row["trl"] else None
     report["default_job_within_15_min"] = o["wall_s"] <= 900
     t_ours, t_trl = o["rl_seconds_to_target"], (trl or {}).get("rl_seconds_to_target")
     report["trl_over_ours_time_to_target"] = (t_trl / t_ours) if (t_ours and t_trl) else None
     (results / "spine.json").write_text(json.dumps(report, indent=1))
     print(format_table(report))
+
+
+GAINS = (5, 10, 15, 20)
+
+
+def _our_curve(run_dir: Path) -> list[tuple[float, float]]:
+    """(RL seconds when the evaluated weights were published, accuracy) from metrics.jsonl."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["t_published"], r["accuracy"]) for r in recs if r["kind"] == "eval"]
+
+
+def _first_reach(curve: list[tuple[float, float]], gain: float) -> float | None:
+    """Seconds at which accuracy first reached curve[0] + gain (None if never)."""
+    if not curve:
+        return None
+    start = curve[0][1]
+    return next((t for t, acc in curve if acc >= start + gain - 1e-9), None)
 
 
 def format_table(r: dict) -> str:
@@ -90,6 +118,8 @@ def format_table(r: dict) -> str:
             ("learner steps", o["learner_steps"], t.get("steps")),
             ("whole job wall seconds", o["wall_s"], None)]
     lines = [f"{'':<34}{'flywheel':>12}{'TRL GRPO':>12}"] + [f"{name:<34}{fmt(a):>12}{fmt(b):>12}" for name, a, b in rows]
+    lines += [f"{'RL seconds to ' + k + ' points':<34}{fmt(v['ours']):>12}{fmt(v['trl']):>12}   TRL/ours {fmt(v['trl_over_ours'])}"
+              for k, v in r["seconds_to_gain"].items()]
     lines.append(f"gain {r['gain_points']:.1f} points; job within 15 min: {r['default_job_within_15_min']}; "
                  f"TRL/flywheel time to target: {fmt(r['trl_over_ours_time_to_target'])}")
     return "\n".join(lines)

@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.local_ray import free_port, job_logs, local_ray_head, stop_process_group, submit_driver, wait_http, wait_job
 
 REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "deploy/prometheus"
@@ -42,34 +38,6 @@ def _tool(name: str) -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"process serving {url} exited early"
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # it answers (e.g. 401 without a token): it is up
-        except OSError:
-            time.sleep(1)
-    pytest.fail(f"{url} did not answer within {timeout_s}s")
-
-
 def test_alert_rules_pass_promtool_unit_tests():
     promtool = _tool("promtool")
     out = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=PROM_DIR, capture_output=True, text=True)
@@ -82,25 +50,9 @@ def test_alert_rules_pass_promtool_unit_tests():
 
 @pytest.fixture
 def ray_head_with_metrics():
-    bindir = Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token",
-               RAY_metrics_report_interval_ms="1000")  # export every second, so a short job's last values get out
-    port, dash, metrics_port = _free_port(), _free_port(), _free_port()
-    # Every fixed default port too (agent 52365, client 10001, ...): other Ray heads may run on this machine.
-    own_ports = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                          "ray-client-server-port", "runtime-env-agent-port",
-                                                          "node-manager-port", "object-manager-port")]
-    temp = tempfile.mkdtemp(prefix="fwprom-", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
-    head = subprocess.Popen([str(bindir / "ray"), "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", f"--metrics-export-port={metrics_port}", "--num-cpus=2",
-                             "--disable-usage-stats", f"--temp-dir={temp}", *own_ports],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version", head, timeout_s=180)
-        yield env, f"http://127.0.0.1:{dash}", metrics_port
-    finally:
-        _stop(head)
-        shutil.rmtree(temp, ignore_errors=True)
+    metrics_port = free_port()
+    with local_ray_head(metrics_port=metrics_port) as (env, address):
+        yield env, address, metrics_port
 
 
 @pytest.fixture
@@ -116,17 +68,17 @@ def prometheus_for(tmp_path):
         job.pop("file_sd_configs")
         job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-        web = _free_port()
+        web = free_port()
         proc = subprocess.Popen([_tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
                                  f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{web}"],
                                 stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"), start_new_session=True)
         procs.append(proc)
-        _wait_http(f"http://127.0.0.1:{web}/-/ready", proc, timeout_s=60)
+        wait_http(f"http://127.0.0.1:{web}/-/ready", proc, timeout_s=60)
         return f"http://127.0.0.1:{web}"
 
     yield start
     for p in procs:
-        _stop(p)
+        stop_process_group(p)
 
 
 def _query(prom: str, expr: str, at: float | None = None) -> list[dict]:
@@ -148,34 +100,13 @@ def _values(prom: str, expr: str, by: str | None = None) -> dict:
 
 
 def _submit(env: dict, address: str, runs: Path) -> str:
-    ray = str(Path(sys.executable).parent / "ray")
-    job_id = f"flywheel-prom-{uuid.uuid4().hex[:8]}"  # our own id: the CLI's printed one carries colour codes
-    cmd = [ray, "job", "submit", f"--address={address}", f"--submission-id={job_id}", "--working-dir", str(REPO),
-           "--runtime-env", str(REPO / "deploy/ray/runtime_env.yaml"), "--no-wait", "--",
-           "python", "-m", "services.driver", "--config", "deploy/configs/e2e_small.yaml",
-           f"run.runs_dir={runs}", f"run.cache_dir={REPO / '.cache'}", "run.name=prom"]
-    for _ in range(30):  # the head's job agent starts a little after its dashboard
-        sub = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
-        if sub.returncode == 0 or "No available agent" not in sub.stderr + sub.stdout:
-            break
-        time.sleep(3)
-    assert sub.returncode == 0 and job_id in sub.stdout, sub.stdout + sub.stderr
-    return job_id
+    return submit_driver(env, address, runs, "prom")
 
 
 def _wait_job(env: dict, address: str, job_id: str, timeout_s: float) -> None:
-    ray = str(Path(sys.executable).parent / "ray")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        out = subprocess.run([ray, "job", "status", f"--address={address}", job_id], env=env, capture_output=True, text=True)
-        out = (out.stdout + out.stderr).lower()  # e.g. "Job 'flywheel-prom-1a2b' succeeded"
-        if f"{job_id} succeeded" in out or f"{job_id}' succeeded" in out:
-            return
-        if f"{job_id}' failed" in out or f"{job_id}' stopped" in out:
-            logs = subprocess.run([ray, "job", "logs", f"--address={address}", job_id], env=env, capture_output=True, text=True)
-            pytest.fail(f"job {job_id} ended:\n{out}\n{logs.stdout[-5000:]}")
-        time.sleep(3)
-    pytest.fail(f"job {job_id} not done within {timeout_s}s")
+    status = wait_job(env, address, job_id, timeout_s)
+    if status != "SUCCEEDED":
+        pytest.fail(f"job {job_id} ended {status}:\n{job_logs(env, address, job_id)}")
 
 
 def _dashboard_exprs() -> list[str]:
