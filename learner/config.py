@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from learner.objective import ObjectiveConfig
+from learner.objective import ObjectiveConfig, requires
 from learner.weight_transport import WeightSyncConfig
 
 
@@ -46,6 +46,12 @@ class LearnerConfig(BaseModel):
             raise ValueError(
                 f"learner.weight_sync.backend={self.weight_sync.backend!r} but learner.device={self.device!r} implies "
                 f"{self.dist_backend!r}; set learner.weight_sync.backend={self.dist_backend!r}"
+            )
+        unsupported = requires(self.objective) & {"ref_logprobs", "values"}
+        if unsupported:
+            raise ValueError(
+                f"learner.objective needs {sorted(unsupported)}, which the learner does not compute yet (no frozen "
+                "reference model, no value head): set learner.objective.kl_ref_coef=0 and a critic-free advantage (grpo, rloo, ...)"
             )
         if self.device == "cuda" and self.num_gpus_per_rank <= 0:
             raise ValueError("learner.device='cuda' needs learner.num_gpus_per_rank > 0")

@@ -19,7 +19,7 @@ import torch
 
 from learner.batch import collate, completion_logprobs
 from learner.config import LearnerConfig
-from learner.objective import ObjectiveInputs, compute_objective
+from learner.objective import ObjectiveInputs, compute_objective, requires
 
 
 class LearnerCore:
@@ -38,6 +38,7 @@ class LearnerCore:
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=cfg.deepspeed_config(1)
         )
         self.steps = 0
+        self.needs = requires(cfg.objective)
 
     def train_step(self, batch: pa.RecordBatch | pa.Table) -> dict[str, float]:
         """One optimiser step on this rank's groups; returns the objective's diagnostics plus timings."""
@@ -48,9 +49,13 @@ class LearnerCore:
         self.engine.train()
         logp, entropy = completion_logprobs(self.engine, tb, self.cfg.temperature, with_entropy=True)
         t_fwd = time.perf_counter()
+        # One optimiser step per sampled batch, so the proximal policy of decoupled PPO (AReaL) is
+        # the learner's weights before this step: its logprobs are the current ones, detached.
+        proximal = logp.detach() if "proximal_logprobs" in self.needs else None
         inputs = ObjectiveInputs(
             learner_logprobs=logp,
             behaviour_logprobs=tb.behaviour_logprobs,
+            proximal_logprobs=proximal,
             mask=tb.mask,
             rewards=tb.rewards,
             group_ids=tb.group_ids,

@@ -21,7 +21,8 @@ def _run(tmp_path: Path, *overrides: str) -> Path:
 
 
 def test_async_loop_consumes_several_versions_within_bound(tmp_path):
-    run = _run(tmp_path, "replay.max_staleness=1", "run.max_learner_steps=8")
+    run = _run(tmp_path, "replay.max_staleness=1", "run.max_learner_steps=8",
+               "learner.objective.policy_loss=decoupled_ppo", "learner.objective.tis_cap=2.0")
     summary = json.loads((run / "summary.json").read_text())
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if r["kind"] == "learner_step"]
