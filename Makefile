@@ -14,7 +14,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-fast bench dry-run clean
+.PHONY: setup system-deps run test test-fast bench dry-run clean
 
 setup: $(STAMP)
 
@@ -36,8 +36,15 @@ run: setup
 dry-run: setup
 	$(PY) -m services.driver --config $(CONFIG) --dry-run
 
-test: setup
-	$(PY) -m pytest tests -q -x -p no:cacheprovider $(PYTEST_ARGS)
+# Debian's prometheus + promtool for tests/integration/test_prometheus.py (installed only when missing).
+system-deps:
+	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	fi
+
+test: setup system-deps
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
