@@ -28,6 +28,10 @@ class TaskConfig(BaseModel):
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     eval_size: int = Field(200, ge=1)
     seed: int = 0
+    # "plain": `12+345=` -> `357`. "reversed_padded" (Lee et al. 2023, "Teaching Arithmetic to Small
+    # Transformers"): operands zero-padded to N=max_digits, answer zero-padded to N+1 digits and written
+    # least-significant digit first, `012+345=` -> `7530`, so each answer digit depends on one column + carry.
+    answer_format: Literal["plain", "reversed_padded"] = "plain"
 
     @model_validator(mode="after")
     def _digits(self) -> "TaskConfig":
@@ -35,6 +39,8 @@ class TaskConfig(BaseModel):
             raise ValueError(f"task.min_digits={self.min_digits} > task.max_digits={self.max_digits}; set min_digits <= max_digits")
         if not self.ops:
             raise ValueError("task.ops is empty; give at least one of '+', '-', '*'")
+        if self.answer_format == "reversed_padded" and tuple(self.ops) != ("+",):
+            raise ValueError(f"task.answer_format='reversed_padded' supports only ops=('+',), got {self.ops}")
         return self
 
 
@@ -64,6 +70,10 @@ class ArithmeticTask:
 
     def _make(self, a: int, op: str, b: int) -> Problem:
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        if self.cfg.answer_format == "reversed_padded":
+            n = self.cfg.max_digits
+            return Problem(prompt=f"{a:0{n}d}{op}{b:0{n}d}=", answer=str(value).zfill(n + 1)[::-1],
+                           task=f"{self.name}{op}")
         return Problem(prompt=f"{a}{op}{b}=", answer=str(value), task=f"{self.name}{op}")
 
     def _draw(self, rng: random.Random, want_eval: bool) -> Problem:
