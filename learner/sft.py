@@ -119,8 +119,11 @@ def _cache_key(base_model_dir: Path, task: ArithmeticTask, cfg: SFTConfig) -> di
 
 
 def cold_start(base_model_dir: Path, out_dir: Path, task: ArithmeticTask, cfg: SFTConfig,
-               threads: int | None = None) -> Path:
-    """SFT `base_model_dir` on `task` and save model + tokenizer (HF format) to `out_dir`; cached by key."""
+               threads: int | None = None, on_step: Callable[[int, float], None] | None = None) -> Path:
+    """SFT `base_model_dir` on `task` and save model + tokenizer (HF format) to `out_dir`; cached by key.
+
+    `on_step(step, loss)` is forwarded to `train_sft` (the driver draws a progress bar with it).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_model_dir, out_dir = Path(base_model_dir), Path(out_dir)
@@ -134,7 +137,7 @@ def cold_start(base_model_dir: Path, out_dir: Path, task: ArithmeticTask, cfg: S
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
         model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
-        losses = train_sft(model, tokenizer, task.train_stream(seed=cfg.seed), cfg)
+        losses = train_sft(model, tokenizer, task.train_stream(seed=cfg.seed), cfg, on_step=on_step)
     finally:
         torch.set_num_threads(previous_threads)
     out_dir.mkdir(parents=True, exist_ok=True)

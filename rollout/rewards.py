@@ -44,12 +44,33 @@ WORKER_START_TIMEOUT_S = 60.0
 
 
 class RewardConfig(BaseModel):
+    """How rollout scores completions. `function` is "module:callable" taking (problem, completion) -> float;
+    None = the task's own verifier. `isolation: inline` suits trusted cheap verifiers (exact match);
+    anything that can hang or crash belongs in `process`."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
+    function: str | None = None
     timeout_s: float = Field(5.0, gt=0.0)
     on_failure: Literal["zero", "drop"] = "zero"
     isolation: Literal["inline", "process"] = "process"
     max_workers: int = Field(1, ge=1)
     failure_reward: float = 0.0
+
+
+def load_reward_function(spec: str) -> ScoreFn:
+    """Import "package.module:callable"; the error names `reward.function` and the expected form."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward.function={spec!r} must look like 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward.function={spec!r} cannot be imported ({e}); it must be importable on every rollout node") from None
+    if not callable(fn):
+        raise ValueError(f"reward.function={spec!r} is not callable")
+    return fn
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,8 +30,14 @@ def sample_groups(
     score: Callable[[Problem, str], float],
     group_size: int,
     seed: int | None = None,
+    score_batch: Callable[[list[tuple[Problem, str]]], list[float | None]] | None = None,
 ) -> list[Trace]:
-    """Sample `group_size` completions per problem and return them as scored Traces."""
+    """Sample `group_size` completions per problem and return them as scored Traces.
+
+    With `score_batch` (e.g. an isolated `rollout.rewards.RewardScorer`) every completion is scored
+    in one call instead of by `score`; a `None` reward (a failed, dropped score) drops its whole
+    group, since groups are the unit of advantage estimation and of replay.
+    """
     if group_size < 2:
         raise ValueError(f"group_size={group_size}: a group needs at least 2 completions (rollout.group_size >= 2)")
     if not problems:
@@ -45,12 +51,15 @@ def sample_groups(
             f"engine returned {[len(g) for g in groups]} completions for {len(problems)} prompts, "
             f"expected {group_size} each: the engine breaks the Engine.generate contract"
         )
+    items = [(problem, decode(_without_eos(c))) for problem, group in zip(problems, groups) for c in group]
+    rewards = score_batch(items) if score_batch is not None else [score(p, text) for p, text in items]
     traces = []
-    for problem, prompt, group in zip(problems, prompts, groups):
+    for i, (problem, prompt, group) in enumerate(zip(problems, prompts, groups)):
+        group_rewards = rewards[i * group_size:(i + 1) * group_size]
+        if any(r is None for r in group_rewards):
+            continue
         group_id = uuid.uuid4().hex
-        for c in group:
-            text = decode(_without_eos(c))
-            traces.append(_trace(group_id, problem, prompt, c, score(problem, text), version_min, version_max))
+        traces += [_trace(group_id, problem, prompt, c, r, version_min, version_max) for c, r in zip(group, group_rewards)]
     return traces
 
 

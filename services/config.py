@@ -18,6 +18,7 @@ from learner.sft import SFTConfig
 from learner.tiny_model import TinyModelSpec
 from replay.config import ReplayConfig
 from rollout.config import RolloutConfig
+from rollout.rewards import RewardConfig
 from rollout.tasks import TaskConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +74,7 @@ class RunConfig(BaseModel):
     task: TaskConfig = Field(default_factory=TaskConfig)
     cold_start: SFTConfig | None = Field(default_factory=SFTConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
 

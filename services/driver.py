@@ -51,8 +51,15 @@ def prepare_model(cfg: RunConfig, cache_dir: Path) -> tuple[Path, float]:
     if cfg.cold_start is None:
         return base, 0.0
     key = hashlib.sha256(f"{base.resolve()}|{cfg.task.model_dump_json()}|{cfg.cold_start.model_dump_json()}".encode()).hexdigest()[:16]
+    from tqdm import tqdm
+
     t0 = time.perf_counter()
-    out = cold_start(base, cache_dir / "models" / f"coldstart-{key}", task, cfg.cold_start, threads=os.cpu_count())
+    with tqdm(total=cfg.cold_start.steps, desc="cold start (SFT)", unit="step", disable=not cfg.run.progress, mininterval=1.0) as bar:
+        def on_step(step: int, loss: float) -> None:
+            bar.set_postfix_str(f"loss={loss:.3f}", refresh=False)
+            bar.update(1)
+
+        out = cold_start(base, cache_dir / "models" / f"coldstart-{key}", task, cfg.cold_start, threads=os.cpu_count(), on_step=on_step)
     return out, time.perf_counter() - t0
 
 

@@ -38,6 +38,8 @@ class LoopState:
     publish_t: dict = dataclasses.field(default_factory=lambda: {0: 0.0})
     evals: list = dataclasses.field(default_factory=list)  # (version, t_published, accuracy)
     seconds_to_target: float | None = None
+    reward_failures: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(
+        ("reward_timeouts", "reward_errors", "reward_nonfinite", "dropped_groups"), 0))
 
 
 class ActorLearnerLoop:
@@ -103,6 +105,8 @@ class ActorLearnerLoop:
         self.rollouts.pop(ref)
         st = ray.get(ref)
         self.s.produced_at[st.policy_version] = self.s.produced_at.get(st.policy_version, 0) + st.accepted_groups
+        for key in self.s.reward_failures:
+            self.s.reward_failures[key] += getattr(st, key)
         self.log.write("rollout", **dataclasses.asdict(st))
 
     # -- learner ----------------------------------------------------------------------------------
@@ -215,6 +219,7 @@ class ActorLearnerLoop:
             "max_staleness_bound": self.cfg.replay.max_staleness,
             "distinct_policy_versions_consumed": len(s.versions_consumed),
             "synchronous": self.cfg.synchronous,
+            **self.s.reward_failures,
         }
         (self.run_dir / "summary.json").write_text(__import__("json").dumps(summary, indent=1))
         draw_report(self.run_dir)

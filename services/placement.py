@@ -83,7 +83,7 @@ def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
     addr, port = ray.get(ranks[0].node_address.remote())
     setups = [rank.setup.remote(addr, port) for rank in ranks]
     workers = [RolloutWorker.options(num_cpus=rc.num_cpus_per_worker, num_gpus=rc.num_gpus_per_worker, resources=dict(rc.ray_resources), runtime_env=env)
-               .remote(rc, cfg.task, str(model_dir), w, replay) for w in range(rc.num_workers)]
+               .remote(rc, cfg.task, cfg.reward, str(model_dir), w, replay) for w in range(rc.num_workers)]
     ray.get(setups)
     _, wport = ray.get(ranks[0].node_address.remote())
     world = 1 + len(workers)

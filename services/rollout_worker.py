@@ -17,6 +17,7 @@ import ray
 from learner.weight_transport import BroadcastTransport, WeightSyncConfig
 from replay.schema import traces_to_batch
 from rollout.config import RolloutConfig
+from rollout.rewards import RewardConfig, RewardScorer, ScoreBatchResult, load_reward_function
 from rollout.tasks import TaskConfig, make_task
 from services import metrics
 
@@ -33,11 +34,15 @@ class RolloutStats:
     rejected_groups: int
     generate_s: float
     total_s: float
+    reward_timeouts: int = 0  # scoring failures in this call (rollout.rewards.RewardScorer)
+    reward_errors: int = 0
+    reward_nonfinite: int = 0
+    dropped_groups: int = 0  # groups dropped because a member's score failed under on_failure=drop
 
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, cfg: RolloutConfig, task_cfg: TaskConfig, model_dir: str, worker_id: int, replay):
+    def __init__(self, cfg: RolloutConfig, task_cfg: TaskConfig, reward_cfg: RewardConfig, model_dir: str, worker_id: int, replay):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from transformers import AutoTokenizer
 
@@ -48,6 +53,9 @@ class RolloutWorker:
         self.problems = self.task.train_stream(seed=task_cfg.seed * 1000 + 1 + worker_id)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.engine = make_engine(cfg, Path(model_dir))
+        fn = load_reward_function(reward_cfg.function) if reward_cfg.function else type(self.task).score
+        self.scorer = RewardScorer(fn, reward_cfg)
+        self._failures = ScoreBatchResult(rewards=[])
         self.transport = None
         self.batches = 0
         metrics.record_engine_version(worker_id, self.engine.policy_version)
@@ -56,6 +64,13 @@ class RolloutWorker:
         from rollout.evaluation import encode_prompt
 
         return encode_prompt(self.tokenizer, prompt)
+
+    def _score_batch(self, items):
+        result = self.scorer.score_batch(items)
+        f = self._failures
+        self._failures = ScoreBatchResult(rewards=[], timeouts=f.timeouts + result.timeouts, errors=f.errors + result.errors,
+                                          non_finite=f.non_finite + result.non_finite)
+        return result.rewards
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -68,7 +83,9 @@ class RolloutWorker:
         problems = [next(self.problems) for _ in range(num_prompts)]
         metrics.rollout_started(self.worker_id, num_prompts * self.cfg.group_size)
         seed = self.cfg.seed * 1_000_003 + self.worker_id * 10_007 + self.batches
-        traces = sample_groups(self.engine, problems, self._encode, self._decode, self.task.score, self.cfg.group_size, seed=seed)
+        self._failures = ScoreBatchResult(rewards=[])
+        traces = sample_groups(self.engine, problems, self._encode, self._decode, self.task.score, self.cfg.group_size,
+                               seed=seed, score_batch=self._score_batch)
         t_gen = time.perf_counter()
         self.batches += 1
         result = self.replay.insert(traces_to_batch(traces))
@@ -84,6 +101,10 @@ class RolloutWorker:
             rejected_groups=len(result.rejected),
             generate_s=t_gen - t0,
             total_s=time.perf_counter() - t0,
+            reward_timeouts=self._failures.timeouts,
+            reward_errors=self._failures.errors,
+            reward_nonfinite=self._failures.non_finite,
+            dropped_groups=num_prompts - len({t.group_id for t in traces}),
         )
 
     def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, rank: int, world_size: int) -> int:
@@ -116,4 +137,5 @@ class RolloutWorker:
     def shutdown(self) -> None:
         if self.transport is not None:
             self.transport.close()
+        self.scorer.close()
         self.engine.shutdown()

@@ -48,3 +48,14 @@ def test_synchronous_mode_never_trains_on_stale_data(tmp_path):
     steps = [r for r in steps if r["kind"] == "learner_step"]
     assert [r["trace_versions"] for r in steps] == [[0], [1], [2], [3]]
     assert json.loads((run / "summary.json").read_text())["max_staleness_seen"] == 0
+
+
+@pytest.mark.faults
+def test_hanging_and_raising_reward_functions_do_not_stall_the_run(tmp_path):
+    run = _run(tmp_path, "reward.function=tests.e2e.hostile_rewards:hangs_or_raises", "reward.isolation=process",
+               "reward.timeout_s=0.5", "reward.on_failure=zero", "run.max_learner_steps=4",
+               "learner.num_ranks=1", "learner.zero_stage=0")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["learner_steps"] == 4
+    assert summary["reward_timeouts"] > 0 and summary["reward_errors"] > 0, summary
+    assert summary["dropped_groups"] == 0  # on_failure=zero scores failures as 0 and keeps the group

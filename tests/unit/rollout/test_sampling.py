@@ -105,3 +105,28 @@ def test_with_real_hf_engine(tiny_model_dir):
     for t in traces:
         validate_trace(t)
         assert len(t.completion_ids) <= 4 and t.reward in (0.0, 1.0)
+
+
+def test_score_batch_scores_everything_in_one_call_and_drops_groups_with_a_failed_score():
+    from rollout.engine import Completion
+    from rollout.sampling import sample_groups
+    from rollout.tasks import Problem
+
+    class TwoTokenEngine:
+        policy_version = 3
+
+        def generate(self, prompts, n, seed=None):
+            return [[Completion(token_ids=(5, 2), logprobs=(-0.5, -0.1), finish_reason="stop") for _ in range(n)] for _ in prompts]
+
+    problems = [Problem("1+1=", "2", "t"), Problem("2+2=", "4", "t")]
+    calls = []
+
+    def score_batch_simple(items):
+        calls.append(len(items))
+        return [1.0, 0.0, None, 1.0]  # the second problem's group has a failed score
+
+    traces = sample_groups(TwoTokenEngine(), problems, lambda s: [1, 4], lambda ids: "x", lambda p, c: 0.0, 2,
+                           score_batch=score_batch_simple)
+    assert calls == [4]
+    assert [t.reward for t in traces] == [1.0, 0.0]
+    assert {t.group_id for t in traces} and all(t.policy_version == 3 for t in traces)
