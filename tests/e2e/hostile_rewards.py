@@ -5,9 +5,9 @@ import time
 
 
 def hangs_or_raises(problem, completion: str) -> float:
-    """Exact match, except: answers ending in 7 hang forever, answers ending in 3 raise."""
-    if problem.answer.endswith("7"):
+    """Exact match, except: answers ending in 7, 8 or 9 hang forever; ending in 1, 2 or 3 raise."""
+    if problem.answer[-1] in "789":
         time.sleep(3600)
-    if problem.answer.endswith("3"):
+    if problem.answer[-1] in "123":
         raise RuntimeError("a reward function bug")
     return 1.0 if completion.strip() == problem.answer else 0.0

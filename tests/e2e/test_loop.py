@@ -53,7 +53,7 @@ def test_synchronous_mode_never_trains_on_stale_data(tmp_path):
 @pytest.mark.faults
 def test_hanging_and_raising_reward_functions_do_not_stall_the_run(tmp_path):
     run = _run(tmp_path, "reward.function=tests.e2e.hostile_rewards:hangs_or_raises", "reward.isolation=process",
-               "reward.timeout_s=0.5", "reward.on_failure=zero", "run.max_learner_steps=4",
+               "reward.timeout_s=0.5", "reward.on_failure=zero", "run.max_learner_steps=4", "rollout.prompts_per_step=8",
                "learner.num_ranks=1", "learner.zero_stage=0")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["learner_steps"] == 4
