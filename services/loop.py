@@ -189,8 +189,7 @@ class ActorLearnerLoop:
         while self.train_refs:
             self._collect(timeout_s=1.0)
         last_eval = max((v for v, _, _ in self.s.evals), default=0)
-        if self.s.steps and (self.s.publish_t.get(self.s.version) is None or self.s.version == 0 or
-                             self.s.steps % self.cfg.learner.weight_sync.sync_every_steps):
+        if self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # steps since the last publish
             self._publish()
         if last_eval < self.s.version and not any(w == "eval" for w, _ in self.side_refs.values()):
             self._eval_async()
