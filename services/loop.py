@@ -10,6 +10,7 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -98,8 +99,6 @@ class ActorLearnerLoop:
         for i, worker in enumerate(self.workers):
             if i not in busy and self._may_dispatch():
                 self.rollouts[worker.rollout.remote(self._groups_per_call())] = i
-                if self.cfg.synchronous:  # count what this call will produce at the current version
-                    self.s.produced_at.setdefault(self.s.version, 0)
 
     def _on_rollout(self, ref) -> None:
         self.rollouts.pop(ref)
@@ -220,7 +219,7 @@ class ActorLearnerLoop:
             "synchronous": self.cfg.synchronous,
             **self.s.reward_failures,
         }
-        (self.run_dir / "summary.json").write_text(__import__("json").dumps(summary, indent=1))
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         draw_report(self.run_dir)
         self._progress_close()
         print(f"\nrun {self.cfg.run.name!r} finished -> {self.run_dir}\n{format_summary(summary)}")
