@@ -19,6 +19,11 @@ class RolloutConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     group_size: int = 8
     prompts_per_step: int = Field(8, ge=1)
+    # DAPO's dynamic sampling, done at the source: a group whose G rewards are all equal has zero
+    # group-relative advantage (GRPO, Dr.GRPO, RLOO), so it only costs
+    # learner compute. Dropped before replay and counted (`uniform_groups`); replay's backlog gate then
+    # dispatches more prompts, so every learner batch is `groups_per_step` groups with signal.
+    drop_uniform_groups: bool = False
     temperature: float = 1.0
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     # >= 1 so that every completion has a token (a Trace needs one); see rollout/sampling.py.

@@ -79,3 +79,17 @@ def _trace(group_id: str, problem: Problem, prompt: Sequence[int], c: Completion
     )
     validate_trace(trace)
     return trace
+
+
+def drop_uniform_groups(traces: Sequence[Trace]) -> tuple[list[Trace], int]:
+    """Keep the groups whose rewards are not all equal; return (kept traces, number of groups dropped).
+
+    Exact float equality on purpose: verifiable rewards are discrete, and a group whose rewards differ
+    by any amount has a non-zero group-relative advantage.
+    """
+    rewards: dict[str, set[float]] = {}
+    for t in traces:
+        rewards.setdefault(t.group_id, set()).add(t.reward)
+    uniform = {g for g, r in rewards.items() if len(r) == 1}
+    return [t for t in traces if t.group_id not in uniform], len(uniform)
+

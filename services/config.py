@@ -21,6 +21,8 @@ from rollout.config import RolloutConfig
 from rollout.rewards import RewardConfig
 from rollout.tasks import TaskConfig
 
+# Advantages that are zero for every member of a group with equal rewards (see learner/advantages.py).
+GROUP_BASELINE_ADVANTAGES = ("grpo", "dr_grpo", "rloo")  # not reinforce_pp_baseline: batch whitening shifts them
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -87,6 +89,12 @@ class RunConfig(BaseModel):
             )
         if self.rollout.device != self.learner.device:
             raise ValueError(f"rollout.device={self.rollout.device!r} != learner.device={self.learner.device!r}; the weight broadcast needs one backend")
+        if self.rollout.drop_uniform_groups and self.learner.objective.advantage not in GROUP_BASELINE_ADVANTAGES:
+            raise ValueError(
+                f"rollout.drop_uniform_groups=true drops groups whose rewards are all equal, but "
+                f"learner.objective.advantage={self.learner.objective.advantage!r} gives them a non-zero advantage; "
+                f"use one of {list(GROUP_BASELINE_ADVANTAGES)} or set drop_uniform_groups=false"
+            )
         if self.model.path is None and self.model.max_position_embeddings < self.rollout.max_model_len:
             raise ValueError(
                 f"rollout.max_model_len={self.rollout.max_model_len} exceeds model.max_position_embeddings={self.model.max_position_embeddings}"

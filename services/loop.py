@@ -40,7 +40,7 @@ class LoopState:
     evals: list = dataclasses.field(default_factory=list)  # (version, t_published, accuracy)
     seconds_to_target: float | None = None
     reward_failures: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(
-        ("reward_timeouts", "reward_errors", "reward_nonfinite", "dropped_groups"), 0))
+        ("reward_timeouts", "reward_errors", "reward_nonfinite", "dropped_groups", "uniform_groups"), 0))
 
 
 class ActorLearnerLoop:

@@ -16,6 +16,7 @@ import ray
 
 from learner.weight_transport import BroadcastTransport, WeightSyncConfig
 from replay.schema import traces_to_batch
+from replay.table import InsertResult
 from rollout.config import RolloutConfig
 from rollout.rewards import RewardConfig, RewardScorer, ScoreBatchResult, load_reward_function
 from rollout.tasks import TaskConfig, make_task
@@ -38,6 +39,7 @@ class RolloutStats:
     reward_errors: int = 0
     reward_nonfinite: int = 0
     dropped_groups: int = 0  # groups dropped because a member's score failed under on_failure=drop
+    uniform_groups: int = 0  # groups dropped because all rewards were equal (rollout.drop_uniform_groups)
 
 
 @ray.remote
@@ -77,7 +79,7 @@ class RolloutWorker:
 
     def rollout(self, num_prompts: int) -> RolloutStats:
         """Sample `num_prompts` groups at the current weights, score them and insert them into replay."""
-        from rollout.sampling import sample_groups
+        from rollout.sampling import drop_uniform_groups, sample_groups
 
         t0 = time.perf_counter()
         problems = [next(self.problems) for _ in range(num_prompts)]
@@ -86,17 +88,21 @@ class RolloutWorker:
         self._failures = ScoreBatchResult(rewards=[])
         traces = sample_groups(self.engine, problems, self._encode, self._decode, self.task.score, self.cfg.group_size,
                                seed=seed, score_batch=self._score_batch)
+        sampled, scored_groups = traces, len({t.group_id for t in traces})
+        uniform = 0
+        if self.cfg.drop_uniform_groups:
+            traces, uniform = drop_uniform_groups(traces)
         t_gen = time.perf_counter()
         self.batches += 1
-        result = self.replay.insert(traces_to_batch(traces))
-        metrics.record_rollout(self.worker_id, self.engine.policy_version, traces, t_gen - t0, time.perf_counter() - t_gen)
-        return RolloutStats(
+        result = self.replay.insert(traces_to_batch(traces)) if traces else InsertResult(0, 0, ())
+        metrics.record_rollout(self.worker_id, self.engine.policy_version, sampled, t_gen - t0, time.perf_counter() - t_gen)
+        return RolloutStats(  # groups/traces/tokens/reward_mean describe what was sampled and scored
             worker_id=self.worker_id,
             policy_version=self.engine.policy_version,
-            groups=len({t.group_id for t in traces}),
-            traces=len(traces),
-            tokens=sum(len(t.completion_ids) for t in traces),
-            reward_mean=sum(t.reward for t in traces) / max(1, len(traces)),
+            groups=scored_groups,
+            traces=len(sampled),
+            tokens=sum(len(t.completion_ids) for t in sampled),
+            reward_mean=sum(t.reward for t in sampled) / max(1, len(sampled)),
             accepted_groups=result.accepted_groups,
             rejected_groups=len(result.rejected),
             generate_s=t_gen - t0,
@@ -104,7 +110,8 @@ class RolloutWorker:
             reward_timeouts=self._failures.timeouts,
             reward_errors=self._failures.errors,
             reward_nonfinite=self._failures.non_finite,
-            dropped_groups=num_prompts - len({t.group_id for t in traces}),
+            dropped_groups=num_prompts - scored_groups,
+            uniform_groups=uniform,
         )
 
     def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, rank: int, world_size: int) -> int:

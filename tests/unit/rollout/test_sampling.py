@@ -8,7 +8,7 @@ import pytest
 
 from replay.schema import batch_to_traces, traces_to_batch, validate_trace
 from rollout.engine import FINISH_LENGTH, FINISH_STOP, Completion
-from rollout.sampling import sample_groups
+from rollout.sampling import drop_uniform_groups, sample_groups
 from rollout.tasks import ARITHMETIC_ALPHABET, ArithmeticTask, Problem
 
 EOS = 2
@@ -109,7 +109,7 @@ def test_with_real_hf_engine(tiny_model_dir):
 
 def test_score_batch_scores_everything_in_one_call_and_drops_groups_with_a_failed_score():
     from rollout.engine import Completion
-    from rollout.sampling import sample_groups
+    from rollout.sampling import drop_uniform_groups, sample_groups
     from rollout.tasks import Problem
 
     class TwoTokenEngine:
@@ -130,3 +130,13 @@ def test_score_batch_scores_everything_in_one_call_and_drops_groups_with_a_faile
     assert calls == [4]
     assert [t.reward for t in traces] == [1.0, 0.0]
     assert {t.group_id for t in traces} and all(t.policy_version == 3 for t in traces)
+
+
+def test_drop_uniform_groups_keeps_only_groups_with_reward_spread():
+    eng = ScriptedEngine([[done("3"), done("4")], [done("25"), done("25")], [done("9"), cut("9")]])
+    problems = [*PROBLEMS, Problem("4+5=", "9", "arithmetic+")]
+    traces = sample_groups(eng, problems, encode, decode, ArithmeticTask.score, group_size=2)
+    kept, dropped = drop_uniform_groups(traces)
+    assert dropped == 2  # all-correct "5*5" and all-correct "4+5" (a cut "9" still scores 1)
+    assert kept == traces[:2] and {t.reward for t in kept} == {0.0, 1.0}
+    assert drop_uniform_groups([]) == ([], 0)

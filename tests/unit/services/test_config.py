@@ -35,6 +35,9 @@ def test_defaults_validate():
         ("learner:\n  temperature: 0.7\n", "learner.temperature"),  # cross-section rule
         ("learner:\n  num_ranks: 3\n  groups_per_step: 8\n", "learner.groups_per_step"),
         ("bogus_section: {}\n", "bogus_section"),
+        # uniform groups carry signal under a batch-whitened advantage: dropping them would bias it
+        ("rollout:\n  drop_uniform_groups: true\nlearner:\n  objective:\n    advantage: reinforce_pp\n",
+         "rollout.drop_uniform_groups"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, yaml_text, field):
