@@ -11,6 +11,7 @@ Contract: as `rollout/engine.py`, plus:
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -40,6 +41,24 @@ def _check_platform(cfg: RolloutConfig) -> None:
         )
 
 
+class _RotaryReloadNotice(logging.Filter):
+    """Drops vLLM's per-reload "RotaryEmbedding: Failed to load weights": the rotary cos/sin cache is a
+    buffer, not a checkpoint weight; vLLM puts it back unchanged (tests/integration/test_spine_weights.py
+    checks logprobs after reloads to 1e-4). Every other warning passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
+
+
+def _quiet_weight_reloads() -> None:
+    """A weight update per learner step would otherwise log three INFO lines per step; INFO comes back
+    with VLLM_LOGGING_LEVEL=INFO."""
+    logging.getLogger("vllm").setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "WARNING").upper())
+    reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryReloadNotice) for f in reload_logger.filters):
+        reload_logger.addFilter(_RotaryReloadNotice())
+
+
 class VLLMEngine:
     def __init__(self, cfg: RolloutConfig, model_dir: str | Path):
         _set_env(cfg)
@@ -59,6 +78,7 @@ class VLLMEngine:
             gpu_memory_utilization=cfg.gpu_memory_utilization, logprobs_mode="processed_logprobs",
             **({} if cfg.block_size is None else {"block_size": cfg.block_size}),
         )
+        _quiet_weight_reloads()
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None) -> list[list[Completion]]:
         from vllm import SamplingParams
