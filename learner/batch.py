@@ -84,12 +84,26 @@ def completion_logprobs(
     Logits at position P-1+t predict completion token t. Temperature matches the sampler's, so the
     ratio against `behaviour_logprobs` compares the same distributions.
     """
+    logp, entropy, _ = completion_outputs(model, tb, temperature, with_entropy)
+    return logp, entropy
+
+
+def completion_outputs(
+    model: torch.nn.Module, tb: TrainBatch, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`completion_logprobs` plus the values `[B, T]` when `model` has a value head (else None)."""
     out = model(input_ids=tb.input_ids, attention_mask=tb.attention_mask, position_ids=tb.position_ids, use_cache=False)
-    p, t = tb.prompt_len, tb.completion_ids.shape[1]
-    logits = out.logits[:, p - 1 : p - 1 + t, :].float() / temperature
+    logits = completion_slice(out.logits, tb).float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = torch.gather(logp_all, -1, tb.completion_ids.unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:
         entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
-    return logp, entropy
+    values = getattr(out, "state_values", None)  # `learner.auxiliary.PolicyValueOutput` (HF outputs have none)
+    return logp, entropy, None if values is None else completion_slice(values, tb).float()
+
+
+def completion_slice(per_position: torch.Tensor, tb: TrainBatch) -> torch.Tensor:
+    """Columns P-1 .. P-2+T of a per-position tensor `[B, P+T, ...]`: those that predict completion tokens."""
+    p, t = tb.prompt_len, tb.completion_ids.shape[1]
+    return per_position[:, p - 1 : p - 1 + t]

@@ -13,6 +13,14 @@ from learner.objective import ObjectiveConfig, requires
 from learner.weight_transport import WeightSyncConfig
 
 
+class ReferenceConfig(BaseModel):
+    """The frozen reference policy for `objective.kl_ref_coef > 0` (see `learner.auxiliary.ReferencePolicy`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str | None = None  # a local HF model dir; None = the run's starting weights (cold start / model.path)
+    offload: bool = False  # keep it in CPU memory between forward passes (GPU learners)
+
+
 class LearnerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     device: Literal["cpu", "cuda"] = "cpu"
@@ -29,6 +37,7 @@ class LearnerConfig(BaseModel):
     num_gpus_per_rank: float = Field(0.0, ge=0)
     ray_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rank, e.g. {flywheel_learner: 1} to pin ranks to the learner worker group")
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
 
     @property
@@ -47,11 +56,10 @@ class LearnerConfig(BaseModel):
                 f"learner.weight_sync.backend={self.weight_sync.backend!r} but learner.device={self.device!r} implies "
                 f"{self.dist_backend!r}; set learner.weight_sync.backend={self.dist_backend!r}"
             )
-        unsupported = requires(self.objective) & {"ref_logprobs", "values"}
-        if unsupported:
+        if self.reference.path is not None and "ref_logprobs" not in requires(self.objective):
             raise ValueError(
-                f"learner.objective needs {sorted(unsupported)}, which the learner does not compute yet (no frozen "
-                "reference model, no value head): set learner.objective.kl_ref_coef=0 and a critic-free advantage (grpo, rloo, ...)"
+                "learner.reference.path is set but learner.objective.kl_ref_coef=0, so no reference model is loaded; "
+                "set kl_ref_coef > 0 or drop learner.reference"
             )
         if self.device == "cuda" and self.num_gpus_per_rank <= 0:
             raise ValueError("learner.device='cuda' needs learner.num_gpus_per_rank > 0")

@@ -17,7 +17,8 @@ from typing import Iterator
 import pyarrow as pa
 import torch
 
-from learner.batch import collate, completion_logprobs
+from learner.auxiliary import PolicyWithValue, ReferencePolicy
+from learner.batch import collate, completion_logprobs, completion_outputs
 from learner.config import LearnerConfig
 from learner.objective import ObjectiveInputs, compute_objective, requires
 
@@ -32,13 +33,18 @@ class LearnerCore:
         deepspeed.init_distributed(dist_backend=cfg.dist_backend)
         self.pad_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.needs = requires(cfg.objective)
+        if "values" in self.needs:  # GAE / V-trace: a value head on the policy's trunk, trained with it
+            model = PolicyWithValue(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=cfg.deepspeed_config(1)
         )
         self.steps = 0
-        self.needs = requires(cfg.objective)
+        self.reference = None
+        if "ref_logprobs" in self.needs:
+            self.reference = ReferencePolicy(cfg.reference.path or model_dir, self.engine.device, cfg.reference.offload)
 
     def train_step(self, batch: pa.RecordBatch | pa.Table) -> dict[str, float]:
         """One optimiser step on this rank's groups; returns the objective's diagnostics plus timings."""
@@ -47,7 +53,8 @@ class LearnerCore:
         device = self.engine.device
         tb = _to(tb, device)
         self.engine.train()
-        logp, entropy = completion_logprobs(self.engine, tb, self.cfg.temperature, with_entropy=True)
+        logp, entropy, values = completion_outputs(self.engine, tb, self.cfg.temperature, with_entropy=True)
+        ref = self.reference.logprobs(tb, self.cfg.temperature) if self.reference is not None else None
         t_fwd = time.perf_counter()
         # One optimiser step per sampled batch, so the proximal policy of decoupled PPO (AReaL) is
         # the learner's weights before this step: its logprobs are the current ones, detached.
@@ -56,6 +63,8 @@ class LearnerCore:
             learner_logprobs=logp,
             behaviour_logprobs=tb.behaviour_logprobs,
             proximal_logprobs=proximal,
+            ref_logprobs=ref,
+            values=values,
             mask=tb.mask,
             rewards=tb.rewards,
             group_ids=tb.group_ids,
@@ -81,9 +90,15 @@ class LearnerCore:
         )
         return diag
 
+    @property
+    def policy_module(self) -> torch.nn.Module:
+        """The HF policy inside the DeepSpeed engine (without the value head, if any): what rollout serves."""
+        module = self.engine.module
+        return module.policy if isinstance(module, PolicyWithValue) else module
+
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """Full parameters as (HF name, CPU tensor) on rank 0; [] on other ranks. Collective under ZeRO-3."""
-        module = self.engine.module
+        module = self.policy_module
         if self.cfg.zero_stage == 3:
             import deepspeed
 
@@ -113,7 +128,7 @@ class LearnerCore:
         if self.rank != 0:
             return None
         out = Path(out_dir)
-        self.engine.module.save_pretrained(out, state_dict=weights, safe_serialization=True)
+        self.policy_module.save_pretrained(out, state_dict=weights, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
         return out
 

@@ -160,20 +160,28 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def check_model_path(cfg: RunConfig) -> None:
-    """Raise `ConfigError` unless `model.path` (when given) is a saved HF model with a tokenizer.
+    """Raise `ConfigError` unless `model.path` (when given) is a saved HF model with a tokenizer, and
+    `learner.reference.path` (when given) a saved HF model.
 
     Run at start-up on the machine that will load it; `--dry-run` only reports it, since a cluster
     config names a path on the cluster's nodes.
     """
-    if cfg.model.path is None:
-        return
-    p = Path(cfg.model.path).expanduser()
+    if cfg.model.path is not None:
+        _check_hf_dir("model.path", cfg.model.path, tokenizer=True,
+                      fix="or remove model.path to use the built-in tiny model")
+    if cfg.learner.reference.path is not None:
+        _check_hf_dir("learner.reference.path", cfg.learner.reference.path, tokenizer=False,
+                      fix="or remove it to use the run's starting weights as the reference")
+
+
+def _check_hf_dir(field: str, path: str, tokenizer: bool, fix: str) -> None:
+    p = Path(path).expanduser()
     if not p.is_dir():
-        raise ConfigError(f"model.path={cfg.model.path!r} is not a directory; give a local HF model directory, or remove model.path to use the built-in tiny model")
+        raise ConfigError(f"{field}={path!r} is not a directory; give a local HF model directory, {fix}")
     if not (p / "config.json").exists() or not (list(p.glob("*.safetensors")) or list(p.glob("*.bin"))):
-        raise ConfigError(f"model.path={cfg.model.path!r} lacks config.json or weights (*.safetensors); it must be a directory written by save_pretrained")
-    if not (p / "tokenizer.json").exists() and not (p / "tokenizer_config.json").exists():
-        raise ConfigError(f"model.path={cfg.model.path!r} has no tokenizer files; save the tokenizer next to the model (tokenizer.save_pretrained)")
+        raise ConfigError(f"{field}={path!r} lacks config.json or weights (*.safetensors); it must be a directory written by save_pretrained")
+    if tokenizer and not (p / "tokenizer.json").exists() and not (p / "tokenizer_config.json").exists():
+        raise ConfigError(f"{field}={path!r} has no tokenizer files; save the tokenizer next to the model (tokenizer.save_pretrained)")
 
 
 def write_resolved(cfg: RunConfig, run_dir: Path) -> Path:
