@@ -41,8 +41,11 @@ class MetricsLog:
 
 
 def _clean(v: Any) -> Any:
+    """NaN/inf -> null (strict JSON), also inside lists."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
     return v
 
 
