@@ -103,3 +103,18 @@ def test_last_rollout_cursors_skips_a_torn_line(tmp_path):
             {"kind": "rollout", "worker_id": 0, "problems_drawn": 8, "batches": 2}]
     path.write_text("\n".join(json.dumps(r) for r in recs) + '\n{"kind": "rollout", "wor')
     assert last_rollout_cursors(path) == {0: (8, 2)}
+
+
+def test_driver_refuses_a_mismatched_resume_before_starting_anything(tmp_path, capsys):
+    from services.driver import main, with_replay_dir
+
+    run = tmp_path / "r"
+    saved = with_replay_dir(load_config("deploy/configs/e2e_small.yaml", [f"run.runs_dir={tmp_path}", "run.name=r"]), run)
+    store = CheckpointStore(run, keep=2)
+    store.commit(store.begin(3), {"learner_step": 3, "policy_version": 3, "config": saved.model_dump(mode="json")})
+    code = main(["--config", "deploy/configs/e2e_small.yaml", "--resume", str(run), "rollout.group_size=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "rollout.group_size: checkpoint has 4, this run has 8" in err
+    assert "replay.segment_dir" not in err and not (run / "summary.json").exists()
+    assert main(["--config", "deploy/configs/e2e_small.yaml", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint there" in capsys.readouterr().err
