@@ -36,6 +36,7 @@ class LearnerConfig(BaseModel):
     num_cpus_per_rank: float = Field(1.0, ge=0)
     num_gpus_per_rank: float = Field(0.0, ge=0)
     ray_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rank, e.g. {flywheel_learner: 1} to pin ranks to the learner worker group")
+    max_consecutive_nonfinite: int = Field(5, ge=1, description="stop the run (with a checkpoint) after this many consecutive steps skipped for a NaN/inf loss or gradient")
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)

@@ -5,6 +5,12 @@ Contract: `LearnerCore` is created on every rank of an initialised torch.distrib
 calls `train_step` with its own whole groups, in lock-step with the others (DeepSpeed all-reduces
 the gradients). `named_weights()` must be called on every rank too (ZeRO-3 gathers collectively);
 it returns full tensors on rank 0 and an empty list elsewhere.
+
+Non-finite numerics: a step whose loss (on any rank) or global gradient is NaN/inf is skipped on
+every rank — no backward (loss) or no optimiser update (gradient; DeepSpeed ZeRO drops the
+gradients itself, stage 0 is checked here) — and reported as `skipped_nonfinite=1` in the diagnostics.
+`save_state` / `load_state` are collective too: DeepSpeed's per-rank checkpoint (model, optimiser and
+scheduler partitions, no gather) plus this rank's RNG state and step count.
 """
 from __future__ import annotations
 
@@ -72,13 +78,21 @@ class LearnerCore:
             entropy=entropy,
         )
         loss, diag = compute_objective(self.cfg.objective, inputs)
+        if not self._all_ranks(math.isfinite(float(loss.detach()))):
+            return self._skipped(diag, loss, "loss", t0, t_fwd)
         self.engine.backward(loss)
+        if self.cfg.zero_stage == 0 and not self._all_ranks(_grads_finite(self.engine.module)):
+            self.engine.zero_grad()  # ZeRO stages >= 1 check the global norm in their own step()
+            return self._skipped(diag, loss, "gradient", t0, t_fwd)
         grad_norm = self.engine.get_global_grad_norm()
         self.engine.step()
+        if not getattr(self.engine, "_step_applied", True):  # ZeRO found a NaN/inf gradient norm: no update
+            return self._skipped(diag, loss, "gradient", t0, t_fwd)
         self.steps += 1
         t_end = time.perf_counter()
         diag = dict(diag)
         diag.update(
+            skipped_nonfinite=0.0,
             loss=float(loss.detach()),
             grad_norm=float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else float("nan"),
             lr=float(self.optimizer.param_groups[0]["lr"]),
@@ -95,6 +109,45 @@ class LearnerCore:
         """The HF policy inside the DeepSpeed engine (without the value head, if any): what rollout serves."""
         module = self.engine.module
         return module.policy if isinstance(module, PolicyWithValue) else module
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True iff `ok` on every rank (one tiny all-reduce), so every rank takes the same branch."""
+        if self.world_size == 1:
+            return ok
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() == 0.0)
+
+    def _skipped(self, diag: dict, loss: torch.Tensor, where: str, t0: float, t_fwd: float) -> dict[str, float]:
+        """Diagnostics of a step skipped for non-finite numerics: weights and optimiser state unchanged."""
+        out = {k: float(v) for k, v in diag.items()}
+        out.update(skipped_nonfinite=1.0, nonfinite_in_gradient=float(where == "gradient"), loss=float(loss.detach()),
+                   forward_s=t_fwd - t0, step_s=time.perf_counter() - t0)
+        return out
+
+    def save_state(self, out_dir: str | Path) -> None:
+        """Write this rank's share of the training state under `out_dir` (every rank calls; no gather)."""
+        from learner.rng_state import capture_rng
+
+        out = Path(out_dir)
+        self.engine.save_checkpoint(str(out / "deepspeed"), tag="state", save_latest=False)
+        torch.save({"rng": capture_rng(), "steps": self.steps}, out / f"rank-{self.rank}.pt")
+
+    def load_state(self, ckpt_dir: str | Path) -> int:
+        """Load what `save_state` wrote (same world size and ZeRO stage); returns the learner step."""
+        from learner.rng_state import restore_rng
+
+        ckpt = Path(ckpt_dir)
+        path, _ = self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt / 'deepspeed'}; the checkpoint is incomplete")
+        own = torch.load(ckpt / f"rank-{self.rank}.pt", weights_only=False)
+        restore_rng(own["rng"])
+        self.steps = own["steps"]
+        return self.steps
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """Full parameters as (HF name, CPU tensor) on rank 0; [] on other ranks. Collective under ZeRO-3."""
@@ -131,6 +184,10 @@ class LearnerCore:
         self.policy_module.save_pretrained(out, state_dict=weights, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
         return out
+
+
+def _grads_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p.grad).all()) for p in module.parameters() if p.grad is not None)
 
 
 def _to(tb, device):

@@ -23,6 +23,8 @@ class ReplayConfig(BaseModel):
     capacity_tokens: int | None = Field(None, ge=1)
     on_full: Literal["block", "evict_oldest"] = "evict_oldest"
     insert_timeout_s: float = Field(30.0, ge=0.0)
+    # A group whose shard is down (Ray restarting it) is re-sent for up to this long before it is rejected.
+    insert_retry_s: float = Field(60.0, ge=0.0)
     # Rate limiter (Reverb's SampleToInsertRatio): sample only when >= min_size_to_sample groups are held,
     # and keep inserts * samples_per_insert - samples within error_buffer of its start value.
     min_size_to_sample: int = Field(1, ge=1)

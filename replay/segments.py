@@ -10,7 +10,10 @@ Layout (segment index k = 0, 1, ...; a new index starts at every open, checkpoin
 - `snapshot-<k>.arrow` + `snapshot-<k>.json` (written by `checkpoint`, json last and atomically): the
   groups held after segment k, with times_sampled, priority and counters.
 Restore = newest snapshot + every traces/events segment after it. A torn last message (kill -9
-mid-write) is ignored: it was never acknowledged. Each group is inserted at most once, so applying
+mid-write) is ignored: it was never acknowledged. `rewind(root, k, tag)` makes snapshot k the newest
+and sets aside (renames, never deletes) the events and snapshots after it, so a restore yields snapshot
+k's groups plus every trace acknowledged since: what a learner resumed from a checkpoint taken with
+snapshot k has not consumed yet. Each group is inserted at most once, so applying
 all inserts and then all events yields the state the shard had when it died.
 """
 from __future__ import annotations
@@ -97,6 +100,23 @@ def read_dataset(segment_dir: str) -> pa.Table:
     paths = sorted(pathlib.Path(segment_dir).glob("shard-*/traces-*.*"))
     batches = [b for p in paths if p.suffix in (".arrow", ".parquet") for b in read_traces(p)]
     return pa.Table.from_batches(batches, TRACE_SCHEMA)
+
+
+def rewind(root: pathlib.Path, snapshot_index: int, tag: str) -> list[pathlib.Path]:
+    """Set aside events-<j>.* and snapshot-<j>.* for j > snapshot_index under one shard's `root`
+    (renamed to `<name>.rolled-back-<tag>`); traces are kept. Returns the renamed paths."""
+    if not (root / f"snapshot-{snapshot_index:06d}.json").exists():
+        raise FileNotFoundError(f"{root}: snapshot {snapshot_index} is missing; the replay directory does not "
+                                "belong to this checkpoint (replay.segment_dir changed or was cleaned)")
+    moved = []
+    for prefix in ("events", "snapshot"):
+        for p in sorted(root.glob(f"{prefix}-*.*")):
+            m = re.match(rf"{prefix}-(\d+)\.\w+$", p.name)
+            if m and int(m.group(1)) > snapshot_index:
+                target = p.with_name(f"{p.name}.rolled-back-{tag}")
+                os.replace(p, target)
+                moved.append(target)
+    return moved
 
 
 def _indices(root: pathlib.Path, prefix: str) -> list[int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -62,7 +62,10 @@ class LoopConfig(BaseModel):
     max_wall_s: float = Field(900.0, gt=0)
     eval_every_steps: int = Field(10, ge=1)
     stop_at_gain: float | None = Field(None, description="stop once eval accuracy >= initial + this (e.g. 0.2); None = run to max_learner_steps")
-    checkpoint_every_steps: int = Field(0, ge=0, description="0 = only the final model")
+    # 500 steps is ~100 s of the default job (~5 steps/s); a checkpoint there costs well under a step.
+    checkpoint_every_steps: int = Field(500, ge=0, description="checkpoint at the first publish after this many learner steps since the last; 0 = only at a clean stop")
+    keep_checkpoints: int = Field(2, ge=1, description="how many step-<N> checkpoints to keep (older ones are deleted)")
+    resume: Literal["never", "auto"] = Field("never", description="auto = continue from runs/<name>/checkpoints/latest when it exists")
     max_buffered_steps: int = Field(2, ge=1, description="rollout runs at most this many learner steps of groups ahead")
     num_cpus: int | None = Field(None, description="CPUs for a local Ray (None = all)")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="local Ray only: serve Prometheus metrics on this port")

@@ -1,12 +1,17 @@
 """The Ray job entrypoint: config -> model + cold start -> actors -> the actor-learner loop -> outputs.
 
     python -m services.driver --config deploy/configs/tiny_cpu.yaml [section.field=value ...] [--dry-run]
+    python -m services.driver --config X --resume runs/<name>      (or run.resume=auto)
 
 The loop keeps every rollout worker busy (up to `run.max_buffered_steps` learner steps of groups
 ahead; with `replay.max_staleness: 0` only at the learner's current version, i.e. synchronous), lets
 the learner sample whole groups from replay whenever it is idle, and after every
 `learner.weight_sync.sync_every_steps` steps publishes a new `policy_version` to every worker.
-Outputs go to `runs/<run.name>/` (see services/report.py). Exit code 2 = invalid config.
+Outputs go to `runs/<run.name>/` (see services/report.py); checkpoints to `runs/<name>/checkpoints/`
+and, unless `replay.segment_dir` is set, replay's durable segments to `runs/<name>/replay/` (see
+services/checkpoint.py). A fresh run (no resume) clears that run directory's metrics, checkpoints and
+replay segments. Exit code 2 = invalid config (or a resume that does not match its checkpoint),
+3 = stopped after `learner.max_consecutive_nonfinite` NaN/inf steps (a checkpoint was written).
 """
 from __future__ import annotations
 
@@ -14,10 +19,12 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
+from services.checkpoint import ResumePoint, check_resumable, find_resume, rewind_replay
 from services.config import REPO_ROOT, ConfigError, RunConfig, check_model_path, load_config, write_resolved
 from services.placement import format_plan, plan
 
@@ -26,6 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m services.driver", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="YAML run config (deploy/configs/*.yaml); omitted = built-in defaults")
     ap.add_argument("--dry-run", action="store_true", help="validate the config, print the actor placement, start nothing")
+    ap.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR (runs/<name>) from its latest checkpoint")
     ap.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray started here)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=3e-4 run.name=try2")
     args, unknown = ap.parse_known_args(argv)
@@ -75,6 +83,29 @@ def start_ray(cfg: RunConfig, address: str | None) -> None:
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}, **extra)
 
 
+def with_replay_dir(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """Replay is durable by default (segments under the run), so a dead shard or a resume loses no trace."""
+    if cfg.replay.segment_dir is not None:
+        return cfg
+    replay = cfg.replay.model_copy(update={"segment_dir": str((run_dir / "replay").resolve())})
+    return cfg.model_copy(update={"replay": replay})
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume_dir: str | None) -> tuple[RunConfig, ResumePoint | None]:
+    """Resolve the resume point (validated against this config), or clear a previous run's outputs."""
+    cfg = with_replay_dir(cfg, run_dir)
+    point = find_resume(cfg, run_dir, explicit=resume_dir is not None)
+    if point is not None:
+        check_resumable(point.state["config"], cfg)
+        print(f"resuming {run_dir} from {point.path.name} (learner step {point.learner_step}, policy_version {point.state['policy_version']})")
+        return cfg, point
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if Path(cfg.replay.segment_dir) == (run_dir / "replay").resolve():  # only our default location
+        shutil.rmtree(run_dir / "replay", ignore_errors=True)
+    return cfg, None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -87,26 +118,33 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"note (checked again at start-up on the cluster): {e}")
             return 0
         check_model_path(cfg)
+        run_dir = Path(args.resume) if args.resume else Path(cfg.run.runs_dir) / cfg.run.name
+        cfg, resume = prepare_run_dir(cfg, run_dir, args.resume)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from services.loop import ActorLearnerLoop
 
-    run_dir = Path(cfg.run.runs_dir) / cfg.run.name
     cache_dir = Path(cfg.run.cache_dir).resolve()
     write_resolved(cfg, run_dir)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if resume is not None:
+        rewind_replay(resume)  # before the shards start: they restore from their segments
     t0 = time.perf_counter()
     model_dir, cold_start_s = prepare_model(cfg, cache_dir)
     start_ray(cfg, args.address)
     import ray
 
     try:
-        loop = ActorLearnerLoop(cfg, run_dir, model_dir, cache_dir)
+        loop = ActorLearnerLoop(cfg, run_dir, model_dir, cache_dir, resume=resume)
         summary = loop.run(job_started=t0, cold_start_s=cold_start_s)
     finally:
         ray.shutdown()
     print(json.dumps(summary, indent=1))
+    if summary["stopped_by"] == "nonfinite":
+        print(f"error: run stopped: {summary['nonfinite_skipped_steps']} learner step(s) skipped for NaN/inf loss or "
+              f"gradient, the last {cfg.learner.max_consecutive_nonfinite} in a row; see kind=nonfinite_step in "
+              f"{run_dir / 'metrics.jsonl'}, fix the data or lower learner.lr, then resume with --resume {run_dir}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import ray
@@ -86,6 +87,15 @@ class LearnerRank:
     def save(self, out_dir: str) -> str | None:
         out = self.core.save(Path(out_dir), self.model_dir)
         return None if out is None else str(out)
+
+    def save_state(self, out_dir: str) -> float:
+        """This rank's checkpoint share (collective: every rank calls it at the same learner step); returns its seconds."""
+        t0 = time.perf_counter()
+        self.core.save_state(out_dir)
+        return time.perf_counter() - t0
+
+    def load_state(self, ckpt_dir: str) -> int:
+        return self.core.load_state(ckpt_dir)
 
     def shutdown(self) -> None:
         self.wait_published()

@@ -5,7 +5,10 @@ Invariants:
 - `policy_version` is published in order 1, 2, ...; a weight receive is queued on every worker
   right after a publish, so any rollout dispatched later runs on the new weights;
 - rollout runs at most `run.max_buffered_steps` learner steps of groups ahead of the learner; with
-  `replay.max_staleness: 0` it only produces for the current version (synchronous baseline).
+  `replay.max_staleness: 0` it only produces for the current version (synchronous baseline);
+- a step skipped for a NaN/inf loss or gradient changes nothing but counters and is logged with its
+  trace ids; `learner.max_consecutive_nonfinite` of them in a row stop the run (with a checkpoint);
+- checkpoints and resume: services/checkpoint.py (taken right after a publish, and at a clean stop).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import pyarrow.compute as pc
 import ray
 
 from services import metrics
+from services.checkpoint import Checkpointer, ResumePoint
 from services.config import RunConfig
 from services.placement import start_actors
 from services.report import MetricsLog, draw_report, format_summary
@@ -41,10 +45,15 @@ class LoopState:
     seconds_to_target: float | None = None
     reward_failures: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(
         ("reward_timeouts", "reward_errors", "reward_nonfinite", "dropped_groups", "uniform_groups"), 0))
+    nonfinite_skipped: int = 0  # learner steps skipped for NaN/inf (their traces were sampled, not trained on)
+    consecutive_nonfinite: int = 0
+    traces_skipped_nonfinite: int = 0
+    cursors: dict = dataclasses.field(default_factory=dict)  # worker_id -> (problems_drawn, batches)
+    resumes: int = 0
 
 
 class ActorLearnerLoop:
-    def __init__(self, cfg: RunConfig, run_dir: Path, model_dir: Path, cache_dir: Path):
+    def __init__(self, cfg: RunConfig, run_dir: Path, model_dir: Path, cache_dir: Path, resume: ResumePoint | None = None):
         from rollout.tasks import make_task
 
         self.cfg, self.run_dir, self.model_dir = cfg, run_dir, model_dir
@@ -58,13 +67,19 @@ class ActorLearnerLoop:
         self.side_refs: dict = {}  # ref -> what (publish/receive/eval)
         self.pending_eval = None
         self.initial_accuracy = math.nan
+        self.stop_reason: str | None = None
+        self.ckpt = Checkpointer(self, resume)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, job_started: float, cold_start_s: float) -> dict:
         try:
-            _, self.initial_accuracy = ray.get(self.workers[0].evaluate.remote(self.eval_prompts, self.eval_answers))
-            self.log.restart_clock()
-            self.log.write("eval", policy_version=0, accuracy=self.initial_accuracy, t_published=0.0)
+            if self.ckpt.resume is not None:
+                self.ckpt.restore()
+                self.s.resumes += 1
+            else:
+                _, self.initial_accuracy = ray.get(self.workers[0].evaluate.remote(self.eval_prompts, self.eval_answers))
+                self.log.restart_clock()
+                self.log.write("eval", policy_version=0, accuracy=self.initial_accuracy, t_published=0.0)
             self._progress_start()
             while not self._done():
                 self._dispatch_rollouts()
@@ -78,7 +93,7 @@ class ActorLearnerLoop:
 
     def _done(self) -> bool:
         run = self.cfg.run
-        if self.s.steps >= run.max_learner_steps or self.log.now() >= run.max_wall_s:
+        if self.stop_reason is not None or self.s.steps >= run.max_learner_steps or self.log.now() >= run.max_wall_s:
             return True
         return run.stop_at_gain is not None and any(acc >= self.initial_accuracy + run.stop_at_gain for _, _, acc in self.s.evals)
 
@@ -104,6 +119,7 @@ class ActorLearnerLoop:
         self.rollouts.pop(ref)
         st = ray.get(ref)
         self.s.produced_at[st.policy_version] = self.s.produced_at.get(st.policy_version, 0) + st.accepted_groups
+        self.s.cursors[st.worker_id] = (st.problems_drawn, st.batches)
         for key in self.s.reward_failures:
             self.s.reward_failures[key] += getattr(st, key)
         self.log.write("rollout", **dataclasses.asdict(st))
@@ -117,6 +133,7 @@ class ActorLearnerLoop:
             return
         self._staleness = list(res.staleness)
         self._batch_rows = res.batch.num_rows
+        self._trace_ids = res.batch.column("trace_id")
         self._trace_versions = sorted(pc.unique(res.batch.column("policy_version")).to_pylist())
         self.s.versions_consumed.update(self._trace_versions)
         self.train_refs = [rank.train_step.remote(part) for rank, part in zip(self.ranks, _split_groups(res.batch, len(self.ranks)))]
@@ -124,7 +141,11 @@ class ActorLearnerLoop:
     def _on_train_done(self) -> None:
         diags = ray.get(self.train_refs)
         self.train_refs = []
+        if any(d.get("skipped_nonfinite") for d in diags):
+            self._on_nonfinite(diags)
+            return
         s = self.s
+        s.consecutive_nonfinite = 0
         s.steps += 1
         s.traces_consumed += self._batch_rows
         s.groups_consumed += len(self._staleness)
@@ -135,6 +156,19 @@ class ActorLearnerLoop:
         self._progress_update(rec)
         if s.steps % self.cfg.learner.weight_sync.sync_every_steps == 0:
             self._publish()
+
+    def _on_nonfinite(self, diags: list[dict]) -> None:
+        s, limit = self.s, self.cfg.learner.max_consecutive_nonfinite
+        s.nonfinite_skipped += 1
+        s.consecutive_nonfinite += 1
+        s.traces_skipped_nonfinite += self._batch_rows
+        self.log.write("nonfinite_step", learner_step=s.steps, policy_version=s.version, consecutive=s.consecutive_nonfinite,
+                       in_gradient=any(d.get("nonfinite_in_gradient") for d in diags), loss=[d.get("loss") for d in diags],
+                       trace_ids=self._trace_ids.to_pylist())
+        if s.consecutive_nonfinite >= limit:
+            self.stop_reason = "nonfinite"
+            print(f"error: {limit} consecutive learner steps had a NaN/inf loss or gradient (learner.max_consecutive_nonfinite="
+                  f"{limit}); stopping with a checkpoint. Their trace ids are in {self.log.path} (kind=nonfinite_step)")
 
     # -- weights and eval -------------------------------------------------------------------------
     def _publish(self) -> None:
@@ -147,9 +181,8 @@ class ActorLearnerLoop:
             self.side_refs[worker.receive_weights.remote()] = ("receive", i)
         if s.steps % self.cfg.run.eval_every_steps == 0 or self._done():
             self._eval_async()
-        ckpt = self.cfg.run.checkpoint_every_steps
-        if ckpt and s.steps % ckpt == 0:
-            ray.get([r.save.remote(str(self.run_dir / "checkpoints" / f"step_{s.steps:06d}")) for r in self.ranks])
+        if self.ckpt.due():
+            self.ckpt.save("periodic")
 
     def _eval_async(self) -> None:
         ref = self.workers[0].evaluate.remote(self.eval_prompts, self.eval_answers)
@@ -196,6 +229,7 @@ class ActorLearnerLoop:
             self._collect(timeout_s=1.0)
 
     def _finish(self, job_started: float, cold_start_s: float) -> dict:
+        self.ckpt.save("stop")
         self.final_dir = self.run_dir / "final_model"
         ray.get([r.save.remote(str(self.final_dir)) for r in self.ranks])
         s = self.s
@@ -218,12 +252,30 @@ class ActorLearnerLoop:
             "distinct_policy_versions_consumed": len(s.versions_consumed),
             "synchronous": self.cfg.synchronous,
             **self.s.reward_failures,
+            **self._fault_summary(),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         draw_report(self.run_dir)
         self._progress_close()
         print(f"\nrun {self.cfg.run.name!r} finished -> {self.run_dir}\n{format_summary(summary)}")
         return summary
+
+    def _fault_summary(self) -> dict:
+        """What the run skipped, resumed and checkpointed, and what replay dropped by policy (whole run)."""
+        s, stats = self.s, self.replay.stats()
+        return {
+            "stopped_by": self.stop_reason or ("max_learner_steps" if s.steps >= self.cfg.run.max_learner_steps else
+                                               "max_wall_s" if self.log.now() >= self.cfg.run.max_wall_s else "stop_at_gain"),
+            "nonfinite_skipped_steps": s.nonfinite_skipped,
+            "traces_skipped_nonfinite": s.traces_skipped_nonfinite,
+            "resumes": s.resumes,
+            "checkpoints_written_this_session": len(self.ckpt.seconds),
+            "checkpoint_s_mean": sum(self.ckpt.seconds) / max(1, len(self.ckpt.seconds)),
+            "replay_inserted_traces": sum(st.inserted_traces for st in stats),
+            "replay_evicted_stale_groups": sum(st.evicted_stale for st in stats),
+            "replay_evicted_capacity_groups": sum(st.evicted_capacity for st in stats),
+            "replay_groups_held_at_end": sum(st.groups for st in stats),
+        }
 
     def _shutdown(self) -> None:
         """Release engines and groups (vLLM leaks /dev/shm otherwise), then end the actors."""

@@ -2,8 +2,11 @@
 
 Contract: the client is a plain picklable object (actor handles; its caches are rebuilt after
 unpickling), so rollout workers and the learner can each hold one. `insert` routes each whole group
-to `shard_of(group_id)` and waits for every shard; a shard that is down rejects only its own groups,
-with the error as the reason.
+to `shard_of(group_id)` and waits for every shard; the part for a shard that is down is re-sent
+until it answers or `insert_retry_s` passes (Ray restarts a dead shard, which recovers from its
+segments; a group it had already persisted comes back as a duplicate rejection, so a retry never
+inserts twice), then only that shard's groups are rejected, with the error as the reason.
+A single-shard `sample` while the shard is down returns None (no data now), like a multi-shard one.
 
 `sample` keeps a per-shard count of groups each shard can give, refreshed by availability probes
 that run in the background and by the count every draw returns. A sample is one RPC to one shard,
@@ -34,7 +37,8 @@ from services.replay_shard import MAX_CONCURRENCY, ReplayShard
 
 _RETRY_SLEEP_S = 0.01
 _PROBE_GRACE_S = 0.05
-_PROBE_INTERVAL_S = 0.2  # re-probe a shard at most this often while its count is current
+_PROBE_INTERVAL_S = 0.2
+_DOWN_RETRY_SLEEP_S = 0.5  # re-probe a shard at most this often while its count is current
 # A dead or restarting shard is tolerated (its part fails); an error raised by the shard's code is a
 # caller mistake (bad n_groups, a batch without group_id) and propagates.
 _SHARD_DOWN = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -53,12 +57,13 @@ def _gather(refs: list) -> list:
 
 
 class ReplayClient:
-    def __init__(self, shards: list[ActorHandle], probe_timeout_s: float = 1.0, seed: int = 0):
+    def __init__(self, shards: list[ActorHandle], probe_timeout_s: float = 1.0, seed: int = 0, insert_retry_s: float = 0.0):
         if not shards:
             raise ValueError("ReplayClient needs at least one ReplayShard handle; use create_replay(cfg)")
         self.shards = list(shards)
         self.probe_timeout_s = probe_timeout_s
         self.seed = seed
+        self.insert_retry_s = insert_retry_s
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -69,7 +74,8 @@ class ReplayClient:
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
-        return {"shards": self.shards, "probe_timeout_s": self.probe_timeout_s, "seed": self.seed}
+        return {"shards": self.shards, "probe_timeout_s": self.probe_timeout_s, "seed": self.seed,
+                "insert_retry_s": self.insert_retry_s}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -78,20 +84,27 @@ class ReplayClient:
     # ---- insert ---------------------------------------------------------------------------------
     def insert(self, batch: pa.RecordBatch) -> InsertResult:
         parts = split_by_shard(batch, len(self.shards))
-        sent = [(k, part) for k, part in enumerate(parts) if part is not None]
-        results = _gather([self.shards[k].insert.remote(part) for k, part in sent])
-        for (k, part), r in zip(sent, results):
-            if not isinstance(r, InsertResult):
+        todo = [(k, part) for k, part in enumerate(parts) if part is not None]
+        done: list[InsertResult] = []
+        deadline = time.monotonic() + self.insert_retry_s
+        while True:
+            results = _gather([self.shards[k].insert.remote(part) for k, part in todo])
+            done += [r for r in results if isinstance(r, InsertResult)]
+            failed = [(k, part, r) for (k, part), r in zip(todo, results) if not isinstance(r, InsertResult)]
+            for k, part, _ in failed:
                 metrics.record_shard_down(k, part.num_rows)
-        return merge_inserts([r if isinstance(r, InsertResult) else _shard_failed(k, part, r)
-                              for (k, part), r in zip(sent, results)])
+            if not failed or time.monotonic() >= deadline:
+                return merge_inserts(done + [_shard_failed(k, part, r) for k, part, r in failed])
+            todo = [(k, part) for k, part, _ in failed]
+            time.sleep(min(_DOWN_RETRY_SLEEP_S, max(0.0, deadline - time.monotonic())))
 
     # ---- sample ---------------------------------------------------------------------------------
     def sample(self, n_groups: int, policy_version: int, timeout_s: float = 0.0) -> SampleResult | None:
         if n_groups < 1:
             raise ValueError(f"n_groups={n_groups}; ask for at least one group")
         if len(self.shards) == 1:
-            return ray.get(self.shards[0].sample.remote(n_groups, policy_version, timeout_s))
+            got = _gather([self.shards[0].sample.remote(n_groups, policy_version, timeout_s)])[0]
+            return None if isinstance(got, Exception) else got
         deadline = time.monotonic() + timeout_s
         while True:
             # wait for probe answers at most one round trip's grace past the caller's deadline
@@ -218,4 +231,4 @@ def create_replay(cfg: ReplayConfig, max_restarts: int = -1) -> ReplayClient:
     """
     shards = [ReplayShard.options(max_restarts=max_restarts, max_concurrency=MAX_CONCURRENCY).remote(cfg, k)
               for k in range(cfg.num_shards)]
-    return ReplayClient(shards, seed=cfg.seed)
+    return ReplayClient(shards, seed=cfg.seed, insert_retry_s=cfg.insert_retry_s)

@@ -1,7 +1,7 @@
 """A run's outputs under `runs/<name>/`: `metrics.jsonl` (one JSON record per event), `summary.json`, `report.png`.
 
-Every metrics record has `kind` (one of `learner_step`, `rollout`, `eval`, `sync`) and `t` (seconds since
-the RL loop started); the rest depends on the kind. `report.png` is drawn only from `metrics.jsonl`,
+Every metrics record has `kind` (one of `learner_step`, `rollout`, `eval`, `sync`, `checkpoint`, `resume`,
+`nonfinite_step`) and `t` (seconds of RL time since the run's loop started, continued across resumes); the rest depends on the kind. `report.png` is drawn only from `metrics.jsonl`,
 so it can be re-drawn from a finished run: `python -m services.report runs/<name>`.
 """
 from __future__ import annotations
@@ -24,6 +24,10 @@ class MetricsLog:
     def restart_clock(self) -> None:
         self.t0 = time.perf_counter()
 
+    def continue_clock(self, at_s: float) -> None:
+        """Resume: the clock reads `at_s` now, so `t` (and `run.max_wall_s`) count the whole run."""
+        self.t0 = time.perf_counter() - at_s
+
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
@@ -37,8 +41,11 @@ class MetricsLog:
 
 
 def _clean(v: Any) -> Any:
+    """NaN/inf -> null (strict JSON), also inside lists."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
     return v
 
 

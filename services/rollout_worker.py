@@ -40,6 +40,8 @@ class RolloutStats:
     reward_nonfinite: int = 0
     dropped_groups: int = 0  # groups dropped because a member's score failed under on_failure=drop
     uniform_groups: int = 0  # groups dropped because all rewards were equal (rollout.drop_uniform_groups)
+    problems_drawn: int = 0  # the prompt cursor after this call (a resume continues from it)
+    batches: int = 0
 
 
 @ray.remote
@@ -60,6 +62,7 @@ class RolloutWorker:
         self._failures = ScoreBatchResult(rewards=[])
         self.transport = None
         self.batches = 0
+        self.problems_drawn = 0
         metrics.record_engine_version(worker_id, self.engine.policy_version)
 
     def _encode(self, prompt: str) -> list[int]:
@@ -83,6 +86,7 @@ class RolloutWorker:
 
         t0 = time.perf_counter()
         problems = [next(self.problems) for _ in range(num_prompts)]
+        self.problems_drawn += num_prompts
         metrics.rollout_started(self.worker_id, num_prompts * self.cfg.group_size)
         seed = self.cfg.seed * 1_000_003 + self.worker_id * 10_007 + self.batches
         self._failures = ScoreBatchResult(rewards=[])
@@ -112,7 +116,17 @@ class RolloutWorker:
             reward_nonfinite=self._failures.non_finite,
             dropped_groups=num_prompts - scored_groups,
             uniform_groups=uniform,
+            problems_drawn=self.problems_drawn,
+            batches=self.batches,
         )
+
+    def restore_cursor(self, problems_drawn: int, batches: int) -> int:
+        """Resume: skip the prompts already drawn (the stream is seeded, so the next ones are new) and
+        continue the per-batch sampling seeds. Returns the cursor."""
+        for _ in range(problems_drawn - self.problems_drawn):
+            next(self.problems)
+        self.problems_drawn, self.batches = max(self.problems_drawn, problems_drawn), batches
+        return self.problems_drawn
 
     def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, rank: int, world_size: int) -> int:
         self.transport = BroadcastTransport.create(cfg, master_addr, master_port, rank, world_size)

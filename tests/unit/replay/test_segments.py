@@ -101,3 +101,32 @@ def test_segments_roll_over_at_segment_bytes(tmp_path):
         table.insert(group_batch([f"g{i:03d}"], group_size=8, completion_tokens=200))
     assert len(list((tmp_path / "shard-0").glob("traces-*.parquet"))) > 1
     assert len(ReplayTable(_cfg(tmp_path, max_times_sampled=None))) == 20
+
+
+def test_rewind_to_a_snapshot_returns_its_groups_plus_later_inserts(tmp_path):
+    from replay.segments import rewind
+
+    table = ReplayTable(_cfg(tmp_path, max_times_sampled=1))
+    table.insert(group_batch(_ids("a", 3), group_size=2))
+    snap = pathlib.Path(table.checkpoint())  # a learner checkpoint is taken here
+    table.sample(2, 0)  # consumed by learner steps that the crash will discard
+    table.insert(group_batch(_ids("b", 2), group_size=2, seed=1))  # acknowledged after the checkpoint
+    table.checkpoint()  # a later replay snapshot whose learner checkpoint never completed
+    table.sample(1, 0)
+    # without rewind the restored table reflects the samples of the lost steps
+    assert len(ReplayTable(_cfg(tmp_path, max_times_sampled=1))) == 2
+    moved = rewind(snap.parent, int(snap.stem.split("-")[1]), tag="t1")
+    assert moved and all(".rolled-back-t1" in p.name for p in moved)
+    again = ReplayTable(_cfg(tmp_path, max_times_sampled=1))
+    assert _groups(again.sample(5, 0)) == ["a000", "a001", "a002", "b000", "b001"]
+    assert read_dataset(str(tmp_path)).num_rows == 10  # traces are never set aside
+
+
+def test_rewind_to_a_missing_snapshot_says_the_directory_does_not_match(tmp_path):
+    import pytest
+
+    from replay.segments import rewind
+
+    ReplayTable(_cfg(tmp_path)).insert(group_batch(_ids("a", 1)))
+    with pytest.raises(FileNotFoundError, match="snapshot 7 is missing"):
+        rewind(tmp_path / "shard-0", 7, tag="t")

@@ -1,0 +1,282 @@
+"""Run checkpoints and resume: `runs/<name>/checkpoints/`, written atomically, the last K kept.
+
+Layout:
+    checkpoints/step-000300/        one complete checkpoint; it only ever appears by a rename
+        loop.json                   learner_step, policy_version, the loop's counters (summary continuity),
+                                    rollout cursors, one replay snapshot per shard, the driver's RNG,
+                                    the RL clock and the resolved config
+        deepspeed/state/...         DeepSpeed `save_checkpoint` of every rank (model, optimiser, scheduler;
+                                    each rank writes its own ZeRO partitions, nothing is gathered)
+        rank-<r>.pt                 learner rank r's RNG state and step count
+    checkpoints/latest              the name of the newest complete checkpoint, replaced atomically, last
+    checkpoints/.tmp-step-000300/   a checkpoint being written (a crash leaves it; the next save removes it)
+
+Invariant: at every instant `latest` names a complete checkpoint (or does not exist yet), so a crash
+at any point of a save resumes from the previous one. Checkpoints are taken right after a publish,
+so the learner's weights are exactly those of `policy_version`.
+
+Resume protocol (`Checkpointer.restore`, before the loop dispatches anything): the driver has already
+rewound the replay segments to the checkpoint's snapshots (`rewind_replay`), so replay holds the
+groups that were in it at the checkpoint plus every group acknowledged after it; each learner rank
+loads its DeepSpeed state and RNG; the loop state and RL clock continue; rollout workers skip the
+prompts they had already drawn and receive the checkpoint's weights as `policy_version` before any
+rollout. Learner steps after the checkpoint are redone (their samples were rolled back with the replay).
+Requires `run_dir` on storage every learner rank can write (one machine, or a shared filesystem).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.config import ConfigError, RunConfig
+
+# Fields a resumed run may change: budgets, cadence, placement and resources. Everything else (model,
+# task, group size, learner world, replay layout, ...) shapes the state and must match.
+RESUME_MAY_DIFFER = (
+    "run.name", "run.runs_dir", "run.cache_dir", "run.max_learner_steps", "run.max_wall_s", "run.eval_every_steps",
+    "run.stop_at_gain", "run.checkpoint_every_steps", "run.keep_checkpoints", "run.resume", "run.num_cpus",
+    "run.metrics_port", "run.progress", "run.max_buffered_steps", "learner.max_consecutive_nonfinite",
+    "learner.num_cpus_per_rank", "learner.ray_resources", "rollout.num_workers", "rollout.num_cpus_per_worker",
+    "rollout.ray_resources", "replay.insert_timeout_s", "replay.insert_retry_s",
+)
+LATEST = "latest"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """A complete checkpoint to continue from."""
+    path: Path
+    state: dict  # loop.json
+
+    @property
+    def learner_step(self) -> int:
+        return self.state["learner_step"]
+
+
+class CheckpointStore:
+    """The directory protocol only (no Ray): begin a temp dir, commit it atomically, prune, find latest."""
+
+    def __init__(self, run_dir: Path, keep: int):
+        self.root, self.keep = Path(run_dir) / "checkpoints", keep
+
+    def begin(self, learner_step: int) -> Path:
+        for stale in self.root.glob(".tmp-step-*"):  # left by a crash mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.root / f".tmp-step-{learner_step:06d}"
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, tmp: Path, state: dict) -> Path:
+        """Write loop.json into `tmp`, rename it to step-<N>, point `latest` at it, drop the oldest."""
+        (tmp / "loop.json").write_text(json.dumps(state))
+        final = self.root / tmp.name.removeprefix(".tmp-")
+        if final.exists():  # the same step saved again (e.g. the clean-stop save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = self.root / f".{LATEST}.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, self.root / LATEST)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(self.root.glob("step-*"))
+        for old in done[: max(0, len(done) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> ResumePoint | None:
+        pointer = self.root / LATEST
+        if not pointer.exists():
+            return None
+        path = self.root / pointer.read_text().strip()
+        if not (path / "loop.json").exists():
+            raise ConfigError(f"{pointer} names {path.name}, which is missing or incomplete; point it at a complete "
+                              f"step-<N> directory under {self.root} or start a new run (another run.name)")
+        return ResumePoint(path, json.loads((path / "loop.json").read_text()))
+
+
+def find_resume(cfg: RunConfig, run_dir: Path, explicit: bool) -> ResumePoint | None:
+    """The checkpoint to continue from: required with `--resume`, optional with `run.resume: auto`."""
+    if not explicit and cfg.run.resume == "never":
+        return None
+    point = CheckpointStore(run_dir, cfg.run.keep_checkpoints).latest()
+    if point is None and explicit:
+        raise ConfigError(f"--resume {run_dir}: no checkpoint there ({run_dir / 'checkpoints' / LATEST} is missing); "
+                          "give the directory of a run that wrote checkpoints (run.checkpoint_every_steps)")
+    return point
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and key not in RESUME_MAY_DIFFER:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resumable(saved_config: dict, cfg: RunConfig) -> None:
+    """Raise `ConfigError` naming every field that differs from the checkpoint's config and may not."""
+    old, new = _flatten(saved_config), _flatten(cfg.model_dump(mode="json"))
+    diffs = [k for k in sorted(set(old) | set(new)) if k not in RESUME_MAY_DIFFER and old.get(k) != new.get(k)]
+    if diffs:
+        lines = "\n".join(f"  {k}: checkpoint has {old.get(k)!r}, this run has {new.get(k)!r}" for k in diffs)
+        raise ConfigError(f"cannot resume: the config differs from the checkpoint's in field(s) that shape the "
+                          f"saved state:\n{lines}\nresume with the checkpoint's values (see its config in loop.json) "
+                          "or start a new run under another run.name")
+
+
+def rewind_replay(point: ResumePoint) -> None:
+    """Make each shard's snapshot taken with the checkpoint its newest (before the shards start)."""
+    from replay.segments import rewind
+
+    tag = f"{point.path.name}-{time.time_ns()}"
+    for shard_id, snap in enumerate(point.state["replay_snapshots"]):
+        snap = Path(snap)
+        rewind(snap.parent, int(snap.stem.split("-")[1]), tag)
+
+
+# ---- the loop state as JSON -------------------------------------------------------------------------
+def encode(obj: Any) -> Any:
+    """JSON-safe form of the loop's counters: sets and int-keyed dicts survive the round trip."""
+    if isinstance(obj, set):
+        return {"__set__": sorted(obj)}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: encode(v) for k, v in obj.items()}
+        return {"__items__": [[k, encode(v)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [encode(x) for x in obj]
+    return obj
+
+
+def decode(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__set__"}:
+            return set(obj["__set__"])
+        if set(obj) == {"__items__"}:
+            return {k: decode(v) for k, v in obj["__items__"]}
+        return {k: decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode(x) for x in obj]
+    return obj
+
+
+def driver_rng() -> dict:
+    """The driver's python and numpy RNG state, as JSON (learner ranks save their own, with torch's)."""
+    py = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]], "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
+
+
+def restore_driver_rng(state: dict) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, g = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, g))
+
+
+def last_rollout_cursors(metrics_path: Path) -> dict[int, tuple[int, int]]:
+    """worker_id -> (problems_drawn, batches) of each worker's last logged rollout (after the checkpoint too)."""
+    out: dict[int, tuple[int, int]] = {}
+    if not metrics_path.exists():
+        return out
+    for line in metrics_path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line from a kill -9
+            continue
+        if rec.get("kind") == "rollout" and "problems_drawn" in rec:
+            out[rec["worker_id"]] = (rec["problems_drawn"], rec["batches"])
+    return out
+
+
+# ---- the loop's side: save and restore through the actors -------------------------------------------
+class Checkpointer:
+    """Saves and restores an `ActorLearnerLoop` (its ranks, workers, replay and counters)."""
+
+    def __init__(self, loop, resume: ResumePoint | None):
+        self.loop, self.resume = loop, resume
+        self.store = CheckpointStore(loop.run_dir, loop.cfg.run.keep_checkpoints)
+        self.last_step = resume.learner_step if resume is not None else 0
+        self.seconds: list[float] = []
+
+    def due(self) -> bool:
+        every = self.loop.cfg.run.checkpoint_every_steps
+        return bool(every) and self.loop.s.steps - self.last_step >= every
+
+    def save(self, reason: str) -> Path:
+        """Checkpoint now: call with no learner step in flight, right after a publish."""
+        import ray
+
+        loop, t0 = self.loop, time.perf_counter()
+        tmp = self.store.begin(loop.s.steps)
+        rank_s = max(ray.get([rank.save_state.remote(str(tmp)) for rank in loop.ranks]))
+        t_replay = time.perf_counter()
+        snapshots = _replay_snapshots(loop.replay)
+        replay_s = time.perf_counter() - t_replay
+        state = {
+            "learner_step": loop.s.steps, "policy_version": loop.s.version, "reason": reason,
+            "rl_clock_s": loop.log.now(), "initial_accuracy": loop.initial_accuracy,
+            "loop_state": encode(dataclasses.asdict(loop.s)), "replay_snapshots": snapshots,
+            "driver_rng": driver_rng(), "config": loop.cfg.model_dump(mode="json"), "written_at": time.time(),
+        }
+        path = self.store.commit(tmp, state)
+        self.last_step = loop.s.steps
+        self.seconds.append(time.perf_counter() - t0)
+        loop.log.write("checkpoint", learner_step=loop.s.steps, policy_version=loop.s.version, reason=reason,
+                       path=str(path), seconds=self.seconds[-1], rank_save_s=rank_s, replay_snapshot_s=replay_s)
+        return path
+
+    def restore(self) -> None:
+        """Bring the freshly started actors and the loop to the checkpoint (see the module docstring)."""
+        import ray
+
+        loop, point = self.loop, self.resume
+        steps = ray.get([rank.load_state.remote(str(point.path)) for rank in loop.ranks])
+        if set(steps) != {point.learner_step}:
+            raise RuntimeError(f"{point.path}: learner ranks restored steps {steps}, loop.json says {point.learner_step}")
+        loop.s = type(loop.s)(**decode(point.state["loop_state"]))
+        loop.initial_accuracy = point.state["initial_accuracy"]
+        loop.log.continue_clock(point.state["rl_clock_s"])
+        restore_driver_rng(point.state["driver_rng"])
+        self._restore_cursors()
+        version = loop.s.version
+        ray.get([rank.publish.remote(version) for rank in loop.ranks])  # the checkpoint's weights, as its version
+        got = ray.get([w.receive_weights.remote() for w in loop.workers])
+        loop.log.write("resume", learner_step=loop.s.steps, policy_version=version, checkpoint=str(point.path),
+                       workers_at_version=got)
+
+    def _restore_cursors(self) -> None:
+        import ray
+
+        loop = self.loop
+        cursors = {int(k): tuple(v) for k, v in loop.s.cursors.items()}
+        for worker_id, cur in last_rollout_cursors(loop.log.path).items():
+            if cur[0] > cursors.get(worker_id, (-1, 0))[0]:  # drawn after the checkpoint: those traces survived
+                cursors[worker_id] = cur
+        loop.s.cursors = cursors
+        ray.get([w.restore_cursor.remote(*cursors[i]) for i, w in enumerate(loop.workers) if i in cursors])
+
+
+def _replay_snapshots(replay, timeout_s: float = 60.0) -> list[str]:
+    """One snapshot path per shard; a shard that is restarting is waited for (it recovers from its segments)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snaps = replay.checkpoint()
+        down = [k for k, s in enumerate(snaps) if not isinstance(s, str)]
+        if not down:
+            return snaps
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"replay shard(s) {down} stayed down for {timeout_s:.0f} s; cannot checkpoint replay: {snaps[down[0]]}")
+        time.sleep(0.5)

@@ -1,0 +1,61 @@
+"""The loop's reaction to learner steps skipped for NaN/inf: counted, logged with trace ids, and
+`learner.max_consecutive_nonfinite` in a row stop the run (driven with the rank diagnostics, no Ray)."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+import services.loop as loop_mod
+from services.config import load_config
+from services.loop import ActorLearnerLoop, LoopState
+from services.report import MetricsLog
+
+OK = {"skipped_nonfinite": 0.0, "loss": 0.5, "reward_mean": 0.5}
+NAN = {"skipped_nonfinite": 1.0, "nonfinite_in_gradient": 0.0, "loss": float("nan"), "reward_mean": 0.5}
+
+
+@pytest.fixture
+def loop(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop_mod.ray, "get", lambda refs: refs)  # train_refs hold the ranks' diagnostics
+    lp = object.__new__(ActorLearnerLoop)
+    lp.cfg = load_config(None, ["learner.max_consecutive_nonfinite=3", "run.max_learner_steps=100"])
+    lp.s, lp.stop_reason, lp.initial_accuracy = LoopState(), None, 0.0
+    lp.log = MetricsLog(tmp_path / "metrics.jsonl")
+    lp.published = []
+    lp._publish = lambda: lp.published.append(lp.s.steps)
+    lp._progress_update = lambda rec: None
+    return lp
+
+
+def _step(lp, diags: list[dict], batch: int) -> None:
+    lp._batch_rows, lp._staleness, lp._trace_versions = 4, [0, 0], [0]
+    lp._trace_ids = pa.array([f"b{batch}-t{i}" for i in range(4)])
+    lp.train_refs = diags
+    lp._on_train_done()
+
+
+def test_skips_are_counted_logged_and_reset_by_a_good_step(loop):
+    _step(loop, [OK, OK], 0)
+    _step(loop, [NAN, NAN], 1)
+    _step(loop, [NAN, NAN], 2)
+    _step(loop, [OK, OK], 3)
+    assert loop.s.steps == 2 and loop.published == [1, 2]  # a skipped step neither counts nor publishes
+    assert (loop.s.nonfinite_skipped, loop.s.consecutive_nonfinite, loop.s.traces_skipped_nonfinite) == (2, 0, 8)
+    assert loop.stop_reason is None and not loop._done()
+    loop.log.close()
+    recs = [json.loads(x) for x in loop.log.path.read_text().splitlines()]
+    skipped = [r for r in recs if r["kind"] == "nonfinite_step"]
+    assert [r["trace_ids"] for r in skipped] == [[f"b{b}-t{i}" for i in range(4)] for b in (1, 2)]
+    assert skipped[0]["learner_step"] == 1 and skipped[0]["loss"] == [None, None]  # NaN is written as null
+
+
+def test_max_consecutive_nonfinite_stops_the_run(loop, capsys):
+    _step(loop, [OK, OK], 0)
+    for b in range(1, 3):
+        _step(loop, [NAN, NAN], b)
+        assert loop.stop_reason is None
+    _step(loop, [OK, NAN | {"nonfinite_in_gradient": 1.0}], 3)  # any rank's skip skips the step
+    assert loop.stop_reason == "nonfinite" and loop._done()
+    assert "3 consecutive learner steps had a NaN/inf" in capsys.readouterr().out
