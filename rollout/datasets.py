@@ -157,5 +157,25 @@ class DatasetTask:
         return 1.0 if completion.strip() == problem.answer.strip() else 0.0
 
 
+def dataset_alphabet(cfg: DatasetTaskConfig) -> str:
+    """Every character of the file's prompts and answers (rows that parse), for building a character
+    tokenizer for the built-in model before the rows can be validated in tokens."""
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise DatasetError(f"dataset file {cfg.path!r} does not exist or is not a file (task.path)")
+    chars: set[str] = set()
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(row, dict):
+                for key in ("prompt", "answer"):
+                    if isinstance(row.get(key), str):
+                        chars.update(row[key])
+    return "".join(sorted(chars))
+
+
 def make_dataset_task(cfg: DatasetTaskConfig, encode: Callable[[str], list[int]]) -> DatasetTask:
     return DatasetTask(cfg, load_prompt_dataset(cfg, encode))

@@ -21,8 +21,8 @@ class TaskConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     kind: Literal["arithmetic"] = "arithmetic"
     min_digits: int = Field(1, ge=1, le=9)
-    # 1-2 digit addition: a 1M-param model reaches ~25-35% after a 300-step cold start and RL lifts it
-    # further within minutes on one CPU core (tests/bench/recipe_probe.py); 3 digits learned far slower.
+    # 1-2 digit addition: learnable by a 1M-param model on one CPU core in minutes; 3 digits learned far
+    # slower (tests/bench/recipe_probe.py). deploy/configs/tiny_cpu.yaml adds answer_format reversed_padded.
     max_digits: int = Field(2, ge=1, le=9)
     ops: tuple[Literal["+", "-", "*"], ...] = ("+",)
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -98,5 +98,16 @@ class ArithmeticTask:
         return 1.0 if completion.strip() == problem.answer else 0.0
 
 
-def make_task(cfg: TaskConfig) -> ArithmeticTask:
-    return ArithmeticTask(cfg)
+def make_task(cfg, tokenizer=None):
+    """The task for `cfg`: a `TaskConfig` (generated arithmetic) or a `rollout.datasets.DatasetTaskConfig`
+    (a JSONL prompt file, validated row by row with `tokenizer`'s prompt encoding, which it then needs)."""
+    if isinstance(cfg, TaskConfig):
+        return ArithmeticTask(cfg)
+    from rollout.datasets import DatasetTaskConfig, make_dataset_task
+    from rollout.evaluation import encode_prompt
+
+    if not isinstance(cfg, DatasetTaskConfig):
+        raise TypeError(f"unknown task config {type(cfg).__name__}; expected TaskConfig or DatasetTaskConfig")
+    if tokenizer is None:
+        raise ValueError("a dataset task checks prompt lengths in tokens: pass the policy's tokenizer to make_task")
+    return make_dataset_task(cfg, lambda prompt: encode_prompt(tokenizer, prompt))

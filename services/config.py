@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from learner.config import LearnerConfig
 from learner.sft import SFTConfig
@@ -19,6 +19,7 @@ from learner.tiny_model import TinyModelSpec
 from replay.config import ReplayConfig
 from rollout.config import RolloutConfig
 from rollout.rewards import RewardConfig
+from rollout.datasets import DatasetTaskConfig
 from rollout.tasks import TaskConfig
 
 # Advantages that are zero for every member of a group with equal rewards (see learner/advantages.py).
@@ -33,6 +34,11 @@ class ConfigError(ValueError):
 def _tiny(field: str):
     """The built-in model's default for `field`, so the run config and `TinyModelSpec` cannot drift apart."""
     return TinyModelSpec.model_fields[field].default
+
+
+def _task_kind(value: Any) -> str:
+    """`task.kind`, defaulting to the generated arithmetic task when a YAML omits it."""
+    return value.get("kind", "arithmetic") if isinstance(value, dict) else getattr(value, "kind", "arithmetic")
 
 
 class ModelConfig(BaseModel):
@@ -76,7 +82,9 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     run: LoopConfig = Field(default_factory=LoopConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    task: TaskConfig = Field(default_factory=TaskConfig)
+    # `kind: arithmetic` (generated, the default) or `kind: dataset` (a local JSONL prompt file)
+    task: Annotated[Annotated[TaskConfig, Tag("arithmetic")] | Annotated[DatasetTaskConfig, Tag("dataset")],
+                    Discriminator(_task_kind)] = Field(default_factory=TaskConfig)
     cold_start: SFTConfig | None = Field(default_factory=SFTConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -97,6 +105,11 @@ class RunConfig(BaseModel):
                 f"rollout.drop_uniform_groups=true drops groups whose rewards are all equal, but "
                 f"learner.objective.advantage={self.learner.objective.advantage!r} gives them a non-zero advantage; "
                 f"use one of {list(GROUP_BASELINE_ADVANTAGES)} or set drop_uniform_groups=false"
+            )
+        if isinstance(self.task, DatasetTaskConfig) and self.task.max_prompt_tokens + self.rollout.max_new_tokens > self.rollout.max_model_len:
+            raise ValueError(
+                f"task.max_prompt_tokens={self.task.max_prompt_tokens} + rollout.max_new_tokens={self.rollout.max_new_tokens} "
+                f"exceeds rollout.max_model_len={self.rollout.max_model_len}; lower one or raise max_model_len"
             )
         if self.model.path is None and self.model.max_position_embeddings < self.rollout.max_model_len:
             raise ValueError(
@@ -133,7 +146,10 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        parts = [str(x) for x in e["loc"]]
+        if parts[:1] == ["task"] and parts[1:2] in (["arithmetic"], ["dataset"]):
+            del parts[1]  # the union's tag is not a YAML key
+        loc = ".".join(parts) or "(root)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling against the config reference in deploy/configs/"
@@ -172,6 +188,9 @@ def check_model_path(cfg: RunConfig) -> None:
     if cfg.model.path is not None:
         _check_hf_dir("model.path", cfg.model.path, tokenizer=True,
                       fix="or remove model.path to use the built-in tiny model")
+    if isinstance(cfg.task, DatasetTaskConfig) and not Path(cfg.task.path).expanduser().is_file():
+        raise ConfigError(f"task.path={cfg.task.path!r} is not a file; give a local JSONL prompt file "
+                          "(one {\"prompt\": ..., \"answer\": ...} object per line)")
     if cfg.learner.reference.path is not None:
         _check_hf_dir("learner.reference.path", cfg.learner.reference.path, tokenizer=False,
                       fix="or remove it to use the run's starting weights as the reference")

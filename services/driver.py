@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from services.checkpoint import ResumePoint, check_resumable, find_resume, rewind_replay
+from rollout.datasets import DatasetError
 from services.config import REPO_ROOT, ConfigError, RunConfig, check_model_path, load_config, write_resolved
 from services.placement import format_plan, plan
 
@@ -50,12 +51,16 @@ def prepare_model(cfg: RunConfig, cache_dir: Path) -> tuple[Path, float]:
     from learner.tiny_model import TinyModelSpec, build_tiny_model
     from rollout.tasks import make_task
 
-    task = make_task(cfg.task)
+    from rollout.datasets import DatasetTaskConfig, dataset_alphabet
+
+    dataset = isinstance(cfg.task, DatasetTaskConfig)
     if cfg.model.path is not None:
         base = Path(cfg.model.path).expanduser()
-    else:
-        spec = TinyModelSpec(alphabet=task.alphabet, **cfg.model.model_dump(exclude={"path"}))
+    else:  # the built-in model's character tokenizer covers the task's alphabet (a dataset's: its characters)
+        alphabet = dataset_alphabet(cfg.task) if dataset else make_task(cfg.task).alphabet
+        spec = TinyModelSpec(alphabet=alphabet, **cfg.model.model_dump(exclude={"path"}))
         base = build_tiny_model(cache_dir / "models" / f"tiny-{spec.cache_key()}", spec)
+    task = make_task(cfg.task, _tokenizer(base) if dataset else None)
     if cfg.cold_start is None:
         return base, 0.0
     key = hashlib.sha256(f"{base.resolve()}|{cfg.task.model_dump_json()}|{cfg.cold_start.model_dump_json()}".encode()).hexdigest()[:16]
@@ -69,6 +74,12 @@ def prepare_model(cfg: RunConfig, cache_dir: Path) -> tuple[Path, float]:
 
         out = cold_start(base, cache_dir / "models" / f"coldstart-{key}", task, cfg.cold_start, threads=os.cpu_count(), on_step=on_step)
     return out, time.perf_counter() - t0
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def start_ray(cfg: RunConfig, address: str | None) -> None:
@@ -130,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if resume is not None:
         rewind_replay(resume)  # before the shards start: they restore from their segments
     t0 = time.perf_counter()
-    model_dir, cold_start_s = prepare_model(cfg, cache_dir)
+    try:
+        model_dir, cold_start_s = prepare_model(cfg, cache_dir)
+    except DatasetError as e:  # e.g. too few valid rows, or on_bad_row=error: nothing has started yet
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     start_ray(cfg, args.address)
     import ray
 

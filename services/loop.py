@@ -59,7 +59,9 @@ class ActorLearnerLoop:
         self.cfg, self.run_dir, self.model_dir = cfg, run_dir, model_dir
         self.log = MetricsLog(run_dir / "metrics.jsonl")
         self.replay, self.ranks, self.workers = start_actors(cfg, model_dir, cache_dir)
-        evals = make_task(cfg.task).eval_set()
+        task = make_task(cfg.task, _tokenizer(model_dir))  # a dataset task validates prompts in tokens
+        evals = task.eval_set()
+        self.dataset_skipped_rows = dict(task.data.skipped) if hasattr(task, "data") else {}
         self.eval_prompts, self.eval_answers = [p.prompt for p in evals], [p.answer for p in evals]
         self.s = LoopState()
         self.rollouts: dict = {}  # ref -> worker index
@@ -252,6 +254,7 @@ class ActorLearnerLoop:
             "distinct_policy_versions_consumed": len(s.versions_consumed),
             "synchronous": self.cfg.synchronous,
             **self.s.reward_failures,
+            "dataset_skipped_rows": self.dataset_skipped_rows,  # by reason (rollout/datasets.py); {} for generated tasks
             **self._fault_summary(),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -303,6 +306,12 @@ class ActorLearnerLoop:
 
     def _progress_close(self) -> None:
         self.bar.close()
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def _split_groups(batch: pa.RecordBatch, parts: int) -> list[pa.Table]:

@@ -53,9 +53,9 @@ class RolloutWorker:
         from rollout.engine import make_engine
 
         self.cfg, self.worker_id, self.replay = cfg, worker_id, replay
-        self.task = make_task(task_cfg)
-        self.problems = self.task.train_stream(seed=task_cfg.seed * 1000 + 1 + worker_id)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.task = make_task(task_cfg, self.tokenizer)
+        self.problems = self.task.train_stream(seed=task_cfg.seed * 1000 + 1 + worker_id)
         self.engine = make_engine(cfg, Path(model_dir))
         fn = load_reward_function(reward_cfg.function) if reward_cfg.function else type(self.task).score
         self.scorer = RewardScorer(fn, reward_cfg)
