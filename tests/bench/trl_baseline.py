@@ -11,7 +11,8 @@ Contract:
   `generate` sampling, one optimizer step per `prompts_per_step * group_size` completions (no reuse),
   constant lr, fp32, CPU, no checkpoints.
 - The RL clock runs from `on_train_begin`; held-out eval time is measured and excluded from it
-  (both are recorded). Training stops at accuracy >= initial + target_gain, or when the RL clock passes
+  (both are recorded). Training stops once the mean of `--stop-window` consecutive evals reaches initial + target_gain (the
+  first single eval to reach it is `rl_seconds_to_target`), or when the RL clock passes
   `max_rl_seconds` (then `rl_seconds_to_target` is null). Generation vs training time per step is
   measured by wrapping the trainer's rollout methods (timing only; behaviour unchanged).
 - Imports only what .venv-trl has (torch, transformers, trl, pydantic) plus our `rollout` package.
@@ -49,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (TRL's default 0.0 loads no ref model)")
     p.add_argument("--eval-every-steps", type=int, default=10)
+    p.add_argument("--stop-window", type=int, default=3,
+                   help="stop once the mean of this many consecutive evals reaches the target (first reach is recorded either way)")
     p.add_argument("--target-gain", type=float, default=0.20)
     p.add_argument("--max-rl-seconds", type=float, default=900.0)
     p.add_argument("--max-steps", type=int, default=5000, help="hard step cap (also sizes the prompt dataset)")
@@ -156,7 +159,10 @@ def make_callback(task, tokenizer, args, initial_accuracy: float):
             print(f"[trl_baseline] step {state.global_step} rl {rl_s:.1f}s acc {acc:.3f} "
                   f"(target {self.target:.3f})", flush=True)
             if acc >= self.target - 1e-9 and self.reached is None:
-                self.reached, self.stop_reason, control.should_training_stop = point, "target", True
+                self.reached = point
+            recent = [c["accuracy"] for c in self.curve[1:][-args.stop_window:]]
+            if len(recent) == args.stop_window and sum(recent) / len(recent) >= self.target - 1e-9:
+                self.stop_reason, control.should_training_stop = "target", True
             elif out_of_time:
                 self.stop_reason, control.should_training_stop = "max_rl_seconds", True
             return control
