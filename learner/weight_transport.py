@@ -27,7 +27,8 @@ Contract:
 - Failure: any broadcast that does not complete within `timeout_s` (a receiver died or never
   called `receive`) raises `WeightSyncTimeout`/`WeightSyncError` and marks the transport broken;
   every later call raises at once. Gloo/NCCL groups cannot drop a member, so the owner re-creates
-  the transport (new port) with the survivors.
+  the transport (new port) with the survivors: `WeightGroup` names such a group, and the sender
+  `abandon`s the old one (no close announcement: its receivers are re-forming, not listening).
 """
 from __future__ import annotations
 
@@ -58,6 +59,15 @@ class WeightSyncConfig(BaseModel):
     timeout_s: float = Field(60, gt=0)
     sync_every_steps: int = Field(1, ge=1)  # learner steps between broadcasts
     master_port: int | None = Field(None, ge=1, le=65535)  # None = pick with `free_port()`
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightGroup:
+    """Where a (re-)formed weight-sync group meets: rank 0 (the sender) hosts the store on `master_port`."""
+    cfg: WeightSyncConfig
+    master_addr: str
+    master_port: int
+    world_size: int  # 1 sender + receivers; 1 = no receivers (nothing is sent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -466,6 +476,13 @@ class BroadcastTransport:
             while self._store.add("sync/close_acks", 0) < self.world_size - 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
         self._group = None
+
+    def abandon(self) -> None:
+        """Drop the group without announcing a close (its members are moving to a new group).
+
+        A receiver still waiting on this group's store then fails with `WeightSyncError` at once."""
+        self._closed = True
+        self._group = self._store = None
 
 
 class AsyncSender:

@@ -62,6 +62,7 @@ class LoopConfig(BaseModel):
     stop_at_gain: float | None = Field(None, description="stop once eval accuracy >= initial + this (e.g. 0.2); None = run to max_learner_steps")
     checkpoint_every_steps: int = Field(0, ge=0, description="0 = only the final model")
     max_buffered_steps: int = Field(2, ge=1, description="rollout runs at most this many learner steps of groups ahead")
+    max_worker_replacements: int = Field(16, ge=0, description="rollout workers that may die and be replaced before the run fails")
     num_cpus: int | None = Field(None, description="CPUs for a local Ray (None = all)")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="local Ray only: serve Prometheus metrics on this port")
     progress: bool = True

@@ -5,7 +5,11 @@ Invariants:
 - `policy_version` is published in order 1, 2, ...; a weight receive is queued on every worker
   right after a publish, so any rollout dispatched later runs on the new weights;
 - rollout runs at most `run.max_buffered_steps` learner steps of groups ahead of the learner; with
-  `replay.max_staleness: 0` it only produces for the current version (synchronous baseline).
+  `replay.max_staleness: 0` it only produces for the current version (synchronous baseline);
+- the rollout workers are a changing set (services/worker_pool.py): dead ones are replaced and their
+  unfinished prompts re-issued, `flywheel scale` changes their number (services/control.py), and the
+  weight group is re-formed at a version boundary when its members change. While such a re-formed
+  broadcast is out, a due publish waits (training does not), so the learner never blocks on a joiner.
 """
 from __future__ import annotations
 
@@ -19,10 +23,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from services import metrics
+from services import faults
 from services.config import RunConfig
+from services.control import ControlClient, start_control
 from services.placement import start_actors
 from services.report import MetricsLog, draw_report, format_summary
+from services.worker_pool import WorkerPool
 
 TARGET_GAIN = 0.20  # the headline figure: RL seconds to +20 points of held-out accuracy
 
@@ -49,12 +55,18 @@ class ActorLearnerLoop:
 
         self.cfg, self.run_dir, self.model_dir = cfg, run_dir, model_dir
         self.log = MetricsLog(run_dir / "metrics.jsonl")
-        self.replay, self.ranks, self.workers = start_actors(cfg, model_dir, cache_dir)
+        self.control = ControlClient(start_control(cfg.run.name, cfg.rollout.num_workers))
+        self.replay, self.ranks, workers = start_actors(cfg, model_dir, cache_dir)
+        self.pool = WorkerPool(cfg, workers, self.replay, self.ranks[0], model_dir, cache_dir, self.log)
+        self.fault = faults.from_env()
+        if self.fault is not None:
+            self.pool.fetch_pids()
         evals = make_task(cfg.task).eval_set()
         self.eval_prompts, self.eval_answers = [p.prompt for p in evals], [p.answer for p in evals]
         self.s = LoopState()
-        self.rollouts: dict = {}  # ref -> worker index
         self.train_refs: list = []
+        self.publish_due = False
+        self.eval_owed = False
         self.side_refs: dict = {}  # ref -> what (publish/receive/eval)
         self.pending_eval = None
         self.initial_accuracy = math.nan
@@ -62,11 +74,12 @@ class ActorLearnerLoop:
     # -- the loop -------------------------------------------------------------------------------
     def run(self, job_started: float, cold_start_s: float) -> dict:
         try:
-            _, self.initial_accuracy = ray.get(self.workers[0].evaluate.remote(self.eval_prompts, self.eval_answers))
+            _, self.initial_accuracy = ray.get(self.pool.handles[0].evaluate.remote(self.eval_prompts, self.eval_answers))
             self.log.restart_clock()
             self.log.write("eval", policy_version=0, accuracy=self.initial_accuracy, t_published=0.0)
             self._progress_start()
             while not self._done():
+                self._membership_tick()
                 self._dispatch_rollouts()
                 self._try_train()
                 self._collect(timeout_s=0.05)
@@ -87,7 +100,7 @@ class ActorLearnerLoop:
         return self.cfg.rollout.prompts_per_step
 
     def _may_dispatch(self) -> bool:
-        lc, inflight = self.cfg.learner, len(self.rollouts) * self._groups_per_call()
+        lc, inflight = self.cfg.learner, self.pool.inflight_prompts()
         if self.cfg.synchronous:
             need = lc.groups_per_step * lc.weight_sync.sync_every_steps
             return self.s.produced_at.get(self.s.version, 0) + inflight < need
@@ -95,14 +108,12 @@ class ActorLearnerLoop:
         return held + inflight < self.cfg.run.max_buffered_steps * lc.groups_per_step
 
     def _dispatch_rollouts(self) -> None:
-        busy = set(self.rollouts.values())
-        for i, worker in enumerate(self.workers):
-            if i not in busy and self._may_dispatch():
-                self.rollouts[worker.rollout.remote(self._groups_per_call())] = i
+        for wid in self.pool.idle_active():
+            if self._may_dispatch():
+                self.pool.dispatch(wid, self._groups_per_call())
+                self._inject_fault("rollout", wid)
 
-    def _on_rollout(self, ref) -> None:
-        self.rollouts.pop(ref)
-        st = ray.get(ref)
+    def _on_rollout(self, st) -> None:
         self.s.produced_at[st.policy_version] = self.s.produced_at.get(st.policy_version, 0) + st.accepted_groups
         for key in self.s.reward_failures:
             self.s.reward_failures[key] += getattr(st, key)
@@ -134,17 +145,27 @@ class ActorLearnerLoop:
                              staleness_max=max(self._staleness), trace_versions=self._trace_versions, **merged)
         self._progress_update(rec)
         if s.steps % self.cfg.learner.weight_sync.sync_every_steps == 0:
-            self._publish()
+            self.publish_due = True
+            self._maybe_publish()
 
     # -- weights and eval -------------------------------------------------------------------------
+    def _maybe_publish(self) -> None:
+        # A re-formed group's broadcast still out: publishing now would make rank 0 wait on it.
+        if self.publish_due and not (self.pool.m.group_dirty and self.pool.receiving()):
+            self._publish()
+
+    def _broadcast(self, version: int) -> None:
+        group = self.pool.begin_broadcast(version)
+        for rank in self.ranks:
+            self.side_refs[rank.publish.remote(version, group)] = ("publish", version)
+        self._inject_fault("broadcast", None)
+
     def _publish(self) -> None:
         s = self.s
+        self.publish_due = False
         s.version += 1
         s.publish_t[s.version] = self.log.now()
-        for rank in self.ranks:
-            self.side_refs[rank.publish.remote(s.version)] = ("publish", s.version)
-        for i, worker in enumerate(self.workers):
-            self.side_refs[worker.receive_weights.remote()] = ("receive", i)
+        self._broadcast(s.version)
         if s.steps % self.cfg.run.eval_every_steps == 0 or self._done():
             self._eval_async()
         ckpt = self.cfg.run.checkpoint_every_steps
@@ -152,12 +173,23 @@ class ActorLearnerLoop:
             ray.get([r.save.remote(str(self.run_dir / "checkpoints" / f"step_{s.steps:06d}")) for r in self.ranks])
 
     def _eval_async(self) -> None:
-        ref = self.workers[0].evaluate.remote(self.eval_prompts, self.eval_answers)
-        self.side_refs[ref] = ("eval", self.s.version)
+        target = self.pool.eval_worker()
+        self.eval_owed = target is None  # no active worker now: evaluate once one is back
+        if target is not None:
+            self.side_refs[target[1].evaluate.remote(self.eval_prompts, self.eval_answers)] = ("eval", target[0])
 
     def _on_side(self, ref) -> None:
         what, arg = self.side_refs.pop(ref)
-        value = ray.get(ref)  # re-raises actor errors: a failed broadcast must not pass silently
+        try:
+            value = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            if what != "eval":
+                raise  # a learner rank died: nothing to fall back on
+            self.pool.on_failed(arg, e, "eval")  # the eval worker died: the pool replaces it, eval elsewhere
+            self._eval_async()
+            return
+        if what == "publish" and value is not None and value.error is not None:
+            self.log.write("broadcast_failed", policy_version=value.policy_version, error=value.error)
         if what == "eval":
             version, acc = value
             t_pub = self.s.publish_t[version]
@@ -165,34 +197,54 @@ class ActorLearnerLoop:
             self.log.write("eval", policy_version=version, accuracy=acc, t_published=t_pub)
             if self.s.seconds_to_target is None and acc >= self.initial_accuracy + TARGET_GAIN - 1e-9:
                 self.s.seconds_to_target = t_pub
-        elif what == "receive":
-            self.log.write("sync", worker=arg, policy_version=value)
-            metrics.record_version_lag(arg, value, self.s.version)
+
+    # -- membership -------------------------------------------------------------------------------
+    def _membership_tick(self) -> None:
+        """Scale to the control actor's target, replace the dead, and get joiners the weights."""
+        target = self.control.poll(self.pool.report)
+        if target is not None:
+            self.pool.set_target(target)
+        self.pool.reconcile()
+        if self.eval_owed and self.pool.eval_worker() is not None:
+            self._eval_async()
+        self._maybe_publish()
+        if not (self.publish_due or self.train_refs or self.pool.receiving()) and self.pool.m.wants_weights(self.s.version):
+            if self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # unpublished steps: a new version
+                self._publish()
+            else:  # the learner holds exactly policy_version: send it again over the re-formed group
+                self._broadcast(self.s.version)
+
+    def _inject_fault(self, at: str, wid: int | None) -> None:
+        f = self.fault
+        if f is not None and f.at == at and self.s.steps >= f.after_step and wid in (None, f.worker) \
+                and self.pool.m.members.get(f.worker) and self.pool.m.members[f.worker].state == "active":
+            self.fault = None
+            self.pool.kill(f.worker)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _collect(self, timeout_s: float) -> None:
-        refs = list(self.rollouts) + self.train_refs + list(self.side_refs)
+        refs = self.pool.refs() + self.train_refs + list(self.side_refs)
         if not refs:
             time.sleep(timeout_s)
             return
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=False)
         ready = set(ready)
-        for ref in [r for r in self.rollouts if r in ready]:
-            self._on_rollout(ref)
+        for st in self.pool.process(ready):
+            self._on_rollout(st)
         for ref in [r for r in self.side_refs if r in ready]:
             self._on_side(ref)
         if self.train_refs and all(r in ready for r in self.train_refs):
             self._on_train_done()
 
     def _drain_and_publish_final(self) -> None:
-        while self.train_refs:
+        while self.train_refs or (self.publish_due and self.pool.receiving()):
             self._collect(timeout_s=1.0)
         last_eval = max((v for v, _, _ in self.s.evals), default=0)
-        if self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # steps since the last publish
+        if self.publish_due or self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # steps since the last publish
             self._publish()
         if last_eval < self.s.version and not any(w == "eval" for w, _ in self.side_refs.values()):
             self._eval_async()
-        while self.side_refs or self.rollouts:
+        while self.side_refs or self.pool.busy():
             self._collect(timeout_s=1.0)
 
     def _finish(self, job_started: float, cold_start_s: float) -> dict:
@@ -218,6 +270,7 @@ class ActorLearnerLoop:
             "distinct_policy_versions_consumed": len(s.versions_consumed),
             "synchronous": self.cfg.synchronous,
             **self.s.reward_failures,
+            **self.pool.summary(),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         draw_report(self.run_dir)
@@ -228,7 +281,7 @@ class ActorLearnerLoop:
     def _shutdown(self) -> None:
         """Release engines and groups (vLLM leaks /dev/shm otherwise), then end the actors."""
         self.log.close()
-        actors = self.ranks + self.workers
+        actors = self.ranks + self.pool.actors()
         refs = [a.shutdown.remote() for a in actors]
         for actor, ref in zip(actors, refs):
             try:

@@ -4,6 +4,10 @@ Thin by design: generation is `rollout.sampling.sample_groups` over a `rollout.e
 scoring is the task's verifier, the record is `replay.schema.Trace`. The actor is sequential, so a
 weight update queued behind a rollout call is applied between batches ("drain" semantics): every
 trace of a batch comes from one `policy_version`.
+
+Membership (services/worker_pool.py): the loop may hand a call its exact `problems` (so a dead
+worker's prompts can be re-issued elsewhere) and may move the worker to a new weight group inside
+`receive_weights(group, rank)`; a receive waits at most `weight_sync.timeout_s` for the update.
 """
 from __future__ import annotations
 
@@ -14,11 +18,11 @@ from pathlib import Path
 
 import ray
 
-from learner.weight_transport import BroadcastTransport, WeightSyncConfig
+from learner.weight_transport import BroadcastTransport, WeightGroup, WeightSyncConfig, WeightSyncError
 from replay.schema import traces_to_batch
 from rollout.config import RolloutConfig
 from rollout.rewards import RewardConfig, RewardScorer, ScoreBatchResult, load_reward_function
-from rollout.tasks import TaskConfig, make_task
+from rollout.tasks import Problem, TaskConfig, make_task
 from services import metrics
 
 
@@ -75,12 +79,16 @@ class RolloutWorker:
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def rollout(self, num_prompts: int) -> RolloutStats:
-        """Sample `num_prompts` groups at the current weights, score them and insert them into replay."""
+    def rollout(self, num_prompts: int, problems: list[Problem] | None = None) -> RolloutStats:
+        """Sample `num_prompts` groups at the current weights, score them and insert them into replay.
+
+        `problems` (exactly `num_prompts` of them) replaces the worker's own problem stream for this call."""
         from rollout.sampling import sample_groups
 
         t0 = time.perf_counter()
-        problems = [next(self.problems) for _ in range(num_prompts)]
+        if problems is not None and len(problems) != num_prompts:
+            raise ValueError(f"rollout got {len(problems)} problems for num_prompts={num_prompts}; pass exactly num_prompts")
+        problems = list(problems) if problems is not None else [next(self.problems) for _ in range(num_prompts)]
         metrics.rollout_started(self.worker_id, num_prompts * self.cfg.group_size)
         seed = self.cfg.seed * 1_000_003 + self.worker_id * 10_007 + self.batches
         self._failures = ScoreBatchResult(rewards=[])
@@ -111,13 +119,25 @@ class RolloutWorker:
         self.transport = BroadcastTransport.create(cfg, master_addr, master_port, rank, world_size)
         return rank
 
-    def receive_weights(self) -> int:
-        """Block until learner rank 0 broadcasts, load the weights into the live engine; return the new version."""
+    def receive_weights(self, group: WeightGroup | None = None, rank: int | None = None) -> int:
+        """Wait (<= timeout_s) for learner rank 0's next broadcast, load it into the live engine; return its version.
+
+        With `group`, first leave the current weight group and join that one as `rank`. An update
+        of the version the engine already holds (a re-formed group's first broadcast) is drained, not reloaded."""
+        if group is not None:
+            if self.transport is not None:
+                self.transport.close()
+                self.transport = None
+            self.transport = BroadcastTransport.create(group.cfg, group.master_addr, group.master_port, rank, group.world_size)
         if self.transport is None:
-            raise RuntimeError(f"rollout worker {self.worker_id} has not joined the weight group; call join_weight_group first")
+            raise WeightSyncError(f"rollout worker {self.worker_id} is in no weight group; pass a WeightGroup (or call join_weight_group)")
         t0 = time.perf_counter()
-        version, tensors = self.transport.receive()
-        self.engine.load_weights(tensors, version)
+        version, tensors = self.transport.receive(wait_s=self.transport.cfg.timeout_s)
+        if version == self.engine.policy_version:
+            for _ in tensors:
+                pass
+        else:
+            self.engine.load_weights(tensors, version)
         metrics.record_weights_received(self.worker_id, time.perf_counter() - t0, version)
         return version
 
@@ -133,6 +153,10 @@ class RolloutWorker:
 
     def policy_version(self) -> int:
         return self.engine.policy_version
+
+    def pid(self) -> int:
+        """The actor's process id (the pool's readiness probe; fault tests kill -9 it)."""
+        return os.getpid()
 
     def shutdown(self) -> None:
         if self.transport is not None:
