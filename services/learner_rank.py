@@ -91,6 +91,10 @@ class LearnerRank:
             self._outcome = SendOutcome(policy_version)
             metrics.record_sent(self._last.seconds, self._last.bytes)
         except WeightSyncError as e:  # a member died or timed out: the owner re-forms the group
+            # Drop the group now: the survivors blocked in this broadcast see their sender go and
+            # fail at once, instead of each waiting out timeout_s.
+            if self.transport is not None:
+                self.transport.abandon()
             metrics.record_send_failed()
             self._outcome = SendOutcome(policy_version, f"{type(e).__name__}: {e}")
         except BaseException as e:  # a bug, surfaced by wait_published

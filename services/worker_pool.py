@@ -68,7 +68,7 @@ class WorkerPool:
         self.streams = {wid: self._stream(wid) for wid in ids}
         self.pids: dict[int, int] = {}
         self.rollouts: dict = {}  # ref -> worker id
-        self.receives: dict = {}
+        self.receives: dict = {}  # ref -> (worker id, policy_version broadcast)
         self.starts: dict = {}
         self.stops: dict = {}
         self.latest_version = 0
@@ -108,11 +108,11 @@ class WorkerPool:
         for rank, wid in enumerate(plan, start=1):
             self._receive(wid, group, rank)
         self.m.on_group_formed(plan)
-        self._event("regroup", None, policy_version=policy_version, members=plan)
+        self._event("regroup", None, policy_version=policy_version, group=plan)
         return group
 
     def _receive(self, wid: int, group: WeightGroup | None = None, rank: int | None = None) -> None:
-        self.receives[self.handles[wid].receive_weights.remote(group, rank)] = wid
+        self.receives[self.handles[wid].receive_weights.remote(group, rank)] = (wid, self.latest_version)
         self.m.members[wid].receiving = True
 
     def receiving(self) -> bool:
@@ -175,7 +175,7 @@ class WorkerPool:
         return st
 
     def _on_receive(self, ref) -> None:
-        wid = self.receives.pop(ref)
+        wid, sent = self.receives.pop(ref)
         if self.m.members[wid].state in ("dead", "removed"):
             return
         try:
@@ -183,7 +183,7 @@ class WorkerPool:
         except Exception as e:  # noqa: BLE001
             if isinstance(_cause(e), WeightSyncError):  # alive, but the group failed: drop it from this broadcast
                 self.m.on_missed(wid)
-                self._event("missed_broadcast", wid, policy_version=self.latest_version, error=_first_line(_cause(e)))
+                self._event("missed_broadcast", wid, policy_version=sent, error=_first_line(_cause(e)))
             else:
                 self.on_failed(wid, e, "broadcast")
             return
