@@ -123,7 +123,7 @@ class WorkerPool:
         old = self.m.target
         self.m.set_target(n)
         if n != old:
-            self._event("scaled", None, target=n, previous_target=old)
+            self._event("scaled", None, previous_target=old)
 
     def reconcile(self) -> None:
         to_start, to_drain = self.m.reconcile()

@@ -28,6 +28,7 @@ def _settle(pool: WorkerPool, until, timeout_s: float = 180.0) -> None:
     import time
 
     deadline = time.monotonic() + timeout_s
+    pool.reconcile()
     while not until():
         assert time.monotonic() < deadline, pool.report()
         refs = pool.refs()
