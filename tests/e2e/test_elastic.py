@@ -118,8 +118,9 @@ def test_scale_rollout_from_1_to_2_mid_run(tmp_path, monkeypatch):
     try:
         address = ray.get_runtime_context().gcs_address
         assert cli.main(["scale", "rollout", "2", "--run", "no-such-run"]) == 3  # clear error, no crash
-        cmd = _driver(tmp_path, "--address", address, "learner.num_ranks=1", "learner.zero_stage=0", "rollout.engine=hf",
-                      "run.max_learner_steps=1000", "run.max_wall_s=45")
+        cmd = _driver(tmp_path, "learner.num_ranks=1", "learner.zero_stage=0", "rollout.engine=hf",
+                      "run.max_learner_steps=100000", "run.max_wall_s=45", "run.eval_every_steps=100")
+        cmd[3:3] = ["--address", address]  # before the overrides: argparse takes positionals in one run
         driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             report = None
