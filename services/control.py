@@ -10,6 +10,7 @@ reported, optionally waiting until that many workers are active.
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import ray
@@ -88,10 +89,24 @@ class ControlClient:
         return target
 
 
+def _reachable(address: str, timeout_s: float = 3.0) -> bool:
+    """A quick TCP probe of a `host:port` GCS address (ray.init retries an unreachable one for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return True  # "auto", "ray://..." and the like: let ray.init judge
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _connect(address: str | None) -> str:
     if ray.is_initialized():
         return "the Ray cluster this process is connected to"
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    if not _reachable(address):
+        raise RunNotFound(f"no Ray cluster answers at {address!r}; pass the run's cluster address (host:port of its GCS) with --address")
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, ValueError, RuntimeError) as e:

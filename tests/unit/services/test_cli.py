@@ -44,3 +44,9 @@ def test_fault_hook_parses_and_names_bad_input():
         faults.parse("worker1")
     with pytest.raises(ValueError, match="worker"):
         faults.parse("after_step=2")
+
+
+def test_unreachable_cluster_is_a_clear_error_not_a_hang(capsys):
+    assert cli.main(["scale", "rollout", "2", "--run", "x", "--address", "127.0.0.1:1"]) == 3
+    err = capsys.readouterr().err
+    assert "no Ray cluster answers at '127.0.0.1:1'" in err and "--address" in err
