@@ -1,10 +1,11 @@
 """Test-only fault injection for the loop: kill -9 a rollout worker at a chosen moment.
 
-Set `FLYWHEEL_FAULT_KILL_WORKER="worker=1,after_step=2,at=rollout"` in the driver's environment:
-once the learner has finished `after_step` steps, the loop kills worker `worker`'s process right
-after handing it a rollout call (`at=rollout`: that call is unfinished) or right after queueing a
-weight broadcast to it (`at=broadcast`). Unset (the default), the loop does nothing extra. The
-worker must run on the driver's host (it is an `os.kill`).
+Set `FLYWHEEL_FAULT_KILL_WORKER="worker=1,after_step=2,at=rollout"` in the driver's environment
+(several faults: separate them with `;`): once the learner has finished `after_step` steps, the
+loop kills worker `worker`'s process right after handing it a rollout call (`at=rollout`: that call
+is unfinished), right after queueing a weight broadcast to it (`at=broadcast`), or right after
+queueing the re-formed group it is joining (`at=join`: the others wait for it in the rendezvous).
+Unset (the default), the loop does nothing extra. The worker must run on the driver's host.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class KillWorker(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     worker: int = Field(ge=0)
     after_step: int = Field(ge=0)
-    at: Literal["rollout", "broadcast"] = "rollout"
+    at: Literal["rollout", "broadcast", "join"] = "rollout"
 
 
 def parse(text: str) -> KillWorker:
@@ -38,6 +39,5 @@ def parse(text: str) -> KillWorker:
         raise ValueError(f"{ENV}={text!r} is invalid ({bad}); e.g. worker=1,after_step=2,at=rollout") from None
 
 
-def from_env(environ=os.environ) -> KillWorker | None:
-    text = environ.get(ENV)
-    return parse(text) if text else None
+def from_env(environ=os.environ) -> list[KillWorker]:
+    return [parse(part) for part in environ.get(ENV, "").split(";") if part.strip()]

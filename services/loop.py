@@ -58,8 +58,8 @@ class ActorLearnerLoop:
         self.control = ControlClient(start_control(cfg.run.name, cfg.rollout.num_workers))
         self.replay, self.ranks, workers = start_actors(cfg, model_dir, cache_dir)
         self.pool = WorkerPool(cfg, workers, self.replay, self.ranks[0], model_dir, cache_dir, self.log)
-        self.fault = faults.from_env()
-        if self.fault is not None:
+        self.faults = faults.from_env()
+        if self.faults:
             self.pool.fetch_pids()
         evals = make_task(cfg.task).eval_set()
         self.eval_prompts, self.eval_answers = [p.prompt for p in evals], [p.answer for p in evals]
@@ -150,8 +150,7 @@ class ActorLearnerLoop:
 
     # -- weights and eval -------------------------------------------------------------------------
     def _maybe_publish(self) -> None:
-        # A re-formed group's broadcast still out: publishing now would make rank 0 wait on it.
-        if self.publish_due and not (self.pool.m.group_dirty and self.pool.receiving()):
+        if self.publish_due and not self.pool.publish_must_wait():
             self._publish()
 
     def _broadcast(self, version: int) -> None:
@@ -159,6 +158,8 @@ class ActorLearnerLoop:
         for rank in self.ranks:
             self.side_refs[rank.publish.remote(version, group)] = ("publish", version)
         self._inject_fault("broadcast", None)
+        if group is not None:
+            self._inject_fault("join", None)
 
     def _publish(self) -> None:
         s = self.s
@@ -215,11 +216,14 @@ class ActorLearnerLoop:
                 self._broadcast(self.s.version)
 
     def _inject_fault(self, at: str, wid: int | None) -> None:
-        f = self.fault
-        if f is not None and f.at == at and self.s.steps >= f.after_step and wid in (None, f.worker) \
-                and self.pool.m.members.get(f.worker) and self.pool.m.members[f.worker].state == "active":
-            self.fault = None
-            self.pool.kill(f.worker)
+        """Test hook (services/faults.py): kill -9 a worker at a chosen moment. No faults: one falsy check."""
+        for f in self.faults:
+            member = self.pool.m.members.get(f.worker)
+            if f.at == at and self.s.steps >= f.after_step and wid in (None, f.worker) and member is not None \
+                    and member.state == ("joining" if at == "join" else "active") and (at != "join" or member.in_group):
+                self.faults.remove(f)
+                self.pool.kill(f.worker)
+                return
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _collect(self, timeout_s: float) -> None:
@@ -237,7 +241,7 @@ class ActorLearnerLoop:
             self._on_train_done()
 
     def _drain_and_publish_final(self) -> None:
-        while self.train_refs or (self.publish_due and self.pool.receiving()):
+        while self.train_refs or (self.publish_due and self.pool.publish_must_wait()):
             self._collect(timeout_s=1.0)
         last_eval = max((v for v, _, _ in self.s.evals), default=0)
         if self.publish_due or self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # steps since the last publish

@@ -72,6 +72,7 @@ class WorkerPool:
         self.starts: dict = {}
         self.stops: dict = {}
         self.latest_version = 0
+        self._regroup_refs: set = set()  # receives of the last re-formed group's first broadcast
 
     def _stream(self, wid: int):
         return self.task.train_stream(seed=self.cfg.task.seed * 1000 + 1 + wid)  # = the worker's own stream
@@ -105,18 +106,24 @@ class WorkerPool:
         plan = self.m.plan_group()
         addr, port = ray.get(self.rank0.node_address.remote())
         group = WeightGroup(self.cfg.learner.weight_sync, addr, port, 1 + len(plan))
-        for rank, wid in enumerate(plan, start=1):
-            self._receive(wid, group, rank)
+        self._regroup_refs = {self._receive(wid, group, rank) for rank, wid in enumerate(plan, start=1)}
         self.m.on_group_formed(plan)
         self._event("regroup", None, policy_version=policy_version, group=plan)
         return group
 
-    def _receive(self, wid: int, group: WeightGroup | None = None, rank: int | None = None) -> None:
-        self.receives[self.handles[wid].receive_weights.remote(group, rank)] = (wid, self.latest_version)
+    def _receive(self, wid: int, group: WeightGroup | None = None, rank: int | None = None):
+        ref = self.handles[wid].receive_weights.remote(group, rank)
+        self.receives[ref] = (wid, self.latest_version)
         self.m.members[wid].receiving = True
+        return ref
 
     def receiving(self) -> bool:
         return bool(self.receives)
+
+    def publish_must_wait(self) -> bool:
+        """True while a re-formed group is still forming (<= timeout_s if a member never joins), or a
+        known-broken group's receives are out: a publish now would block learner rank 0 on them."""
+        return any(r in self.receives for r in self._regroup_refs) or (self.m.group_dirty and bool(self.receives))
 
     # -- scaling ------------------------------------------------------------------------------------
     def set_target(self, n: int) -> None:

@@ -107,6 +107,24 @@ def test_kill_9_during_a_broadcast_does_not_hang_the_learner(tmp_path):
     _check_versions_monotone(run)
 
 
+@pytest.mark.faults
+def test_a_joiner_killed_in_the_rendezvous_is_dropped_and_the_run_goes_on(tmp_path):
+    # Worker 1 dies; its replacement (2) is killed right after the group it joins is queued, so the
+    # survivor and rank 0 wait in that rendezvous until weight_sync.timeout_s; replacement 3 joins.
+    run = _run(tmp_path, "worker=1,after_step=2,at=rollout;worker=2,after_step=0,at=join",
+               "run.max_wall_s=60", "learner.weight_sync.timeout_s=10")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["worker_deaths"] == 2 and summary["worker_replacements"] == 2, summary
+    events = _records(run, "membership")
+    killed_2 = next(e for e in events if e["event"] == "killed" and e["worker"] == 2)
+    assert any(e["event"] == "died" and e["worker"] == 2 for e in events)
+    dropped = [e for e in events if e["event"] == "missed_broadcast" and e["worker"] == 0 and e["t"] > killed_2["t"]]
+    assert dropped, events  # the survivor was dropped from the broadcast that never formed ...
+    assert _check_replacement_started_current(run, dead=2) == 3  # ... and the group re-formed with 3
+    assert [r for r in _records(run, "learner_step") if r["t"] > dropped[0]["t"] + 1]  # training went on
+    _check_versions_monotone(run)
+
+
 def test_scale_rollout_from_1_to_2_mid_run(tmp_path, monkeypatch):
     import ray
 

@@ -37,7 +37,9 @@ def test_python_api_rejects_a_bad_count_before_touching_ray(bad):
 
 def test_fault_hook_parses_and_names_bad_input():
     assert faults.parse("worker=1, after_step=2, at=broadcast") == faults.KillWorker(worker=1, after_step=2, at="broadcast")
-    assert faults.from_env({}) is None
+    assert faults.from_env({}) == []
+    assert faults.from_env({faults.ENV: "worker=1,after_step=2; worker=2,after_step=0,at=join"}) == [
+        faults.KillWorker(worker=1, after_step=2), faults.KillWorker(worker=2, after_step=0, at="join")]
     with pytest.raises(ValueError, match="FLYWHEEL_FAULT_KILL_WORKER.*at"):
         faults.parse("worker=1,after_step=2,at=later")
     with pytest.raises(ValueError, match="not key=value"):
