@@ -58,6 +58,10 @@ class WeightSyncConfig(BaseModel):
     wire_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     timeout_s: float = Field(60, gt=0)
     sync_every_steps: int = Field(1, ge=1)  # learner steps between broadcasts
+    # drain: a worker takes an update between rollout calls (every trace has one policy_version);
+    # pause: a vLLM worker takes it between engine steps of a running generation (a trace records
+    # policy_version = first, policy_version_max = last). Needs rollout.engine=vllm.
+    inflight: Literal["drain", "pause"] = "drain"
     master_port: int | None = Field(None, ge=1, le=65535)  # None = pick with `free_port()`
 
 
@@ -390,6 +394,16 @@ class BroadcastTransport:
             raise TransportClosed(f"the sender closed weight-sync group (rank {self.rank}); no more updates")
         self._pending = self._receive_buckets(int(announced))
         return int(announced), self._pending
+
+    def update_waiting(self) -> bool:
+        """Receiver: is the next update announced (so `receive` would start at once)? Never blocks;
+        False if the group is closed, broken or its store is gone."""
+        if self.rank == 0 or self._closed or self._failed is not None or self._store is None:
+            return False
+        try:
+            return self._store.check([f"sync/{self._seq + 1}"])
+        except DistError:
+            return False
 
     def _wait_announcement(self, key: str, wait_s: float | None) -> str:
         deadline = None if wait_s is None else time.monotonic() + wait_s

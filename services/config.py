@@ -86,6 +86,11 @@ class RunConfig(BaseModel):
                 f"learner.temperature={self.learner.temperature} != rollout.temperature={self.rollout.temperature}; "
                 "importance ratios compare the sampling distribution, so set both to the same value"
             )
+        if self.learner.weight_sync.inflight == "pause" and self.rollout.engine != "vllm":
+            raise ValueError(
+                f"learner.weight_sync.inflight='pause' swaps weights between engine steps, which only the vLLM engine does; "
+                f"rollout.engine={self.rollout.engine!r}: set rollout.engine=vllm or weight_sync.inflight=drain"
+            )
         if self.rollout.device != self.learner.device:
             raise ValueError(f"rollout.device={self.rollout.device!r} != learner.device={self.learner.device!r}; the weight broadcast needs one backend")
         if self.model.path is None and self.model.max_position_embeddings < self.rollout.max_model_len:

@@ -8,6 +8,8 @@ trace of a batch comes from one `policy_version`.
 Membership (services/worker_pool.py): the loop may hand a call its exact `problems` (so a dead
 worker's prompts can be re-issued elsewhere) and may move the worker to a new weight group inside
 `receive_weights(group, rank)`; a receive waits at most `weight_sync.timeout_s` for the update.
+With `weight_sync.inflight: pause` a vLLM worker also takes an announced update between engine steps
+of a running rollout; the receive queued for that version then returns at once.
 """
 from __future__ import annotations
 
@@ -117,18 +119,42 @@ class RolloutWorker:
 
     def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, rank: int, world_size: int) -> int:
         self.transport = BroadcastTransport.create(cfg, master_addr, master_port, rank, world_size)
+        self._set_inflight(cfg)
         return rank
 
-    def receive_weights(self, group: WeightGroup | None = None, rank: int | None = None) -> int:
+    def _set_inflight(self, cfg: WeightSyncConfig) -> None:
+        if cfg.inflight == "pause" and not hasattr(self.engine, "step_hook"):
+            raise ValueError(f"weight_sync.inflight='pause' needs an engine that runs step by step (vLLM), not {self.cfg.engine!r}")
+        if hasattr(self.engine, "step_hook"):
+            self.engine.step_hook = self._take_update_inflight if cfg.inflight == "pause" else None
+
+    def _take_update_inflight(self) -> None:
+        """Between engine steps (pause mode): load an update that is already announced, else return at once."""
+        if self.transport is None or not self.transport.update_waiting():
+            return
+        t0 = time.perf_counter()
+        try:
+            version, tensors = self.transport.receive(wait_s=self.transport.cfg.timeout_s)
+            self.engine.load_weights(tensors, version)
+        except WeightSyncError as e:  # the group broke: generation goes on; the queued receive reports it
+            print(f"rollout worker {self.worker_id}: in-flight weight update failed: {e}")
+            return
+        metrics.record_weights_received(self.worker_id, time.perf_counter() - t0, version)
+
+    def receive_weights(self, group: WeightGroup | None = None, rank: int | None = None, policy_version: int | None = None) -> int:
         """Wait (<= timeout_s) for learner rank 0's next broadcast, load it into the live engine; return its version.
 
         With `group`, first leave the current weight group and join that one as `rank`. An update
-        of the version the engine already holds (a re-formed group's first broadcast) is drained, not reloaded."""
+        of the version the engine already holds (a re-formed group's first broadcast) is drained, not reloaded.
+        `policy_version`: the version this call is for; if a pause-mode rollout already took it, return at once."""
+        if group is None and policy_version is not None and self.engine.policy_version >= policy_version:
+            return self.engine.policy_version
         if group is not None:
             if self.transport is not None:
                 self.transport.close()
                 self.transport = None
             self.transport = BroadcastTransport.create(group.cfg, group.master_addr, group.master_port, rank, group.world_size)
+            self._set_inflight(group.cfg)
         if self.transport is None:
             raise WeightSyncError(f"rollout worker {self.worker_id} is in no weight group; pass a WeightGroup (or call join_weight_group)")
         t0 = time.perf_counter()

@@ -112,7 +112,7 @@ class WorkerPool:
         return group
 
     def _receive(self, wid: int, group: WeightGroup | None = None, rank: int | None = None):
-        ref = self.handles[wid].receive_weights.remote(group, rank)
+        ref = self.handles[wid].receive_weights.remote(group, rank, self.latest_version)
         self.receives[ref] = (wid, self.latest_version)
         self.m.members[wid].receiving = True
         return ref
