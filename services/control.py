@@ -57,10 +57,13 @@ class RunControl:
 def start_control(run_name: str, rollout_workers: int):
     """Register the run's control actor; a clear error if a run of that name is already active here."""
     try:
-        return RunControl.options(name=control_name(run_name), namespace=NAMESPACE, get_if_exists=False).remote(run_name, rollout_workers)
+        handle = RunControl.options(name=control_name(run_name), namespace=NAMESPACE, get_if_exists=False).remote(run_name, rollout_workers)
     except ValueError as e:
         raise RuntimeError(f"a run named {run_name!r} is already active on this Ray cluster ({e}); "
                            "give this run another run.name or wait for the other to finish") from None
+    address = ray.get_runtime_context().gcs_address
+    print(f"scale this run's rollout workers with: flywheel scale rollout N --run {run_name} --address {address}")
+    return handle
 
 
 class ControlClient:

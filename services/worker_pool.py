@@ -50,7 +50,7 @@ def _cause(err: BaseException) -> BaseException:
     return err
 
 
-def _first_line(err: BaseException) -> str:
+def _brief(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[-1] if text else ''}"[:300]
 
@@ -190,7 +190,7 @@ class WorkerPool:
         except Exception as e:  # noqa: BLE001
             if isinstance(_cause(e), WeightSyncError):  # alive, but the group failed: drop it from this broadcast
                 self.m.on_missed(wid)
-                self._event("missed_broadcast", wid, policy_version=sent, error=_first_line(_cause(e)))
+                self._event("missed_broadcast", wid, policy_version=sent, error=_brief(_cause(e)))
             else:
                 self.on_failed(wid, e, "broadcast")
             return
@@ -215,7 +215,7 @@ class WorkerPool:
         try:
             ray.get(ref)
         except Exception as e:  # noqa: BLE001 -- it is going away either way
-            print(f"warning: shutdown of rollout worker {wid} failed: {_first_line(e)}")
+            print(f"warning: shutdown of rollout worker {wid} failed: {_brief(e)}")
         ray.kill(self.handles[wid], no_restart=True)
         self.m.on_removed(wid)
         self._event("removed", wid)
@@ -227,7 +227,7 @@ class WorkerPool:
         if not isinstance(err, ray.exceptions.RayActorError):
             ray.kill(self.handles[wid], no_restart=True)
         reissued = self.m.on_dead(wid)
-        self._event("died", wid, during=during, error=_first_line(_cause(err)), reissued_prompts=reissued)
+        self._event("died", wid, during=during, error=_brief(_cause(err)), reissued_prompts=reissued)
 
     # -- reporting and the end ----------------------------------------------------------------------
     def eval_worker(self) -> tuple[int, object] | None:
