@@ -27,7 +27,8 @@ Contract:
 - Failure: any broadcast that does not complete within `timeout_s` (a receiver died or never
   called `receive`) raises `WeightSyncTimeout`/`WeightSyncError` and marks the transport broken;
   every later call raises at once. Gloo/NCCL groups cannot drop a member, so the owner re-creates
-  the transport (new port) with the survivors.
+  the transport (new port) with the survivors: `WeightGroup` names such a group, and the sender
+  `abandon`s the old one (no close announcement: its receivers are re-forming, not listening).
 """
 from __future__ import annotations
 
@@ -57,7 +58,20 @@ class WeightSyncConfig(BaseModel):
     wire_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     timeout_s: float = Field(60, gt=0)
     sync_every_steps: int = Field(1, ge=1)  # learner steps between broadcasts
+    # drain: a worker takes an update between rollout calls (every trace has one policy_version);
+    # pause: a vLLM worker takes it between engine steps of a running generation (a trace records
+    # policy_version = first, policy_version_max = last). Needs rollout.engine=vllm.
+    inflight: Literal["drain", "pause"] = "drain"
     master_port: int | None = Field(None, ge=1, le=65535)  # None = pick with `free_port()`
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightGroup:
+    """Where a (re-)formed weight-sync group meets: rank 0 (the sender) hosts the store on `master_port`."""
+    cfg: WeightSyncConfig
+    master_addr: str
+    master_port: int
+    world_size: int  # 1 sender + receivers; 1 = no receivers (nothing is sent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +395,16 @@ class BroadcastTransport:
         self._pending = self._receive_buckets(int(announced))
         return int(announced), self._pending
 
+    def update_waiting(self) -> bool:
+        """Receiver: is the next update announced (so `receive` would start at once)? Never blocks;
+        False if the group is closed, broken or its store is gone."""
+        if self.rank == 0 or self._closed or self._failed is not None or self._store is None:
+            return False
+        try:
+            return self._store.check([f"sync/{self._seq + 1}"])
+        except DistError:
+            return False
+
     def _wait_announcement(self, key: str, wait_s: float | None) -> str:
         deadline = None if wait_s is None else time.monotonic() + wait_s
         pause = 0.001
@@ -466,6 +490,13 @@ class BroadcastTransport:
             while self._store.add("sync/close_acks", 0) < self.world_size - 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
         self._group = None
+
+    def abandon(self) -> None:
+        """Drop the group without announcing a close (its members are moving to a new group).
+
+        A receiver still waiting on this group's store then fails with `WeightSyncError` at once."""
+        self._closed = True
+        self._group = self._store = None
 
 
 class AsyncSender:

@@ -8,6 +8,10 @@ Contract: as `rollout/engine.py`, plus:
 - `load_weights` reloads in place, then resets the prefix cache: KV cached under the old weights
   would otherwise be reused for a repeated prompt (6.7 nats of logprob error, shared/PLATFORM.md).
 - detokenisation is off: the engine speaks token ids only.
+- `step_hook` (None by default): if set, `generate` drives the engine step by step and calls it
+  between steps, where it may `load_weights` ("pause" in-flight updates, weight_sync.inflight):
+  running sequences keep their KV from the old weights and continue on the new ones. The prefix
+  cache cannot be reset while requests run, so that reset happens as soon as the generation ends.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from rollout.config import RolloutConfig
 
@@ -71,6 +75,9 @@ class VLLMEngine:
         self.cfg = cfg
         self.vocab_size = hf_config.vocab_size
         self.policy_version = 0
+        self.step_hook: Callable[[], None] | None = None
+        self._generating = False
+        self._reset_pending = False
         self._shapes = _checkpoint_shapes(Path(model_dir))
         self.llm = LLM(
             model=str(model_dir), dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
@@ -92,7 +99,8 @@ class VLLMEngine:
             )
             for s in _prompt_seeds(seed, len(prompts))
         ]
-        outs = self._run(prompts, params, self.cfg.max_model_len - self.cfg.max_new_tokens)
+        run = self._run if self.step_hook is None else self._run_stepwise
+        outs = run(prompts, params, self.cfg.max_model_len - self.cfg.max_new_tokens)
         return [[_completion(o) for o in out.outputs] for out in outs]
 
     def greedy(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
@@ -119,9 +127,16 @@ class VLLMEngine:
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
         )
+        self.policy_version = policy_version
+        if self._generating:  # a pause update: requests are running, reset once they are done
+            self._reset_pending = True
+            return
+        self._reset_prefix_cache()
+
+    def _reset_prefix_cache(self) -> None:
+        self._reset_pending = False
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight update (requests still running?)")
-        self.policy_version = policy_version
 
     def shutdown(self) -> None:
         if self.llm is not None:
@@ -134,6 +149,30 @@ class VLLMEngine:
         check_prompts(prompts, self.vocab_size, max_prompt_len)
         token_prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
         return self.llm.generate(token_prompts, sampling_params=params, use_tqdm=False)
+
+
+    def _run_stepwise(self, prompts: Sequence[Sequence[int]], params, max_prompt_len: int):
+        """As `_run`, one engine step at a time with `step_hook` between steps (vLLM's own loop is
+        `LLM._run_engine`: the same enqueue / step / collect-finished)."""
+        from vllm.inputs import TokensPrompt
+
+        check_prompts(prompts, self.vocab_size, max_prompt_len)
+        engine = self.llm.llm_engine
+        self.llm.enqueue([TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts], sampling_params=params, use_tqdm=False)
+        done = {}
+        self._generating = True
+        try:
+            while engine.has_unfinished_requests():
+                done.update((out.request_id, out) for out in engine.step() if out.finished)
+                if engine.has_unfinished_requests():
+                    self.step_hook()
+        finally:
+            self._generating = False
+        if self._reset_pending:
+            self._reset_prefix_cache()
+        if len(done) != len(prompts):
+            raise RuntimeError(f"vLLM finished {len(done)} requests for {len(prompts)} prompts in a stepwise generation")
+        return sorted(done.values(), key=lambda out: int(out.request_id))  # request ids count up in enqueue order, as in LLM._run_engine
 
 
 def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:

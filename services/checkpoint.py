@@ -252,8 +252,10 @@ class Checkpointer:
         restore_driver_rng(point.state["driver_rng"])
         self._restore_cursors()
         version = loop.s.version
-        ray.get([rank.publish.remote(version) for rank in loop.ranks])  # the checkpoint's weights, as its version
-        got = ray.get([w.receive_weights.remote() for w in loop.workers])
+        loop._broadcast(version)  # the checkpoint's weights, as its version, over a freshly formed group
+        while loop.side_refs or loop.pool.receiving():
+            loop._collect(timeout_s=0.5)
+        got = ray.get([h.policy_version.remote() for h in loop.pool.handles.values()])
         loop.log.write("resume", learner_step=loop.s.steps, policy_version=version, checkpoint=str(point.path),
                        workers_at_version=got)
 
@@ -266,7 +268,8 @@ class Checkpointer:
             if cur[0] > cursors.get(worker_id, (-1, 0))[0]:  # drawn after the checkpoint: those traces survived
                 cursors[worker_id] = cur
         loop.s.cursors = cursors
-        ray.get([w.restore_cursor.remote(*cursors[i]) for i, w in enumerate(loop.workers) if i in cursors])
+        loop.pool.restore_cursors({i: cur[0] for i, cur in cursors.items()})
+        ray.get([h.restore_batches.remote(cursors[i][1]) for i, h in loop.pool.handles.items() if i in cursors])
 
 
 def _replay_snapshots(replay, timeout_s: float = 60.0) -> list[str]:

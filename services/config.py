@@ -73,6 +73,7 @@ class LoopConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1, description="how many step-<N> checkpoints to keep (older ones are deleted)")
     resume: Literal["never", "auto"] = Field("never", description="auto = continue from runs/<name>/checkpoints/latest when it exists")
     max_buffered_steps: int = Field(2, ge=1, description="rollout runs at most this many learner steps of groups ahead")
+    max_worker_replacements: int = Field(16, ge=0, description="rollout workers that may die and be replaced before the run fails")
     num_cpus: int | None = Field(None, description="CPUs for a local Ray (None = all)")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="local Ray only: serve Prometheus metrics on this port")
     progress: bool = True
@@ -97,6 +98,11 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"learner.temperature={self.learner.temperature} != rollout.temperature={self.rollout.temperature}; "
                 "importance ratios compare the sampling distribution, so set both to the same value"
+            )
+        if self.learner.weight_sync.inflight == "pause" and self.rollout.engine != "vllm":
+            raise ValueError(
+                f"learner.weight_sync.inflight='pause' swaps weights between engine steps, which only the vLLM engine does; "
+                f"rollout.engine={self.rollout.engine!r}: set rollout.engine=vllm or weight_sync.inflight=drain"
             )
         if self.rollout.device != self.learner.device:
             raise ValueError(f"rollout.device={self.rollout.device!r} != learner.device={self.learner.device!r}; the weight broadcast needs one backend")

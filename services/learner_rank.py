@@ -3,9 +3,14 @@
 Rank 0 also owns the sending end of the weight broadcast. `publish` snapshots the weights (a
 collective under ZeRO-3, so every rank calls it) and sends them from a background thread, so the
 next training steps overlap the broadcast; a new publish first waits for the previous send.
+`publish(v, group)` first re-forms the weight group (services/worker_pool.py: membership changed)
+on the background thread, so joining members never block training. A broadcast that fails with
+`WeightSyncError` (a member died or did not ack within timeout_s) is not raised: `publish` returns
+it as the previous send's `SendOutcome`, and the owner re-forms the group with the survivors.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -14,8 +19,15 @@ from pathlib import Path
 import ray
 
 from learner.config import LearnerConfig
-from learner.weight_transport import BroadcastTransport, SyncStats, WeightSyncConfig
+from learner.weight_transport import BroadcastTransport, SyncStats, WeightGroup, WeightSyncConfig, WeightSyncError
 from services import metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class SendOutcome:
+    """How one broadcast ended on the sender: `error` is None when every member received it."""
+    policy_version: int
+    error: str | None = None
 
 
 @ray.remote
@@ -26,6 +38,7 @@ class LearnerRank:
         self.transport: BroadcastTransport | None = None
         self._sender: threading.Thread | None = None
         self._last: SyncStats | None = None
+        self._outcome: SendOutcome | None = None
         self._error: BaseException | None = None
 
     def node_address(self) -> tuple[str, int]:
@@ -54,32 +67,58 @@ class LearnerRank:
         self.transport = BroadcastTransport.create(cfg, master_addr, master_port, 0, world_size)
         return 0
 
-    def publish(self, policy_version: int) -> None:
-        """Snapshot weights now and broadcast them in the background as `policy_version`."""
-        self.wait_published()
+    def publish(self, policy_version: int, group: WeightGroup | None = None) -> SendOutcome | None:
+        """Snapshot weights now and broadcast them in the background as `policy_version`.
+
+        With `group`, rank 0 first re-forms the weight group there (members changed). Returns how the
+        previous broadcast ended (None if there was none, or on ranks > 0)."""
+        previous = self.wait_published()
         weights = self.core.named_weights()
         if self.rank != 0:
-            return
+            return None
         metrics.record_published(policy_version)
-        self._sender = threading.Thread(target=self._send, args=(weights, policy_version), daemon=True)
+        self._sender = threading.Thread(target=self._send, args=(weights, policy_version, group), daemon=True)
         self._sender.start()
+        return previous
 
-    def _send(self, weights, policy_version: int) -> None:
+    def _send(self, weights, policy_version: int, group: WeightGroup | None) -> None:
         try:
+            if group is not None:
+                self._regroup(group)
+            if self.transport is None:  # no receivers right now
+                self._outcome = SendOutcome(policy_version, "no rollout worker in the weight group")
+                return
             self._last = self.transport.send(weights, policy_version)
+            self._outcome = SendOutcome(policy_version)
             metrics.record_sent(self._last.seconds, self._last.bytes)
-        except BaseException as e:  # surfaced by wait_published
+        except WeightSyncError as e:  # a member died or timed out: the owner re-forms the group
+            # Drop the group now: the survivors blocked in this broadcast see their sender go and
+            # fail at once, instead of each waiting out timeout_s.
+            if self.transport is not None:
+                self.transport.abandon()
+            metrics.record_send_failed()
+            self._outcome = SendOutcome(policy_version, f"{type(e).__name__}: {e}")
+        except BaseException as e:  # a bug, surfaced by wait_published
             metrics.record_send_failed()
             self._error = e
 
-    def wait_published(self) -> SyncStats | None:
+    def _regroup(self, group: WeightGroup) -> None:
+        old, self.transport = self.transport, None
+        if old is not None:
+            old.abandon()
+        if group.world_size > 1:
+            self.transport = BroadcastTransport.create(group.cfg, group.master_addr, group.master_port, 0, group.world_size)
+
+    def wait_published(self) -> SendOutcome | None:
+        """Block until the broadcast in flight (if any) ended; return how it ended, re-raise a bug."""
         if self._sender is not None:
             self._sender.join()
             self._sender = None
         if self._error is not None:
             err, self._error = self._error, None
             raise err
-        return self._last
+        outcome, self._outcome = self._outcome, None
+        return outcome
 
     def logprobs(self, batch):
         return self.core.logprobs(batch)

@@ -9,6 +9,10 @@ Invariants:
 - a step skipped for a NaN/inf loss or gradient changes nothing but counters and is logged with its
   trace ids; `learner.max_consecutive_nonfinite` of them in a row stop the run (with a checkpoint);
 - checkpoints and resume: services/checkpoint.py (taken right after a publish, and at a clean stop).
+- the rollout workers are a changing set (services/worker_pool.py): dead ones are replaced and their
+  unfinished prompts re-issued, `flywheel scale` changes their number (services/control.py), and the
+  weight group is re-formed at a version boundary when its members change. While such a re-formed
+  broadcast is out, a due publish waits (training does not), so the learner never blocks on a joiner.
 """
 from __future__ import annotations
 
@@ -22,11 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from services import metrics
+from services import faults
 from services.checkpoint import Checkpointer, ResumePoint
 from services.config import RunConfig
+from services.control import ControlClient, start_control
 from services.placement import start_actors
 from services.report import MetricsLog, draw_report, format_summary
+from services.worker_pool import WorkerPool
 
 TARGET_GAIN = 0.20  # the headline figure: RL seconds to +20 points of held-out accuracy
 
@@ -58,14 +64,19 @@ class ActorLearnerLoop:
 
         self.cfg, self.run_dir, self.model_dir = cfg, run_dir, model_dir
         self.log = MetricsLog(run_dir / "metrics.jsonl")
-        self.replay, self.ranks, self.workers = start_actors(cfg, model_dir, cache_dir)
-        task = make_task(cfg.task, _tokenizer(model_dir))  # a dataset task validates prompts in tokens
-        evals = task.eval_set()
-        self.dataset_skipped_rows = dict(task.data.skipped) if hasattr(task, "data") else {}
+        self.control = ControlClient(start_control(cfg.run.name, cfg.rollout.num_workers))
+        self.replay, self.ranks, workers = start_actors(cfg, model_dir, cache_dir)
+        self.pool = WorkerPool(cfg, workers, self.replay, self.ranks[0], model_dir, cache_dir, self.log)
+        self.faults = faults.from_env()
+        if self.faults:
+            self.pool.fetch_pids()
+        evals = self.pool.task.eval_set()
+        self.dataset_skipped_rows = dict(self.pool.task.data.skipped) if hasattr(self.pool.task, "data") else {}
         self.eval_prompts, self.eval_answers = [p.prompt for p in evals], [p.answer for p in evals]
         self.s = LoopState()
-        self.rollouts: dict = {}  # ref -> worker index
         self.train_refs: list = []
+        self.publish_due = False
+        self.eval_owed = False
         self.side_refs: dict = {}  # ref -> what (publish/receive/eval)
         self.pending_eval = None
         self.initial_accuracy = math.nan
@@ -79,11 +90,12 @@ class ActorLearnerLoop:
                 self.ckpt.restore()
                 self.s.resumes += 1
             else:
-                _, self.initial_accuracy = ray.get(self.workers[0].evaluate.remote(self.eval_prompts, self.eval_answers))
+                _, self.initial_accuracy = ray.get(self.pool.handles[0].evaluate.remote(self.eval_prompts, self.eval_answers))
                 self.log.restart_clock()
                 self.log.write("eval", policy_version=0, accuracy=self.initial_accuracy, t_published=0.0)
             self._progress_start()
             while not self._done():
+                self._membership_tick()
                 self._dispatch_rollouts()
                 self._try_train()
                 self._collect(timeout_s=0.05)
@@ -104,7 +116,7 @@ class ActorLearnerLoop:
         return self.cfg.rollout.prompts_per_step
 
     def _may_dispatch(self) -> bool:
-        lc, inflight = self.cfg.learner, len(self.rollouts) * self._groups_per_call()
+        lc, inflight = self.cfg.learner, self.pool.inflight_prompts()
         if self.cfg.synchronous:
             need = lc.groups_per_step * lc.weight_sync.sync_every_steps
             return self.s.produced_at.get(self.s.version, 0) + inflight < need
@@ -112,19 +124,18 @@ class ActorLearnerLoop:
         return held + inflight < self.cfg.run.max_buffered_steps * lc.groups_per_step
 
     def _dispatch_rollouts(self) -> None:
-        busy = set(self.rollouts.values())
-        for i, worker in enumerate(self.workers):
-            if i not in busy and self._may_dispatch():
-                self.rollouts[worker.rollout.remote(self._groups_per_call())] = i
+        for wid in self.pool.idle_active():
+            if self._may_dispatch():
+                self.pool.dispatch(wid, self._groups_per_call())
+                self._inject_fault("rollout", wid)
 
-    def _on_rollout(self, ref) -> None:
-        self.rollouts.pop(ref)
-        st = ray.get(ref)
+    def _on_rollout(self, st) -> None:
         self.s.produced_at[st.policy_version] = self.s.produced_at.get(st.policy_version, 0) + st.accepted_groups
-        self.s.cursors[st.worker_id] = (st.problems_drawn, st.batches)
+        drawn = self.pool.drawn.get(st.worker_id, 0)  # the worker's prompt cursor (its stream lives in the pool)
+        self.s.cursors[st.worker_id] = (drawn, st.batches)
         for key in self.s.reward_failures:
             self.s.reward_failures[key] += getattr(st, key)
-        self.log.write("rollout", **dataclasses.asdict(st))
+        self.log.write("rollout", **dataclasses.asdict(st), problems_drawn=drawn)
 
     # -- learner ----------------------------------------------------------------------------------
     def _try_train(self) -> None:
@@ -157,7 +168,8 @@ class ActorLearnerLoop:
                              staleness_max=max(self._staleness), trace_versions=self._trace_versions, **merged)
         self._progress_update(rec)
         if s.steps % self.cfg.learner.weight_sync.sync_every_steps == 0:
-            self._publish()
+            self.publish_due = True
+            self._maybe_publish()
 
     def _on_nonfinite(self, diags: list[dict]) -> None:
         s, limit = self.s, self.cfg.learner.max_consecutive_nonfinite
@@ -173,26 +185,47 @@ class ActorLearnerLoop:
                   f"{limit}); stopping with a checkpoint. Their trace ids are in {self.log.path} (kind=nonfinite_step)")
 
     # -- weights and eval -------------------------------------------------------------------------
+    def _maybe_publish(self) -> None:
+        if self.publish_due and not self.pool.publish_must_wait():
+            self._publish()
+
+    def _broadcast(self, version: int) -> None:
+        group = self.pool.begin_broadcast(version)
+        for rank in self.ranks:
+            self.side_refs[rank.publish.remote(version, group)] = ("publish", version)
+        self._inject_fault("broadcast", None)
+        if group is not None:
+            self._inject_fault("join", None)
+
     def _publish(self) -> None:
         s = self.s
+        self.publish_due = False
         s.version += 1
         s.publish_t[s.version] = self.log.now()
-        for rank in self.ranks:
-            self.side_refs[rank.publish.remote(s.version)] = ("publish", s.version)
-        for i, worker in enumerate(self.workers):
-            self.side_refs[worker.receive_weights.remote()] = ("receive", i)
+        self._broadcast(s.version)
         if s.steps % self.cfg.run.eval_every_steps == 0 or self._done():
             self._eval_async()
         if self.ckpt.due():
             self.ckpt.save("periodic")
 
     def _eval_async(self) -> None:
-        ref = self.workers[0].evaluate.remote(self.eval_prompts, self.eval_answers)
-        self.side_refs[ref] = ("eval", self.s.version)
+        target = self.pool.eval_worker()
+        self.eval_owed = target is None  # no active worker now: evaluate once one is back
+        if target is not None:
+            self.side_refs[target[1].evaluate.remote(self.eval_prompts, self.eval_answers)] = ("eval", target[0])
 
     def _on_side(self, ref) -> None:
         what, arg = self.side_refs.pop(ref)
-        value = ray.get(ref)  # re-raises actor errors: a failed broadcast must not pass silently
+        try:
+            value = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            if what != "eval":
+                raise  # a learner rank died: nothing to fall back on
+            self.pool.on_failed(arg, e, "eval")  # the eval worker died: the pool replaces it, eval elsewhere
+            self._eval_async()
+            return
+        if what == "publish" and value is not None and value.error is not None:
+            self.log.write("broadcast_failed", policy_version=value.policy_version, error=value.error)
         if what == "eval":
             version, acc = value
             t_pub = self.s.publish_t[version]
@@ -200,34 +233,57 @@ class ActorLearnerLoop:
             self.log.write("eval", policy_version=version, accuracy=acc, t_published=t_pub)
             if self.s.seconds_to_target is None and acc >= self.initial_accuracy + TARGET_GAIN - 1e-9:
                 self.s.seconds_to_target = t_pub
-        elif what == "receive":
-            self.log.write("sync", worker=arg, policy_version=value)
-            metrics.record_version_lag(arg, value, self.s.version)
+
+    # -- membership -------------------------------------------------------------------------------
+    def _membership_tick(self) -> None:
+        """Scale to the control actor's target, replace the dead, and get joiners the weights."""
+        target = self.control.poll(self.pool.report)
+        if target is not None:
+            self.pool.set_target(target)
+        self.pool.reconcile()
+        if self.eval_owed and self.pool.eval_worker() is not None:
+            self._eval_async()
+        self._maybe_publish()
+        if not (self.publish_due or self.train_refs or self.pool.receiving()) and self.pool.m.wants_weights(self.s.version):
+            if self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # unpublished steps: a new version
+                self._publish()
+            else:  # the learner holds exactly policy_version: send it again over the re-formed group
+                self._broadcast(self.s.version)
+
+    def _inject_fault(self, at: str, wid: int | None) -> None:
+        """Test hook (services/faults.py): kill -9 a worker at a chosen moment. No faults: one falsy check."""
+        for f in self.faults:
+            member = self.pool.m.members.get(f.worker)
+            if f.at == at and self.s.steps >= f.after_step and wid in (None, f.worker) and member is not None \
+                    and member.state == ("joining" if at == "join" else "active") and (at != "join" or member.in_group):
+                self.faults.remove(f)
+                self.pool.kill(f.worker)
+                return
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _collect(self, timeout_s: float) -> None:
-        refs = list(self.rollouts) + self.train_refs + list(self.side_refs)
+        refs = self.pool.refs() + self.train_refs + list(self.side_refs)
         if not refs:
             time.sleep(timeout_s)
             return
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=False)
         ready = set(ready)
-        for ref in [r for r in self.rollouts if r in ready]:
-            self._on_rollout(ref)
+        for st in self.pool.process(ready):
+            self._on_rollout(st)
         for ref in [r for r in self.side_refs if r in ready]:
             self._on_side(ref)
         if self.train_refs and all(r in ready for r in self.train_refs):
             self._on_train_done()
 
     def _drain_and_publish_final(self) -> None:
-        while self.train_refs:
+        while self.train_refs or (self.publish_due and self.pool.publish_must_wait()):
             self._collect(timeout_s=1.0)
         last_eval = max((v for v, _, _ in self.s.evals), default=0)
-        if self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # steps since the last publish
+        if self.publish_due or self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # steps since the last publish
             self._publish()
         if last_eval < self.s.version and not any(w == "eval" for w, _ in self.side_refs.values()):
             self._eval_async()
-        while self.side_refs or self.rollouts:
+        while self.side_refs or self.pool.busy():
             self._collect(timeout_s=1.0)
 
     def _finish(self, job_started: float, cold_start_s: float) -> dict:
@@ -256,6 +312,7 @@ class ActorLearnerLoop:
             **self.s.reward_failures,
             "dataset_skipped_rows": self.dataset_skipped_rows,  # by reason (rollout/datasets.py); {} for generated tasks
             **self._fault_summary(),
+            **self.pool.summary(),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         draw_report(self.run_dir)
@@ -283,7 +340,7 @@ class ActorLearnerLoop:
     def _shutdown(self) -> None:
         """Release engines and groups (vLLM leaks /dev/shm otherwise), then end the actors."""
         self.log.close()
-        actors = self.ranks + self.workers
+        actors = self.ranks + self.pool.actors()
         refs = [a.shutdown.remote() for a in actors]
         for actor, ref in zip(actors, refs):
             try:

@@ -64,6 +64,16 @@ def actor_env(cfg: RunConfig, cache_dir: Path) -> dict[str, str]:
     return env
 
 
+def start_rollout_worker(cfg: RunConfig, model_dir: Path, cache_dir: Path, worker_id: int, replay):
+    """One `RolloutWorker` actor with the run's resource spec (at start-up and when the pool adds one)."""
+    from services.rollout_worker import RolloutWorker
+
+    rc = cfg.rollout
+    return (RolloutWorker.options(num_cpus=rc.num_cpus_per_worker, num_gpus=rc.num_gpus_per_worker, resources=dict(rc.ray_resources),
+                                  runtime_env={"env_vars": actor_env(cfg, cache_dir)})
+            .remote(rc, cfg.task, cfg.reward, str(model_dir), worker_id, replay))
+
+
 def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
     """Create replay, the DeepSpeed group and the rollout workers, and wire the weight group.
 
@@ -73,17 +83,15 @@ def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
 
     from services.learner_rank import LearnerRank
     from services.replay_client import create_replay
-    from services.rollout_worker import RolloutWorker
 
     env = {"env_vars": actor_env(cfg, cache_dir)}
     replay = create_replay(cfg.replay)
-    lc, rc = cfg.learner, cfg.rollout
+    lc = cfg.learner
     ranks = [LearnerRank.options(num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank, resources=dict(lc.ray_resources), runtime_env=env)
              .remote(lc, str(model_dir), r, lc.num_ranks) for r in range(lc.num_ranks)]
     addr, port = ray.get(ranks[0].node_address.remote())
     setups = [rank.setup.remote(addr, port) for rank in ranks]
-    workers = [RolloutWorker.options(num_cpus=rc.num_cpus_per_worker, num_gpus=rc.num_gpus_per_worker, resources=dict(rc.ray_resources), runtime_env=env)
-               .remote(rc, cfg.task, cfg.reward, str(model_dir), w, replay) for w in range(rc.num_workers)]
+    workers = [start_rollout_worker(cfg, model_dir, cache_dir, w, replay) for w in range(cfg.rollout.num_workers)]
     ray.get(setups)
     _, wport = ray.get(ranks[0].node_address.remote())
     world = 1 + len(workers)

@@ -1,7 +1,10 @@
 """A run's outputs under `runs/<name>/`: `metrics.jsonl` (one JSON record per event), `summary.json`, `report.png`.
 
 Every metrics record has `kind` (one of `learner_step`, `rollout`, `eval`, `sync`, `checkpoint`, `resume`,
-`nonfinite_step`) and `t` (seconds of RL time since the run's loop started, continued across resumes); the rest depends on the kind. `report.png` is drawn only from `metrics.jsonl`,
+`nonfinite_step`, `membership` (a rollout worker started, joined, died, was re-issued work, drained or
+removed; the group re-formed; the target changed: services/worker_pool.py), `broadcast_failed`) and `t`
+(seconds of RL time since the run's loop started, continued across resumes); the rest depends on the kind.
+`report.png` is drawn only from `metrics.jsonl`,
 so it can be re-drawn from a finished run: `python -m services.report runs/<name>`.
 """
 from __future__ import annotations

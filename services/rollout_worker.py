@@ -4,6 +4,12 @@ Thin by design: generation is `rollout.sampling.sample_groups` over a `rollout.e
 scoring is the task's verifier, the record is `replay.schema.Trace`. The actor is sequential, so a
 weight update queued behind a rollout call is applied between batches ("drain" semantics): every
 trace of a batch comes from one `policy_version`.
+
+Membership (services/worker_pool.py): the loop may hand a call its exact `problems` (so a dead
+worker's prompts can be re-issued elsewhere) and may move the worker to a new weight group inside
+`receive_weights(group, rank)`; a receive waits at most `weight_sync.timeout_s` for the update.
+With `weight_sync.inflight: pause` a vLLM worker also takes an announced update between engine steps
+of a running rollout; the receive queued for that version then returns at once.
 """
 from __future__ import annotations
 
@@ -14,12 +20,12 @@ from pathlib import Path
 
 import ray
 
-from learner.weight_transport import BroadcastTransport, WeightSyncConfig
+from learner.weight_transport import BroadcastTransport, WeightGroup, WeightSyncConfig, WeightSyncError
 from replay.schema import traces_to_batch
 from replay.table import InsertResult
 from rollout.config import RolloutConfig
 from rollout.rewards import RewardConfig, RewardScorer, ScoreBatchResult, load_reward_function
-from rollout.tasks import TaskConfig, make_task
+from rollout.tasks import Problem, TaskConfig, make_task
 from services import metrics
 
 
@@ -40,7 +46,6 @@ class RolloutStats:
     reward_nonfinite: int = 0
     dropped_groups: int = 0  # groups dropped because a member's score failed under on_failure=drop
     uniform_groups: int = 0  # groups dropped because all rewards were equal (rollout.drop_uniform_groups)
-    problems_drawn: int = 0  # the prompt cursor after this call (a resume continues from it)
     batches: int = 0
 
 
@@ -62,7 +67,6 @@ class RolloutWorker:
         self._failures = ScoreBatchResult(rewards=[])
         self.transport = None
         self.batches = 0
-        self.problems_drawn = 0
         metrics.record_engine_version(worker_id, self.engine.policy_version)
 
     def _encode(self, prompt: str) -> list[int]:
@@ -80,13 +84,17 @@ class RolloutWorker:
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def rollout(self, num_prompts: int) -> RolloutStats:
-        """Sample `num_prompts` groups at the current weights, score them and insert them into replay."""
+    def rollout(self, num_prompts: int, problems: list[Problem] | None = None) -> RolloutStats:
+        """Sample `num_prompts` groups at the current weights, score them and insert them into replay.
+
+        `problems` (exactly `num_prompts` of them) replaces the worker's own problem stream for this call
+        (the loop's worker pool draws them, so it can re-issue a dead worker's prompts)."""
         from rollout.sampling import drop_uniform_groups, sample_groups
 
         t0 = time.perf_counter()
-        problems = [next(self.problems) for _ in range(num_prompts)]
-        self.problems_drawn += num_prompts
+        if problems is not None and len(problems) != num_prompts:
+            raise ValueError(f"rollout got {len(problems)} problems for num_prompts={num_prompts}; pass exactly num_prompts")
+        problems = list(problems) if problems is not None else [next(self.problems) for _ in range(num_prompts)]
         metrics.rollout_started(self.worker_id, num_prompts * self.cfg.group_size)
         seed = self.cfg.seed * 1_000_003 + self.worker_id * 10_007 + self.batches
         self._failures = ScoreBatchResult(rewards=[])
@@ -116,29 +124,61 @@ class RolloutWorker:
             reward_nonfinite=self._failures.non_finite,
             dropped_groups=num_prompts - scored_groups,
             uniform_groups=uniform,
-            problems_drawn=self.problems_drawn,
             batches=self.batches,
         )
 
-    def restore_cursor(self, problems_drawn: int, batches: int) -> int:
-        """Resume: skip the prompts already drawn (the stream is seeded, so the next ones are new) and
-        continue the per-batch sampling seeds. Returns the cursor."""
-        for _ in range(problems_drawn - self.problems_drawn):
-            next(self.problems)
-        self.problems_drawn, self.batches = max(self.problems_drawn, problems_drawn), batches
-        return self.problems_drawn
+    def restore_batches(self, batches: int) -> int:
+        """Resume: continue the per-batch sampling seeds (the prompt cursor lives in the loop's pool)."""
+        self.batches = batches
+        return batches
 
     def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, rank: int, world_size: int) -> int:
         self.transport = BroadcastTransport.create(cfg, master_addr, master_port, rank, world_size)
+        self._set_inflight(cfg)
         return rank
 
-    def receive_weights(self) -> int:
-        """Block until learner rank 0 broadcasts, load the weights into the live engine; return the new version."""
-        if self.transport is None:
-            raise RuntimeError(f"rollout worker {self.worker_id} has not joined the weight group; call join_weight_group first")
+    def _set_inflight(self, cfg: WeightSyncConfig) -> None:
+        if cfg.inflight == "pause" and not hasattr(self.engine, "step_hook"):
+            raise ValueError(f"weight_sync.inflight='pause' needs an engine that runs step by step (vLLM), not {self.cfg.engine!r}")
+        if hasattr(self.engine, "step_hook"):
+            self.engine.step_hook = self._take_update_inflight if cfg.inflight == "pause" else None
+
+    def _take_update_inflight(self) -> None:
+        """Between engine steps (pause mode): load an update that is already announced, else return at once."""
+        if self.transport is None or not self.transport.update_waiting():
+            return
         t0 = time.perf_counter()
-        version, tensors = self.transport.receive()
-        self.engine.load_weights(tensors, version)
+        try:
+            version, tensors = self.transport.receive(wait_s=self.transport.cfg.timeout_s)
+            self.engine.load_weights(tensors, version)
+        except WeightSyncError as e:  # the group broke: generation goes on; the queued receive reports it
+            print(f"rollout worker {self.worker_id}: in-flight weight update failed: {e}")
+            return
+        metrics.record_weights_received(self.worker_id, time.perf_counter() - t0, version)
+
+    def receive_weights(self, group: WeightGroup | None = None, rank: int | None = None, policy_version: int | None = None) -> int:
+        """Wait (<= timeout_s) for learner rank 0's next broadcast, load it into the live engine; return its version.
+
+        With `group`, first leave the current weight group and join that one as `rank`. An update
+        of the version the engine already holds (a re-formed group's first broadcast) is drained, not reloaded.
+        `policy_version`: the version this call is for; if a pause-mode rollout already took it, return at once."""
+        if group is None and policy_version is not None and self.engine.policy_version >= policy_version:
+            return self.engine.policy_version
+        if group is not None:
+            if self.transport is not None:
+                self.transport.close()
+                self.transport = None
+            self.transport = BroadcastTransport.create(group.cfg, group.master_addr, group.master_port, rank, group.world_size)
+            self._set_inflight(group.cfg)
+        if self.transport is None:
+            raise WeightSyncError(f"rollout worker {self.worker_id} is in no weight group; pass a WeightGroup (or call join_weight_group)")
+        t0 = time.perf_counter()
+        version, tensors = self.transport.receive(wait_s=self.transport.cfg.timeout_s)
+        if version == self.engine.policy_version:
+            for _ in tensors:
+                pass
+        else:
+            self.engine.load_weights(tensors, version)
         metrics.record_weights_received(self.worker_id, time.perf_counter() - t0, version)
         return version
 
@@ -154,6 +194,10 @@ class RolloutWorker:
 
     def policy_version(self) -> int:
         return self.engine.policy_version
+
+    def pid(self) -> int:
+        """The actor's process id (the pool's readiness probe; fault tests kill -9 it)."""
+        return os.getpid()
 
     def shutdown(self) -> None:
         if self.transport is not None:

@@ -88,3 +88,9 @@ def test_dry_run_every_shipped_config(config):
     assert "learner_rank" in out.stdout and "rollout_worker" in out.stdout
     total = next(line for line in out.stdout.splitlines() if line.startswith("total"))
     assert total.split()[1:] == [f"{sum(s.num_cpus for s in specs):g}", f"{sum(s.num_gpus for s in specs):g}"]
+
+
+def test_inflight_pause_needs_the_vllm_engine():
+    with pytest.raises(ConfigError, match="inflight='pause'.*rollout.engine='hf'"):
+        load_config(REPO / "deploy/configs/e2e_small.yaml", ["learner.weight_sync.inflight=pause", "rollout.engine=hf"])
+    assert load_config(REPO / "deploy/configs/e2e_small.yaml", ["learner.weight_sync.inflight=pause"]).learner.weight_sync.inflight == "pause"

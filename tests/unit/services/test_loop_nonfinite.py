@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
@@ -24,6 +25,8 @@ def loop(tmp_path, monkeypatch):
     lp.s, lp.stop_reason, lp.initial_accuracy = LoopState(), None, 0.0
     lp.log = MetricsLog(tmp_path / "metrics.jsonl")
     lp.published = []
+    lp.publish_due = False
+    lp.pool = SimpleNamespace(publish_must_wait=lambda: False)  # no re-formed weight group pending
     lp._publish = lambda: lp.published.append(lp.s.steps)
     lp._progress_update = lambda rec: None
     return lp

@@ -1,0 +1,54 @@
+"""`flywheel`: operate running Flywheel runs from a shell.
+
+    flywheel scale rollout N --run NAME [--address ADDR] [--wait SECONDS]
+    python -m services.cli scale rollout N --run NAME
+
+`scale rollout` sets the run's rollout worker count (services/control.py): the loop starts or
+drains workers within about a second, without stopping the learner. Exit codes: 0 done, 2 bad
+arguments, 3 no such run (or no cluster at the address).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _worker_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"N={text!r} is not an integer; give the number of rollout workers, e.g. 2") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"N={n} is invalid: a run needs at least 1 rollout worker (give N >= 1)")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flywheel", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    scale = sub.add_parser("scale", help="change the number of workers of a running run")
+    what = scale.add_subparsers(dest="role", required=True, metavar="ROLE")
+    rollout = what.add_parser("rollout", help="set the number of rollout workers")
+    rollout.add_argument("n", type=_worker_count, metavar="N", help="desired rollout workers (>= 1)")
+    rollout.add_argument("--run", required=True, help="the run's run.name")
+    rollout.add_argument("--address", default=None, help="the run's Ray cluster (default: $RAY_ADDRESS, else the local cluster)")
+    rollout.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for N active workers")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from services.control import RunNotFound, scale_rollout
+
+    try:
+        report = scale_rollout(args.run, args.n, address=args.address, wait_s=args.wait)
+    except RunNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print(f"requested {args.n} rollout worker(s) for run {args.run!r}")
+    print(f"membership as the loop last reported it: {report.format()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

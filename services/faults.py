@@ -1,0 +1,43 @@
+"""Test-only fault injection for the loop: kill -9 a rollout worker at a chosen moment.
+
+Set `FLYWHEEL_FAULT_KILL_WORKER="worker=1,after_step=2,at=rollout"` in the driver's environment
+(several faults: separate them with `;`): once the learner has finished `after_step` steps, the
+loop kills worker `worker`'s process right after handing it a rollout call (`at=rollout`: that call
+is unfinished), right after queueing a weight broadcast to it (`at=broadcast`), or right after
+queueing the re-formed group it is joining (`at=join`: the others wait for it in the rendezvous).
+Unset (the default), the loop does nothing extra. The worker must run on the driver's host.
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV = "FLYWHEEL_FAULT_KILL_WORKER"
+
+
+class KillWorker(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    worker: int = Field(ge=0)
+    after_step: int = Field(ge=0)
+    at: Literal["rollout", "broadcast", "join"] = "rollout"
+
+
+def parse(text: str) -> KillWorker:
+    """`"worker=1,after_step=2,at=rollout"` -> KillWorker; ValueError naming the variable and the bad part."""
+    fields = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"{ENV}={text!r}: {part!r} is not key=value (e.g. worker=1,after_step=2,at=rollout)")
+        fields[key.strip()] = value.strip()
+    try:
+        return KillWorker.model_validate(fields)
+    except ValidationError as e:
+        bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"{ENV}={text!r} is invalid ({bad}); e.g. worker=1,after_step=2,at=rollout") from None
+
+
+def from_env(environ=os.environ) -> list[KillWorker]:
+    return [parse(part) for part in environ.get(ENV, "").split(";") if part.strip()]

@@ -1,0 +1,204 @@
+"""Rollout-worker membership as pure state: who is in the run, in the weight group, and owes what.
+
+No Ray here (services/worker_pool.py drives it with actor handles and refs), so every rule is
+unit-tested in tests/unit/services/test_membership.py.
+
+A member's life (`MemberState`):
+    starting --constructed--> joining --first receive in a group that holds it--> active
+    active --scale down--> draining --its in-flight call done, no receive pending--> removed
+    any --actor died or its call failed--> dead (replaced while the pool is below its target)
+Invariants:
+- only `active` members get rollout calls; a joining member produces nothing before it holds the
+  weights of the group's first broadcast (the current policy_version).
+- the weight group is re-formed (`group_dirty`) whenever its membership would change: a member
+  died or missed a broadcast, joined, or started draining. Until then nobody leaves it silently.
+- a dead member's unfinished call's problems go to `reissue` and are given to the next call;
+  groups it already got into replay stay there (at-least-once: a worker that died between its
+  replay insert and its reply has its prompts sampled twice).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Literal
+
+from rollout.tasks import Problem
+
+MemberState = Literal["starting", "joining", "active", "draining", "dead", "removed"]
+_SERVING = ("starting", "joining", "active")  # count toward the target
+
+
+class TooManyFailures(RuntimeError):
+    """Rollout workers keep dying: more replacements than `run.max_worker_replacements`."""
+
+
+@dataclasses.dataclass
+class Member:
+    worker_id: int
+    state: MemberState = "starting"
+    policy_version: int = 0  # weights in its engine, as last reported (a fresh engine holds version 0)
+    in_group: bool = False  # a member of the weight group as last formed
+    in_flight: tuple[Problem, ...] | None = None  # problems of its unfinished rollout call
+    receiving: bool = False  # a receive_weights call is pending
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberView:
+    worker_id: int
+    state: MemberState
+    policy_version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MembershipReport:
+    """What `flywheel scale` prints: the target and every member that is not gone."""
+    run_name: str
+    target: int
+    members: tuple[MemberView, ...]
+
+    @property
+    def active(self) -> int:
+        return sum(m.state == "active" for m in self.members)
+
+    def format(self) -> str:
+        rows = ", ".join(f"worker {m.worker_id}: {m.state} (policy_version {m.policy_version})" for m in self.members)
+        return f"run {self.run_name!r}: target {self.target} rollout worker(s), {self.active} active; {rows or 'no members'}"
+
+
+class Membership:
+    def __init__(self, target: int, max_replacements: int):
+        if target < 1:
+            raise ValueError(f"rollout worker target={target}; a run needs at least 1 rollout worker")
+        self.members: dict[int, Member] = {}
+        self.target = target
+        self.max_replacements = max_replacements
+        self.next_id = 0
+        self.group_dirty = False
+        self.reissue: collections.deque[tuple[Problem, ...]] = collections.deque()
+        self.counters = dict.fromkeys(("worker_replacements", "reissued_prompts", "broadcast_drops",
+                                       "workers_added", "workers_removed", "worker_deaths"), 0)
+
+    # -- who is here ------------------------------------------------------------------------------
+    def add_initial(self, n: int) -> list[int]:
+        """`n` workers already constructed and in the weight group formed at start-up."""
+        return [self._new(state="active", in_group=True) for _ in range(n)]
+
+    def _new(self, **fields) -> int:
+        wid, self.next_id = self.next_id, self.next_id + 1
+        self.members[wid] = Member(wid, **fields)
+        return wid
+
+    def live(self) -> list[Member]:
+        return [m for m in self.members.values() if m.state not in ("dead", "removed")]
+
+    def serving(self) -> list[Member]:
+        return [m for m in self.members.values() if m.state in _SERVING]
+
+    def idle_active(self) -> list[int]:
+        return [m.worker_id for m in self.members.values() if m.state == "active" and m.in_flight is None]
+
+    def report(self, run_name: str) -> MembershipReport:
+        return MembershipReport(run_name, self.target, tuple(MemberView(m.worker_id, m.state, m.policy_version) for m in self.live()))
+
+    # -- scaling ----------------------------------------------------------------------------------
+    def set_target(self, n: int) -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"rollout worker target={n!r}; give an integer >= 1")
+        self.target = n
+
+    def reconcile(self) -> tuple[list[int], list[int]]:
+        """Bring the serving count to the target: (ids to start, ids to drain). Drains the newest first."""
+        serving = self.serving()
+        if len(serving) < self.target:
+            return [self._new() for _ in range(self.target - len(serving))], []
+        surplus = sorted(serving, key=lambda m: (m.state == "active", -m.worker_id))[:len(serving) - self.target]
+        for m in surplus:
+            m.state = "draining"
+            self.group_dirty = True
+        return [], [m.worker_id for m in surplus]
+
+    def on_started(self, wid: int) -> None:
+        m = self.members[wid]
+        if m.state == "starting":
+            m.state = "joining"
+            self.group_dirty = True
+
+    def removable(self, wid: int) -> bool:
+        m = self.members[wid]
+        return m.state == "draining" and m.in_flight is None and not m.receiving
+
+    def on_removed(self, wid: int) -> None:
+        self.members[wid].state = "removed"
+        self.members[wid].in_group = False
+        self.counters["workers_removed"] += 1
+
+    # -- calls ------------------------------------------------------------------------------------
+    def on_dispatch(self, wid: int, problems: tuple[Problem, ...]) -> None:
+        self.members[wid].in_flight = tuple(problems)
+
+    def on_rollout_done(self, wid: int, policy_version: int) -> None:
+        m = self.members[wid]
+        m.in_flight = None
+        m.policy_version = max(m.policy_version, policy_version)
+
+    def on_dead(self, wid: int) -> int:
+        """The member's actor is gone. Queue its unfinished problems; return how many were re-issued."""
+        m = self.members[wid]
+        if m.state in ("dead", "removed"):
+            return 0
+        was_serving = m.state in _SERVING
+        m.state, m.receiving = "dead", False
+        self.counters["worker_deaths"] += 1
+        if m.in_group:
+            self.group_dirty = True
+        m.in_group = False
+        reissued = 0
+        if m.in_flight:
+            self.reissue.append(m.in_flight)
+            reissued = len(m.in_flight)
+            self.counters["reissued_prompts"] += reissued
+        m.in_flight = None
+        if was_serving:
+            if self.counters["worker_replacements"] >= self.max_replacements:
+                raise TooManyFailures(
+                    f"rollout worker {wid} died and {self.counters['worker_replacements']} replacements were already made "
+                    f"(run.max_worker_replacements={self.max_replacements}); fix the cause (see the worker's log) or raise the limit")
+            self.counters["worker_replacements"] += 1
+        return reissued
+
+    # -- the weight group -------------------------------------------------------------------------
+    def plan_group(self) -> list[int]:
+        """Members of the next weight group, in rank order (rank i + 1): the constructed serving ones."""
+        return [m.worker_id for m in self.members.values() if m.state in ("joining", "active")]
+
+    def on_group_formed(self, plan: list[int]) -> None:
+        for m in self.members.values():
+            m.in_group = m.worker_id in plan
+        self.group_dirty = False
+
+    def broadcast_to(self) -> list[int]:
+        """Members a broadcast on the current group must reach."""
+        return [m.worker_id for m in self.live() if m.in_group]
+
+    def on_received(self, wid: int, policy_version: int) -> bool:
+        """A receive succeeded; True if this made a joining member active."""
+        m = self.members[wid]
+        m.receiving = False
+        m.policy_version = policy_version
+        if m.state == "joining":
+            m.state = "active"
+            self.counters["workers_added"] += 1
+            return True
+        return False
+
+    def on_missed(self, wid: int) -> None:
+        """An alive member did not get a broadcast (timeout, broken group): re-form the group with it."""
+        m = self.members[wid]
+        m.receiving = False
+        self.counters["broadcast_drops"] += 1
+        self.group_dirty = True
+
+    def wants_weights(self, policy_version: int) -> bool:
+        """A re-formed group would bring someone the current weights: a joiner, or a member behind."""
+        return self.group_dirty and any(m.state == "joining" or (m.state == "active" and m.policy_version < policy_version)
+                                        for m in self.members.values())
