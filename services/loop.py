@@ -365,12 +365,6 @@ class ActorLearnerLoop:
         self.bar.close()
 
 
-def _tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
 def _split_groups(batch: pa.RecordBatch, parts: int) -> list[pa.Table]:
     """Split a batch of whole groups into `parts` tables of whole groups (round-robin by group)."""
     table = pa.Table.from_batches([batch])

@@ -40,6 +40,7 @@ class Member:
     in_group: bool = False  # a member of the weight group as last formed
     in_flight: tuple[Problem, ...] | None = None  # problems of its unfinished rollout call
     receiving: bool = False  # a receive_weights call is pending
+    last_dispatch: int = 0  # sequence number of its latest rollout call (0 = none yet)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Membership:
         self.max_replacements = max_replacements
         self.next_id = 0
         self.group_dirty = False
+        self._dispatch_seq = 0
         self.reissue: collections.deque[tuple[Problem, ...]] = collections.deque()
         self.counters = dict.fromkeys(("worker_replacements", "reissued_prompts", "broadcast_drops",
                                        "workers_added", "workers_removed", "worker_deaths"), 0)
@@ -95,7 +97,10 @@ class Membership:
         return [m for m in self.members.values() if m.state in _SERVING]
 
     def idle_active(self) -> list[int]:
-        return [m.worker_id for m in self.members.values() if m.state == "active" and m.in_flight is None]
+        """Active workers with no call in flight, least recently dispatched first: when the replay
+        backlog frees room for one call at a time, a fast worker must not starve the others."""
+        idle = [m for m in self.members.values() if m.state == "active" and m.in_flight is None]
+        return [m.worker_id for m in sorted(idle, key=lambda m: m.last_dispatch)]
 
     def report(self, run_name: str) -> MembershipReport:
         return MembershipReport(run_name, self.target, tuple(MemberView(m.worker_id, m.state, m.policy_version) for m in self.live()))
@@ -135,6 +140,8 @@ class Membership:
     # -- calls ------------------------------------------------------------------------------------
     def on_dispatch(self, wid: int, problems: tuple[Problem, ...]) -> None:
         self.members[wid].in_flight = tuple(problems)
+        self._dispatch_seq += 1
+        self.members[wid].last_dispatch = self._dispatch_seq
 
     def on_rollout_done(self, wid: int, policy_version: int) -> None:
         m = self.members[wid]

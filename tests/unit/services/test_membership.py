@@ -93,3 +93,17 @@ def test_report_lists_live_members_with_their_versions():
     r = m.report("run-a")
     assert r.target == 2 and [(v.worker_id, v.state) for v in r.members] == [(1, "active")] and r.active == 1
     assert "worker 1: active" in r.format() and "run 'run-a'" in r.format()
+
+
+def test_idle_workers_are_offered_least_recently_dispatched_first():
+    m = Membership(2, max_replacements=4)
+    a, b = m.add_initial(2)
+    for wid in (a, b):
+        m.on_started(wid)
+        m.on_received(wid, 0)
+    assert m.idle_active() == [a, b]
+    for _ in range(3):  # a fast worker that is always idle first must not take every call
+        first = m.idle_active()[0]
+        m.on_dispatch(first, ())
+        m.on_rollout_done(first, 0)
+        assert m.idle_active()[0] != first
