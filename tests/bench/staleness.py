@@ -9,7 +9,8 @@ correction:
   ppo           - PPO-clip on the learner/behaviour ratio (the trust region widens with staleness),
   decoupled_ppo - AReaL's decoupled objective: clip against the proximal (pre-step) policy, behaviour
                   importance weight outside the clip,
-  tis           - PPO-clip plus truncated importance sampling of the behaviour mismatch (cap 2).
+  tis           - truncated importance sampling of the engine/learner mismatch (Yao et al. 2025): the
+                  decoupled objective with the behaviour weight capped at 2 (`tis_cap`).
 Reported per cell: final and best held-out accuracy, mean KL(learner||behaviour), max staleness seen,
 learner steps, and RL seconds to reach +10 points (staleness 0 = the synchronous baseline, so the
 ratio column is the async-vs-sync speed-up). At staleness 0 the three corrections are the same objective
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 LOSSES = {
     "ppo": ["learner.objective.policy_loss=ppo"],
     "decoupled_ppo": ["learner.objective.policy_loss=decoupled_ppo"],
-    "tis": ["learner.objective.policy_loss=ppo", "learner.objective.tis_cap=2.0"],
+    "tis": ["learner.objective.policy_loss=decoupled_ppo", "learner.objective.tis_cap=2.0"],
 }
 TARGET_GAINS = (0.10, 0.20)
 
@@ -65,17 +66,21 @@ def main() -> None:
     ap.add_argument("--rl-seconds", type=float, default=150.0)
     ap.add_argument("--staleness", type=int, nargs="+", default=[0, 2, 4, 8])
     ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
+    ap.add_argument("--append", action="store_true", help="keep the other cells of the existing results file")
     args = ap.parse_args()
     runs = REPO / "runs"
+    out = REPO / "tests/bench/results/staleness.json"
     plan = [(s, loss) for s in args.staleness for loss in (args.losses[:1] if s == 0 else args.losses)]
     cells = [run_cell(s, loss, args.rl_seconds, runs) for s, loss in plan]
+    if args.append and out.exists():
+        kept = [c for c in json.loads(out.read_text())["cells"] if (c["staleness"], c["loss"]) not in set(plan)]
+        cells = sorted(kept + cells, key=lambda c: (c["staleness"], list(LOSSES).index(c["loss"])))
     base = next((b for b in cells if b["staleness"] == 0 and "error" not in b), None)
     for c in cells:  # async-vs-sync: time to each target relative to the synchronous run
         for g in TARGET_GAINS:
             key = f"seconds_to_plus{round(100 * g)}"
             ok = base and base.get(key) and c.get(key)
             c[f"speedup_vs_sync_plus{round(100 * g)}"] = base[key] / c[key] if ok else None
-    out = REPO / "tests/bench/results/staleness.json"
     out.write_text(json.dumps({"rl_seconds": args.rl_seconds, "target_gains": TARGET_GAINS, "cells": cells}, indent=1))
     cols = ("loss", "staleness", "accuracy_final", "accuracy_best", "kl_behaviour_mean", "max_staleness_seen",
             "learner_steps", "seconds_to_plus10", "seconds_to_plus20", "speedup_vs_sync_plus20")
