@@ -42,6 +42,9 @@ from learner.kl import KLDirection, KLEstimator, kl_penalty, kl_reinforce_coef
 
 AdvantageName = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae", "vtrace"]
 CRITIC_ADVANTAGES = ("gae", "vtrace")
+# Zero for every member of a group whose rewards are all equal (not reinforce_pp_baseline: its batch
+# whitening shifts them), so such groups may be dropped before training (rollout.drop_uniform_groups).
+GROUP_BASELINE_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 PolicyLossName = Literal["ppo", "decoupled_ppo", "gspo", "vtrace", "rpg_surrogate", "rpg_reinforce"]
 OPTIONAL_INPUTS = ("ref_logprobs", "proximal_logprobs", "token_rewards", "values", "entropy")
 

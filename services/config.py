@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from learner.config import LearnerConfig
+from learner.objective import GROUP_BASELINE_ADVANTAGES
 from learner.sft import SFTConfig
 from learner.tiny_model import TinyModelSpec
 from replay.config import ReplayConfig
@@ -22,8 +23,6 @@ from rollout.rewards import RewardConfig
 from rollout.datasets import DatasetTaskConfig
 from rollout.tasks import TaskConfig
 
-# Advantages that are zero for every member of a group with equal rewards (see learner/advantages.py).
-GROUP_BASELINE_ADVANTAGES = ("grpo", "dr_grpo", "rloo")  # not reinforce_pp_baseline: batch whitening shifts them
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -49,18 +49,19 @@ def prepare_model(cfg: RunConfig, cache_dir: Path) -> tuple[Path, float]:
     """The policy's starting point (version 0): the given or built-in model, after the cold start. Cached."""
     from learner.sft import cold_start
     from learner.tiny_model import TinyModelSpec, build_tiny_model
+    from rollout.datasets import DatasetTaskConfig, dataset_alphabet
     from rollout.tasks import make_task
 
-    from rollout.datasets import DatasetTaskConfig, dataset_alphabet
-
     dataset = isinstance(cfg.task, DatasetTaskConfig)
+    task = None if dataset else make_task(cfg.task)  # a dataset task needs the model's tokenizer first
     if cfg.model.path is not None:
         base = Path(cfg.model.path).expanduser()
     else:  # the built-in model's character tokenizer covers the task's alphabet (a dataset's: its characters)
-        alphabet = dataset_alphabet(cfg.task) if dataset else make_task(cfg.task).alphabet
+        alphabet = dataset_alphabet(cfg.task) if dataset else task.alphabet
         spec = TinyModelSpec(alphabet=alphabet, **cfg.model.model_dump(exclude={"path"}))
         base = build_tiny_model(cache_dir / "models" / f"tiny-{spec.cache_key()}", spec)
-    task = make_task(cfg.task, _tokenizer(base) if dataset else None)
+    if dataset:
+        task = make_task(cfg.task, _tokenizer(base))
     if cfg.cold_start is None:
         return base, 0.0
     key = hashlib.sha256(f"{base.resolve()}|{cfg.task.model_dump_json()}|{cfg.cold_start.model_dump_json()}".encode()).hexdigest()[:16]
