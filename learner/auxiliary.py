@@ -16,6 +16,7 @@ Contract:
   forward pass, then back (memory for speed, like OpenRLHF's `ref_offload`); on a CPU learner
   offload changes nothing.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,7 +44,9 @@ class PolicyWithValue(torch.nn.Module):
     def forward(self, **inputs) -> PolicyValueOutput:
         out = self.policy(**inputs, output_hidden_states=True)
         hidden = out.hidden_states[-1]
-        return PolicyValueOutput(logits=out.logits, state_values=self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1))
+        return PolicyValueOutput(
+            logits=out.logits, state_values=self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        )
 
 
 class ReferencePolicy:

@@ -5,6 +5,7 @@ per-token tensor is `[B, T]` and column t of it is completion token t of every r
 count real tokens only, so padding never shifts a sequence. `mask` is 1 on real completion tokens.
 Padded positions hold `pad_id` / 0.0 and are never read by the objective (it multiplies by `mask`).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -3,6 +3,7 @@
 The device picks everything backend-shaped: `cpu` -> gloo + DeepSpeed's CPU accelerator, `cuda` ->
 NCCL + CUDA. There is no other switch between the CPU and GPU paths.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -35,8 +36,19 @@ class LearnerConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="must equal rollout.temperature")
     num_cpus_per_rank: float = Field(1.0, ge=0)
     num_gpus_per_rank: float = Field(0.0, ge=0)
-    ray_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rank, e.g. {flywheel_learner: 1} to pin ranks to the learner worker group")
-    max_consecutive_nonfinite: int = Field(5, ge=1, description="stop the run (with a checkpoint) after this many consecutive steps skipped for a NaN/inf loss or gradient")
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "custom Ray resources per rank, e.g. {flywheel_learner: 1} to pin ranks to the learner worker group"
+        ),
+    )
+    max_consecutive_nonfinite: int = Field(
+        5,
+        ge=1,
+        description=(
+            "stop the run (with a checkpoint) after this many consecutive steps skipped for a NaN/inf loss or gradient"
+        ),
+    )
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
@@ -46,10 +58,11 @@ class LearnerConfig(BaseModel):
         return "nccl" if self.device == "cuda" else "gloo"
 
     @model_validator(mode="after")
-    def _check(self) -> "LearnerConfig":
+    def _check(self) -> LearnerConfig:
         if self.groups_per_step % self.num_ranks:
             raise ValueError(
-                f"learner.groups_per_step={self.groups_per_step} is not divisible by learner.num_ranks={self.num_ranks}; "
+                f"learner.groups_per_step={self.groups_per_step} is not divisible by "
+                f"learner.num_ranks={self.num_ranks}; "
                 "each rank trains on whole groups, so make groups_per_step a multiple of num_ranks"
             )
         if self.weight_sync.backend != self.dist_backend:

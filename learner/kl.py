@@ -23,6 +23,7 @@ Numerical safety: every log-ratio is clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLA
 value saturates and its gradient is zero. With `mask` given, padded positions are never read
 (they may hold NaN) and come out as 0.
 """
+
 from __future__ import annotations
 
 from typing import Literal

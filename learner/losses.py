@@ -29,6 +29,7 @@ row, mean over rows), "seq-mean-token-sum-norm" (Dr.GRPO: sum over all tokens / 
 a constant normaliser so no length bias). Seq modes average over rows with >= 1 loss token.
 When no loss token remains the loss is 0 but still attached to the graph, so backward runs on every rank.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _where(m, x).sum() / m.sum().clamp(min=1)
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: AggMode,
-              norm_tokens: int | None = None) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, agg: AggMode, norm_tokens: int | None = None
+) -> torch.Tensor:
     """Reduce `per_token [B, T]` to a scalar by `agg` (module docstring)."""
     m = mask.bool()
     x = _where(m, per_token)
@@ -102,15 +104,23 @@ def _normalised_ess(log_w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def importance_diagnostics(learner_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
-                           mask: torch.Tensor) -> dict[str, float]:
+def importance_diagnostics(
+    learner_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
     """pi/mu ratio mean/min/max over response tokens and normalised ESS (Kish) of token and sequence weights."""
     m = mask.bool()
     lw = _where(m, _log_ratio(_where(m, learner_logprobs), _where(m, behaviour_logprobs)))
     w = torch.exp(lw[m]) if m.any() else torch.ones(1, dtype=lw.dtype)
     seq = lw.sum(-1)[m.any(-1)]  # sequence log-weight sum_t log r_t
-    return as_floats({"is_ratio_mean": w.mean(), "is_ratio_min": w.min(), "is_ratio_max": w.max(),
-                    "ess_token": _normalised_ess(lw[m]), "ess_seq": _normalised_ess(seq)})
+    return as_floats(
+        {
+            "is_ratio_mean": w.mean(),
+            "is_ratio_min": w.min(),
+            "is_ratio_max": w.max(),
+            "ess_token": _normalised_ess(lw[m]),
+            "ess_seq": _normalised_ess(seq),
+        }
+    )
 
 
 def _gspo_log_ratio(log_ratio: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -163,14 +173,20 @@ def policy_loss(
     if behaviour_logprobs is not None:
         bw, over = _behaviour_weight(old, _where(m, behaviour_logprobs.detach()), m, tis_cap, tis_mode)
         per_token = per_token * bw
-        diag |= {"behaviour_weight_mean": masked_mean(bw, m), "behaviour_weight_max": _masked_extreme(bw, m, "max"),
-                 "tis_frac": _frac(over, m)}
+        diag |= {
+            "behaviour_weight_mean": masked_mean(bw, m),
+            "behaviour_weight_max": _masked_extreme(bw, m, "max"),
+            "tis_frac": _frac(over, m),
+        }
     r = ratio.detach()
-    diag |= {"clip_frac_low": _frac((r < 1 - clip_low) & (adv < 0), m),
-             "clip_frac_high": _frac((r > 1 + clip_high) & (adv > 0), m),
-             "clip_frac_dual": _frac((r > dual_clip) & (adv < 0), m) if dual_clip else torch.zeros(()),
-             "ratio_mean": masked_mean(r, m), "ratio_min": _masked_extreme(r, m, "min"),
-             "ratio_max": _masked_extreme(r, m, "max")}
+    diag |= {
+        "clip_frac_low": _frac((r < 1 - clip_low) & (adv < 0), m),
+        "clip_frac_high": _frac((r > 1 + clip_high) & (adv > 0), m),
+        "clip_frac_dual": _frac((r > dual_clip) & (adv < 0), m) if dual_clip else torch.zeros(()),
+        "ratio_mean": masked_mean(r, m),
+        "ratio_min": _masked_extreme(r, m, "min"),
+        "ratio_max": _masked_extreme(r, m, "max"),
+    }
     return aggregate(per_token, m, agg, norm_tokens), as_floats(diag)
 
 
@@ -179,8 +195,16 @@ def _score(lp: torch.Tensor) -> torch.Tensor:
     return torch.exp(lp - lp.detach())
 
 
-def vtrace_policy_loss(learner_logprobs, behaviour_logprobs, advantages, mask, *, rho_bar: float = 1.0,
-                       agg: AggMode = "token-mean", norm_tokens: int | None = None):
+def vtrace_policy_loss(
+    learner_logprobs,
+    behaviour_logprobs,
+    advantages,
+    mask,
+    *,
+    rho_bar: float = 1.0,
+    agg: AggMode = "token-mean",
+    norm_tokens: int | None = None,
+):
     """IMPALA policy gradient: -min(rho, rho_bar) * A * grad log pi, rho = pi/mu; all `[B, T]`."""
     m = mask.bool()
     lp, adv = _where(m, learner_logprobs), _where(m, advantages.detach())
@@ -190,8 +214,15 @@ def vtrace_policy_loss(learner_logprobs, behaviour_logprobs, advantages, mask, *
     return aggregate(per_token, m, agg, norm_tokens), as_floats(diag)
 
 
-def is_surrogate_loss(learner_logprobs, behaviour_logprobs, advantages, mask, *,
-                      agg: AggMode = "token-mean", norm_tokens: int | None = None):
+def is_surrogate_loss(
+    learner_logprobs,
+    behaviour_logprobs,
+    advantages,
+    mask,
+    *,
+    agg: AggMode = "token-mean",
+    norm_tokens: int | None = None,
+):
     """RPG's fully differentiable reward surrogate -E_mu[w A], w = pi/mu with grad; all `[B, T]`."""
     m = mask.bool()
     lp, adv = _where(m, learner_logprobs), _where(m, advantages.detach())
@@ -199,8 +230,9 @@ def is_surrogate_loss(learner_logprobs, behaviour_logprobs, advantages, mask, *,
     return aggregate(-w * adv, m, agg, norm_tokens), as_floats({"ratio_mean": masked_mean(w.detach(), m)})
 
 
-def rpg_clip_weight(w: torch.Tensor, a_reg: torch.Tensor, clip_low: float | None, clip_high: float | None,
-                    dual_clip: float | None) -> torch.Tensor:
+def rpg_clip_weight(
+    w: torch.Tensor, a_reg: torch.Tensor, clip_low: float | None, clip_high: float | None, dual_clip: float | None
+) -> torch.Tensor:
     """RPG-style clip C(w, A_reg): w clipped to [1-clip_low, 1+clip_high] where A_reg >= 0; where
     A_reg < 0 only the lower bound 1-clip_low and the dual-clip cap c apply (dual-clip adapted to a
     REINFORCE weight, arXiv:2505.17508 Sec. "RPG-Style Clip"). None disables a bound.
@@ -212,9 +244,19 @@ def rpg_clip_weight(w: torch.Tensor, a_reg: torch.Tensor, clip_low: float | None
     return torch.where(a_reg >= 0, pos, neg)
 
 
-def rpg_reinforce_loss(learner_logprobs, behaviour_logprobs, advantages, mask, *, kl_coef: torch.Tensor | None = None,
-                       clip_low: float | None = None, clip_high: float | None = None,
-                       dual_clip: float | None = None, agg: AggMode = "token-mean", norm_tokens: int | None = None):
+def rpg_reinforce_loss(
+    learner_logprobs,
+    behaviour_logprobs,
+    advantages,
+    mask,
+    *,
+    kl_coef: torch.Tensor | None = None,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: AggMode = "token-mean",
+    norm_tokens: int | None = None,
+):
     """RPG REINFORCE-style loss -E_mu[sg(C(w, A_reg) * A_reg) * log pi] (arXiv:2505.17508).
 
     Args: `[B, T]` tensors; `kl_coef` = sum_j beta_j * kl.kl_reinforce_coef(...) (detached), so the
@@ -227,7 +269,11 @@ def rpg_reinforce_loss(learner_logprobs, behaviour_logprobs, advantages, mask, *
     a_reg = adv if kl_coef is None else adv - _where(m, kl_coef.detach()) / w
     wc = rpg_clip_weight(w, a_reg, clip_low, clip_high, dual_clip)
     per_token = -(wc * a_reg) * _score(lp)
-    diag = {"clip_frac_low": _frac(w < wc, m), "clip_frac_high": _frac((w > wc) & (a_reg >= 0), m),
-            "clip_frac_dual": _frac((w > wc) & (a_reg < 0), m), "ratio_mean": masked_mean(w, m),
-            "a_reg_mean": masked_mean(a_reg, m)}
+    diag = {
+        "clip_frac_low": _frac(w < wc, m),
+        "clip_frac_high": _frac((w > wc) & (a_reg >= 0), m),
+        "clip_frac_dual": _frac((w > wc) & (a_reg < 0), m),
+        "ratio_mean": masked_mean(w, m),
+        "a_reg_mean": masked_mean(a_reg, m),
+    }
     return aggregate(per_token, m, agg, norm_tokens), as_floats(diag)

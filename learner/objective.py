@@ -27,6 +27,7 @@ and GAE whitening) are per rank: whole groups make group baselines exact, whiten
 Diagnostics are per rank: reduce keys ending
 in `_min`/`_max` with min/max and the rest with mean.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,7 +98,7 @@ class ObjectiveConfig(BaseModel):
     value_coef: float = Field(0.5, ge=0)  # gae / vtrace only
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ObjectiveConfig":
+    def _consistent(self) -> ObjectiveConfig:
         for problem in _config_problems(self):
             raise ValueError(problem)
         return self
@@ -106,15 +107,20 @@ class ObjectiveConfig(BaseModel):
 def _config_problems(c: ObjectiveConfig) -> list[str]:
     p = []
     if c.advantage == "dr_grpo" and c.agg != "seq-mean-token-sum-norm":
-        p.append("objective.advantage='dr_grpo' drops length normalisation: set objective.agg="
-                 "'seq-mean-token-sum-norm' (and agg_norm_tokens), or use advantage='grpo' with "
-                 "grpo_scale_by_std=false")
+        p.append(
+            "objective.advantage='dr_grpo' drops length normalisation: set objective.agg="
+            "'seq-mean-token-sum-norm' (and agg_norm_tokens), or use advantage='grpo' with "
+            "grpo_scale_by_std=false"
+        )
     if c.agg == "seq-mean-token-sum-norm" and c.agg_norm_tokens is None:
-        p.append("objective.agg='seq-mean-token-sum-norm' needs objective.agg_norm_tokens "
-                 "(e.g. the max response length)")
+        p.append(
+            "objective.agg='seq-mean-token-sum-norm' needs objective.agg_norm_tokens (e.g. the max response length)"
+        )
     if c.tis_cap is not None and c.policy_loss != "decoupled_ppo":
-        p.append("objective.tis_cap caps the proximal/behaviour weight, which only objective.policy_loss="
-                 "'decoupled_ppo' has; use vtrace_rho_bar for 'vtrace' or unset tis_cap")
+        p.append(
+            "objective.tis_cap caps the proximal/behaviour weight, which only objective.policy_loss="
+            "'decoupled_ppo' has; use vtrace_rho_bar for 'vtrace' or unset tis_cap"
+        )
     if c.dual_clip is not None and c.policy_loss in ("vtrace", "rpg_surrogate"):
         p.append(f"objective.dual_clip does not apply to policy_loss='{c.policy_loss}'; unset it")
     if c.dual_clip is not None and c.dual_clip <= 1 + c.clip_high and c.policy_loss != "rpg_reinforce":
@@ -167,19 +173,30 @@ def _check_inputs(cfg: ObjectiveConfig, x: ObjectiveInputs) -> None:
             raise ValueError(f"{name} has shape {tuple(getattr(x, name).shape)}; expected ({shape[0]},)")
     missing = sorted(n for n in requires(cfg) if getattr(x, n) is None)
     if missing:
-        raise ValueError(f"the objective config needs {missing} (see objective.requires(cfg)); compute them "
-                         "in the learner or change objective.kl_ref_coef / policy_loss / advantage / entropy_coef")
+        raise ValueError(
+            f"the objective config needs {missing} (see objective.requires(cfg)); compute them "
+            "in the learner or change objective.kl_ref_coef / policy_loss / advantage / entropy_coef"
+        )
 
 
 def _kl_terms(cfg: ObjectiveConfig, x: ObjectiveInputs) -> list[tuple[str, float, torch.Tensor, str, str, str]]:
     """(name, coef, target logprobs, estimator, direction, placement) for each active KL term."""
     terms = []
     if cfg.kl_behaviour_coef > 0:
-        terms.append(("kl_behaviour", cfg.kl_behaviour_coef, x.behaviour_logprobs, cfg.kl_behaviour_estimator,
-                      cfg.kl_behaviour_direction, cfg.kl_behaviour_in))
+        terms.append(
+            (
+                "kl_behaviour",
+                cfg.kl_behaviour_coef,
+                x.behaviour_logprobs,
+                cfg.kl_behaviour_estimator,
+                cfg.kl_behaviour_direction,
+                cfg.kl_behaviour_in,
+            )
+        )
     if cfg.kl_ref_coef > 0:
-        terms.append(("kl_ref", cfg.kl_ref_coef, x.ref_logprobs, cfg.kl_ref_estimator, cfg.kl_ref_direction,
-                      cfg.kl_ref_in))
+        terms.append(
+            ("kl_ref", cfg.kl_ref_coef, x.ref_logprobs, cfg.kl_ref_estimator, cfg.kl_ref_direction, cfg.kl_ref_in)
+        )
     return terms
 
 
@@ -192,8 +209,9 @@ def _advantages(cfg, x, m, reward_kl: torch.Tensor):
         if cfg.advantage == "rloo":
             a = adv_lib.rloo_advantages(seq, x.group_ids)
         else:
-            a = adv_lib.grpo_advantages(seq, x.group_ids, cfg.advantage == "grpo" and cfg.grpo_scale_by_std,
-                                        cfg.grpo_eps)
+            a = adv_lib.grpo_advantages(
+                seq, x.group_ids, cfg.advantage == "grpo" and cfg.grpo_scale_by_std, cfg.grpo_eps
+            )
         return torch.where(m, a[:, None].expand_as(tok), 0.0), None, outcome.sum(-1)
     if cfg.advantage in ("reinforce_pp", "reinforce_pp_baseline"):
         gids = x.group_ids if cfg.advantage == "reinforce_pp_baseline" else None
@@ -214,16 +232,27 @@ def _policy_term(cfg, x, adv, m, kl_coef):
     if cfg.policy_loss in ("ppo", "gspo", "decoupled_ppo"):
         decoupled = cfg.policy_loss == "decoupled_ppo"
         return losses.policy_loss(
-            lp, x.proximal_logprobs if decoupled else mu, adv, m, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip, ratio_level="sequence" if cfg.policy_loss == "gspo" else "token",
-            behaviour_logprobs=mu if decoupled else None, tis_cap=cfg.tis_cap, tis_mode=cfg.tis_mode, **common)
+            lp,
+            x.proximal_logprobs if decoupled else mu,
+            adv,
+            m,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip,
+            ratio_level="sequence" if cfg.policy_loss == "gspo" else "token",
+            behaviour_logprobs=mu if decoupled else None,
+            tis_cap=cfg.tis_cap,
+            tis_mode=cfg.tis_mode,
+            **common,
+        )
     if cfg.policy_loss == "vtrace":
         return losses.vtrace_policy_loss(lp, mu, adv, m, rho_bar=cfg.vtrace_rho_bar, **common)
     if cfg.policy_loss == "rpg_surrogate":
         return losses.is_surrogate_loss(lp, mu, adv, m, **common)
     clip = (cfg.clip_low, cfg.clip_high, cfg.dual_clip) if cfg.rpg_clip else (None, None, None)
-    return losses.rpg_reinforce_loss(lp, mu, adv, m, kl_coef=kl_coef, clip_low=clip[0], clip_high=clip[1],
-                                     dual_clip=clip[2], **common)
+    return losses.rpg_reinforce_loss(
+        lp, mu, adv, m, kl_coef=kl_coef, clip_low=clip[0], clip_high=clip[1], dual_clip=clip[2], **common
+    )
 
 
 def compute_objective(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, float]]:
@@ -242,11 +271,14 @@ def compute_objective(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[torch.T
     lm = m & keep[:, None]
     loss_terms = [(n, c, t, est, d) for n, c, t, est, d, w in terms if w == "loss"]
     rpg = cfg.policy_loss == "rpg_reinforce"
-    kl_coef = sum((c * kl_reinforce_coef(lp, t, mu, est, d, lm) for _, c, t, est, d in loss_terms),
-                  zeros) if rpg else None
+    kl_coef = (
+        sum((c * kl_reinforce_coef(lp, t, mu, est, d, lm) for _, c, t, est, d in loss_terms), zeros) if rpg else None
+    )
     pg, diag = _policy_term(cfg, x, adv, lm, kl_coef)
-    kl_loss = sum((c * losses.aggregate(pens[n], lm, cfg.agg, cfg.agg_norm_tokens) for n, c, *_ in loss_terms),
-                  torch.zeros((), dtype=lp.dtype, device=lp.device))
+    kl_loss = sum(
+        (c * losses.aggregate(pens[n], lm, cfg.agg, cfg.agg_norm_tokens) for n, c, *_ in loss_terms),
+        torch.zeros((), dtype=lp.dtype, device=lp.device),
+    )
     # rpg_reinforce already carries the KL terms in its REINFORCE coefficient: report, don't add.
     loss, extra = (pg if rpg else pg + kl_loss), {"pg_loss": pg.detach(), "kl_loss": kl_loss.detach()}
     loss, extra = _entropy_and_value(cfg, x, lm, returns, loss, extra)
@@ -258,10 +290,13 @@ def compute_objective(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[torch.T
 
 def _upcast(x: ObjectiveInputs) -> ObjectiveInputs:
     """Float tensors to at least float32 (bf16 ratios and advantages lose too much); grad flows through."""
+
     def up(t):
         return t if t is None or not t.is_floating_point() else t.to(torch.promote_types(t.dtype, torch.float32))
-    return dataclasses.replace(x, **{f.name: up(getattr(x, f.name)) for f in dataclasses.fields(x)
-                                     if f.name not in ("mask", "group_ids")})
+
+    return dataclasses.replace(
+        x, **{f.name: up(getattr(x, f.name)) for f in dataclasses.fields(x) if f.name not in ("mask", "group_ids")}
+    )
 
 
 def _entropy_and_value(cfg, x, lm, returns, loss, extra):
@@ -279,8 +314,10 @@ def _entropy_and_value(cfg, x, lm, returns, loss, extra):
 def _batch_stats(adv, m, lm, outcome):
     a = adv[lm].to(torch.float64)
     n_tok = m.sum().clamp(min=1)
-    return {"adv_mean": a.mean() if a.numel() else torch.zeros(()),
-            "adv_std": a.std() if a.numel() > 1 else torch.zeros(()),
-            "reward_mean": outcome.to(torch.float64).mean(),
-            "masked_token_frac": 1 - m.sum() / m.numel(),
-            "filtered_token_frac": (m & ~lm).sum() / n_tok}
+    return {
+        "adv_mean": a.mean() if a.numel() else torch.zeros(()),
+        "adv_std": a.std() if a.numel() > 1 else torch.zeros(()),
+        "reward_mean": outcome.to(torch.float64).mean(),
+        "masked_token_frac": 1 - m.sum() / m.numel(),
+        "filtered_token_frac": (m & ~lm).sum() / n_tok,
+    }

@@ -3,6 +3,7 @@
 Contract: `restore_rng(capture_rng())` makes every later draw from the three generators equal to the
 draws that followed the capture. The record is plain picklable data (`torch.save`s as one file).
 """
+
 from __future__ import annotations
 
 import random

@@ -10,14 +10,16 @@ Contract:
 - `cold_start` caches: `out_dir/flywheel_sft.json` records (base model hash, task config, SFT config)
   and is written last, so a directory holding it is a finished checkpoint for exactly that key.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -75,8 +77,9 @@ def _batches(stream: Iterator[Problem], batch_size: int) -> Iterator[list[Proble
         yield [next(stream) for _ in range(batch_size)]
 
 
-def train_sft(model, tokenizer, problems: Iterable[Problem], cfg: SFTConfig,
-              on_step: Callable[[int, float], None] | None = None) -> list[float]:
+def train_sft(
+    model, tokenizer, problems: Iterable[Problem], cfg: SFTConfig, on_step: Callable[[int, float], None] | None = None
+) -> list[float]:
     """Run `cfg.steps` AdamW steps on `problems` (in order); returns the per-step mean token loss.
 
     `on_step(step, loss)` is called after every optimizer step (e.g. a probe evaluating mid-run).
@@ -114,12 +117,21 @@ def _base_hash(base_model_dir: Path) -> str:
 
 
 def _cache_key(base_model_dir: Path, task: ArithmeticTask, cfg: SFTConfig) -> dict:
-    return {"base_model_sha256": _base_hash(base_model_dir), "task": task.cfg.model_dump(mode="json"),
-            "sft": cfg.model_dump(mode="json")}
+    return {
+        "base_model_sha256": _base_hash(base_model_dir),
+        "task": task.cfg.model_dump(mode="json"),
+        "sft": cfg.model_dump(mode="json"),
+    }
 
 
-def cold_start(base_model_dir: Path, out_dir: Path, task: ArithmeticTask, cfg: SFTConfig,
-               threads: int | None = None, on_step: Callable[[int, float], None] | None = None) -> Path:
+def cold_start(
+    base_model_dir: Path,
+    out_dir: Path,
+    task: ArithmeticTask,
+    cfg: SFTConfig,
+    threads: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Path:
     """SFT `base_model_dir` on `task` and save model + tokenizer (HF format) to `out_dir`; cached by key.
 
     `on_step(step, loss)` is forwarded to `train_sft` (the driver draws a progress bar with it).

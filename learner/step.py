@@ -12,13 +12,13 @@ gradients itself, stage 0 is checked here) — and reported as `skipped_nonfinit
 `save_state` / `load_state` are collective too: DeepSpeed's per-rank checkpoint (model, optimiser and
 scheduler partitions, no gather) plus this rank's RNG state and step count.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import torch
@@ -123,8 +123,13 @@ class LearnerCore:
     def _skipped(self, diag: dict, loss: torch.Tensor, where: str, t0: float, t_fwd: float) -> dict[str, float]:
         """Diagnostics of a step skipped for non-finite numerics: weights and optimiser state unchanged."""
         out = {k: float(v) for k, v in diag.items()}
-        out.update(skipped_nonfinite=1.0, nonfinite_in_gradient=float(where == "gradient"), loss=float(loss.detach()),
-                   forward_s=t_fwd - t0, step_s=time.perf_counter() - t0)
+        out.update(
+            skipped_nonfinite=1.0,
+            nonfinite_in_gradient=float(where == "gradient"),
+            loss=float(loss.detach()),
+            forward_s=t_fwd - t0,
+            step_s=time.perf_counter() - t0,
+        )
         return out
 
     def save_state(self, out_dir: str | Path) -> None:
@@ -140,8 +145,9 @@ class LearnerCore:
         from learner.rng_state import restore_rng
 
         ckpt = Path(ckpt_dir)
-        path, _ = self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        path, _ = self.engine.load_checkpoint(
+            str(ckpt / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt / 'deepspeed'}; the checkpoint is incomplete")
         own = torch.load(ckpt / f"rank-{self.rank}.pt", weights_only=False)
@@ -194,5 +200,10 @@ def _to(tb, device):
     import dataclasses
 
     return dataclasses.replace(
-        tb, **{f.name: getattr(tb, f.name).to(device) for f in dataclasses.fields(tb) if isinstance(getattr(tb, f.name), torch.Tensor)}
+        tb,
+        **{
+            f.name: getattr(tb, f.name).to(device)
+            for f in dataclasses.fields(tb)
+            if isinstance(getattr(tb, f.name), torch.Tensor)
+        },
     )

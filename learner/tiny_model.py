@@ -6,6 +6,7 @@ tokenizer (`tokenizer.json` + `tokenizer_config.json`) that `transformers.AutoTo
 character of `spec.alphabet` to one token; special tokens are `<pad>`=0, `<bos>`=1, `<eos>`=2.
 The same spec and seed give bit-identical weights, so the directory is a cache keyed by the spec.
 """
+
 from __future__ import annotations
 
 import json

@@ -30,6 +30,7 @@ Contract:
   the transport (new port) with the survivors: `WeightGroup` names such a group, and the sender
   `abandon`s the old one (no close announcement: its receivers are re-forming, not listening).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,6 +69,7 @@ class WeightSyncConfig(BaseModel):
 @dataclasses.dataclass(frozen=True)
 class WeightGroup:
     """Where a (re-)formed weight-sync group meets: rank 0 (the sender) hosts the store on `master_port`."""
+
     cfg: WeightSyncConfig
     master_addr: str
     master_port: int
@@ -109,9 +111,11 @@ def free_port() -> int:
 
 # ---------------------------------------------------------------- packing (pure, unit-tested)
 
+
 @dataclasses.dataclass(frozen=True)
 class TensorSlot:
     """Where one tensor lives in a bucket's payload. `dtype` is its own; `wire_dtype` is on the wire."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str
@@ -123,8 +127,9 @@ class TensorSlot:
 def _dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise WeightSyncError(f"unknown dtype {name!r} in a weight-sync header; sender and receiver "
-                              "must run the same torch version")
+        raise WeightSyncError(
+            f"unknown dtype {name!r} in a weight-sync header; sender and receiver must run the same torch version"
+        )
     return dtype
 
 
@@ -144,8 +149,9 @@ def _wire_nbytes(tensor: torch.Tensor, wire_dtype: str | None) -> int:
     return tensor.numel() * _wire_dtype(tensor, wire_dtype).itemsize
 
 
-def group_into_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
-                       wire_dtype: str | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def group_into_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, wire_dtype: str | None = None
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Greedy, order-preserving, lazy: a bucket closes when the next tensor would overflow it.
 
     A tensor whose wire size alone exceeds `bucket_bytes` forms a bucket of its own.
@@ -169,8 +175,11 @@ def _slots(bucket: list[tuple[str, torch.Tensor]], wire_dtype: str | None) -> li
     slots, offset = [], 0
     for name, t in bucket:
         nbytes = _wire_nbytes(t, wire_dtype)
-        slots.append(TensorSlot(name, tuple(t.shape), _dtype_name(t.dtype),
-                                _dtype_name(_wire_dtype(t, wire_dtype)), offset, nbytes))
+        slots.append(
+            TensorSlot(
+                name, tuple(t.shape), _dtype_name(t.dtype), _dtype_name(_wire_dtype(t, wire_dtype)), offset, nbytes
+            )
+        )
         offset += _round_up(nbytes)
     return slots
 
@@ -185,9 +194,12 @@ def decode_header(header: torch.Tensor) -> list[TensorSlot]:
     return [TensorSlot(**{**d, "shape": tuple(d["shape"])}) for d in json.loads(text)]
 
 
-def pack_bucket(bucket: list[tuple[str, torch.Tensor]], wire_dtype: str | None = None,
-                device: torch.device | str = "cpu", alloc: Callable[[int], torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, int]:
+def pack_bucket(
+    bucket: list[tuple[str, torch.Tensor]],
+    wire_dtype: str | None = None,
+    device: torch.device | str = "cpu",
+    alloc: Callable[[int], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, int]:
     """Copy `bucket` into one wire buffer. Returns (uint8 `[header_nbytes + payload_nbytes]`, header_nbytes).
 
     The header is JSON of the `TensorSlot`s, padded to `_ALIGN`; the copy is a snapshot of the tensors.
@@ -199,16 +211,17 @@ def pack_bucket(bucket: list[tuple[str, torch.Tensor]], wire_dtype: str | None =
     payload_nbytes = _round_up(slots[-1].offset + slots[-1].nbytes) if slots else 0
     nbytes = header_nbytes + payload_nbytes
     wire = alloc(nbytes) if alloc else torch.empty(nbytes, dtype=torch.uint8, device=device)
-    wire[:len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
-    wire[len(header):header_nbytes].zero_()
+    wire[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+    wire[len(header) : header_nbytes].zero_()
     payload = wire[header_nbytes:]
     for slot, (_, tensor) in zip(slots, bucket):
         _slot_view(payload, slot).copy_(tensor.detach())
     return wire, header_nbytes
 
 
-def direct_parts(bucket: list[tuple[str, torch.Tensor]], wire_dtype: str | None, min_nbytes: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+def direct_parts(
+    bucket: list[tuple[str, torch.Tensor]], wire_dtype: str | None, min_nbytes: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(header uint8 `[h]`, the tensor's own bytes uint8 `[n]`) for a lone tensor of >= `min_nbytes`
     that needs no cast or move, else None. Sending it in place skips a pack copy of the largest tensors."""
     if len(bucket) != 1:
@@ -221,7 +234,7 @@ def direct_parts(bucket: list[tuple[str, torch.Tensor]], wire_dtype: str | None,
 
 
 def _slot_view(payload: torch.Tensor, slot: TensorSlot) -> torch.Tensor:
-    return payload[slot.offset:slot.offset + slot.nbytes].view(_dtype(slot.wire_dtype)).view(slot.shape)
+    return payload[slot.offset : slot.offset + slot.nbytes].view(_dtype(slot.wire_dtype)).view(slot.shape)
 
 
 def unpack_payload(payload: torch.Tensor, slots: list[TensorSlot]) -> list[tuple[str, torch.Tensor]]:
@@ -271,6 +284,7 @@ class BufferPool:
 
 # ---------------------------------------------------------------- the stateless broadcast group
 
+
 def _wrap(err: BaseException, what: str) -> WeightSyncError:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     cls = WeightSyncTimeout if "timeout" in text.lower() or "timed out" in text.lower() else WeightSyncError
@@ -284,8 +298,10 @@ def _make_group(cfg: WeightSyncConfig, store: dist.Store, rank: int, world_size:
     try:
         from torch.distributed import ProcessGroupNCCL
     except ImportError as err:
-        raise WeightSyncError("WeightSyncConfig.backend='nccl' needs a CUDA build of torch with NCCL; "
-                              "this torch has none. Use backend='gloo' on CPU.") from err
+        raise WeightSyncError(
+            "WeightSyncConfig.backend='nccl' needs a CUDA build of torch with NCCL; "
+            "this torch has none. Use backend='gloo' on CPU."
+        ) from err
     opts = ProcessGroupNCCL.Options()
     opts._timeout = timeout
     return ProcessGroupNCCL(store, rank, world_size, opts)
@@ -310,23 +326,30 @@ class BroadcastTransport:
         self._closed = False
 
     @classmethod
-    def create(cls, cfg: WeightSyncConfig, master_addr: str, master_port: int, rank: int,
-               world_size: int) -> BroadcastTransport:
+    def create(
+        cls, cfg: WeightSyncConfig, master_addr: str, master_port: int, rank: int, world_size: int
+    ) -> BroadcastTransport:
         """Join the weight-sync group; all `world_size` members call this concurrently. Rank 0 sends."""
         if world_size < 2 or not 0 <= rank < world_size:
-            raise ValueError(f"weight-sync group needs world_size >= 2 (1 sender + receivers) and "
-                             f"0 <= rank < world_size; got rank={rank}, world_size={world_size}")
+            raise ValueError(
+                f"weight-sync group needs world_size >= 2 (1 sender + receivers) and "
+                f"0 <= rank < world_size; got rank={rank}, world_size={world_size}"
+            )
         where = f"weight-sync group {master_addr}:{master_port} (rank {rank} of {world_size})"
         timeout = timedelta(seconds=cfg.timeout_s)
         try:
-            store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0,
-                                  timeout=timeout, wait_for_workers=True)
+            store = dist.TCPStore(
+                master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=True
+            )
             group = _make_group(cfg, dist.PrefixStore("flywheel/weights", store), rank, world_size)
             group.broadcast(torch.zeros(1, device=_device(cfg)), 0).wait()  # NCCL connects lazily: force it here
         except RuntimeError as err:
-            raise _wrap(err, f"{where}: not all members joined within timeout_s={cfg.timeout_s} "
-                        "(no group was formed; re-create it with the members that are alive, on a new "
-                        "port, or check master_addr/master_port)") from err
+            raise _wrap(
+                err,
+                f"{where}: not all members joined within timeout_s={cfg.timeout_s} "
+                "(no group was formed; re-create it with the members that are alive, on a new "
+                "port, or check master_addr/master_port)",
+            ) from err
         return cls(cfg, store, group, rank, world_size)
 
     # ------------------------------------------------------------ sender
@@ -429,12 +452,15 @@ class BroadcastTransport:
                 return
             if kind == _KIND_ABORT:
                 self._pending = None
-                raise WeightSyncError(f"the sender aborted update policy_version={policy_version} "
-                                      "mid-stream (bad input on the learner); tensors already yielded are partial")
+                raise WeightSyncError(
+                    f"the sender aborted update policy_version={policy_version} "
+                    "mid-stream (bad input on the learner); tensors already yielded are partial"
+                )
             yield from self._receive_bucket(kind, header_nbytes, payload_nbytes, policy_version)
 
-    def _receive_bucket(self, kind: int, header_nbytes: int, payload_nbytes: int,
-                        policy_version: int) -> list[tuple[str, torch.Tensor]]:
+    def _receive_bucket(
+        self, kind: int, header_nbytes: int, payload_nbytes: int, policy_version: int
+    ) -> list[tuple[str, torch.Tensor]]:
         what = f"receiving update policy_version={policy_version}"
         if kind == _KIND_BUCKET:
             wire = self._buffers.acquire(header_nbytes + payload_nbytes)
@@ -462,12 +488,15 @@ class BroadcastTransport:
                 work.wait()
             except RuntimeError as err:
                 raise self._fail(err, what) from err
+
         return wait
 
     def _fail(self, err: RuntimeError, what: str) -> WeightSyncError:
         self._failed = what
-        return _wrap(err, f"rank {self.rank}: {what} failed; the group is now unusable, re-create it "
-                     "with the members still alive")
+        return _wrap(
+            err,
+            f"rank {self.rank}: {what} failed; the group is now unusable, re-create it with the members still alive",
+        )
 
     def _check_usable(self, sender: bool) -> None:
         if sender != (self.rank == 0):
@@ -476,8 +505,10 @@ class BroadcastTransport:
         if self._closed:
             raise TransportClosed(f"rank {self.rank}: weight-sync transport is closed")
         if self._failed is not None:
-            raise WeightSyncError(f"rank {self.rank}: weight-sync group broke earlier ({self._failed}); "
-                                  "re-create it with BroadcastTransport.create on a new port")
+            raise WeightSyncError(
+                f"rank {self.rank}: weight-sync group broke earlier ({self._failed}); "
+                "re-create it with BroadcastTransport.create on a new port"
+            )
 
     def close(self) -> None:
         """Sender: announce the end and give receivers a short grace to read it. Idempotent."""

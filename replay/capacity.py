@@ -4,6 +4,7 @@ Contract: `overflow(cfg, held, adding)` is None iff `held + adding` is within ev
 limit (`capacity_groups`, `capacity_traces`, `capacity_tokens`; None = unbounded), else it names
 the first limit that would be exceeded and the config field to raise.
 """
+
 from __future__ import annotations
 
 import dataclasses

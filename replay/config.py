@@ -4,6 +4,7 @@ All counts are in GRPO groups (the unit of insert, sample and eviction) unless t
 traces or tokens. Tokens are prompt + completion tokens. With `num_shards > 1` every limit
 (capacity, `min_size_to_sample`, the rate limiter) applies per shard, as in Reverb.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -46,7 +47,7 @@ class ReplayConfig(BaseModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _rate_limiter_can_progress(self) -> "ReplayConfig":
+    def _rate_limiter_can_progress(self) -> ReplayConfig:
         spi = self.samples_per_insert
         if spi is not None and self.error_buffer < max(1.0, spi):
             raise ValueError(

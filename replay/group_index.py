@@ -7,10 +7,11 @@ the chunk never pins the caller's or Ray's buffers), the kept `Group`s in order 
 appearance of their group_id in the batch, and `(group_id, reason)` for every dropped group.
 A chunk's memory is released when its last live group leaves.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ import pyarrow.compute as pc
 class Chunk:
     batch: pa.RecordBatch | None
     nbytes: int
-    groups: list["Group"] = dataclasses.field(default_factory=list)  # every group cut from this chunk
+    groups: list[Group] = dataclasses.field(default_factory=list)  # every group cut from this chunk
     live_groups: int = 0
     open: bool = True  # its insert is still admitting groups: do not release or compact it yet
 
@@ -80,8 +81,10 @@ def _reason(gid: str, rows: np.ndarray, bad_rows: dict[int, str], seen: Callable
         if int(r) in bad_rows:
             return bad_rows[int(r)]
     if seen(gid):
-        return (f"group {gid}: group_id is already held or was inserted recently; a group must arrive whole "
-                "in one insert under a fresh group_id")
+        return (
+            f"group {gid}: group_id is already held or was inserted recently; a group must arrive whole "
+            "in one insert under a fresh group_id"
+        )
     return None
 
 
@@ -108,9 +111,9 @@ def split_groups(
     keep = np.ones(batch.num_rows, dtype=bool)
     rejected = []
     for i, gid in enumerate(gids):
-        why = _reason(gid, order[bounds[i]:bounds[i + 1]], bad_rows, seen)
+        why = _reason(gid, order[bounds[i] : bounds[i + 1]], bad_rows, seen)
         if why is not None:
-            keep[bounds[i]:bounds[i + 1]] = False
+            keep[bounds[i] : bounds[i + 1]] = False
             rejected.append((int(first_row[i]), gid, why))
     # Always copy: an incoming batch may be a zero-copy view of Ray's object store, which must not stay pinned.
     data = batch.take(pa.array(order[keep]))
@@ -130,5 +133,7 @@ def _make_groups(chunk: Chunk, gids: list[str], starts: np.ndarray, eps: float) 
     if not gids:
         return []
     sizes, tokens, min_version, priority = _per_group(chunk.batch, starts, eps)
-    return [Group(gid, chunk, int(s), int(n), int(t), int(v), float(p))
-            for gid, s, n, t, v, p in zip(gids, starts, sizes, tokens, min_version, priority)]
+    return [
+        Group(gid, chunk, int(s), int(n), int(t), int(v), float(p))
+        for gid, s, n, t, v, p in zip(gids, starts, sizes, tokens, min_version, priority)
+    ]

@@ -7,6 +7,7 @@ admitted until `min_size_to_sample` groups have been inserted. So the learner ca
 far ahead of rollout (over-fitting a stale buffer) nor fall far behind it (rollout then waits).
 With `samples_per_insert = None` only `min_size_to_sample` applies.
 """
+
 from __future__ import annotations
 
 import math

@@ -11,6 +11,7 @@ until the remover (`max_times_sampled`) takes it out.
   replacement inside one call, which slightly flattens the marginals for large n (documented in PER).
 All other samplers give weight 1.0.
 """
+
 from __future__ import annotations
 
 from typing import Literal

@@ -9,6 +9,7 @@ Invariants (checked by `validate_trace`):
 
 This module imports nothing of ours; everything else imports it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,7 @@ import json
 import math
 import time
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyarrow as pa
 
@@ -78,7 +79,9 @@ def validate_trace(t: Trace) -> None:
             "the engine must return one logprob per sampled token"
         )
     if t.token_rewards is not None and len(t.token_rewards) != n:
-        raise TraceError(f"{where}: token_rewards has {len(t.token_rewards)} entries, expected {n} (one per completion token)")
+        raise TraceError(
+            f"{where}: token_rewards has {len(t.token_rewards)} entries, expected {n} (one per completion token)"
+        )
     if not math.isfinite(t.reward):
         raise TraceError(f"{where}: reward is {t.reward}; rewards must be finite (score failures as a number, e.g. 0)")
     if any(not math.isfinite(x) or x > 1e-4 for x in t.behaviour_logprobs):

@@ -16,6 +16,7 @@ k's groups plus every trace acknowledged since: what a learner resumed from a ch
 snapshot k has not consumed yet. Each group is inserted at most once, so applying
 all inserts and then all events yields the state the shard had when it died.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,13 +31,15 @@ import pyarrow.parquet as pq
 from replay.config import ReplayConfig
 from replay.schema import TRACE_SCHEMA
 
-EVENT_SCHEMA = pa.schema([pa.field("group_id", pa.string(), nullable=False),
-                          pa.field("kind", pa.string(), nullable=False)])
+EVENT_SCHEMA = pa.schema(
+    [pa.field("group_id", pa.string(), nullable=False), pa.field("kind", pa.string(), nullable=False)]
+)
 
 
 @dataclasses.dataclass
 class Restored:
     """What a table needs to rebuild itself: batches in insertion order and the events after them."""
+
     snapshot_batches: list[pa.RecordBatch]  # groups held at the snapshot, in insertion order
     batches: list[pa.RecordBatch]  # acknowledged inserts after the snapshot, in order
     group_state: dict[str, tuple[int, float]]  # group_id -> (times_sampled, priority), from the snapshot
@@ -106,8 +109,10 @@ def rewind(root: pathlib.Path, snapshot_index: int, tag: str) -> list[pathlib.Pa
     """Set aside events-<j>.* and snapshot-<j>.* for j > snapshot_index under one shard's `root`
     (renamed to `<name>.rolled-back-<tag>`); traces are kept. Returns the renamed paths."""
     if not (root / f"snapshot-{snapshot_index:06d}.json").exists():
-        raise FileNotFoundError(f"{root}: snapshot {snapshot_index} is missing; the replay directory does not "
-                                "belong to this checkpoint (replay.segment_dir changed or was cleaned)")
+        raise FileNotFoundError(
+            f"{root}: snapshot {snapshot_index} is missing; the replay directory does not "
+            "belong to this checkpoint (replay.segment_dir changed or was cleaned)"
+        )
     moved = []
     for prefix in ("events", "snapshot"):
         for p in sorted(root.glob(f"{prefix}-*.*")):
@@ -161,11 +166,19 @@ class SegmentStore:
     def append_events(self, group_ids: list[str], kind: str) -> None:
         if group_ids:
             self._open()
-            self._events.write(pa.RecordBatch.from_pydict(
-                {"group_id": group_ids, "kind": [kind] * len(group_ids)}, schema=EVENT_SCHEMA))
+            self._events.write(
+                pa.RecordBatch.from_pydict(
+                    {"group_id": group_ids, "kind": [kind] * len(group_ids)}, schema=EVENT_SCHEMA
+                )
+            )
 
-    def checkpoint(self, held_batches: list[pa.RecordBatch], group_state: dict[str, tuple[int, float]],
-                   counts: dict[str, int], limiter: tuple[int, int]) -> str:
+    def checkpoint(
+        self,
+        held_batches: list[pa.RecordBatch],
+        group_state: dict[str, tuple[int, float]],
+        counts: dict[str, int],
+        limiter: tuple[int, int],
+    ) -> str:
         """Snapshot the held groups; returns the snapshot's json path. Later segments start after it."""
         self._roll()
         k = self.index

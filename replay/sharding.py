@@ -9,6 +9,7 @@ Contract:
   from the union of all shards; never more than a shard has; None if the shards hold fewer than n.
 - `merge_samples` concatenates per-shard results; `merge_inserts` sums per-shard insert results.
 """
+
 from __future__ import annotations
 
 import zlib

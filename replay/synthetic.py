@@ -4,6 +4,7 @@ Contract: `group_batch` returns a TRACE_SCHEMA RecordBatch holding whole groups 
 `replay.schema.validate_trace`; token ids, logprobs and rewards are drawn from `seed`, so the
 same arguments give the same batch except for `created_at`.
 """
+
 from __future__ import annotations
 
 import time

@@ -13,6 +13,7 @@ Contract (pure Python + pyarrow, no ray; not thread-safe — `services/replay_sh
 - With `cfg.segment_dir` set, every accepted chunk and every removal is appended to disk before the
   call returns (`replay.segments`), and a new table on the same directory restores them.
 """
+
 from __future__ import annotations
 
 import collections
@@ -51,6 +52,7 @@ class SampleResult:
 @dataclasses.dataclass(frozen=True)
 class ReplayStats:
     """groups/traces/tokens/bytes are held now; the rest count since the shard began (kept across restarts)."""
+
     groups: int
     traces: int
     tokens: int
@@ -92,11 +94,17 @@ class ReplayTable:
         """Would these new groups be admitted now without waiting (rate limiter, and capacity if on_full=block)?"""
         if not self._limiter.can_insert(n_groups):
             return False
-        return self.cfg.on_full == "evict_oldest" or overflow(self.cfg, self._usage(), Usage(n_groups, n_traces, n_tokens)) is None
+        return (
+            self.cfg.on_full == "evict_oldest"
+            or overflow(self.cfg, self._usage(), Usage(n_groups, n_traces, n_tokens)) is None
+        )
 
     def can_accept_ever(self, n_groups: int, n_traces: int, n_tokens: int) -> bool:
         """False if these groups would not fit even an empty table (on_full=block): waiting is pointless."""
-        return self.cfg.on_full == "evict_oldest" or overflow(self.cfg, Usage(0, 0, 0), Usage(n_groups, n_traces, n_tokens)) is None
+        return (
+            self.cfg.on_full == "evict_oldest"
+            or overflow(self.cfg, Usage(0, 0, 0), Usage(n_groups, n_traces, n_tokens)) is None
+        )
 
     def _usage(self) -> Usage:
         return Usage(len(self._groups), self._traces, self._tokens)
@@ -152,8 +160,10 @@ class ReplayTable:
         if too_big is not None:
             return f"group {g.group_id} can never fit: {too_big}; raise the limit or send smaller groups"
         if not self._limiter.can_insert(1):
-            return (f"rate limited: samples_per_insert={self.cfg.samples_per_insert} and the learner is "
-                    f"{self.cfg.error_buffer} groups behind; retry later (back-pressure)")
+            return (
+                f"rate limited: samples_per_insert={self.cfg.samples_per_insert} and the learner is "
+                f"{self.cfg.error_buffer} groups behind; retry later (back-pressure)"
+            )
         if self.cfg.on_full == "evict_oldest":
             while overflow(self.cfg, self._usage(), adding) is not None:
                 self._remove(next(iter(self._groups.values())), "evicted_capacity")
@@ -225,17 +235,29 @@ class ReplayTable:
         if n_groups < 1:
             raise ValueError(f"n_groups={n_groups}; ask for at least one group")
         if n_groups > self._limiter.max_ever_sample():
-            raise ValueError(f"n_groups={n_groups} can never be sampled with replay.error_buffer="
-                             f"{self.cfg.error_buffer}; raise error_buffer to at least n_groups / 2")
+            raise ValueError(
+                f"n_groups={n_groups} can never be sampled with replay.error_buffer="
+                f"{self.cfg.error_buffer}; raise error_buffer to at least n_groups / 2"
+            )
         self._evict_stale(policy_version)
         if not self._limiter.can_sample(n_groups, len(self._groups)):
             self._flush_events()
             return None
         held = list(self._groups.values())
-        priorities = (np.fromiter((g.priority for g in held), np.float64, len(held))
-                      if self.cfg.sampler == "prioritized" else None)
-        positions, weights = select(self.cfg.sampler, n_groups, len(held), priorities, self._rng,
-                                    self.cfg.priority_exponent, self.cfg.importance_exponent)
+        priorities = (
+            np.fromiter((g.priority for g in held), np.float64, len(held))
+            if self.cfg.sampler == "prioritized"
+            else None
+        )
+        positions, weights = select(
+            self.cfg.sampler,
+            n_groups,
+            len(held),
+            priorities,
+            self._rng,
+            self.cfg.priority_exponent,
+            self.cfg.importance_exponent,
+        )
         picked = [held[i] for i in positions]
         result = self._result(picked, weights, policy_version)
         self._after_sample(picked)
@@ -287,11 +309,20 @@ class ReplayTable:
     def stats(self) -> ReplayStats:
         c = self._counts
         return ReplayStats(
-            groups=len(self._groups), traces=self._traces, tokens=self._tokens,
-            inserted_groups=c["inserted_groups"], sampled_groups=c["sampled_groups"],
-            evicted_stale=c["evicted_stale"], evicted_capacity=c["evicted_capacity"], rejected=c["rejected"],
-            bytes=self._bytes, shard_id=self.shard_id, removed_sampled=c["removed_sampled"],
-            inserted_traces=c["inserted_traces"], sampled_traces=c["sampled_traces"])
+            groups=len(self._groups),
+            traces=self._traces,
+            tokens=self._tokens,
+            inserted_groups=c["inserted_groups"],
+            sampled_groups=c["sampled_groups"],
+            evicted_stale=c["evicted_stale"],
+            evicted_capacity=c["evicted_capacity"],
+            rejected=c["rejected"],
+            bytes=self._bytes,
+            shard_id=self.shard_id,
+            removed_sampled=c["removed_sampled"],
+            inserted_traces=c["inserted_traces"],
+            sampled_traces=c["sampled_traces"],
+        )
 
     def checkpoint(self) -> str:
         """Snapshot the held groups to `cfg.segment_dir`; returns the snapshot's path."""

@@ -5,6 +5,7 @@ Contract: `schema_problem(batch)` names what differs from `TRACE_SCHEMA` (or ret
 the same order and wording as `validate_trace`, so a row rejected here would raise there too.
 Both use pyarrow compute kernels; no Python loop touches token data.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,13 +23,19 @@ def schema_problem(batch: pa.RecordBatch) -> str | None:
         return None
     have = {f.name: f.type for f in batch.schema}
     problems = [f"missing field {f.name!r} ({f.type})" for f in TRACE_SCHEMA if f.name not in have]
-    problems += [f"field {f.name!r} is {have[f.name]}, expected {f.type}"
-                 for f in TRACE_SCHEMA if f.name in have and have[f.name] != f.type]
+    problems += [
+        f"field {f.name!r} is {have[f.name]}, expected {f.type}"
+        for f in TRACE_SCHEMA
+        if f.name in have and have[f.name] != f.type
+    ]
     problems += [f"unexpected field {name!r}" for name in have if name not in TRACE_SCHEMA.names]
     if not problems:
         problems = ["field order or nullability differs"]
-    return ("batch schema differs from replay.schema.TRACE_SCHEMA: " + "; ".join(problems)
-            + "; build batches with replay.schema.traces_to_batch")
+    return (
+        "batch schema differs from replay.schema.TRACE_SCHEMA: "
+        + "; ".join(problems)
+        + "; build batches with replay.schema.traces_to_batch"
+    )
 
 
 def _np(arr: pa.Array, fill) -> np.ndarray:
@@ -66,11 +73,16 @@ def _checks(batch: pa.RecordBatch) -> list[tuple[np.ndarray, str]]:
     pv, pv_max = _np(batch["policy_version"], 0), _np(batch["policy_version_max"], 0)
     return _null_rows(batch) + [
         (n == 0, "completion_ids is empty; a trace needs at least one sampled token"),
-        (n_lp != n, "behaviour_logprobs length differs from completion_ids length; "
-                    "the engine must return one logprob per sampled token"),
+        (
+            n_lp != n,
+            "behaviour_logprobs length differs from completion_ids length; "
+            "the engine must return one logprob per sampled token",
+        ),
         (n_tr != n, "token_rewards length differs from completion_ids length (one per completion token)"),
-        (~_np(pc.is_finite(batch["reward"]), False),
-         "reward is not finite; rewards must be finite (score failures as a number, e.g. 0)"),
+        (
+            ~_np(pc.is_finite(batch["reward"]), False),
+            "reward is not finite; rewards must be finite (score failures as a number, e.g. 0)",
+        ),
         (_bad_logprob_rows(batch), "behaviour_logprobs must be finite log-probabilities <= 0"),
         ((pv < 0) | (pv_max < pv), "need 0 <= policy_version <= policy_version_max"),
     ]

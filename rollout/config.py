@@ -4,6 +4,7 @@ Contract: frozen, unknown keys rejected; every cross-field check fails at constr
 message naming the `rollout.<field>` and the fix. Checks that need the model (prompt + completion
 fitting the model's positions) happen when an engine is built, in `rollout/engine*.py`.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -43,7 +44,7 @@ class RolloutConfig(BaseModel):
     ray_resources: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check(self) -> "RolloutConfig":
+    def _check(self) -> RolloutConfig:
         if self.group_size < 2:
             raise ValueError(
                 f"rollout.group_size={self.group_size}; group-relative advantages need at least 2 "

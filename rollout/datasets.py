@@ -14,6 +14,7 @@ for a seed and independent of row order, and train and eval never share a prompt
 of an eval prompt all go to eval, so `eval_size` counts distinct prompts).
 `DatasetTask` has the interface of `rollout.tasks.ArithmeticTask`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,9 @@ import hashlib
 import json
 import math
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -97,8 +99,10 @@ def _check_text(row: dict, encode: Callable[[str], list[int]], max_tokens: int) 
 def _read_rows(cfg: DatasetTaskConfig, encode: Callable[[str], list[int]]) -> tuple[list[Problem], dict[str, int]]:
     path = Path(cfg.path)
     if not path.is_file():
-        raise DatasetError(f"dataset file {cfg.path!r} does not exist or is not a file (task.path); give a local JSONL "
-                           "file present on every rollout node")
+        raise DatasetError(
+            f"dataset file {cfg.path!r} does not exist or is not a file (task.path); give a local JSONL "
+            "file present on every rollout node"
+        )
     kept, skipped = [], {}
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -108,8 +112,9 @@ def _read_rows(cfg: DatasetTaskConfig, encode: Callable[[str], list[int]]) -> tu
                 kept.append(_parse(raw, encode, cfg.max_prompt_tokens))
             except _BadRow as bad:
                 if cfg.on_bad_row == "error":
-                    raise DatasetError(f"{cfg.path}:{line_no}: {bad.reason}: {bad}; fix the row or set "
-                                       "task.on_bad_row='skip'") from None
+                    raise DatasetError(
+                        f"{cfg.path}:{line_no}: {bad.reason}: {bad}; fix the row or set task.on_bad_row='skip'"
+                    ) from None
                 skipped[bad.reason] = skipped.get(bad.reason, 0) + 1
     return kept, skipped
 
@@ -128,8 +133,10 @@ def load_prompt_dataset(cfg: DatasetTaskConfig, encode: Callable[[str], list[int
     """Read, validate and split `cfg.path`; see the module docstring for what counts as a bad row."""
     rows, skipped = _read_rows(cfg, encode)
     if len({p.prompt for p in rows}) < 2:
-        raise DatasetError(f"dataset file {cfg.path!r} has {len(rows)} valid row(s) with distinct prompts "
-                           f"(skipped: {skipped}); need at least 2 for a train and an eval split")
+        raise DatasetError(
+            f"dataset file {cfg.path!r} has {len(rows)} valid row(s) with distinct prompts "
+            f"(skipped: {skipped}); need at least 2 for a train and an eval split"
+        )
     train, eval_ = _split(rows, cfg)
     return LoadedDataset(train=train, eval=eval_, skipped=skipped)
 

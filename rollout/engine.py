@@ -16,11 +16,13 @@ tests/integration/test_engine_vllm.py):
 
 `import rollout.engine` imports neither vllm nor transformers; `make_engine` imports lazily.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from rollout.config import RolloutConfig
 
@@ -41,9 +43,7 @@ class Completion:
 class Engine(Protocol):
     policy_version: int
 
-    def generate(
-        self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None
-    ) -> list[list[Completion]]: ...
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, seed: int | None = None) -> list[list[Completion]]: ...
 
     def greedy(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, ...]]: ...
 

@@ -7,10 +7,11 @@ of the drawn token. Rows stop at an eos id of the model config; the eos is kept 
 Same `seed` and inputs give the same completions. Without a seed, draws continue one generator
 seeded with `RolloutConfig.seed` at construction.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -67,7 +68,7 @@ class HFEngine:
         gen = self._generator if seed is None else torch.Generator(self.device).manual_seed(seed)
         rows = [p for p in prompts for _ in range(n)]
         flat = self._decode(prompts, rows, gen, self.cfg.max_new_tokens)
-        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def greedy(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
         return [c.token_ids for c in self._decode(prompts, list(prompts), None, self.cfg.max_new_tokens)]
@@ -76,9 +77,9 @@ class HFEngine:
     def teacher_forced_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         check_prompts([prompt_ids], self.vocab_size, self.cfg.max_model_len - len(completion_ids))
         ids = torch.tensor([list(prompt_ids) + list(completion_ids)], device=self.device)
-        logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+        logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
         logp = torch.log_softmax(logits, dim=-1)
-        return logp.gather(-1, ids[0, len(prompt_ids):, None]).squeeze(-1).tolist()
+        return logp.gather(-1, ids[0, len(prompt_ids) :, None]).squeeze(-1).tolist()
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> None:
@@ -110,8 +111,13 @@ class HFEngine:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             pos = pos[:, -1:] + 1
-            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
-                             past_key_values=out.past_key_values, use_cache=True)
+            out = self.model(
+                input_ids=tok[:, None],
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
         return self._completions(torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist())
 
     def _pick(self, logits: torch.Tensor, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,14 +13,16 @@ Contract: as `rollout/engine.py`, plus:
   running sequences keep their KV from the old weights and continue on the new ones. The prefix
   cache cannot be reset while requests run, so that reset happens as soon as the generation ends.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
 import random
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from rollout.config import RolloutConfig
 
@@ -80,9 +82,14 @@ class VLLMEngine:
         self._reset_pending = False
         self._shapes = _checkpoint_shapes(Path(model_dir))
         self.llm = LLM(
-            model=str(model_dir), dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
-            enforce_eager=cfg.enforce_eager, enable_prefix_caching=cfg.enable_prefix_caching,
-            gpu_memory_utilization=cfg.gpu_memory_utilization, logprobs_mode="processed_logprobs",
+            model=str(model_dir),
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            logprobs_mode="processed_logprobs",
             **({} if cfg.block_size is None else {"block_size": cfg.block_size}),
         )
         _quiet_weight_reloads()
@@ -94,8 +101,13 @@ class VLLMEngine:
             raise ValueError(f"n={n}: ask for at least one completion per prompt")
         params = [
             SamplingParams(
-                n=n, temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_tokens=self.cfg.max_new_tokens,
-                seed=s, logprobs=0, detokenize=False,
+                n=n,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                max_tokens=self.cfg.max_new_tokens,
+                seed=s,
+                logprobs=0,
+                detokenize=False,
             )
             for s in _prompt_seeds(seed, len(prompts))
         ]
@@ -124,9 +136,7 @@ class VLLMEngine:
         weights = [(name, t.detach()) for name, t in named_tensors]
         # A reload that fails inside vLLM leaves the engine unusable (PLATFORM.md): reject bad input first.
         check_weights(weights, self._shapes)
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
-        )
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.policy_version = policy_version
         if self._generating:  # a pause update: requests are running, reset once they are done
             self._reset_pending = True
@@ -150,7 +160,6 @@ class VLLMEngine:
         token_prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
         return self.llm.generate(token_prompts, sampling_params=params, use_tqdm=False)
 
-
     def _run_stepwise(self, prompts: Sequence[Sequence[int]], params, max_prompt_len: int):
         """As `_run`, one engine step at a time with `step_hook` between steps (vLLM's own loop is
         `LLM._run_engine`: the same enqueue / step / collect-finished)."""
@@ -158,7 +167,11 @@ class VLLMEngine:
 
         check_prompts(prompts, self.vocab_size, max_prompt_len)
         engine = self.llm.llm_engine
-        self.llm.enqueue([TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts], sampling_params=params, use_tqdm=False)
+        self.llm.enqueue(
+            [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts],
+            sampling_params=params,
+            use_tqdm=False,
+        )
         done = {}
         self._generating = True
         try:
@@ -171,8 +184,12 @@ class VLLMEngine:
         if self._reset_pending:
             self._reset_prefix_cache()
         if len(done) != len(prompts):
-            raise RuntimeError(f"vLLM finished {len(done)} requests for {len(prompts)} prompts in a stepwise generation")
-        return sorted(done.values(), key=lambda out: int(out.request_id))  # request ids count up in enqueue order, as in LLM._run_engine
+            raise RuntimeError(
+                f"vLLM finished {len(done)} requests for {len(prompts)} prompts in a stepwise generation"
+            )
+        return sorted(
+            done.values(), key=lambda out: int(out.request_id)
+        )  # request ids count up in enqueue order, as in LLM._run_engine
 
 
 def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:

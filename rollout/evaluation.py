@@ -9,9 +9,10 @@ Contract:
   special tokens and scores it with the task verifier (exact match after stripping). A completion that
   runs out of budget is scored as whatever text it produced. Returns the mean score in [0, 1].
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -36,14 +37,15 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
     return ids, mask
 
 
 @torch.no_grad()
-def greedy_generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int, pad_id: int,
-                    max_new_tokens: int) -> list[list[int]]:
+def greedy_generate(
+    model, prompt_ids: Sequence[Sequence[int]], eos_id: int, pad_id: int, max_new_tokens: int
+) -> list[list[int]]:
     """Greedy completions (without the trailing `<eos>`) for each prompt; one batch, no KV cache.
 
     Sequences here are tens of tokens, so recomputing the prefix each step costs little and keeps the
@@ -67,8 +69,7 @@ def greedy_generate(model, prompt_ids: Sequence[Sequence[int]], eos_id: int, pad
     return out
 
 
-def greedy_accuracy(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int,
-                    batch_size: int = 256) -> float:
+def greedy_accuracy(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, batch_size: int = 256) -> float:
     """Greedy pass@1 of `model` on `problems` (fraction scored 1.0 by the verifier)."""
     if not problems:
         raise ValueError("greedy_accuracy got no problems; pass a non-empty list (e.g. task.eval_set())")
@@ -76,10 +77,9 @@ def greedy_accuracy(model, tokenizer, problems: Sequence[Problem], max_new_token
     model.eval()
     correct = 0.0
     for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
+        chunk = problems[start : start + batch_size]
         prompts = [encode_prompt(tokenizer, p.prompt) for p in chunk]
-        completions = greedy_generate(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                      max_new_tokens)
+        completions = greedy_generate(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens)
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         correct += sum(ArithmeticTask.score(p, t) for p, t in zip(chunk, texts))
     model.train(was_training)

@@ -17,6 +17,7 @@ started as root, a fresh temp dir as cwd (removed afterwards), output truncated,
 the process group. Escape hatch left open: a program that calls setsid() and forks escapes the group
 kill; its CPU rlimit still ends it after `cpu_s` of CPU time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -67,7 +69,9 @@ def load_reward_function(spec: str) -> ScoreFn:
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward.function={spec!r} cannot be imported ({e}); it must be importable on every rollout node") from None
+        raise ValueError(
+            f"reward.function={spec!r} cannot be imported ({e}); it must be importable on every rollout node"
+        ) from None
     if not callable(fn):
         raise ValueError(f"reward.function={spec!r} is not callable")
     return fn
@@ -119,8 +123,10 @@ class RewardScorer:
             try:
                 pickle.dumps(fn)
             except Exception as e:
-                raise ValueError(f"reward function {fn!r} is not picklable ({e}); with reward.isolation='process' "
-                                 "pass a module-level function, or use isolation='inline'") from e
+                raise ValueError(
+                    f"reward function {fn!r} is not picklable ({e}); with reward.isolation='process' "
+                    "pass a module-level function, or use isolation='inline'"
+                ) from e
 
     def score_batch(self, items: Sequence[tuple[Problem, str]]) -> ScoreBatchResult:
         """Score every item; never raises for a failing reward function (see module contract)."""
@@ -137,7 +143,7 @@ class RewardScorer:
             w.kill()
         self._workers = []
 
-    def __enter__(self) -> "RewardScorer":
+    def __enter__(self) -> RewardScorer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -210,8 +216,10 @@ class RewardScorer:
         if not w.ready:
             w.kill()
             self._workers.remove(w)
-            raise RuntimeError(f"reward worker for {self.fn!r} did not start (exit code {w.process.exitcode}); "
-                               "is the function importable in a fresh interpreter (module-level, no __main__)?")
+            raise RuntimeError(
+                f"reward worker for {self.fn!r} did not start (exit code {w.process.exitcode}); "
+                "is the function importable in a fresh interpreter (module-level, no __main__)?"
+            )
         if w.index is not None:
             outcomes[w.index] = (kind, None)
         w.kill()
@@ -227,8 +235,13 @@ class RewardScorer:
             counts[kind] += 1
             fallback = self.cfg.failure_reward if self.cfg.on_failure == "zero" else None
             rewards.append(value if kind == "ok" else fallback)
-        return ScoreBatchResult(rewards, ok=counts["ok"], timeouts=counts["timeout"],
-                                errors=counts["error"], non_finite=counts["non_finite"])
+        return ScoreBatchResult(
+            rewards,
+            ok=counts["ok"],
+            timeouts=counts["timeout"],
+            errors=counts["error"],
+            non_finite=counts["non_finite"],
+        )
 
 
 # --- code-execution rewards ------------------------------------------------------------------------
@@ -259,8 +272,10 @@ def sandbox_interpreter() -> str:
     for candidate in ("/usr/local/bin/python3", "/usr/bin/python3"):
         if os.path.exists(candidate) and _others_can_execute(candidate):
             return candidate
-    raise RuntimeError(f"no Python interpreter executable by 'nobody' ({sys.executable} is private); "
-                       "install python3 under /usr/bin or /usr/local/bin")
+    raise RuntimeError(
+        f"no Python interpreter executable by 'nobody' ({sys.executable} is private); "
+        "install python3 under /usr/bin or /usr/local/bin"
+    )
 
 
 def _workdir(base: Path, source: str) -> Path:
@@ -274,21 +289,48 @@ def _workdir(base: Path, source: str) -> Path:
     return work
 
 
-def run_sandboxed_code(source: str, stdin: str = "", *, timeout_s: float, memory_mb: int = 256,
-                       cpu_s: int | None = None, file_size_mb: int = 16, max_processes: int = 64,
-                       max_output_bytes: int = 65_536, allow_network: bool = False) -> SandboxResult:
+def run_sandboxed_code(
+    source: str,
+    stdin: str = "",
+    *,
+    timeout_s: float,
+    memory_mb: int = 256,
+    cpu_s: int | None = None,
+    file_size_mb: int = 16,
+    max_processes: int = 64,
+    max_output_bytes: int = 65_536,
+    allow_network: bool = False,
+) -> SandboxResult:
     """Run `source` as a Python program with `stdin`; see module docstring. `cpu_s` defaults to ceil(timeout_s)."""
     cpu = cpu_s if cpu_s is not None else max(1, math.ceil(timeout_s))
     base = Path(tempfile.mkdtemp(prefix="flywheel-sandbox-"))
     try:
         work = _workdir(base, source)
         (base / "stdin").write_text(stdin)
-        args = [str(memory_mb), str(cpu), str(file_size_mb), str(max_processes), "1" if allow_network else "0",
-                sandbox_interpreter(), str(work / "main.py")]
-        with open(base / "stdin", "rb") as fin, open(base / "stdout", "wb+") as fout, open(base / "stderr", "wb+") as ferr:
+        args = [
+            str(memory_mb),
+            str(cpu),
+            str(file_size_mb),
+            str(max_processes),
+            "1" if allow_network else "0",
+            sandbox_interpreter(),
+            str(work / "main.py"),
+        ]
+        with (
+            open(base / "stdin", "rb") as fin,
+            open(base / "stdout", "wb+") as fout,
+            open(base / "stderr", "wb+") as ferr,
+        ):
             # Output goes to files, not pipes: RLIMIT_FSIZE bounds them and no reader thread can hang.
-            proc = subprocess.Popen([sys.executable, "-I", "-S", str(LAUNCHER), *args], stdin=fin, stdout=fout,
-                                    stderr=ferr, cwd=work, start_new_session=True, env={"PATH": "/usr/bin:/bin"})
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(LAUNCHER), *args],
+                stdin=fin,
+                stdout=fout,
+                stderr=ferr,
+                cwd=work,
+                start_new_session=True,
+                env={"PATH": "/usr/bin:/bin"},
+            )
             timed_out = _wait_or_kill(proc, timeout_s)
             out, err = (_head(f, max_output_bytes) for f in (fout, ferr))
         if proc.returncode == EXIT_SANDBOX_FAILED and err.startswith("sandbox:"):

@@ -11,11 +11,12 @@ Contract:
   (`RolloutConfig.max_new_tokens >= 1`; an eos-only completion is a 1-token trace); an engine that
   returns an empty completion or the wrong number per prompt breaks its contract and raises here.
 """
+
 from __future__ import annotations
 
 import json
 import uuid
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from replay.schema import Trace, validate_trace
 from rollout.engine import FINISH_STOP, Completion, Engine
@@ -55,11 +56,13 @@ def sample_groups(
     rewards = score_batch(items) if score_batch is not None else [score(p, text) for p, text in items]
     traces = []
     for i, (problem, prompt, group) in enumerate(zip(problems, prompts, groups)):
-        group_rewards = rewards[i * group_size:(i + 1) * group_size]
+        group_rewards = rewards[i * group_size : (i + 1) * group_size]
         if any(r is None for r in group_rewards):
             continue
         group_id = uuid.uuid4().hex
-        traces += [_trace(group_id, problem, prompt, c, r, version_min, version_max) for c, r in zip(group, group_rewards)]
+        traces += [
+            _trace(group_id, problem, prompt, c, r, version_min, version_max) for c, r in zip(group, group_rewards)
+        ]
     return traces
 
 
@@ -67,14 +70,26 @@ def _without_eos(c: Completion) -> tuple[int, ...]:
     return c.token_ids[:-1] if c.finish_reason == FINISH_STOP else c.token_ids
 
 
-def _trace(group_id: str, problem: Problem, prompt: Sequence[int], c: Completion, reward: float,
-           version_min: int, version_max: int) -> Trace:
+def _trace(
+    group_id: str,
+    problem: Problem,
+    prompt: Sequence[int],
+    c: Completion,
+    reward: float,
+    version_min: int,
+    version_max: int,
+) -> Trace:
     if not c.token_ids:
         raise RuntimeError("engine returned an empty completion; engines must return >= 1 token (max_new_tokens >= 1)")
     trace = Trace(
-        group_id=group_id, prompt_ids=tuple(int(t) for t in prompt), completion_ids=c.token_ids,
-        behaviour_logprobs=c.logprobs, reward=float(reward), policy_version=version_min,
-        policy_version_max=version_max, task=problem.task,
+        group_id=group_id,
+        prompt_ids=tuple(int(t) for t in prompt),
+        completion_ids=c.token_ids,
+        behaviour_logprobs=c.logprobs,
+        reward=float(reward),
+        policy_version=version_min,
+        policy_version_max=version_max,
+        task=problem.task,
         metadata=json.dumps({"answer": problem.answer, "finish_reason": c.finish_reason}),
     )
     validate_trace(trace)
@@ -92,4 +107,3 @@ def drop_uniform_groups(traces: Sequence[Trace]) -> tuple[list[Trace], int]:
         rewards.setdefault(t.group_id, set()).add(t.reward)
     uniform = {g for g, r in rewards.items() if len(r) == 1}
     return [t for t in traces if t.group_id not in uniform], len(uniform)
-

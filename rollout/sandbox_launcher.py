@@ -10,6 +10,7 @@ Order matters: (1) leave the network namespace (needs root, else an unprivileged
 If isolation fails and the network is not explicitly allowed, exit 125 with a `sandbox:` message on
 stderr, so the caller fails closed instead of running untrusted code with network access.
 """
+
 import ctypes
 import os
 import pwd
@@ -30,12 +31,14 @@ def _leave_network() -> bool:
 def _set_limits(memory_mb: int, cpu_s: int, fsize_mb: int, nproc: int) -> None:
     mb = 1024 * 1024
     # Soft CPU limit sends SIGXCPU; the hard limit one second later is an uncatchable SIGKILL.
-    for which, soft, hard in [(resource.RLIMIT_AS, memory_mb * mb, memory_mb * mb),
-                              (resource.RLIMIT_CPU, cpu_s, cpu_s + 1),
-                              (resource.RLIMIT_FSIZE, fsize_mb * mb, fsize_mb * mb),
-                              (resource.RLIMIT_NPROC, nproc, nproc),
-                              (resource.RLIMIT_NOFILE, 64, 64),
-                              (resource.RLIMIT_CORE, 0, 0)]:
+    for which, soft, hard in [
+        (resource.RLIMIT_AS, memory_mb * mb, memory_mb * mb),
+        (resource.RLIMIT_CPU, cpu_s, cpu_s + 1),
+        (resource.RLIMIT_FSIZE, fsize_mb * mb, fsize_mb * mb),
+        (resource.RLIMIT_NPROC, nproc, nproc),
+        (resource.RLIMIT_NOFILE, 64, 64),
+        (resource.RLIMIT_CORE, 0, 0),
+    ]:
         resource.setrlimit(which, (soft, hard))
 
 
@@ -52,8 +55,10 @@ def main(argv: list[str]) -> None:
     memory_mb, cpu_s, fsize_mb, nproc = (int(x) for x in argv[:4])
     allow_network, interpreter, program = argv[4] == "1", argv[5], argv[6]
     if not _leave_network() and not allow_network:
-        sys.stderr.write(f"sandbox: cannot isolate the network (unshare errno {ctypes.get_errno()}); "
-                         "run as root or enable unprivileged user namespaces, or pass allow_network=True\n")
+        sys.stderr.write(
+            f"sandbox: cannot isolate the network (unshare errno {ctypes.get_errno()}); "
+            "run as root or enable unprivileged user namespaces, or pass allow_network=True\n"
+        )
         sys.exit(EXIT_SANDBOX_FAILED)
     _set_limits(memory_mb, cpu_s, fsize_mb, nproc)
     _drop_root()

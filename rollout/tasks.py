@@ -5,12 +5,14 @@ verifier scores a completion 1.0 iff it equals the answer exactly (after strippi
 marker), else 0.0. Train and eval splits are disjoint by construction: a problem belongs to the eval
 split iff a stable hash of its operands falls in the eval bucket, so no eval problem is ever trained on.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import random
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -34,9 +36,11 @@ class TaskConfig(BaseModel):
     answer_format: Literal["plain", "reversed_padded"] = "plain"
 
     @model_validator(mode="after")
-    def _digits(self) -> "TaskConfig":
+    def _digits(self) -> TaskConfig:
         if self.min_digits > self.max_digits:
-            raise ValueError(f"task.min_digits={self.min_digits} > task.max_digits={self.max_digits}; set min_digits <= max_digits")
+            raise ValueError(
+                f"task.min_digits={self.min_digits} > task.max_digits={self.max_digits}; set min_digits <= max_digits"
+            )
         if not self.ops:
             raise ValueError("task.ops is empty; give at least one of '+', '-', '*'")
         if self.answer_format == "reversed_padded" and tuple(self.ops) != ("+",):
@@ -72,8 +76,9 @@ class ArithmeticTask:
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
         if self.cfg.answer_format == "reversed_padded":
             n = self.cfg.max_digits
-            return Problem(prompt=f"{a:0{n}d}{op}{b:0{n}d}=", answer=str(value).zfill(n + 1)[::-1],
-                           task=f"{self.name}{op}")
+            return Problem(
+                prompt=f"{a:0{n}d}{op}{b:0{n}d}=", answer=str(value).zfill(n + 1)[::-1], task=f"{self.name}{op}"
+            )
         return Problem(prompt=f"{a}{op}{b}=", answer=str(value), task=f"{self.name}{op}")
 
     def _draw(self, rng: random.Random, want_eval: bool) -> Problem:

@@ -23,6 +23,7 @@ prompts they had already drawn and receive the checkpoint's weights as `policy_v
 rollout. Learner steps after the checkpoint are redone (their samples were rolled back with the replay).
 Requires `run_dir` on storage every learner rank can write (one machine, or a shared filesystem).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,11 +42,28 @@ from services.config import ConfigError, RunConfig
 # Fields a resumed run may change: budgets, cadence, placement and resources. Everything else (model,
 # task, group size, learner world, replay layout, ...) shapes the state and must match.
 RESUME_MAY_DIFFER = (
-    "run.name", "run.runs_dir", "run.cache_dir", "run.max_learner_steps", "run.max_wall_s", "run.eval_every_steps",
-    "run.stop_at_gain", "run.checkpoint_every_steps", "run.keep_checkpoints", "run.resume", "run.num_cpus",
-    "run.metrics_port", "run.progress", "run.max_buffered_steps", "learner.max_consecutive_nonfinite",
-    "learner.num_cpus_per_rank", "learner.ray_resources", "rollout.num_workers", "rollout.num_cpus_per_worker",
-    "rollout.ray_resources", "replay.insert_timeout_s", "replay.insert_retry_s",
+    "run.name",
+    "run.runs_dir",
+    "run.cache_dir",
+    "run.max_learner_steps",
+    "run.max_wall_s",
+    "run.eval_every_steps",
+    "run.stop_at_gain",
+    "run.checkpoint_every_steps",
+    "run.keep_checkpoints",
+    "run.resume",
+    "run.num_cpus",
+    "run.metrics_port",
+    "run.progress",
+    "run.max_buffered_steps",
+    "learner.max_consecutive_nonfinite",
+    "learner.num_cpus_per_rank",
+    "learner.ray_resources",
+    "rollout.num_workers",
+    "rollout.num_cpus_per_worker",
+    "rollout.ray_resources",
+    "replay.insert_timeout_s",
+    "replay.insert_retry_s",
 )
 LATEST = "latest"
 
@@ -53,6 +71,7 @@ LATEST = "latest"
 @dataclasses.dataclass(frozen=True)
 class ResumePoint:
     """A complete checkpoint to continue from."""
+
     path: Path
     state: dict  # loop.json
 
@@ -98,8 +117,10 @@ class CheckpointStore:
             return None
         path = self.root / pointer.read_text().strip()
         if not (path / "loop.json").exists():
-            raise ConfigError(f"{pointer} names {path.name}, which is missing or incomplete; point it at a complete "
-                              f"step-<N> directory under {self.root} or start a new run (another run.name)")
+            raise ConfigError(
+                f"{pointer} names {path.name}, which is missing or incomplete; point it at a complete "
+                f"step-<N> directory under {self.root} or start a new run (another run.name)"
+            )
         return ResumePoint(path, json.loads((path / "loop.json").read_text()))
 
 
@@ -109,8 +130,10 @@ def find_resume(cfg: RunConfig, run_dir: Path, explicit: bool) -> ResumePoint | 
         return None
     point = CheckpointStore(run_dir, cfg.run.keep_checkpoints).latest()
     if point is None and explicit:
-        raise ConfigError(f"--resume {run_dir}: no checkpoint there ({run_dir / 'checkpoints' / LATEST} is missing); "
-                          "give the directory of a run that wrote checkpoints (run.checkpoint_every_steps)")
+        raise ConfigError(
+            f"--resume {run_dir}: no checkpoint there ({run_dir / 'checkpoints' / LATEST} is missing); "
+            "give the directory of a run that wrote checkpoints (run.checkpoint_every_steps)"
+        )
     return point
 
 
@@ -131,9 +154,11 @@ def check_resumable(saved_config: dict, cfg: RunConfig) -> None:
     diffs = [k for k in sorted(set(old) | set(new)) if k not in RESUME_MAY_DIFFER and old.get(k) != new.get(k)]
     if diffs:
         lines = "\n".join(f"  {k}: checkpoint has {old.get(k)!r}, this run has {new.get(k)!r}" for k in diffs)
-        raise ConfigError(f"cannot resume: the config differs from the checkpoint's in field(s) that shape the "
-                          f"saved state:\n{lines}\nresume with the checkpoint's values (see its config in loop.json) "
-                          "or start a new run under another run.name")
+        raise ConfigError(
+            f"cannot resume: the config differs from the checkpoint's in field(s) that shape the "
+            f"saved state:\n{lines}\nresume with the checkpoint's values (see its config in loop.json) "
+            "or start a new run under another run.name"
+        )
 
 
 def rewind_replay(point: ResumePoint) -> None:
@@ -141,7 +166,7 @@ def rewind_replay(point: ResumePoint) -> None:
     from replay.segments import rewind
 
     tag = f"{point.path.name}-{time.time_ns()}"
-    for shard_id, snap in enumerate(point.state["replay_snapshots"]):
+    for snap in point.state["replay_snapshots"]:
         snap = Path(snap)
         rewind(snap.parent, int(snap.stem.split("-")[1]), tag)
 
@@ -226,16 +251,30 @@ class Checkpointer:
         snapshots = _replay_snapshots(loop.replay)
         replay_s = time.perf_counter() - t_replay
         state = {
-            "learner_step": loop.s.steps, "policy_version": loop.s.version, "reason": reason,
-            "rl_clock_s": loop.log.now(), "initial_accuracy": loop.initial_accuracy,
-            "loop_state": encode(dataclasses.asdict(loop.s)), "replay_snapshots": snapshots,
-            "driver_rng": driver_rng(), "config": loop.cfg.model_dump(mode="json"), "written_at": time.time(),
+            "learner_step": loop.s.steps,
+            "policy_version": loop.s.version,
+            "reason": reason,
+            "rl_clock_s": loop.log.now(),
+            "initial_accuracy": loop.initial_accuracy,
+            "loop_state": encode(dataclasses.asdict(loop.s)),
+            "replay_snapshots": snapshots,
+            "driver_rng": driver_rng(),
+            "config": loop.cfg.model_dump(mode="json"),
+            "written_at": time.time(),
         }
         path = self.store.commit(tmp, state)
         self.last_step = loop.s.steps
         self.seconds.append(time.perf_counter() - t0)
-        loop.log.write("checkpoint", learner_step=loop.s.steps, policy_version=loop.s.version, reason=reason,
-                       path=str(path), seconds=self.seconds[-1], rank_save_s=rank_s, replay_snapshot_s=replay_s)
+        loop.log.write(
+            "checkpoint",
+            learner_step=loop.s.steps,
+            policy_version=loop.s.version,
+            reason=reason,
+            path=str(path),
+            seconds=self.seconds[-1],
+            rank_save_s=rank_s,
+            replay_snapshot_s=replay_s,
+        )
         return path
 
     def restore(self) -> None:
@@ -245,7 +284,9 @@ class Checkpointer:
         loop, point = self.loop, self.resume
         steps = ray.get([rank.load_state.remote(str(point.path)) for rank in loop.ranks])
         if set(steps) != {point.learner_step}:
-            raise RuntimeError(f"{point.path}: learner ranks restored steps {steps}, loop.json says {point.learner_step}")
+            raise RuntimeError(
+                f"{point.path}: learner ranks restored steps {steps}, loop.json says {point.learner_step}"
+            )
         loop.s = type(loop.s)(**decode(point.state["loop_state"]))
         loop.initial_accuracy = point.state["initial_accuracy"]
         loop.log.continue_clock(point.state["rl_clock_s"])
@@ -256,8 +297,13 @@ class Checkpointer:
         while loop.side_refs or loop.pool.receiving():
             loop._collect(timeout_s=0.5)
         got = ray.get([h.policy_version.remote() for h in loop.pool.handles.values()])
-        loop.log.write("resume", learner_step=loop.s.steps, policy_version=version, checkpoint=str(point.path),
-                       workers_at_version=got)
+        loop.log.write(
+            "resume",
+            learner_step=loop.s.steps,
+            policy_version=version,
+            checkpoint=str(point.path),
+            workers_at_version=got,
+        )
 
     def _restore_cursors(self) -> None:
         import ray
@@ -281,5 +327,7 @@ def _replay_snapshots(replay, timeout_s: float = 60.0) -> list[str]:
         if not down:
             return snaps
         if time.monotonic() > deadline:
-            raise RuntimeError(f"replay shard(s) {down} stayed down for {timeout_s:.0f} s; cannot checkpoint replay: {snaps[down[0]]}")
+            raise RuntimeError(
+                f"replay shard(s) {down} stayed down for {timeout_s:.0f} s; cannot checkpoint replay: {snaps[down[0]]}"
+            )
         time.sleep(0.5)

@@ -7,6 +7,7 @@
 drains workers within about a second, without stopping the learner. Exit codes: 0 done, 2 bad
 arguments, 3 no such run (or no cluster at the address).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,9 @@ def _worker_count(text: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"N={text!r} is not an integer; give the number of rollout workers, e.g. 2") from None
+        raise argparse.ArgumentTypeError(
+            f"N={text!r} is not an integer; give the number of rollout workers, e.g. 2"
+        ) from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"N={n} is invalid: a run needs at least 1 rollout worker (give N >= 1)")
     return n
@@ -31,8 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     rollout = what.add_parser("rollout", help="set the number of rollout workers")
     rollout.add_argument("n", type=_worker_count, metavar="N", help="desired rollout workers (>= 1)")
     rollout.add_argument("--run", required=True, help="the run's run.name")
-    rollout.add_argument("--address", default=None, help="the run's Ray cluster (default: $RAY_ADDRESS, else the local cluster)")
-    rollout.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for N active workers")
+    rollout.add_argument(
+        "--address", default=None, help="the run's Ray cluster (default: $RAY_ADDRESS, else the local cluster)"
+    )
+    rollout.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for N active workers"
+    )
     return ap
 
 

@@ -4,6 +4,7 @@ Contract: every field is validated at start-up (unknown keys, wrong types, cross
 a nonexistent `model.path`); a failure raises `ConfigError` whose message names the dotted field and
 the fix, before any process is started. The resolved config is written to `runs/<name>/config.json`.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ from learner.sft import SFTConfig
 from learner.tiny_model import TinyModelSpec
 from replay.config import ReplayConfig
 from rollout.config import RolloutConfig
-from rollout.rewards import RewardConfig
 from rollout.datasets import DatasetTaskConfig
+from rollout.rewards import RewardConfig
 from rollout.tasks import TaskConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,15 +67,29 @@ class LoopConfig(BaseModel):
     max_learner_steps: int = Field(200, ge=1)
     max_wall_s: float = Field(900.0, gt=0)
     eval_every_steps: int = Field(10, ge=1)
-    stop_at_gain: float | None = Field(None, description="stop once eval accuracy >= initial + this (e.g. 0.2); None = run to max_learner_steps")
+    stop_at_gain: float | None = Field(
+        None, description="stop once eval accuracy >= initial + this (e.g. 0.2); None = run to max_learner_steps"
+    )
     # 500 steps is ~100 s of the default job (~5 steps/s); a checkpoint there costs well under a step.
-    checkpoint_every_steps: int = Field(500, ge=0, description="checkpoint at the first publish after this many learner steps since the last; 0 = only at a clean stop")
+    checkpoint_every_steps: int = Field(
+        500,
+        ge=0,
+        description=(
+            "checkpoint at the first publish after this many learner steps since the last; 0 = only at a clean stop"
+        ),
+    )
     keep_checkpoints: int = Field(2, ge=1, description="how many step-<N> checkpoints to keep (older ones are deleted)")
-    resume: Literal["never", "auto"] = Field("never", description="auto = continue from runs/<name>/checkpoints/latest when it exists")
+    resume: Literal["never", "auto"] = Field(
+        "never", description="auto = continue from runs/<name>/checkpoints/latest when it exists"
+    )
     max_buffered_steps: int = Field(2, ge=1, description="rollout runs at most this many learner steps of groups ahead")
-    max_worker_replacements: int = Field(16, ge=0, description="rollout workers that may die and be replaced before the run fails")
+    max_worker_replacements: int = Field(
+        16, ge=0, description="rollout workers that may die and be replaced before the run fails"
+    )
     num_cpus: int | None = Field(None, description="CPUs for a local Ray (None = all)")
-    metrics_port: int | None = Field(None, ge=1, le=65535, description="local Ray only: serve Prometheus metrics on this port")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="local Ray only: serve Prometheus metrics on this port"
+    )
     progress: bool = True
 
 
@@ -83,8 +98,10 @@ class RunConfig(BaseModel):
     run: LoopConfig = Field(default_factory=LoopConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     # `kind: arithmetic` (generated, the default) or `kind: dataset` (a local JSONL prompt file)
-    task: Annotated[Annotated[TaskConfig, Tag("arithmetic")] | Annotated[DatasetTaskConfig, Tag("dataset")],
-                    Discriminator(_task_kind)] = Field(default_factory=TaskConfig)
+    task: Annotated[
+        Annotated[TaskConfig, Tag("arithmetic")] | Annotated[DatasetTaskConfig, Tag("dataset")],
+        Discriminator(_task_kind),
+    ] = Field(default_factory=TaskConfig)
     cold_start: SFTConfig | None = Field(default_factory=SFTConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -92,7 +109,7 @@ class RunConfig(BaseModel):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
 
     @model_validator(mode="after")
-    def _cross(self) -> "RunConfig":
+    def _cross(self) -> RunConfig:
         if self.learner.temperature != self.rollout.temperature:
             raise ValueError(
                 f"learner.temperature={self.learner.temperature} != rollout.temperature={self.rollout.temperature}; "
@@ -100,25 +117,34 @@ class RunConfig(BaseModel):
             )
         if self.learner.weight_sync.inflight == "pause" and self.rollout.engine != "vllm":
             raise ValueError(
-                f"learner.weight_sync.inflight='pause' swaps weights between engine steps, which only the vLLM engine does; "
+                "learner.weight_sync.inflight='pause' swaps weights between engine steps, which only the vLLM "
+                "engine does; "
                 f"rollout.engine={self.rollout.engine!r}: set rollout.engine=vllm or weight_sync.inflight=drain"
             )
         if self.rollout.device != self.learner.device:
-            raise ValueError(f"rollout.device={self.rollout.device!r} != learner.device={self.learner.device!r}; the weight broadcast needs one backend")
+            raise ValueError(
+                f"rollout.device={self.rollout.device!r} != learner.device={self.learner.device!r}; the weight "
+                "broadcast needs one backend"
+            )
         if self.rollout.drop_uniform_groups and self.learner.objective.advantage not in GROUP_BASELINE_ADVANTAGES:
             raise ValueError(
                 f"rollout.drop_uniform_groups=true drops groups whose rewards are all equal, but "
                 f"learner.objective.advantage={self.learner.objective.advantage!r} gives them a non-zero advantage; "
                 f"use one of {list(GROUP_BASELINE_ADVANTAGES)} or set drop_uniform_groups=false"
             )
-        if isinstance(self.task, DatasetTaskConfig) and self.task.max_prompt_tokens + self.rollout.max_new_tokens > self.rollout.max_model_len:
+        if (
+            isinstance(self.task, DatasetTaskConfig)
+            and self.task.max_prompt_tokens + self.rollout.max_new_tokens > self.rollout.max_model_len
+        ):
             raise ValueError(
-                f"task.max_prompt_tokens={self.task.max_prompt_tokens} + rollout.max_new_tokens={self.rollout.max_new_tokens} "
+                f"task.max_prompt_tokens={self.task.max_prompt_tokens} + "
+                f"rollout.max_new_tokens={self.rollout.max_new_tokens} "
                 f"exceeds rollout.max_model_len={self.rollout.max_model_len}; lower one or raise max_model_len"
             )
         if self.model.path is None and self.model.max_position_embeddings < self.rollout.max_model_len:
             raise ValueError(
-                f"rollout.max_model_len={self.rollout.max_model_len} exceeds model.max_position_embeddings={self.model.max_position_embeddings}"
+                f"rollout.max_model_len={self.rollout.max_model_len} exceeds "
+                f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
         return self
 
@@ -158,7 +184,14 @@ def _format_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling against the config reference in deploy/configs/"
-        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden",) and "input" in e and not isinstance(e["input"], dict) else ""))
+        lines.append(
+            f"  {loc}: {msg}"
+            + (
+                f" (got {e['input']!r})"
+                if e["type"] not in ("extra_forbidden",) and "input" in e and not isinstance(e["input"], dict)
+                else ""
+            )
+        )
     return "invalid run config:\n" + "\n".join(lines)
 
 
@@ -191,14 +224,21 @@ def check_model_path(cfg: RunConfig) -> None:
     config names a path on the cluster's nodes.
     """
     if cfg.model.path is not None:
-        _check_hf_dir("model.path", cfg.model.path, tokenizer=True,
-                      fix="or remove model.path to use the built-in tiny model")
+        _check_hf_dir(
+            "model.path", cfg.model.path, tokenizer=True, fix="or remove model.path to use the built-in tiny model"
+        )
     if isinstance(cfg.task, DatasetTaskConfig) and not Path(cfg.task.path).expanduser().is_file():
-        raise ConfigError(f"task.path={cfg.task.path!r} is not a file; give a local JSONL prompt file "
-                          "(one {\"prompt\": ..., \"answer\": ...} object per line)")
+        raise ConfigError(
+            f"task.path={cfg.task.path!r} is not a file; give a local JSONL prompt file "
+            '(one {"prompt": ..., "answer": ...} object per line)'
+        )
     if cfg.learner.reference.path is not None:
-        _check_hf_dir("learner.reference.path", cfg.learner.reference.path, tokenizer=False,
-                      fix="or remove it to use the run's starting weights as the reference")
+        _check_hf_dir(
+            "learner.reference.path",
+            cfg.learner.reference.path,
+            tokenizer=False,
+            fix="or remove it to use the run's starting weights as the reference",
+        )
 
 
 def _check_hf_dir(field: str, path: str, tokenizer: bool, fix: str) -> None:
@@ -206,9 +246,14 @@ def _check_hf_dir(field: str, path: str, tokenizer: bool, fix: str) -> None:
     if not p.is_dir():
         raise ConfigError(f"{field}={path!r} is not a directory; give a local HF model directory, {fix}")
     if not (p / "config.json").exists() or not (list(p.glob("*.safetensors")) or list(p.glob("*.bin"))):
-        raise ConfigError(f"{field}={path!r} lacks config.json or weights (*.safetensors); it must be a directory written by save_pretrained")
+        raise ConfigError(
+            f"{field}={path!r} lacks config.json or weights (*.safetensors); it must be a directory written by "
+            "save_pretrained"
+        )
     if tokenizer and not (p / "tokenizer.json").exists() and not (p / "tokenizer_config.json").exists():
-        raise ConfigError(f"{field}={path!r} has no tokenizer files; save the tokenizer next to the model (tokenizer.save_pretrained)")
+        raise ConfigError(
+            f"{field}={path!r} has no tokenizer files; save the tokenizer next to the model (tokenizer.save_pretrained)"
+        )
 
 
 def write_resolved(cfg: RunConfig, run_dir: Path) -> Path:

@@ -7,8 +7,10 @@ pushing its membership report in the same call. `scale_rollout` (the Python API 
 `flywheel scale rollout N --run NAME`) sets the count and returns the membership the loop last
 reported, optionally waiting until that many workers are active.
 """
+
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -16,6 +18,8 @@ import time
 import ray
 
 from services.membership import MembershipReport
+
+log = logging.getLogger(__name__)
 
 NAMESPACE = "flywheel"
 POLL_INTERVAL_S = 1.0
@@ -31,7 +35,9 @@ def control_name(run_name: str) -> str:
 
 def check_target(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"rollout worker count {n!r} is invalid: give an integer >= 1 (a run needs at least one rollout worker)")
+        raise ValueError(
+            f"rollout worker count {n!r} is invalid: give an integer >= 1 (a run needs at least one rollout worker)"
+        )
     return n
 
 
@@ -57,12 +63,16 @@ class RunControl:
 def start_control(run_name: str, rollout_workers: int):
     """Register the run's control actor; a clear error if a run of that name is already active here."""
     try:
-        handle = RunControl.options(name=control_name(run_name), namespace=NAMESPACE, get_if_exists=False).remote(run_name, rollout_workers)
+        handle = RunControl.options(name=control_name(run_name), namespace=NAMESPACE, get_if_exists=False).remote(
+            run_name, rollout_workers
+        )
     except ValueError as e:
-        raise RuntimeError(f"a run named {run_name!r} is already active on this Ray cluster ({e}); "
-                           "give this run another run.name or wait for the other to finish") from None
+        raise RuntimeError(
+            f"a run named {run_name!r} is already active on this Ray cluster ({e}); "
+            "give this run another run.name or wait for the other to finish"
+        ) from None
     address = ray.get_runtime_context().gcs_address
-    print(f"scale this run's rollout workers with: flywheel scale rollout N --run {run_name} --address {address}")
+    log.info(f"scale this run's rollout workers with: flywheel scale rollout N --run {run_name} --address {address}")
     return handle
 
 
@@ -109,12 +119,17 @@ def _connect(address: str | None) -> str:
         return "the Ray cluster this process is connected to"
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     if not _reachable(address):
-        raise RunNotFound(f"no Ray cluster answers at {address!r}; pass the run's cluster address (host:port of its GCS) with --address")
+        raise RunNotFound(
+            f"no Ray cluster answers at {address!r}; pass the run's cluster address (host:port of its GCS) with "
+            "--address"
+        )
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, ValueError, RuntimeError) as e:
-        raise RunNotFound(f"cannot reach a Ray cluster at {address!r} ({str(e).splitlines()[0]}); "
-                          "pass the run's cluster address with --address (or RAY_ADDRESS)") from None
+        raise RunNotFound(
+            f"cannot reach a Ray cluster at {address!r} ({str(e).splitlines()[0]}); "
+            "pass the run's cluster address with --address (or RAY_ADDRESS)"
+        ) from None
     return f"the Ray cluster at {address!r}"
 
 
@@ -123,8 +138,10 @@ def get_control(run_name: str, address: str | None = None):
     try:
         return ray.get_actor(control_name(run_name), namespace=NAMESPACE)
     except ValueError:
-        raise RunNotFound(f"no active run named {run_name!r} on {where}: is the run still going, "
-                          f"is its run.name {run_name!r}, and is --address its cluster?") from None
+        raise RunNotFound(
+            f"no active run named {run_name!r} on {where}: is the run still going, "
+            f"is its run.name {run_name!r}, and is --address its cluster?"
+        ) from None
 
 
 def scale_rollout(run_name: str, n: int, address: str | None = None, wait_s: float = 0.0) -> MembershipReport:

@@ -13,19 +13,21 @@ services/checkpoint.py). A fresh run (no resume) clears that run directory's met
 replay segments. Exit code 2 = invalid config (or a resume that does not match its checkpoint),
 3 = stopped after `learner.max_consecutive_nonfinite` NaN/inf steps (a checkpoint was written).
 """
+
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from services.checkpoint import ResumePoint, check_resumable, find_resume, rewind_replay
 from rollout.datasets import DatasetError
+from services.checkpoint import ResumePoint, check_resumable, find_resume, rewind_replay
 from services.config import REPO_ROOT, ConfigError, RunConfig, check_model_path, load_config, write_resolved
 from services.placement import format_plan, plan
 
@@ -33,9 +35,18 @@ from services.placement import format_plan, plan
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m services.driver", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="YAML run config (deploy/configs/*.yaml); omitted = built-in defaults")
-    ap.add_argument("--dry-run", action="store_true", help="validate the config, print the actor placement, start nothing")
-    ap.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR (runs/<name>) from its latest checkpoint")
-    ap.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray started here)")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="validate the config, print the actor placement, start nothing"
+    )
+    ap.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR (runs/<name>) from its latest checkpoint",
+    )
+    ap.add_argument(
+        "--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray started here)"
+    )
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=3e-4 run.name=try2")
     args, unknown = ap.parse_known_args(argv)
     args.overrides += [u for u in unknown if u.startswith("--") and "=" in u]
@@ -64,16 +75,28 @@ def prepare_model(cfg: RunConfig, cache_dir: Path) -> tuple[Path, float]:
         task = make_task(cfg.task, _tokenizer(base))
     if cfg.cold_start is None:
         return base, 0.0
-    key = hashlib.sha256(f"{base.resolve()}|{cfg.task.model_dump_json()}|{cfg.cold_start.model_dump_json()}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{base.resolve()}|{cfg.task.model_dump_json()}|{cfg.cold_start.model_dump_json()}".encode()
+    ).hexdigest()[:16]
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    with tqdm(total=cfg.cold_start.steps, desc="cold start (SFT)", unit="step", disable=not cfg.run.progress, mininterval=1.0) as bar:
+    with tqdm(
+        total=cfg.cold_start.steps, desc="cold start (SFT)", unit="step", disable=not cfg.run.progress, mininterval=1.0
+    ) as bar:
+
         def on_step(step: int, loss: float) -> None:
             bar.set_postfix_str(f"loss={loss:.3f}", refresh=False)
             bar.update(1)
 
-        out = cold_start(base, cache_dir / "models" / f"coldstart-{key}", task, cfg.cold_start, threads=os.cpu_count(), on_step=on_step)
+        out = cold_start(
+            base,
+            cache_dir / "models" / f"coldstart-{key}",
+            task,
+            cfg.cold_start,
+            threads=os.cpu_count(),
+            on_step=on_step,
+        )
     return out, time.perf_counter() - t0
 
 
@@ -91,8 +114,14 @@ def start_ray(cfg: RunConfig, address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         extra = {} if cfg.run.metrics_port is None else {"_metrics_export_port": cfg.run.metrics_port}
-        ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}, **extra)
+        ray.init(
+            address="local",
+            num_cpus=cfg.run.num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+            **extra,
+        )
 
 
 def with_replay_dir(cfg: RunConfig, run_dir: Path) -> RunConfig:
@@ -109,7 +138,10 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume_dir: str | None) -> tu
     point = find_resume(cfg, run_dir, explicit=resume_dir is not None)
     if point is not None:
         check_resumable(point.state["config"], cfg)
-        print(f"resuming {run_dir} from {point.path.name} (learner step {point.learner_step}, policy_version {point.state['policy_version']})")
+        print(
+            f"resuming {run_dir} from {point.path.name} (learner step {point.learner_step}, policy_version "
+            f"{point.state['policy_version']})"
+        )
         return cfg, point
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -120,6 +152,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume_dir: str | None) -> tu
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
@@ -157,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     print(json.dumps(summary, indent=1))
     if summary["stopped_by"] == "nonfinite":
-        print(f"error: run stopped: {summary['nonfinite_skipped_steps']} learner step(s) skipped for NaN/inf loss or "
-              f"gradient, the last {cfg.learner.max_consecutive_nonfinite} in a row; see kind=nonfinite_step in "
-              f"{run_dir / 'metrics.jsonl'}, fix the data or lower learner.lr, then resume with --resume {run_dir}", file=sys.stderr)
+        print(
+            f"error: run stopped: {summary['nonfinite_skipped_steps']} learner step(s) skipped for NaN/inf loss or "
+            f"gradient, the last {cfg.learner.max_consecutive_nonfinite} in a row; see kind=nonfinite_step in "
+            f"{run_dir / 'metrics.jsonl'}, fix the data or lower learner.lr, then resume with --resume {run_dir}",
+            file=sys.stderr,
+        )
         return 3
     return 0
 

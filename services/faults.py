@@ -7,6 +7,7 @@ is unfinished), right after queueing a weight broadcast to it (`at=broadcast`), 
 queueing the re-formed group it is joining (`at=join`: the others wait for it in the rendezvous).
 Unset (the default), the loop does nothing extra. The worker must run on the driver's host.
 """
+
 from __future__ import annotations
 
 import os

@@ -8,6 +8,7 @@ on the background thread, so joining members never block training. A broadcast t
 `WeightSyncError` (a member died or did not ack within timeout_s) is not raised: `publish` returns
 it as the previous send's `SendOutcome`, and the owner re-forms the group with the survivors.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ from services import metrics
 @dataclasses.dataclass(frozen=True)
 class SendOutcome:
     """How one broadcast ended on the sender: `error` is None when every member received it."""
+
     policy_version: int
     error: str | None = None
 
@@ -50,8 +52,13 @@ class LearnerRank:
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the DeepSpeed group (all ranks call this concurrently) and build the model + optimiser."""
         os.environ.update(
-            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", DS_ACCELERATOR="cuda" if self.cfg.device == "cuda" else "cpu",
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            DS_ACCELERATOR="cuda" if self.cfg.device == "cuda" else "cpu",
         )
         from learner.step import LearnerCore
 
@@ -107,7 +114,9 @@ class LearnerRank:
         if old is not None:
             old.abandon()
         if group.world_size > 1:
-            self.transport = BroadcastTransport.create(group.cfg, group.master_addr, group.master_port, 0, group.world_size)
+            self.transport = BroadcastTransport.create(
+                group.cfg, group.master_addr, group.master_port, 0, group.world_size
+            )
 
     def wait_published(self) -> SendOutcome | None:
         """Block until the broadcast in flight (if any) ended; return how it ended, re-raise a bug."""
@@ -128,7 +137,8 @@ class LearnerRank:
         return None if out is None else str(out)
 
     def save_state(self, out_dir: str) -> float:
-        """This rank's checkpoint share (collective: every rank calls it at the same learner step); returns its seconds."""
+        """This rank's checkpoint share (collective: every rank calls it at the same learner step); returns its "
+        "seconds."""
         t0 = time.perf_counter()
         self.core.save_state(out_dir)
         return time.perf_counter() - t0

@@ -14,10 +14,12 @@ Invariants:
   weight group is re-formed at a version boundary when its members change. While such a re-formed
   broadcast is out, a due publish waits (training does not), so the learner never blocks on a joiner.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -34,6 +36,8 @@ from services.placement import start_actors
 from services.report import MetricsLog, draw_report, format_summary
 from services.worker_pool import WorkerPool
 
+log = logging.getLogger(__name__)
+
 TARGET_GAIN = 0.20  # the headline figure: RL seconds to +20 points of held-out accuracy
 
 
@@ -49,8 +53,11 @@ class LoopState:
     publish_t: dict = dataclasses.field(default_factory=lambda: {0: 0.0})
     evals: list = dataclasses.field(default_factory=list)  # (version, t_published, accuracy)
     seconds_to_target: float | None = None
-    reward_failures: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(
-        ("reward_timeouts", "reward_errors", "reward_nonfinite", "dropped_groups", "uniform_groups"), 0))
+    reward_failures: dict = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(
+            ("reward_timeouts", "reward_errors", "reward_nonfinite", "dropped_groups", "uniform_groups"), 0
+        )
+    )
     nonfinite_skipped: int = 0  # learner steps skipped for NaN/inf (their traces were sampled, not trained on)
     consecutive_nonfinite: int = 0
     traces_skipped_nonfinite: int = 0
@@ -59,8 +66,9 @@ class LoopState:
 
 
 class ActorLearnerLoop:
-    def __init__(self, cfg: RunConfig, run_dir: Path, model_dir: Path, cache_dir: Path, resume: ResumePoint | None = None):
-        from rollout.tasks import make_task
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, model_dir: Path, cache_dir: Path, resume: ResumePoint | None = None
+    ):
 
         self.cfg, self.run_dir, self.model_dir = cfg, run_dir, model_dir
         self.log = MetricsLog(run_dir / "metrics.jsonl")
@@ -90,7 +98,9 @@ class ActorLearnerLoop:
                 self.ckpt.restore()
                 self.s.resumes += 1
             else:
-                _, self.initial_accuracy = ray.get(self.pool.handles[0].evaluate.remote(self.eval_prompts, self.eval_answers))
+                _, self.initial_accuracy = ray.get(
+                    self.pool.handles[0].evaluate.remote(self.eval_prompts, self.eval_answers)
+                )
                 self.log.restart_clock()
                 self.log.write("eval", policy_version=0, accuracy=self.initial_accuracy, t_published=0.0)
             self._progress_start()
@@ -109,7 +119,9 @@ class ActorLearnerLoop:
         run = self.cfg.run
         if self.stop_reason is not None or self.s.steps >= run.max_learner_steps or self.log.now() >= run.max_wall_s:
             return True
-        return run.stop_at_gain is not None and any(acc >= self.initial_accuracy + run.stop_at_gain for _, _, acc in self.s.evals)
+        return run.stop_at_gain is not None and any(
+            acc >= self.initial_accuracy + run.stop_at_gain for _, _, acc in self.s.evals
+        )
 
     # -- rollout ----------------------------------------------------------------------------------
     def _groups_per_call(self) -> int:
@@ -149,7 +161,9 @@ class ActorLearnerLoop:
         self._trace_ids = res.batch.column("trace_id")
         self._trace_versions = sorted(pc.unique(res.batch.column("policy_version")).to_pylist())
         self.s.versions_consumed.update(self._trace_versions)
-        self.train_refs = [rank.train_step.remote(part) for rank, part in zip(self.ranks, _split_groups(res.batch, len(self.ranks)))]
+        self.train_refs = [
+            rank.train_step.remote(part) for rank, part in zip(self.ranks, _split_groups(res.batch, len(self.ranks)))
+        ]
 
     def _on_train_done(self) -> None:
         diags = ray.get(self.train_refs)
@@ -164,8 +178,15 @@ class ActorLearnerLoop:
         s.groups_consumed += len(self._staleness)
         s.max_staleness_seen = max(s.max_staleness_seen, max(self._staleness))
         merged = {k: sum(d[k] for d in diags) / len(diags) for k in diags[0]}
-        rec = self.log.write("learner_step", learner_step=s.steps, policy_version=s.version, staleness_mean=sum(self._staleness) / len(self._staleness),
-                             staleness_max=max(self._staleness), trace_versions=self._trace_versions, **merged)
+        rec = self.log.write(
+            "learner_step",
+            learner_step=s.steps,
+            policy_version=s.version,
+            staleness_mean=sum(self._staleness) / len(self._staleness),
+            staleness_max=max(self._staleness),
+            trace_versions=self._trace_versions,
+            **merged,
+        )
         self._progress_update(rec)
         if s.steps % self.cfg.learner.weight_sync.sync_every_steps == 0:
             self.publish_due = True
@@ -176,13 +197,21 @@ class ActorLearnerLoop:
         s.nonfinite_skipped += 1
         s.consecutive_nonfinite += 1
         s.traces_skipped_nonfinite += self._batch_rows
-        self.log.write("nonfinite_step", learner_step=s.steps, policy_version=s.version, consecutive=s.consecutive_nonfinite,
-                       in_gradient=any(d.get("nonfinite_in_gradient") for d in diags), loss=[d.get("loss") for d in diags],
-                       trace_ids=self._trace_ids.to_pylist())
+        self.log.write(
+            "nonfinite_step",
+            learner_step=s.steps,
+            policy_version=s.version,
+            consecutive=s.consecutive_nonfinite,
+            in_gradient=any(d.get("nonfinite_in_gradient") for d in diags),
+            loss=[d.get("loss") for d in diags],
+            trace_ids=self._trace_ids.to_pylist(),
+        )
         if s.consecutive_nonfinite >= limit:
             self.stop_reason = "nonfinite"
-            print(f"error: {limit} consecutive learner steps had a NaN/inf loss or gradient (learner.max_consecutive_nonfinite="
-                  f"{limit}); stopping with a checkpoint. Their trace ids are in {self.log.path} (kind=nonfinite_step)")
+            log.error(
+                f"{limit} consecutive learner steps had a NaN/inf loss or gradient (learner.max_consecutive_nonfinite="
+                f"{limit}); stopping with a checkpoint. Their trace ids are in {self.log.path} (kind=nonfinite_step)"
+            )
 
     # -- weights and eval -------------------------------------------------------------------------
     def _maybe_publish(self) -> None:
@@ -244,7 +273,9 @@ class ActorLearnerLoop:
         if self.eval_owed and self.pool.eval_worker() is not None:
             self._eval_async()
         self._maybe_publish()
-        if not (self.publish_due or self.train_refs or self.pool.receiving()) and self.pool.m.wants_weights(self.s.version):
+        if not (self.publish_due or self.train_refs or self.pool.receiving()) and self.pool.m.wants_weights(
+            self.s.version
+        ):
             if self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # unpublished steps: a new version
                 self._publish()
             else:  # the learner holds exactly policy_version: send it again over the re-formed group
@@ -254,8 +285,14 @@ class ActorLearnerLoop:
         """Test hook (services/faults.py): kill -9 a worker at a chosen moment. No faults: one falsy check."""
         for f in self.faults:
             member = self.pool.m.members.get(f.worker)
-            if f.at == at and self.s.steps >= f.after_step and wid in (None, f.worker) and member is not None \
-                    and member.state == ("joining" if at == "join" else "active") and (at != "join" or member.in_group):
+            if (
+                f.at == at
+                and self.s.steps >= f.after_step
+                and wid in (None, f.worker)
+                and member is not None
+                and member.state == ("joining" if at == "join" else "active")
+                and (at != "join" or member.in_group)
+            ):
                 self.faults.remove(f)
                 self.pool.kill(f.worker)
                 return
@@ -279,7 +316,9 @@ class ActorLearnerLoop:
         while self.train_refs or (self.publish_due and self.pool.publish_must_wait()):
             self._collect(timeout_s=1.0)
         last_eval = max((v for v, _, _ in self.s.evals), default=0)
-        if self.publish_due or self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # steps since the last publish
+        if (
+            self.publish_due or self.s.steps % self.cfg.learner.weight_sync.sync_every_steps
+        ):  # steps since the last publish
             self._publish()
         if last_eval < self.s.version and not any(w == "eval" for w, _ in self.side_refs.values()):
             self._eval_async()
@@ -310,22 +349,29 @@ class ActorLearnerLoop:
             "distinct_policy_versions_consumed": len(s.versions_consumed),
             "synchronous": self.cfg.synchronous,
             **self.s.reward_failures,
-            "dataset_skipped_rows": self.dataset_skipped_rows,  # by reason (rollout/datasets.py); {} for generated tasks
+            # by reason (rollout/datasets.py); {} for generated tasks
+            "dataset_skipped_rows": self.dataset_skipped_rows,
             **self._fault_summary(),
             **self.pool.summary(),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         draw_report(self.run_dir)
         self._progress_close()
-        print(f"\nrun {self.cfg.run.name!r} finished -> {self.run_dir}\n{format_summary(summary)}")
+        log.info(f"\nrun {self.cfg.run.name!r} finished -> {self.run_dir}\n{format_summary(summary)}")
         return summary
 
     def _fault_summary(self) -> dict:
         """What the run skipped, resumed and checkpointed, and what replay dropped by policy (whole run)."""
         s, stats = self.s, self.replay.stats()
         return {
-            "stopped_by": self.stop_reason or ("max_learner_steps" if s.steps >= self.cfg.run.max_learner_steps else
-                                               "max_wall_s" if self.log.now() >= self.cfg.run.max_wall_s else "stop_at_gain"),
+            "stopped_by": self.stop_reason
+            or (
+                "max_learner_steps"
+                if s.steps >= self.cfg.run.max_learner_steps
+                else "max_wall_s"
+                if self.log.now() >= self.cfg.run.max_wall_s
+                else "stop_at_gain"
+            ),
             "nonfinite_skipped_steps": s.nonfinite_skipped,
             "traces_skipped_nonfinite": s.traces_skipped_nonfinite,
             "resumes": s.resumes,
@@ -346,19 +392,28 @@ class ActorLearnerLoop:
             try:
                 ray.get(ref, timeout=30)
             except Exception as e:  # an actor that already died has nothing to release
-                print(f"warning: shutdown of {actor} failed: {e}")
+                log.warning(f"shutdown of {actor} failed: {e}")
             ray.kill(actor, no_restart=True)
 
     # -- terminal -----------------------------------------------------------------------------------
     def _progress_start(self) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=self.cfg.run.max_learner_steps, desc="RL", unit="step", disable=not self.cfg.run.progress, mininterval=1.0)
+        self.bar = tqdm(
+            total=self.cfg.run.max_learner_steps,
+            desc="RL",
+            unit="step",
+            disable=not self.cfg.run.progress,
+            mininterval=1.0,
+        )
 
     def _progress_update(self, rec: dict) -> None:
         acc = self.s.evals[-1][2] if self.s.evals else self.initial_accuracy
-        self.bar.set_postfix_str(f"v={self.s.version} reward={rec.get('reward_mean', 0):.2f} eval={acc:.2f} "
-                                 f"stale<={rec['staleness_max']} kl={rec.get('kl_behaviour', 0) or 0:.4f}", refresh=False)
+        self.bar.set_postfix_str(
+            f"v={self.s.version} reward={rec.get('reward_mean', 0):.2f} eval={acc:.2f} "
+            f"stale<={rec['staleness_max']} kl={rec.get('kl_behaviour', 0) or 0:.4f}",
+            refresh=False,
+        )
         self.bar.update(1)
 
     def _progress_close(self) -> None:
@@ -371,4 +426,6 @@ def _split_groups(batch: pa.RecordBatch, parts: int) -> list[pa.Table]:
     if parts == 1:
         return [table]
     groups = pc.unique(table.column("group_id")).to_pylist()
-    return [table.filter(pc.is_in(table.column("group_id"), value_set=pa.array(groups[i::parts]))) for i in range(parts)]
+    return [
+        table.filter(pc.is_in(table.column("group_id"), value_set=pa.array(groups[i::parts]))) for i in range(parts)
+    ]

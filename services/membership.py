@@ -16,6 +16,7 @@ Invariants:
   groups it already got into replay stay there (at-least-once: a worker that died between its
   replay insert and its reply has its prompts sampled twice).
 """
+
 from __future__ import annotations
 
 import collections
@@ -53,6 +54,7 @@ class MemberView:
 @dataclasses.dataclass(frozen=True)
 class MembershipReport:
     """What `flywheel scale` prints: the target and every member that is not gone."""
+
     run_name: str
     target: int
     members: tuple[MemberView, ...]
@@ -63,7 +65,8 @@ class MembershipReport:
 
     def format(self) -> str:
         rows = ", ".join(f"worker {m.worker_id}: {m.state} (policy_version {m.policy_version})" for m in self.members)
-        return f"run {self.run_name!r}: target {self.target} rollout worker(s), {self.active} active; {rows or 'no members'}"
+        members = rows or "no members"
+        return f"run {self.run_name!r}: target {self.target} rollout worker(s), {self.active} active; {members}"
 
 
 class Membership:
@@ -77,8 +80,17 @@ class Membership:
         self.group_dirty = False
         self._dispatch_seq = 0
         self.reissue: collections.deque[tuple[Problem, ...]] = collections.deque()
-        self.counters = dict.fromkeys(("worker_replacements", "reissued_prompts", "broadcast_drops",
-                                       "workers_added", "workers_removed", "worker_deaths"), 0)
+        self.counters = dict.fromkeys(
+            (
+                "worker_replacements",
+                "reissued_prompts",
+                "broadcast_drops",
+                "workers_added",
+                "workers_removed",
+                "worker_deaths",
+            ),
+            0,
+        )
 
     # -- who is here ------------------------------------------------------------------------------
     def add_initial(self, n: int) -> list[int]:
@@ -103,7 +115,9 @@ class Membership:
         return [m.worker_id for m in sorted(idle, key=lambda m: m.last_dispatch)]
 
     def report(self, run_name: str) -> MembershipReport:
-        return MembershipReport(run_name, self.target, tuple(MemberView(m.worker_id, m.state, m.policy_version) for m in self.live()))
+        return MembershipReport(
+            run_name, self.target, tuple(MemberView(m.worker_id, m.state, m.policy_version) for m in self.live())
+        )
 
     # -- scaling ----------------------------------------------------------------------------------
     def set_target(self, n: int) -> None:
@@ -116,7 +130,7 @@ class Membership:
         serving = self.serving()
         if len(serving) < self.target:
             return [self._new() for _ in range(self.target - len(serving))], []
-        surplus = sorted(serving, key=lambda m: (m.state == "active", -m.worker_id))[:len(serving) - self.target]
+        surplus = sorted(serving, key=lambda m: (m.state == "active", -m.worker_id))[: len(serving) - self.target]
         for m in surplus:
             m.state = "draining"
             self.group_dirty = True
@@ -168,8 +182,11 @@ class Membership:
         if was_serving:
             if self.counters["worker_replacements"] >= self.max_replacements:
                 raise TooManyFailures(
-                    f"rollout worker {wid} died and {self.counters['worker_replacements']} replacements were already made "
-                    f"(run.max_worker_replacements={self.max_replacements}); fix the cause (see the worker's log) or raise the limit")
+                    f"rollout worker {wid} died and {self.counters['worker_replacements']} replacements were already "
+                    "made "
+                    f"(run.max_worker_replacements={self.max_replacements}); fix the cause (see the worker's log) or "
+                    "raise the limit"
+                )
             self.counters["worker_replacements"] += 1
         return reissued
 
@@ -207,5 +224,7 @@ class Membership:
 
     def wants_weights(self, policy_version: int) -> bool:
         """A re-formed group would bring someone the current weights: a joiner, or a member behind."""
-        return self.group_dirty and any(m.state == "joining" or (m.state == "active" and m.policy_version < policy_version)
-                                        for m in self.members.values())
+        return self.group_dirty and any(
+            m.state == "joining" or (m.state == "active" and m.policy_version < policy_version)
+            for m in self.members.values()
+        )

@@ -15,6 +15,7 @@ Contract:
 - Ray computes a histogram's `_sum` from bucket midpoints (Ray 2.60), so `_sum/_count` means are
   approximate; staleness buckets are centred on integers, so its mean is exact but for 0 (as 0.25).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +31,7 @@ RAY_PREFIX = "ray_"
 # Buckets. Ray requires boundaries > 0; staleness buckets sit between integers so `le="k.5"`
 # counts the groups k or fewer policy versions old.
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-_TOKENS = tuple(float(2 ** i) for i in range(0, 16))
+_TOKENS = tuple(float(2**i) for i in range(0, 16))
 _VERSIONS = (0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 32.5, 64.5)
 _AGE_SECONDS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
@@ -52,51 +53,133 @@ METRICS: tuple[MetricSpec, ...] = (
     # rollout (RolloutWorker)
     _spec("rollout_tokens", "counter", "completion tokens generated (rate = rollout tokens/s)", "worker"),
     _spec("rollout_traces", "counter", "traces generated and scored", "worker", "task"),
-    _spec("rollout_requests_in_flight", "gauge", "sequences in the engine right now (prompts x group_size while generating)", "worker"),
-    _spec("rollout_generate_seconds", "histogram", "wall time of one batch's generation", "worker", boundaries=_SECONDS),
-    _spec("rollout_queue_wait_seconds", "histogram", "time a finished batch waits for replay to accept it (back-pressure)", "worker", boundaries=_SECONDS),
-    _spec("rollout_completion_tokens", "histogram", "generation length per trace, tokens", "worker", boundaries=_TOKENS),
+    _spec(
+        "rollout_requests_in_flight",
+        "gauge",
+        "sequences in the engine right now (prompts x group_size while generating)",
+        "worker",
+    ),
+    _spec(
+        "rollout_generate_seconds", "histogram", "wall time of one batch's generation", "worker", boundaries=_SECONDS
+    ),
+    _spec(
+        "rollout_queue_wait_seconds",
+        "histogram",
+        "time a finished batch waits for replay to accept it (back-pressure)",
+        "worker",
+        boundaries=_SECONDS,
+    ),
+    _spec(
+        "rollout_completion_tokens", "histogram", "generation length per trace, tokens", "worker", boundaries=_TOKENS
+    ),
     _spec("rollout_reward_mean", "gauge", "mean reward of the worker's last batch, per task", "worker", "task"),
     _spec("rollout_policy_version", "gauge", "policy_version of the weights in the worker's engine", "worker"),
-    _spec("rollout_last_active_timestamp_seconds", "gauge", "unix time the worker last finished a call (heartbeat)", "worker"),
+    _spec(
+        "rollout_last_active_timestamp_seconds",
+        "gauge",
+        "unix time the worker last finished a call (heartbeat)",
+        "worker",
+    ),
     # replay (ReplayShard, ReplayClient)
     _spec("replay_groups", "gauge", "groups held by the shard", "shard"),
     _spec("replay_traces", "gauge", "traces held by the shard", "shard"),
     _spec("replay_bytes", "gauge", "Arrow bytes held by the shard", "shard"),
     _spec("replay_inserted_groups", "counter", "groups accepted (rate = inserts/s)", "shard"),
     _spec("replay_sampled_groups", "counter", "groups handed to the learner (rate = samples/s)", "shard"),
-    _spec("replay_removed_groups", "counter", "groups removed, by reason: evicted_stale, evicted_capacity, removed_sampled", "shard", "reason"),
-    _spec("replay_rejected_traces", "counter", "traces refused at insert, by reason (see reject_reason)", "shard", "reason"),
-    _spec("replay_staleness", "histogram", "staleness of each sampled group, policy versions", "shard", boundaries=_VERSIONS),
+    _spec(
+        "replay_removed_groups",
+        "counter",
+        "groups removed, by reason: evicted_stale, evicted_capacity, removed_sampled",
+        "shard",
+        "reason",
+    ),
+    _spec(
+        "replay_rejected_traces",
+        "counter",
+        "traces refused at insert, by reason (see reject_reason)",
+        "shard",
+        "reason",
+    ),
+    _spec(
+        "replay_staleness",
+        "histogram",
+        "staleness of each sampled group, policy versions",
+        "shard",
+        boundaries=_VERSIONS,
+    ),
     _spec("replay_sampled_staleness_max", "gauge", "largest staleness in the shard's last sample", "shard"),
     _spec("replay_staleness_bound", "gauge", "replay.max_staleness the shard enforces", "shard"),
-    _spec("replay_sample_age_seconds", "histogram", "seconds from a trace's creation to its sampling", "shard", boundaries=_AGE_SECONDS),
-    _spec("replay_insert_blocked_seconds", "counter", "seconds inserts waited for the rate limiter / capacity", "shard"),
+    _spec(
+        "replay_sample_age_seconds",
+        "histogram",
+        "seconds from a trace's creation to its sampling",
+        "shard",
+        boundaries=_AGE_SECONDS,
+    ),
+    _spec(
+        "replay_insert_blocked_seconds", "counter", "seconds inserts waited for the rate limiter / capacity", "shard"
+    ),
     # learner (LearnerRank)
     _spec("learner_steps", "counter", "optimiser steps taken", "rank"),
-    _spec("learner_last_step_timestamp_seconds", "gauge", "unix time of the rank's last finished step (heartbeat)", "rank"),
-    _spec("learner_step_seconds", "histogram", "step time by phase: forward, backward_optimizer, total", "rank", "phase", boundaries=_SECONDS),
+    _spec(
+        "learner_last_step_timestamp_seconds", "gauge", "unix time of the rank's last finished step (heartbeat)", "rank"
+    ),
+    _spec(
+        "learner_step_seconds",
+        "histogram",
+        "step time by phase: forward, backward_optimizer, total",
+        "rank",
+        "phase",
+        boundaries=_SECONDS,
+    ),
     _spec("learner_tokens", "counter", "response tokens trained on (rate = learner tokens/s)", "rank"),
     _spec("learner_loss", "gauge", "loss terms of the last step: total, policy, kl, entropy, value", "rank", "term"),
     _spec("learner_nonfinite_loss_steps", "counter", "steps whose total loss was NaN or infinite", "rank"),
-    _spec("learner_kl", "gauge", "mean per-token KL of the last step, against behaviour or reference", "rank", "against"),
+    _spec(
+        "learner_kl", "gauge", "mean per-token KL of the last step, against behaviour or reference", "rank", "against"
+    ),
     _spec("learner_clip_fraction", "gauge", "fraction of tokens clipped in the last step, by side", "rank", "side"),
-    _spec("learner_importance_ratio", "gauge", "learner/behaviour importance ratio of the last step: mean, min, max", "rank", "stat"),
-    _spec("learner_importance_ess", "gauge", "normalised effective sample size of the importance weights", "rank", "level"),
+    _spec(
+        "learner_importance_ratio",
+        "gauge",
+        "learner/behaviour importance ratio of the last step: mean, min, max",
+        "rank",
+        "stat",
+    ),
+    _spec(
+        "learner_importance_ess", "gauge", "normalised effective sample size of the importance weights", "rank", "level"
+    ),
     _spec("learner_entropy", "gauge", "mean token entropy of the last step", "rank"),
     _spec("learner_grad_norm", "gauge", "global gradient norm of the last step", "rank"),
     _spec("learner_lr", "gauge", "learning rate of the last step", "rank"),
     # weight sync (LearnerRank rank 0 sends, RolloutWorker receives; lag from the driver)
     _spec("weight_sync_send_seconds", "histogram", "seconds to broadcast one policy_version", boundaries=_SECONDS),
-    _spec("weight_sync_receive_seconds", "histogram", "seconds a worker spends receiving and loading one policy_version", "worker", boundaries=_SECONDS),
+    _spec(
+        "weight_sync_receive_seconds",
+        "histogram",
+        "seconds a worker spends receiving and loading one policy_version",
+        "worker",
+        boundaries=_SECONDS,
+    ),
     _spec("weight_sync_bytes", "counter", "weight payload bytes broadcast"),
     _spec("weight_sync_errors", "counter", "broadcasts that failed"),
-    _spec("weight_sync_version_lag", "gauge", "latest published policy_version minus the worker's, at its last receive", "worker"),
+    _spec(
+        "weight_sync_version_lag",
+        "gauge",
+        "latest published policy_version minus the worker's, at its last receive",
+        "worker",
+    ),
     # run level
     _spec("run_policy_version", "gauge", "latest published policy_version"),
     _spec("run_eval_accuracy", "gauge", "greedy held-out accuracy (pass@1) at run_eval_policy_version"),
     _spec("run_eval_policy_version", "gauge", "policy_version of the last evaluation"),
-    _spec("run_pass_at_k", "gauge", "unbiased pass@k over the worker's last batch of sampled groups (reward >= 1 counts as solved)", "worker", "k"),
+    _spec(
+        "run_pass_at_k",
+        "gauge",
+        "unbiased pass@k over the worker's last batch of sampled groups (reward >= 1 counts as solved)",
+        "worker",
+        "k",
+    ),
 )
 BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
 
@@ -147,9 +230,13 @@ class RaySink:
                 from ray.util import metrics as rm
 
                 if spec.kind == "histogram":
-                    inst = rm.Histogram(spec.name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tag_keys)
+                    inst = rm.Histogram(
+                        spec.name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tag_keys
+                    )
                 else:
-                    inst = (rm.Counter if spec.kind == "counter" else rm.Gauge)(spec.name, spec.description, tag_keys=spec.tag_keys)
+                    inst = (rm.Counter if spec.kind == "counter" else rm.Gauge)(
+                        spec.name, spec.description, tag_keys=spec.tag_keys
+                    )
                 self._instruments[spec.name] = inst
             return inst
 
@@ -185,7 +272,9 @@ class PrometheusClientSink:
                 if spec.kind == "histogram":
                     inst = pc.Histogram(name, spec.description, labels, registry=self.registry, buckets=spec.boundaries)
                 else:
-                    inst = (pc.Counter if spec.kind == "counter" else pc.Gauge)(name, spec.description, labels, registry=self.registry)
+                    inst = (pc.Counter if spec.kind == "counter" else pc.Gauge)(
+                        name, spec.description, labels, registry=self.registry
+                    )
                 self._instruments[spec.name] = inst
         child = inst.labels(**tags) if spec.tag_keys else inst
         if spec.kind == "counter":
@@ -248,14 +337,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def _ks(n: int) -> list[int]:
-    return sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
+    return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
 
 
 def rollout_started(worker_id: int, sequences: int) -> None:
     emit("rollout_requests_in_flight", sequences, worker=worker_id)
 
 
-def record_rollout(worker_id: int, policy_version: int, traces: Iterable, generate_s: float, queue_wait_s: float) -> None:
+def record_rollout(
+    worker_id: int, policy_version: int, traces: Iterable, generate_s: float, queue_wait_s: float
+) -> None:
     """One finished rollout call: `traces` are `replay.schema.Trace`s of whole groups."""
     traces = list(traces)
     w = worker_id
@@ -371,15 +462,24 @@ class ReplayMeter:
 # ---- learner and weight sync -------------------------------------------------------------------------
 # diag key from learner.step / learner.objective -> (metric, tag key, tag value)
 _LEARNER_GAUGES = {
-    "loss": ("learner_loss", "term", "total"), "pg_loss": ("learner_loss", "term", "policy"),
-    "kl_loss": ("learner_loss", "term", "kl"), "value_loss": ("learner_loss", "term", "value"),
-    "kl_behaviour": ("learner_kl", "against", "behaviour"), "kl_ref": ("learner_kl", "against", "reference"),
-    "clip_frac_low": ("learner_clip_fraction", "side", "low"), "clip_frac_high": ("learner_clip_fraction", "side", "high"),
-    "clip_frac_dual": ("learner_clip_fraction", "side", "dual"), "rho_clip_frac": ("learner_clip_fraction", "side", "rho"),
-    "is_ratio_mean": ("learner_importance_ratio", "stat", "mean"), "is_ratio_min": ("learner_importance_ratio", "stat", "min"),
+    "loss": ("learner_loss", "term", "total"),
+    "pg_loss": ("learner_loss", "term", "policy"),
+    "kl_loss": ("learner_loss", "term", "kl"),
+    "value_loss": ("learner_loss", "term", "value"),
+    "kl_behaviour": ("learner_kl", "against", "behaviour"),
+    "kl_ref": ("learner_kl", "against", "reference"),
+    "clip_frac_low": ("learner_clip_fraction", "side", "low"),
+    "clip_frac_high": ("learner_clip_fraction", "side", "high"),
+    "clip_frac_dual": ("learner_clip_fraction", "side", "dual"),
+    "rho_clip_frac": ("learner_clip_fraction", "side", "rho"),
+    "is_ratio_mean": ("learner_importance_ratio", "stat", "mean"),
+    "is_ratio_min": ("learner_importance_ratio", "stat", "min"),
     "is_ratio_max": ("learner_importance_ratio", "stat", "max"),
-    "ess_token": ("learner_importance_ess", "level", "token"), "ess_seq": ("learner_importance_ess", "level", "sequence"),
-    "entropy": ("learner_entropy", None, None), "grad_norm": ("learner_grad_norm", None, None), "lr": ("learner_lr", None, None),
+    "ess_token": ("learner_importance_ess", "level", "token"),
+    "ess_seq": ("learner_importance_ess", "level", "sequence"),
+    "entropy": ("learner_entropy", None, None),
+    "grad_norm": ("learner_grad_norm", None, None),
+    "lr": ("learner_lr", None, None),
 }
 
 
@@ -389,8 +489,11 @@ def record_learner_step(rank: int, diag: Mapping[str, float], now: float | None 
         if key in diag:
             emit(metric, diag[key], rank=rank, **({tag: label} if tag else {}))
     fwd, total = diag.get("forward_s"), diag.get("step_s")
-    for phase, v in (("forward", fwd), ("total", total),
-                     ("backward_optimizer", None if fwd is None or total is None else total - fwd)):
+    for phase, v in (
+        ("forward", fwd),
+        ("total", total),
+        ("backward_optimizer", None if fwd is None or total is None else total - fwd),
+    ):
         if v is not None:
             emit("learner_step_seconds", v, rank=rank, phase=phase)
     emit("learner_tokens", diag.get("tokens", 0.0), rank=rank)

@@ -3,6 +3,7 @@
 Contract: `plan(cfg)` is pure (no Ray) and lists exactly the actors `start_actors` creates, with the
 same resource requests, so a dry run shows what a real run will ask the cluster for.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,28 +24,49 @@ class ActorSpec:
 
 
 def plan(cfg: RunConfig) -> list[ActorSpec]:
-    specs = [ActorSpec("replay_shard", i, 0.0, 0.0, f"sampler={cfg.replay.sampler} max_staleness={cfg.replay.max_staleness}")
-             for i in range(cfg.replay.num_shards)]
+    specs = [
+        ActorSpec("replay_shard", i, 0.0, 0.0, f"sampler={cfg.replay.sampler} max_staleness={cfg.replay.max_staleness}")
+        for i in range(cfg.replay.num_shards)
+    ]
     lc = cfg.learner
-    specs += [ActorSpec("learner_rank", r, lc.num_cpus_per_rank, lc.num_gpus_per_rank,
-                        f"deepspeed zero-{lc.zero_stage} {lc.dist_backend} {lc.groups_per_step // lc.num_ranks} groups/step",
-                        tuple(lc.ray_resources.items()))
-              for r in range(lc.num_ranks)]
+    specs += [
+        ActorSpec(
+            "learner_rank",
+            r,
+            lc.num_cpus_per_rank,
+            lc.num_gpus_per_rank,
+            f"deepspeed zero-{lc.zero_stage} {lc.dist_backend} {lc.groups_per_step // lc.num_ranks} groups/step",
+            tuple(lc.ray_resources.items()),
+        )
+        for r in range(lc.num_ranks)
+    ]
     rc = cfg.rollout
-    specs += [ActorSpec("rollout_worker", w, rc.num_cpus_per_worker, rc.num_gpus_per_worker,
-                        f"{rc.engine} on {rc.device}, G={rc.group_size}, {rc.prompts_per_step} prompts/call",
-                        tuple(rc.ray_resources.items()))
-              for w in range(rc.num_workers)]
+    specs += [
+        ActorSpec(
+            "rollout_worker",
+            w,
+            rc.num_cpus_per_worker,
+            rc.num_gpus_per_worker,
+            f"{rc.engine} on {rc.device}, G={rc.group_size}, {rc.prompts_per_step} prompts/call",
+            tuple(rc.ray_resources.items()),
+        )
+        for w in range(rc.num_workers)
+    ]
     return specs
 
 
 def format_plan(cfg: RunConfig, specs: list[ActorSpec]) -> str:
-    lines = [f"run {cfg.run.name!r}: model={cfg.model.path or 'built-in tiny Llama'}, "
-             f"weight sync={cfg.learner.weight_sync.backend} every {cfg.learner.weight_sync.sync_every_steps} step(s), "
-             f"mode={'synchronous' if cfg.synchronous else f'asynchronous (max_staleness={cfg.replay.max_staleness})'}",
-             f"{'actor':<16}{'#':>3}{'CPU':>6}{'GPU':>6}  detail"]
-    lines += [f"{s.role:<16}{s.index:>3}{s.num_cpus:>6g}{s.num_gpus:>6g}  {s.detail}"
-              + "".join(f" {k}={v:g}" for k, v in s.resources) for s in specs]
+    lines = [
+        f"run {cfg.run.name!r}: model={cfg.model.path or 'built-in tiny Llama'}, "
+        f"weight sync={cfg.learner.weight_sync.backend} every {cfg.learner.weight_sync.sync_every_steps} step(s), "
+        f"mode={'synchronous' if cfg.synchronous else f'asynchronous (max_staleness={cfg.replay.max_staleness})'}",
+        f"{'actor':<16}{'#':>3}{'CPU':>6}{'GPU':>6}  detail",
+    ]
+    lines += [
+        f"{s.role:<16}{s.index:>3}{s.num_cpus:>6g}{s.num_gpus:>6g}  {s.detail}"
+        + "".join(f" {k}={v:g}" for k, v in s.resources)
+        for s in specs
+    ]
     lines.append(f"{'total':<19}{sum(s.num_cpus for s in specs):>6g}{sum(s.num_gpus for s in specs):>6g}")
     return "\n".join(lines)
 
@@ -69,9 +91,12 @@ def start_rollout_worker(cfg: RunConfig, model_dir: Path, cache_dir: Path, worke
     from services.rollout_worker import RolloutWorker
 
     rc = cfg.rollout
-    return (RolloutWorker.options(num_cpus=rc.num_cpus_per_worker, num_gpus=rc.num_gpus_per_worker, resources=dict(rc.ray_resources),
-                                  runtime_env={"env_vars": actor_env(cfg, cache_dir)})
-            .remote(rc, cfg.task, cfg.reward, str(model_dir), worker_id, replay))
+    return RolloutWorker.options(
+        num_cpus=rc.num_cpus_per_worker,
+        num_gpus=rc.num_gpus_per_worker,
+        resources=dict(rc.ray_resources),
+        runtime_env={"env_vars": actor_env(cfg, cache_dir)},
+    ).remote(rc, cfg.task, cfg.reward, str(model_dir), worker_id, replay)
 
 
 def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
@@ -87,8 +112,15 @@ def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
     env = {"env_vars": actor_env(cfg, cache_dir)}
     replay = create_replay(cfg.replay)
     lc = cfg.learner
-    ranks = [LearnerRank.options(num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank, resources=dict(lc.ray_resources), runtime_env=env)
-             .remote(lc, str(model_dir), r, lc.num_ranks) for r in range(lc.num_ranks)]
+    ranks = [
+        LearnerRank.options(
+            num_cpus=lc.num_cpus_per_rank,
+            num_gpus=lc.num_gpus_per_rank,
+            resources=dict(lc.ray_resources),
+            runtime_env=env,
+        ).remote(lc, str(model_dir), r, lc.num_ranks)
+        for r in range(lc.num_ranks)
+    ]
     addr, port = ray.get(ranks[0].node_address.remote())
     setups = [rank.setup.remote(addr, port) for rank in ranks]
     workers = [start_rollout_worker(cfg, model_dir, cache_dir, w, replay) for w in range(cfg.rollout.num_workers)]
@@ -96,7 +128,9 @@ def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
     _, wport = ray.get(ranks[0].node_address.remote())
     world = 1 + len(workers)
     joins = [ranks[0].join_weight_group.remote(lc.weight_sync, addr, lc.weight_sync.master_port or wport, world)]
-    joins += [w.join_weight_group.remote(lc.weight_sync, addr, lc.weight_sync.master_port or wport, i + 1, world)
-              for i, w in enumerate(workers)]
+    joins += [
+        w.join_weight_group.remote(lc.weight_sync, addr, lc.weight_sync.master_port or wport, i + 1, world)
+        for i, w in enumerate(workers)
+    ]
     ray.get(joins)
     return replay, ranks, workers

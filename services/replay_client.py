@@ -18,6 +18,7 @@ answers, so a slow shard does not stall the learner. `sample` returns None when 
 cannot give `n_groups` within `timeout_s`. Only if a shard fails or is drained by another consumer
 in the middle of a split draw can a result hold fewer groups (check `len(result.group_weights)`).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -57,7 +58,9 @@ def _gather(refs: list) -> list:
 
 
 class ReplayClient:
-    def __init__(self, shards: list[ActorHandle], probe_timeout_s: float = 1.0, seed: int = 0, insert_retry_s: float = 0.0):
+    def __init__(
+        self, shards: list[ActorHandle], probe_timeout_s: float = 1.0, seed: int = 0, insert_retry_s: float = 0.0
+    ):
         if not shards:
             raise ValueError("ReplayClient needs at least one ReplayShard handle; use create_replay(cfg)")
         self.shards = list(shards)
@@ -74,8 +77,12 @@ class ReplayClient:
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
-        return {"shards": self.shards, "probe_timeout_s": self.probe_timeout_s, "seed": self.seed,
-                "insert_retry_s": self.insert_retry_s}
+        return {
+            "shards": self.shards,
+            "probe_timeout_s": self.probe_timeout_s,
+            "seed": self.seed,
+            "insert_retry_s": self.insert_retry_s,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -151,14 +158,19 @@ class ReplayClient:
         with self._lock:
             now = time.monotonic()
             for k, shard in enumerate(self.shards):
-                recent = now - self._known_at.get(k, -1e9) < _PROBE_INTERVAL_S and self._known.get(k, (0, -1))[1] >= policy_version
+                recent = (
+                    now - self._known_at.get(k, -1e9) < _PROBE_INTERVAL_S
+                    and self._known.get(k, (0, -1))[1] >= policy_version
+                )
                 if k not in self._probes and (force or not recent):  # a count from moments ago is good enough
                     self._probes[k] = (shard.available.remote(policy_version), now, policy_version)
 
     def _harvest(self) -> None:
         with self._lock:
             items = list(self._probes.items())
-            ready = set(ray.wait([r for _, (r, _, _) in items], num_returns=len(items), timeout=0)[0]) if items else set()
+            ready = (
+                set(ray.wait([r for _, (r, _, _) in items], num_returns=len(items), timeout=0)[0]) if items else set()
+            )
             for k, (ref, _, version) in items:
                 if ref in ready:
                     del self._probes[k]
@@ -229,6 +241,8 @@ def create_replay(cfg: ReplayConfig, max_restarts: int = -1) -> ReplayClient:
     Ray restarts a dead shard (`max_restarts`, -1 = always); with `cfg.segment_dir` it comes back
     with every acknowledged trace.
     """
-    shards = [ReplayShard.options(max_restarts=max_restarts, max_concurrency=MAX_CONCURRENCY).remote(cfg, k)
-              for k in range(cfg.num_shards)]
+    shards = [
+        ReplayShard.options(max_restarts=max_restarts, max_concurrency=MAX_CONCURRENCY).remote(cfg, k)
+        for k in range(cfg.num_shards)
+    ]
     return ReplayClient(shards, seed=cfg.seed, insert_retry_s=cfg.insert_retry_s)

@@ -7,6 +7,7 @@ or the rate limiter), then inserts what fits and rejects the rest with a reason 
 forever and never drops an acknowledged group. With `cfg.segment_dir` set, a restarted actor (Ray
 `max_restarts`) rebuilds its table from disk in `__init__`.
 """
+
 from __future__ import annotations
 
 import os

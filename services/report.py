@@ -7,6 +7,7 @@ removed; the group re-formed; the target changed: services/worker_pool.py), `bro
 `report.png` is drawn only from `metrics.jsonl`,
 so it can be re-drawn from a finished run: `python -m services.report runs/<name>`.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,7 +83,11 @@ def draw_report(run_dir: Path) -> Path:
         (axes[0, 0], [("learner_step", "reward_mean", "train reward (batch mean)")], "reward"),
         (axes[0, 1], [("eval", "accuracy", "held-out greedy accuracy")], "accuracy"),
         (axes[1, 0], [("learner_step", "kl_behaviour", "KL(learner || behaviour), k3")], "KL"),
-        (axes[1, 1], [("learner_step", "staleness_mean", "mean staleness"), ("learner_step", "staleness_max", "max staleness")], "policy versions"),
+        (
+            axes[1, 1],
+            [("learner_step", "staleness_mean", "mean staleness"), ("learner_step", "staleness_max", "max staleness")],
+            "policy versions",
+        ),
     ]
     for ax, series, ylabel in panels:
         for kind, key, label in series:
@@ -102,8 +107,10 @@ def draw_report(run_dir: Path) -> Path:
     summary = run_dir / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
-        fig.suptitle(f"{run_dir.name}: eval {s['eval_accuracy_initial']:.2f} -> {s['eval_accuracy_final']:.2f} "
-                     f"in {s['wall_s']:.0f}s, {s['learner_steps']} learner steps, {s['policy_versions_published']} versions")
+        fig.suptitle(
+            f"{run_dir.name}: eval {s['eval_accuracy_initial']:.2f} -> {s['eval_accuracy_final']:.2f} "
+            f"in {s['wall_s']:.0f}s, {s['learner_steps']} learner steps, {s['policy_versions_published']} versions"
+        )
     out = run_dir / "report.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -111,10 +118,14 @@ def draw_report(run_dir: Path) -> Path:
 
 
 def format_summary(summary: dict) -> str:
-    rows = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in summary.items() if not isinstance(v, (dict, list))]
+    rows = [
+        (k, f"{v:.4g}" if isinstance(v, float) else str(v))
+        for k, v in summary.items()
+        if not isinstance(v, (dict, list))
+    ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 if __name__ == "__main__":
-    print(draw_report(Path(sys.argv[1])))
+    print(draw_report(Path(sys.argv[1])))  # noqa: T201 - command-line entry point

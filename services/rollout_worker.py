@@ -11,9 +11,11 @@ worker's prompts can be re-issued elsewhere) and may move the worker to a new we
 With `weight_sync.inflight: pause` a vLLM worker also takes an announced update between engine steps
 of a running rollout; the receive queued for that version then returns at once.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from pathlib import Path
@@ -27,6 +29,8 @@ from rollout.config import RolloutConfig
 from rollout.rewards import RewardConfig, RewardScorer, ScoreBatchResult, load_reward_function
 from rollout.tasks import Problem, TaskConfig, make_task
 from services import metrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +55,9 @@ class RolloutStats:
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, cfg: RolloutConfig, task_cfg: TaskConfig, reward_cfg: RewardConfig, model_dir: str, worker_id: int, replay):
+    def __init__(
+        self, cfg: RolloutConfig, task_cfg: TaskConfig, reward_cfg: RewardConfig, model_dir: str, worker_id: int, replay
+    ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from transformers import AutoTokenizer
 
@@ -77,8 +83,12 @@ class RolloutWorker:
     def _score_batch(self, items):
         result = self.scorer.score_batch(items)
         f = self._failures
-        self._failures = ScoreBatchResult(rewards=[], timeouts=f.timeouts + result.timeouts, errors=f.errors + result.errors,
-                                          non_finite=f.non_finite + result.non_finite)
+        self._failures = ScoreBatchResult(
+            rewards=[],
+            timeouts=f.timeouts + result.timeouts,
+            errors=f.errors + result.errors,
+            non_finite=f.non_finite + result.non_finite,
+        )
         return result.rewards
 
     def _decode(self, ids) -> str:
@@ -93,13 +103,23 @@ class RolloutWorker:
 
         t0 = time.perf_counter()
         if problems is not None and len(problems) != num_prompts:
-            raise ValueError(f"rollout got {len(problems)} problems for num_prompts={num_prompts}; pass exactly num_prompts")
+            raise ValueError(
+                f"rollout got {len(problems)} problems for num_prompts={num_prompts}; pass exactly num_prompts"
+            )
         problems = list(problems) if problems is not None else [next(self.problems) for _ in range(num_prompts)]
         metrics.rollout_started(self.worker_id, num_prompts * self.cfg.group_size)
         seed = self.cfg.seed * 1_000_003 + self.worker_id * 10_007 + self.batches
         self._failures = ScoreBatchResult(rewards=[])
-        traces = sample_groups(self.engine, problems, self._encode, self._decode, self.task.score, self.cfg.group_size,
-                               seed=seed, score_batch=self._score_batch)
+        traces = sample_groups(
+            self.engine,
+            problems,
+            self._encode,
+            self._decode,
+            self.task.score,
+            self.cfg.group_size,
+            seed=seed,
+            score_batch=self._score_batch,
+        )
         sampled, scored_groups = traces, len({t.group_id for t in traces})
         uniform = 0
         if self.cfg.drop_uniform_groups:
@@ -107,7 +127,9 @@ class RolloutWorker:
         t_gen = time.perf_counter()
         self.batches += 1
         result = self.replay.insert(traces_to_batch(traces)) if traces else InsertResult(0, 0, ())
-        metrics.record_rollout(self.worker_id, self.engine.policy_version, sampled, t_gen - t0, time.perf_counter() - t_gen)
+        metrics.record_rollout(
+            self.worker_id, self.engine.policy_version, sampled, t_gen - t0, time.perf_counter() - t_gen
+        )
         return RolloutStats(  # groups/traces/tokens/reward_mean describe what was sampled and scored
             worker_id=self.worker_id,
             policy_version=self.engine.policy_version,
@@ -132,14 +154,18 @@ class RolloutWorker:
         self.batches = batches
         return batches
 
-    def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, rank: int, world_size: int) -> int:
+    def join_weight_group(
+        self, cfg: WeightSyncConfig, master_addr: str, master_port: int, rank: int, world_size: int
+    ) -> int:
         self.transport = BroadcastTransport.create(cfg, master_addr, master_port, rank, world_size)
         self._set_inflight(cfg)
         return rank
 
     def _set_inflight(self, cfg: WeightSyncConfig) -> None:
         if cfg.inflight == "pause" and not hasattr(self.engine, "step_hook"):
-            raise ValueError(f"weight_sync.inflight='pause' needs an engine that runs step by step (vLLM), not {self.cfg.engine!r}")
+            raise ValueError(
+                f"weight_sync.inflight='pause' needs an engine that runs step by step (vLLM), not {self.cfg.engine!r}"
+            )
         if hasattr(self.engine, "step_hook"):
             self.engine.step_hook = self._take_update_inflight if cfg.inflight == "pause" else None
 
@@ -152,11 +178,13 @@ class RolloutWorker:
             version, tensors = self.transport.receive(wait_s=self.transport.cfg.timeout_s)
             self.engine.load_weights(tensors, version)
         except WeightSyncError as e:  # the group broke: generation goes on; the queued receive reports it
-            print(f"rollout worker {self.worker_id}: in-flight weight update failed: {e}")
+            log.warning(f"rollout worker {self.worker_id}: in-flight weight update failed: {e}")
             return
         metrics.record_weights_received(self.worker_id, time.perf_counter() - t0, version)
 
-    def receive_weights(self, group: WeightGroup | None = None, rank: int | None = None, policy_version: int | None = None) -> int:
+    def receive_weights(
+        self, group: WeightGroup | None = None, rank: int | None = None, policy_version: int | None = None
+    ) -> int:
         """Wait (<= timeout_s) for learner rank 0's next broadcast, load it into the live engine; return its version.
 
         With `group`, first leave the current weight group and join that one as `rank`. An update
@@ -168,10 +196,14 @@ class RolloutWorker:
             if self.transport is not None:
                 self.transport.close()
                 self.transport = None
-            self.transport = BroadcastTransport.create(group.cfg, group.master_addr, group.master_port, rank, group.world_size)
+            self.transport = BroadcastTransport.create(
+                group.cfg, group.master_addr, group.master_port, rank, group.world_size
+            )
             self._set_inflight(group.cfg)
         if self.transport is None:
-            raise WeightSyncError(f"rollout worker {self.worker_id} is in no weight group; pass a WeightGroup (or call join_weight_group)")
+            raise WeightSyncError(
+                f"rollout worker {self.worker_id} is in no weight group; pass a WeightGroup (or call join_weight_group)"
+            )
         t0 = time.perf_counter()
         version, tensors = self.transport.receive(wait_s=self.transport.cfg.timeout_s)
         if version == self.engine.policy_version:

@@ -28,8 +28,10 @@ would isolate failures but multiply rank 0's sends by N, and a relay tree (rank 
 workers -> the rest) scales better but adds a hop and a second failure mode. At our sizes
 (1-16 workers, updates every step) the re-formed single group is the simplest that cannot hang.
 """
+
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
@@ -41,6 +43,8 @@ from services import metrics
 from services.config import RunConfig
 from services.membership import Membership, MembershipReport
 from services.report import MetricsLog
+
+log = logging.getLogger(__name__)
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -229,7 +233,7 @@ class WorkerPool:
         try:
             ray.get(ref)
         except Exception as e:  # noqa: BLE001 -- it is going away either way
-            print(f"warning: shutdown of rollout worker {wid} failed: {_brief(e)}")
+            log.warning(f"shutdown of rollout worker {wid} failed: {_brief(e)}")
         ray.kill(self.handles[wid], no_restart=True)
         self.m.on_removed(wid)
         self._event("removed", wid)

@@ -1,4 +1,5 @@
 """Shared test fixtures: a tiny model + tokenizer built once per session (no network)."""
+
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ def tiny_model_dir(tmp_path_factory):
     from learner.tiny_model import TinyModelSpec, build_tiny_model
     from rollout.tasks import ARITHMETIC_ALPHABET
 
-    spec = TinyModelSpec(alphabet=ARITHMETIC_ALPHABET, hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=2)
+    spec = TinyModelSpec(
+        alphabet=ARITHMETIC_ALPHABET, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2
+    )
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), spec)

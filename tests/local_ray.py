@@ -4,6 +4,7 @@ The head runs as `ray start --head --block` in its own session on free ports (ev
 port too: other Ray heads may run on this machine) and is stopped by signalling its own process
 group only — `ray stop` would kill every Ray instance on the box.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-OWN_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "ray-client-server-port",
-                  "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+OWN_PORT_FLAGS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "ray-client-server-port",
+    "runtime-env-agent-port",
+    "node-manager-port",
+    "object-manager-port",
+)
 
 
 def free_port() -> int:
@@ -59,13 +66,27 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 @contextlib.contextmanager
 def local_ray_head(metrics_port: int | None = None, num_cpus: int = 2):
     """Yield (env for the `ray` CLI, dashboard address) of a fresh head; stop it on exit."""
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token",
-               RAY_metrics_report_interval_ms="1000")  # export every second, so a short job's last values get out
+    env = dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        RAY_AUTH_MODE="token",
+        RAY_metrics_report_interval_ms="1000",
+    )  # export every second, so a short job's last values get out
     dash = free_port()
     temp = tempfile.mkdtemp(prefix="fwray-", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp}",
-           *[f"--{flag}={free_port()}" for flag in OWN_PORT_FLAGS]]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={free_port()}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--num-cpus={num_cpus}",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
+        *[f"--{flag}={free_port()}" for flag in OWN_PORT_FLAGS],
+    ]
     if metrics_port is not None:
         cmd.append(f"--metrics-export-port={metrics_port}")
     head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -78,13 +99,32 @@ def local_ray_head(metrics_port: int | None = None, num_cpus: int = 2):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def submit_driver(env: dict, address: str, runs_dir: Path, name: str, config: str = "deploy/configs/e2e_small.yaml") -> str:
+def submit_driver(
+    env: dict, address: str, runs_dir: Path, name: str, config: str = "deploy/configs/e2e_small.yaml"
+) -> str:
     """`ray job submit` the driver with the README's runtime env; return our own submission id."""
     job_id = f"flywheel-{name}-{uuid.uuid4().hex[:8]}"  # our own id: the CLI's printed one carries colour codes
-    cmd = [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--submission-id={job_id}", "--working-dir", str(REPO),
-           "--runtime-env", str(REPO / "deploy/ray/runtime_env.yaml"), "--no-wait", "--",
-           "python", "-m", "services.driver", "--config", config,
-           f"run.runs_dir={runs_dir}", f"run.cache_dir={REPO / '.cache'}", f"run.name={name}"]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        f"--address={address}",
+        f"--submission-id={job_id}",
+        "--working-dir",
+        str(REPO),
+        "--runtime-env",
+        str(REPO / "deploy/ray/runtime_env.yaml"),
+        "--no-wait",
+        "--",
+        "python",
+        "-m",
+        "services.driver",
+        "--config",
+        config,
+        f"run.runs_dir={runs_dir}",
+        f"run.cache_dir={REPO / '.cache'}",
+        f"run.name={name}",
+    ]
     for _ in range(30):  # the head's job agent starts a little after its dashboard
         sub = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
         if sub.returncode == 0 or "No available agent" not in sub.stderr + sub.stdout:
@@ -99,7 +139,9 @@ def wait_job(env: dict, address: str, job_id: str, timeout_s: float) -> str:
     """Poll `ray job status` until the job ends: SUCCEEDED, FAILED, STOPPED, or TIMEOUT."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        out = subprocess.run([str(BIN / "ray"), "job", "status", f"--address={address}", job_id], env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [str(BIN / "ray"), "job", "status", f"--address={address}", job_id], env=env, capture_output=True, text=True
+        )
         text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)  # the CLI colours and logs to stderr
         found = re.findall(r"\b(SUCCEEDED|FAILED|STOPPED)\b", text, flags=re.IGNORECASE)
         if found:
@@ -109,5 +151,7 @@ def wait_job(env: dict, address: str, job_id: str, timeout_s: float) -> str:
 
 
 def job_logs(env: dict, address: str, job_id: str) -> str:
-    out = subprocess.run([str(BIN / "ray"), "job", "logs", f"--address={address}", job_id], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(BIN / "ray"), "job", "logs", f"--address={address}", job_id], env=env, capture_output=True, text=True
+    )
     return out.stdout[-5000:]

@@ -17,6 +17,7 @@ wall clock measures the neighbours; CPU time of a one-thread process is what a d
   python tests/bench/recipe_probe.py --seeds 0 1 2 --max-rl-s 240
   python tests/bench/recipe_probe.py --sft-curve --sft-steps 600   # accuracy vs SFT step only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max-digits", type=int, default=task["max_digits"].default)
     a("--ops", default="".join(task["ops"].default))
     a("--eval-size", type=int, default=task["eval_size"].default)
-    a("--answer-format", default="plain", choices=["plain", "reversed_padded", "padded_msd"],
-      help="task.answer_format; padded_msd (probe-only): zero-padded operands, N+1-digit answer MSD first")
+    a(
+        "--answer-format",
+        default="plain",
+        choices=["plain", "reversed_padded", "padded_msd"],
+        help="task.answer_format; padded_msd (probe-only): zero-padded operands, N+1-digit answer MSD first",
+    )
     a("--hidden", type=int, default=spec["hidden_size"].default)
     a("--inter", type=int, default=spec["intermediate_size"].default)
     a("--layers", type=int, default=spec["num_hidden_layers"].default)
@@ -78,12 +83,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def configs(args, seed: int) -> tuple[TaskConfig, TinyModelSpec, SFTConfig]:
     fmt = "plain" if args.answer_format == "padded_msd" else args.answer_format
-    task = TaskConfig(min_digits=args.min_digits, max_digits=args.max_digits, ops=tuple(args.ops),
-                      eval_size=args.eval_size, answer_format=fmt)
-    spec = TinyModelSpec(alphabet=ArithmeticTask.alphabet, hidden_size=args.hidden, intermediate_size=args.inter,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads, seed=seed)
-    sft = SFTConfig(steps=args.sft_steps, batch_size=args.sft_batch, lr=args.sft_lr,
-                    warmup_steps=args.sft_warmup, schedule=args.sft_schedule, seed=seed)
+    task = TaskConfig(
+        min_digits=args.min_digits,
+        max_digits=args.max_digits,
+        ops=tuple(args.ops),
+        eval_size=args.eval_size,
+        answer_format=fmt,
+    )
+    spec = TinyModelSpec(
+        alphabet=ArithmeticTask.alphabet,
+        hidden_size=args.hidden,
+        intermediate_size=args.inter,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        seed=seed,
+    )
+    sft = SFTConfig(
+        steps=args.sft_steps,
+        batch_size=args.sft_batch,
+        lr=args.sft_lr,
+        warmup_steps=args.sft_warmup,
+        schedule=args.sft_schedule,
+        seed=seed,
+    )
     return task, spec, sft
 
 
@@ -104,7 +126,7 @@ def max_answer_tokens(task: ArithmeticTask) -> int:
     """Longest answer + 1 for `<eos>` (a `-` result or a `*` product is longer than a sum)."""
     if task.cfg.answer_format != "plain" or isinstance(task, PaddedMSDTask):
         return task.cfg.max_digits + 2
-    hi = 10 ** task.cfg.max_digits - 1
+    hi = 10**task.cfg.max_digits - 1
     return len(str(max(hi * hi if "*" in task.cfg.ops else hi + hi, hi))) + 2
 
 
@@ -117,8 +139,9 @@ def sample(model, prompts: list[list[int]], group: int, temperature: float, max_
     ids, mask = left_pad([p for p in prompts for _ in range(group)], pad)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache, attn = DynamicCache(), mask
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                   use_cache=True).logits[:, -1]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True).logits[
+        :, -1
+    ]
     done = torch.zeros(ids.shape[0], dtype=torch.bool)
     toks, lps, alive = [], [], []
     next_pos = pos[:, -1]
@@ -133,8 +156,13 @@ def sample(model, prompts: list[list[int]], group: int, temperature: float, max_
             break
         next_pos = next_pos + 1
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
-        logits = model(input_ids=toks[-1][:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(
+            input_ids=toks[-1][:, None],
+            attention_mask=attn,
+            position_ids=next_pos[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]
     return ids, mask, torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(alive, 1).long()
 
 
@@ -142,8 +170,7 @@ def rewards_for(tokenizer, problems, group: int, comp: torch.Tensor, cmask: torc
     """`[B]` exact-match rewards; a completion without `<eos>` in budget scores 0."""
     texts = tokenizer.batch_decode((comp * cmask).tolist(), skip_special_tokens=True)
     ended = ((comp == tokenizer.eos_token_id) & cmask.bool()).any(1)
-    return torch.tensor([ArithmeticTask.score(problems[i // group], t) * float(ended[i])
-                         for i, t in enumerate(texts)])
+    return torch.tensor([ArithmeticTask.score(problems[i // group], t) * float(ended[i]) for i, t in enumerate(texts)])
 
 
 def advantages(r: torch.Tensor, group: int, use_std: bool) -> torch.Tensor:
@@ -160,7 +187,7 @@ def policy_loss(model, batch, args) -> torch.Tensor:
     ids, mask, comp, blp, cmask, adv = batch
     full, attn = torch.cat([ids, comp], 1), torch.cat([mask, cmask], 1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=full, attention_mask=attn, position_ids=pos).logits[:, ids.shape[1] - 1:-1]
+    logits = model(input_ids=full, attention_mask=attn, position_ids=pos).logits[:, ids.shape[1] - 1 : -1]
     llp = torch.log_softmax(logits / args.temperature, -1).gather(2, comp[..., None]).squeeze(-1)
     ratio = torch.exp(llp - blp)
     a = adv[:, None]
@@ -175,9 +202,15 @@ def rl_step(model, opt, tokenizer, stream, args, max_new: int) -> dict:
     problems = [next(stream) for _ in range(args.prompts)]
     t0 = time.process_time()
     model.eval()
-    ids, mask, comp, blp, cmask = sample(model, [encode_prompt(tokenizer, p.prompt) for p in problems],
-                                         args.group, args.temperature, max_new, tokenizer.eos_token_id,
-                                         tokenizer.pad_token_id)
+    ids, mask, comp, blp, cmask = sample(
+        model,
+        [encode_prompt(tokenizer, p.prompt) for p in problems],
+        args.group,
+        args.temperature,
+        max_new,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
     r = rewards_for(tokenizer, problems, args.group, comp, cmask)
     t1 = time.process_time()
     adv = advantages(r, args.group, bool(args.adv_std))
@@ -206,7 +239,7 @@ def sft_curve(args, seed: int) -> None:
     model, tok = load(build_tiny_model(Path(args.cache) / f"base-{spec.cache_key()}", spec))
     evals, max_new, clock = task.eval_set(), max_answer_tokens(task), [time.process_time(), 0.0]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"# sft curve seed={seed} params={n_params/1e6:.2f}M {task_cfg} {sft}")
+    print(f"# sft curve seed={seed} params={n_params / 1e6:.2f}M {task_cfg} {sft}")
 
     def on_step(step: int, loss: float) -> None:
         if step % args.eval_every == 0:
@@ -224,8 +257,14 @@ def run_rl(args, seed: int) -> dict:
     task = make_probe_task(args, task_cfg)
     base = build_tiny_model(Path(args.cache) / f"base-{spec.cache_key()}", spec)
     t0 = time.process_time()
-    sft_dir = cold_start(base, Path(args.cache) / f"sft-{spec.cache_key()}-{hash_cfg(task_cfg, sft)}{'-msd' if args.answer_format == 'padded_msd' else ''}", task, sft,
-                         threads=args.threads)
+    sft_dir = cold_start(
+        base,
+        Path(args.cache)
+        / f"sft-{spec.cache_key()}-{hash_cfg(task_cfg, sft)}{'-msd' if args.answer_format == 'padded_msd' else ''}",
+        task,
+        sft,
+        threads=args.threads,
+    )
     sft_s = time.process_time() - t0
     model, tok = load(sft_dir)
     evals, max_new = task.eval_set(), max_answer_tokens(task)
@@ -246,8 +285,11 @@ def run_rl(args, seed: int) -> dict:
             acc = greedy_accuracy(model, tok, evals, max_new)
             best = max(best, acc)
             rl_s = tot["gen_s"] + tot["train_s"]
-            print(f"{step:5d} {tot['samples']:7d} {m['reward']:6.3f} {acc:6.3f} {acc - acc0:+6.3f} {rl_s:6.1f} "
-                  f"{tot['gen_s']:6.1f} {tot['train_s']:7.1f}", flush=True)
+            print(
+                f"{step:5d} {tot['samples']:7d} {m['reward']:6.3f} {acc:6.3f} {acc - acc0:+6.3f} {rl_s:6.1f} "
+                f"{tot['gen_s']:6.1f} {tot['train_s']:7.1f}",
+                flush=True,
+            )
             if hit_lo is None and acc - acc0 >= args.target_lo:
                 hit_lo = {"step": step, "samples": tot["samples"], "rl_s": round(rl_s, 1), "acc": acc}
             if hit is None and acc - acc0 >= args.target:
@@ -257,8 +299,17 @@ def run_rl(args, seed: int) -> dict:
                 break
     if args.show_samples:
         show(model, tok, task, args, max_new)
-    return {"seed": seed, "acc0": acc0, "best": best, "hit": hit, "hit_lo": hit_lo, "steps": step, "sft_s": round(sft_s, 1),
-            "gen_s_per_step": round(tot["gen_s"] / step, 3), "train_s_per_step": round(tot["train_s"] / step, 3)}
+    return {
+        "seed": seed,
+        "acc0": acc0,
+        "best": best,
+        "hit": hit,
+        "hit_lo": hit_lo,
+        "steps": step,
+        "sft_s": round(sft_s, 1),
+        "gen_s_per_step": round(tot["gen_s"] / step, 3),
+        "train_s_per_step": round(tot["train_s"] / step, 3),
+    }
 
 
 def hash_cfg(task_cfg: TaskConfig, sft: SFTConfig) -> str:
@@ -270,8 +321,9 @@ def hash_cfg(task_cfg: TaskConfig, sft: SFTConfig) -> str:
 def show(model, tok, task, args, max_new) -> None:
     problems = task.eval_set()[: args.show_samples]
     model.eval()
-    ids, mask, comp, _, cmask = sample(model, [encode_prompt(tok, p.prompt) for p in problems], 1, 1.0, max_new,
-                                       tok.eos_token_id, tok.pad_token_id)
+    ids, mask, comp, _, cmask = sample(
+        model, [encode_prompt(tok, p.prompt) for p in problems], 1, 1.0, max_new, tok.eos_token_id, tok.pad_token_id
+    )
     for p, text in zip(problems, tok.batch_decode((comp * cmask).tolist(), skip_special_tokens=True)):
         print(f"  {p.prompt}{text:<8} (answer {p.answer})")
 

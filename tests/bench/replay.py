@@ -19,6 +19,7 @@ gets the same pipelining and pre-built inputs. Memory is the unique set size (US
 while holding the data (RSS would count Ray's shared object-store pages), and, for Arrow, the
 table's own byte count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,7 @@ class NaiveReplay:
         for t in traces:
             by_group[t["group_id"]].append(t)
         self.groups.extend(by_group.values())
-        del self.groups[:max(0, len(self.groups) - self.capacity_groups)]
+        del self.groups[: max(0, len(self.groups) - self.capacity_groups)]
         return len(by_group)
 
     def sample(self, n_groups: int) -> list[dict] | None:
@@ -74,8 +75,10 @@ class NaiveReplay:
 
 
 def _batches(n_calls: int, tag: str) -> list:
-    return [group_batch([f"{tag}{c}-{g}" for g in range(GROUPS_PER_INSERT)], GROUP, PROMPT, COMPLETION, seed=c)
-            for c in range(n_calls)]
+    return [
+        group_batch([f"{tag}{c}-{g}" for g in range(GROUPS_PER_INSERT)], GROUP, PROMPT, COMPLETION, seed=c)
+        for c in range(n_calls)
+    ]
 
 
 def _tokens(batch) -> tuple[int, int]:
@@ -123,8 +126,9 @@ class _Naive:
 class _Sharded:
     def __init__(self, num_shards: int):
         self.name = f"arrow, {num_shards} shard{'s' * (num_shards > 1)}"
-        cfg = ReplayConfig(num_shards=num_shards, sampler="uniform", max_times_sampled=None,
-                           capacity_groups=10**6, max_staleness=None)
+        cfg = ReplayConfig(
+            num_shards=num_shards, sampler="uniform", max_times_sampled=None, capacity_groups=10**6, max_staleness=None
+        )
         self.client = create_replay(cfg)
         self.pids = ray.get([s.pid.remote() for s in self.client.shards])
 
@@ -160,8 +164,13 @@ def _fill_all(subjects: list, batches: list) -> dict[str, dict]:
     for s in subjects:
         uss0 = _uss(s.pids)
         t_insert = s.fill(batches)
-        rows[s.name] = {"name": s.name, "insert_traces_per_s": traces / t_insert,
-                        "insert_tokens_per_s": tokens / t_insert, "held_bytes_uss": _uss(s.pids) - uss0, **s.extra()}
+        rows[s.name] = {
+            "name": s.name,
+            "insert_traces_per_s": traces / t_insert,
+            "insert_tokens_per_s": tokens / t_insert,
+            "held_bytes_uss": _uss(s.pids) - uss0,
+            **s.extra(),
+        }
     return rows
 
 
@@ -203,38 +212,57 @@ def main() -> None:
             s.stop()
         ray.shutdown()
     for name, row in rows.items():
-        row["sample_traces_per_s"], row["sample_tokens_per_s"], row["sample_traces_per_cpu_s"] = sweep[GROUPS_PER_SAMPLE][name]
+        row["sample_traces_per_s"], row["sample_tokens_per_s"], row["sample_traces_per_cpu_s"] = sweep[
+            GROUPS_PER_SAMPLE
+        ][name]
     _report(list(rows.values()), sweep, raw_bytes, prompt_tok + completion_tok, n_insert, write=not args.quick)
 
 
 def _print_tables(rows: list[dict], sweep: dict, tokens: int) -> None:
     print(f"{'replay':32s} {'ins tr/s':>9s} {'ins tok/s':>11s} {'smp tr/s':>9s} {'smp tok/s':>11s} {'USS B/tok':>9s}")
     for r in rows:
-        print(f"{r['name']:32s} {r['insert_traces_per_s']:9.0f} {r['insert_tokens_per_s']:11.0f} "
-              f"{r['sample_traces_per_s']:9.0f} {r['sample_tokens_per_s']:11.0f} {r['held_bytes_uss'] / tokens:9.2f}")
+        print(
+            f"{r['name']:32s} {r['insert_traces_per_s']:9.0f} {r['insert_tokens_per_s']:11.0f} "
+            f"{r['sample_traces_per_s']:9.0f} {r['sample_tokens_per_s']:11.0f} {r['held_bytes_uss'] / tokens:9.2f}"
+        )
     naive = rows[0]["name"]
     print("sample speedup vs naive by groups per sample call (wall clock; traces per CPU-second in brackets):")
     for n, rates in sweep.items():
-        print(f"  {n:4d} groups: " + "  ".join(
-            f"{r['name']} {rates[r['name']][0] / rates[naive][0]:5.1f}x ({rates[r['name']][2] / rates[naive][2]:.1f}x)"
-            for r in rows[1:]))
+        print(
+            f"  {n:4d} groups: "
+            + "  ".join(
+                f"{r['name']} {rates[r['name']][0] / rates[naive][0]:5.1f}x "
+                f"({rates[r['name']][2] / rates[naive][2]:.1f}x)"
+                for r in rows[1:]
+            )
+        )
 
 
 def _report(rows: list[dict], sweep: dict, raw_bytes: int, tokens: int, n_insert: int, write: bool) -> None:
     _print_tables(rows, sweep, tokens)
     naive, one, four = rows[0], rows[1], rows[-1]
     out = {
-        "workload": {"group_size": GROUP, "prompt_tokens": PROMPT, "completion_tokens_max": COMPLETION,
-                     "groups_per_insert": GROUPS_PER_INSERT, "groups_per_sample": GROUPS_PER_SAMPLE,
-                     "pipeline": PIPELINE, "insert_calls": n_insert, "tokens_held": tokens,
-                     "raw_token_bytes": raw_bytes, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
+        "workload": {
+            "group_size": GROUP,
+            "prompt_tokens": PROMPT,
+            "completion_tokens_max": COMPLETION,
+            "groups_per_insert": GROUPS_PER_INSERT,
+            "groups_per_sample": GROUPS_PER_SAMPLE,
+            "pipeline": PIPELINE,
+            "insert_calls": n_insert,
+            "tokens_held": tokens,
+            "raw_token_bytes": raw_bytes,
+            "cpus": os.cpu_count(),
+            "load_avg_1m": os.getloadavg()[0],
+        },
         "rows": rows,
         "sample_traces_per_s_by_groups_per_call": {str(n): rates for n, rates in sweep.items()},
         "speedup_vs_naive_at_4_shards": four["sample_traces_per_s"] / naive["sample_traces_per_s"],
         "speedup_vs_naive_at_1_shard": one["sample_traces_per_s"] / naive["sample_traces_per_s"],
         "cpu_efficiency_vs_naive_at_4_shards": four["sample_traces_per_cpu_s"] / naive["sample_traces_per_cpu_s"],
         "speedup_vs_naive_at_4_shards_by_groups_per_call": {
-            str(n): rates[four["name"]][0] / rates[naive["name"]][0] for n, rates in sweep.items()},
+            str(n): rates[four["name"]][0] / rates[naive["name"]][0] for n, rates in sweep.items()
+        },
         "insert_speedup_vs_naive_at_4_shards": four["insert_traces_per_s"] / naive["insert_traces_per_s"],
         "memory_over_raw": one["held_bytes_arrow_pool"] / raw_bytes,
         "table_bytes_over_raw": one["held_bytes_arrow"] / raw_bytes,
@@ -242,7 +270,9 @@ def _report(rows: list[dict], sweep: dict, raw_bytes: int, tokens: int, n_insert
         "naive_memory_over_raw_uss": naive["held_bytes_uss"] / raw_bytes,
         "bytes_per_token_arrow": one["held_bytes_arrow"] / tokens,
     }
-    print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "workload") and "by_groups" not in k}, indent=1))
+    print(
+        json.dumps({k: v for k, v in out.items() if k not in ("rows", "workload") and "by_groups" not in k}, indent=1)
+    )
     if write:  # --quick is a smoke run: it must not replace the recorded results
         path = pathlib.Path(__file__).parent / "results" / "replay.json"
         path.parent.mkdir(parents=True, exist_ok=True)

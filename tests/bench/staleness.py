@@ -18,6 +18,7 @@ ratio column is the async-vs-sync speed-up). At staleness 0 the three correction
 synchronous baseline runs once and serves every row. Writes tests/bench/results/staleness.json with the
 load average around each cell (this box is shared: read the seconds columns with it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,20 @@ TARGET_GAINS = (0.10, 0.20)
 
 def run_cell(staleness: int, loss: str, rl_seconds: float, runs: Path) -> dict:
     name = f"staleness-{loss}-s{staleness}"
-    cmd = [sys.executable, "-m", "services.driver", "--config", "deploy/configs/tiny_cpu.yaml", f"run.name={name}",
-           f"run.runs_dir={runs}", f"run.max_wall_s={rl_seconds}", "run.progress=false",
-           f"replay.max_staleness={staleness}", f"run.max_buffered_steps={max(1, staleness)}", *LOSSES[loss]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.driver",
+        "--config",
+        "deploy/configs/tiny_cpu.yaml",
+        f"run.name={name}",
+        f"run.runs_dir={runs}",
+        f"run.max_wall_s={rl_seconds}",
+        "run.progress=false",
+        f"replay.max_staleness={staleness}",
+        f"run.max_buffered_steps={max(1, staleness)}",
+        *LOSSES[loss],
+    ]
     load_before = os.getloadavg()[0]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
@@ -51,12 +63,18 @@ def run_cell(staleness: int, loss: str, rl_seconds: float, runs: Path) -> dict:
     kls = [r["kl_behaviour"] for r in steps if r.get("kl_behaviour") is not None]
     start = evals[0][1]
     return {
-        "staleness": staleness, "loss": loss,
-        "accuracy_initial": start, "accuracy_final": evals[-1][1], "accuracy_best": max(a for _, a in evals),
+        "staleness": staleness,
+        "loss": loss,
+        "accuracy_initial": start,
+        "accuracy_final": evals[-1][1],
+        "accuracy_best": max(a for _, a in evals),
         "kl_behaviour_mean": sum(kls) / max(1, len(kls)),
         "max_staleness_seen": max((r["staleness_max"] for r in steps), default=0),
         "learner_steps": len(steps),
-        **{f"seconds_to_plus{round(100 * g)}": next((t for t, a in evals if a >= start + g - 1e-9), None) for g in TARGET_GAINS},
+        **{
+            f"seconds_to_plus{round(100 * g)}": next((t for t, a in evals if a >= start + g - 1e-9), None)
+            for g in TARGET_GAINS
+        },
         "load_avg_1m": [load_before, os.getloadavg()[0]],
     }
 
@@ -82,8 +100,18 @@ def main() -> None:
             ok = base and base.get(key) and c.get(key)
             c[f"speedup_vs_sync_plus{round(100 * g)}"] = base[key] / c[key] if ok else None
     out.write_text(json.dumps({"rl_seconds": args.rl_seconds, "target_gains": TARGET_GAINS, "cells": cells}, indent=1))
-    cols = ("loss", "staleness", "accuracy_final", "accuracy_best", "kl_behaviour_mean", "max_staleness_seen",
-            "learner_steps", "seconds_to_plus10", "seconds_to_plus20", "speedup_vs_sync_plus20")
+    cols = (
+        "loss",
+        "staleness",
+        "accuracy_final",
+        "accuracy_best",
+        "kl_behaviour_mean",
+        "max_staleness_seen",
+        "learner_steps",
+        "seconds_to_plus10",
+        "seconds_to_plus20",
+        "speedup_vs_sync_plus20",
+    )
     print("".join(f"{c:>19}" for c in cols))
     for c in cells:
         print("".join(f"{(f'{c.get(k):.4g}' if isinstance(c.get(k), float) else str(c.get(k))):>19}" for k in cols))

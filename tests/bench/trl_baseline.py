@@ -11,12 +11,13 @@ Contract:
   `generate` sampling, one optimizer step per `prompts_per_step * group_size` completions (no reuse),
   constant lr, fp32, CPU, no checkpoints.
 - The RL clock runs from `on_train_begin`; held-out eval time is measured and excluded from it
-  (both are recorded). Training stops once the mean of `--stop-window` consecutive evals reaches initial + target_gain (the
-  first single eval to reach it is `rl_seconds_to_target`), or when the RL clock passes
+  (both are recorded). Training stops once the mean of `--stop-window` consecutive evals reaches
+  initial + target_gain (the first single eval to reach it is `rl_seconds_to_target`), or when the RL clock passes
   `max_rl_seconds` (then `rl_seconds_to_target` is null). Generation vs training time per step is
   measured by wrapping the trainer's rollout methods (timing only; behaviour unchanged).
 - Imports only what .venv-trl has (torch, transformers, trl, pydantic) plus our `rollout` package.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,14 +45,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--updates-per-batch", type=int, default=1,
-                   help="optimizer steps per sampled batch (TRL steps_per_generation; each sees 1/N of the batch)")
+    p.add_argument(
+        "--updates-per-batch",
+        type=int,
+        default=1,
+        help="optimizer steps per sampled batch (TRL steps_per_generation; each sees 1/N of the batch)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (TRL's default 0.0 loads no ref model)")
     p.add_argument("--eval-every-steps", type=int, default=10)
-    p.add_argument("--stop-window", type=int, default=3,
-                   help="stop once the mean of this many consecutive evals reaches the target (first reach is recorded either way)")
+    p.add_argument(
+        "--stop-window",
+        type=int,
+        default=3,
+        help="stop once the mean of this many consecutive evals reaches the target "
+        "(first reach is recorded either way)",
+    )
     p.add_argument("--target-gain", type=float, default=0.20)
     p.add_argument("--max-rl-seconds", type=float, default=900.0)
     p.add_argument("--max-steps", type=int, default=5000, help="hard step cap (also sizes the prompt dataset)")
@@ -79,16 +89,21 @@ def build_dataset(task: ArithmeticTask, tokenizer, rows: int, seed: int):
     trl_ids = tokenizer(text=texts)["input_ids"]  # exactly GRPOTrainer._tokenize_prompts' call for text prompts
     for problem, ids in zip(problems, trl_ids):
         if ids != encode_prompt(tokenizer, problem.prompt):
-            raise RuntimeError(f"TRL would feed {ids} for {problem.prompt!r}, Flywheel feeds "
-                               f"{encode_prompt(tokenizer, problem.prompt)}; fix prompt_text() so they agree")
-    return Dataset.from_dict({"prompt": texts, "answer": [p.answer for p in problems],
-                              "task_name": [p.task for p in problems]})
+            raise RuntimeError(
+                f"TRL would feed {ids} for {problem.prompt!r}, Flywheel feeds "
+                f"{encode_prompt(tokenizer, problem.prompt)}; fix prompt_text() so they agree"
+            )
+    return Dataset.from_dict(
+        {"prompt": texts, "answer": [p.answer for p in problems], "task_name": [p.task for p in problems]}
+    )
 
 
 def exact_match_reward(prompts, completions, answer, task_name, **_) -> list[float]:
     """The task verifier on each decoded completion (TRL decodes with skip_special_tokens=True)."""
-    return [ArithmeticTask.score(Problem(prompt=p, answer=a, task=t), c)
-            for p, c, a, t in zip(prompts, completions, answer, task_name)]
+    return [
+        ArithmeticTask.score(Problem(prompt=p, answer=a, task=t), c)
+        for p, c, a, t in zip(prompts, completions, answer, task_name)
+    ]
 
 
 class Stopwatch:
@@ -107,6 +122,7 @@ class Stopwatch:
                 self.seconds += time.perf_counter() - t0
                 self.cpu_seconds += time.process_time() - c0
                 self.calls += 1
+
         return timed
 
 
@@ -153,14 +169,20 @@ def make_callback(task, tokenizer, args, initial_accuracy: float):
             acc = greedy_accuracy(model, tokenizer, self.eval_problems, args.max_new_tokens)
             self.eval_seconds += time.perf_counter() - t0
             self.eval_cpu_seconds += time.process_time() - c0
-            point = {"step": state.global_step, "rl_seconds": round(rl_s, 3), "rl_cpu_seconds": round(rl_cpu_s, 3),
-                     "accuracy": acc}
+            point = {
+                "step": state.global_step,
+                "rl_seconds": round(rl_s, 3),
+                "rl_cpu_seconds": round(rl_cpu_s, 3),
+                "accuracy": acc,
+            }
             self.curve.append(point)
-            print(f"[trl_baseline] step {state.global_step} rl {rl_s:.1f}s acc {acc:.3f} "
-                  f"(target {self.target:.3f})", flush=True)
+            print(
+                f"[trl_baseline] step {state.global_step} rl {rl_s:.1f}s acc {acc:.3f} (target {self.target:.3f})",
+                flush=True,
+            )
             if acc >= self.target - 1e-9 and self.reached is None:
                 self.reached = point
-            recent = [c["accuracy"] for c in self.curve[1:][-args.stop_window:]]
+            recent = [c["accuracy"] for c in self.curve[1:][-args.stop_window :]]
             if len(recent) == args.stop_window and sum(recent) / len(recent) >= self.target - 1e-9:
                 self.stop_reason, control.should_training_stop = "target", True
             elif out_of_time:
@@ -174,17 +196,32 @@ def grpo_config(args, out_dir: str):
     from trl import GRPOConfig
 
     return GRPOConfig(
-        output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, seed=args.seed, data_seed=args.seed,
+        output_dir=out_dir,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=args.seed,
+        data_seed=args.seed,
         # A generation batch is prompts_per_step groups, split into updates_per_batch optimizer steps
         # (TRL's steps_per_generation); each completion is trained on once (num_iterations=1).
         per_device_train_batch_size=args.prompts_per_step * args.group_size // args.updates_per_batch,
-        steps_per_generation=args.updates_per_batch, gradient_accumulation_steps=1,
-        num_generations=args.group_size, max_completion_length=args.max_new_tokens,
-        temperature=args.temperature, beta=args.beta, learning_rate=args.lr,
+        steps_per_generation=args.updates_per_batch,
+        gradient_accumulation_steps=1,
+        num_generations=args.group_size,
+        max_completion_length=args.max_new_tokens,
+        temperature=args.temperature,
+        beta=args.beta,
+        learning_rate=args.lr,
         # The default linear decay to 0 over max_steps would tie the lr to an arbitrary step cap.
-        lr_scheduler_type="constant", warmup_steps=0, max_steps=args.max_steps,
-        save_strategy="no", eval_strategy="no", report_to="none", logging_steps=args.eval_every_steps,
-        disable_tqdm=True, dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_steps=args.max_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_steps=args.eval_every_steps,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
 
 
@@ -200,8 +237,12 @@ def versions() -> dict:
     import transformers
     import trl
 
-    return {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-            "python": sys.version.split()[0]}
+    return {
+        "trl": trl.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -221,8 +262,14 @@ def run(args: argparse.Namespace) -> dict:
     dataset = build_dataset(task, tokenizer, batches * args.prompts_per_step, args.seed)
     callback = make_callback(task, tokenizer, args, initial)
     with tempfile.TemporaryDirectory(prefix="trl_baseline_") as out_dir:
-        trainer = GRPOTrainer(model=model, reward_funcs=[exact_match_reward], args=grpo_config(args, out_dir),
-                              train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=[exact_match_reward],
+            args=grpo_config(args, out_dir),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[callback],
+        )
         gen, rollout = Stopwatch(), Stopwatch()
         trainer._generate_single_turn = gen.wrap(trainer._generate_single_turn)
         trainer._generate_and_score_completions = rollout.wrap(trainer._generate_and_score_completions)
@@ -230,16 +277,33 @@ def run(args: argparse.Namespace) -> dict:
         trainer.train()
         threads_in_use = torch.get_num_threads()
         log_history = trainer.state.log_history
-    return report(args, task, callback, gen, rollout, initial, initial_eval_s, setup_s, threads_in_use,
-                  load_avg_start, log_history)
+    return report(
+        args,
+        task,
+        callback,
+        gen,
+        rollout,
+        initial,
+        initial_eval_s,
+        setup_s,
+        threads_in_use,
+        load_avg_start,
+        log_history,
+    )
 
 
-def report(args, task, cb, gen, rollout, initial, initial_eval_s, setup_s, threads_in_use, load_avg_start,
-           log_history) -> dict:
+def report(
+    args, task, cb, gen, rollout, initial, initial_eval_s, setup_s, threads_in_use, load_avg_start, log_history
+) -> dict:
     steps = len(cb.step_seconds)
     step_total, step_cpu_total = sum(cb.step_seconds), sum(cb.step_cpu_seconds)
-    per_step = (lambda s: round(s / steps, 4) if steps else None)
-    per_batch = (lambda s: round(s / rollout.calls, 4) if rollout.calls else None)
+
+    def per_step(s):
+        return round(s / steps, 4) if steps else None
+
+    def per_batch(s):
+        return round(s / rollout.calls, 4) if rollout.calls else None
+
     completions = rollout.calls * args.prompts_per_step * args.group_size
     return {
         "system": "trl.GRPOTrainer (HF generate, CPU)",
@@ -262,38 +326,59 @@ def report(args, task, cb, gen, rollout, initial, initial_eval_s, setup_s, threa
         "rl_cpu_seconds_total": round(cb.rl_cpu_seconds(), 3) if cb.t_begin else 0.0,
         "eval_seconds_total": round(cb.eval_seconds + initial_eval_s, 3),
         "setup_seconds": round(setup_s, 3),
-        "per_step_seconds": {"step": per_step(step_total), "generation": per_step(gen.seconds),
-                             "rollout_incl_reward_and_advantages": per_step(rollout.seconds),
-                             "training": per_step(step_total - rollout.seconds)},
+        "per_step_seconds": {
+            "step": per_step(step_total),
+            "generation": per_step(gen.seconds),
+            "rollout_incl_reward_and_advantages": per_step(rollout.seconds),
+            "training": per_step(step_total - rollout.seconds),
+        },
         # One sampled batch = prompts_per_step groups = updates_per_batch optimizer steps (same as per-step when 1).
-        "per_sampled_batch_seconds": {"total": per_batch(step_total), "generation": per_batch(gen.seconds),
-                                      "training": per_batch(step_total - rollout.seconds)},
-        "per_step_cpu_seconds": {"step": per_step(step_cpu_total), "generation": per_step(gen.cpu_seconds),
-                                 "rollout_incl_reward_and_advantages": per_step(rollout.cpu_seconds),
-                                 "training": per_step(step_cpu_total - rollout.cpu_seconds)},
+        "per_sampled_batch_seconds": {
+            "total": per_batch(step_total),
+            "generation": per_batch(gen.seconds),
+            "training": per_batch(step_total - rollout.seconds),
+        },
+        "per_step_cpu_seconds": {
+            "step": per_step(step_cpu_total),
+            "generation": per_step(gen.cpu_seconds),
+            "rollout_incl_reward_and_advantages": per_step(rollout.cpu_seconds),
+            "training": per_step(step_cpu_total - rollout.cpu_seconds),
+        },
         "threads": threads_in_use,
         "load_avg_at_start": load_avg_start,
         "accuracy_curve": cb.curve,
-        "train_log": [{k: v for k, v in row.items() if k in ("step", "reward", "reward_std", "loss", "entropy",
-                                                             "completions/mean_length", "learning_rate")}
-                      for row in log_history],
+        "train_log": [
+            {
+                k: v
+                for k, v in row.items()
+                if k in ("step", "reward", "reward_std", "loss", "entropy", "completions/mean_length", "learning_rate")
+            }
+            for row in log_history
+        ],
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not (args.model_dir / "config.json").exists():
-        sys.exit(f"--model-dir {args.model_dir} has no config.json; build one with learner.tiny_model "
-                 "(or learner.sft.cold_start) first")
+        sys.exit(
+            f"--model-dir {args.model_dir} has no config.json; build one with learner.tiny_model "
+            "(or learner.sft.cold_start) first"
+        )
     if (args.prompts_per_step * args.group_size) % args.updates_per_batch:
-        sys.exit(f"--updates-per-batch {args.updates_per_batch} must divide prompts_per_step*group_size "
-                 f"= {args.prompts_per_step * args.group_size}")
+        sys.exit(
+            f"--updates-per-batch {args.updates_per_batch} must divide prompts_per_step*group_size "
+            f"= {args.prompts_per_step * args.group_size}"
+        )
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"[trl_baseline] wrote {args.out}: initial {result['initial_accuracy']:.3f} final "
-          f"{result['final_accuracy']:.3f} rl_seconds_to_target {result['rl_seconds_to_target']} "
-          f"steps {result['steps']} per-step {result['per_step_seconds']}", flush=True)
+    print(
+        f"[trl_baseline] wrote {args.out}: initial {result['initial_accuracy']:.3f} final "
+        f"{result['final_accuracy']:.3f} rl_seconds_to_target {result['rl_seconds_to_target']} "
+        f"steps {result['steps']} per-step {result['per_step_seconds']}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ the receiver's unpack. Each method runs `repeats` times after one warm-up; GB/s 
 the fastest repeat (this box is shared, so the minimum is the least-disturbed estimate); the JSON
 keeps every repeat and the median too. `gb_per_s` counts fp32 model bytes (also for the bf16 wire).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,16 +48,23 @@ def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int) -> lis
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes += [(p + f"self_attn.{x}_proj.weight", (hidden, hidden)) for x in "qkvo"]
-        shapes += [(p + "mlp.gate_proj.weight", (intermediate, hidden)), (p + "mlp.up_proj.weight", (intermediate, hidden)),
-                   (p + "mlp.down_proj.weight", (hidden, intermediate)),
-                   (p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
+        shapes += [
+            (p + "mlp.gate_proj.weight", (intermediate, hidden)),
+            (p + "mlp.up_proj.weight", (intermediate, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, intermediate)),
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
     return shapes + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
 def methods() -> list[tuple[str, int | None, str | None]]:
     """(name, bucket_bytes or None for naive/memcpy, wire_dtype)."""
-    return ([("naive", None, None), ("naive_prealloc", None, None)] + [(f"bucket_{mb}MB", mb * MB, None) for mb in BUCKET_MB]
-            + [("bucket_32MB_bf16", 32 * MB, "bfloat16"), ("memcpy", None, None)])
+    return (
+        [("naive", None, None), ("naive_prealloc", None, None)]
+        + [(f"bucket_{mb}MB", mb * MB, None) for mb in BUCKET_MB]
+        + [("bucket_32MB_bf16", 32 * MB, "bfloat16"), ("memcpy", None, None)]
+    )
 
 
 def _transports(rank: int, ports: dict[str, int]) -> tuple[dict[str, BroadcastTransport], object]:
@@ -92,7 +100,7 @@ def _receiver(ports: dict[str, int], sizes: list[str]) -> None:
     for size in sizes:
         shapes = llama_shapes(*SIZES[size][:4])
         prealloc = [torch.empty(shape) for _, shape in shapes]
-        for name, bucket_bytes, _ in methods():
+        for name, _bucket_bytes, _ in methods():
             for _ in range(1 + SIZES[size][4]):
                 if name == "memcpy":
                     continue
@@ -132,9 +140,13 @@ def _bench_size(size: str, transports, group) -> dict:
     for name, _, wire_dtype in methods():
         seconds = [_time_sync(runs[name], None if name == "memcpy" else group) for _ in range(1 + repeats)][1:]
         best = min(seconds)
-        row["methods"][name] = {"seconds": seconds, "median_s": statistics.median(seconds), "min_s": best,
-                                "gb_per_s": nbytes / best / 1e9,
-                                "wire_bytes": nbytes // 2 if wire_dtype else nbytes}
+        row["methods"][name] = {
+            "seconds": seconds,
+            "median_s": statistics.median(seconds),
+            "min_s": best,
+            "gb_per_s": nbytes / best / 1e9,
+            "wire_bytes": nbytes // 2 if wire_dtype else nbytes,
+        }
     return _summarise(row)
 
 
@@ -142,7 +154,7 @@ def _memcpy(named, flat: torch.Tensor) -> None:
     offset = 0
     for _, t in named:
         n = t.numel() * t.element_size()
-        flat[offset:offset + n].view(t.dtype).view(t.shape).copy_(t)
+        flat[offset : offset + n].view(t.dtype).view(t.shape).copy_(t)
         offset += n
 
 
@@ -151,35 +163,48 @@ def _summarise(row: dict) -> dict:
     naive_s = min(m["naive"]["min_s"], m["naive_prealloc"]["min_s"])
     speedups = {f"{mb}MB": naive_s / m[f"bucket_{mb}MB"]["min_s"] for mb in BUCKET_MB}
     best = max(m[f"bucket_{mb}MB"]["gb_per_s"] for mb in BUCKET_MB)
-    return {**row, "bucketed_over_naive": speedups, "bucketed_over_naive_min": min(speedups.values()),
-            "bucketed_over_naive_max": max(speedups.values()),
-            "naive_fraction_of_memcpy": max(m["naive"]["gb_per_s"], m["naive_prealloc"]["gb_per_s"]) / m["memcpy"]["gb_per_s"],
-            "fraction_of_memcpy": best / m["memcpy"]["gb_per_s"]}
+    return {
+        **row,
+        "bucketed_over_naive": speedups,
+        "bucketed_over_naive_min": min(speedups.values()),
+        "bucketed_over_naive_max": max(speedups.values()),
+        "naive_fraction_of_memcpy": max(m["naive"]["gb_per_s"], m["naive_prealloc"]["gb_per_s"])
+        / m["memcpy"]["gb_per_s"],
+        "fraction_of_memcpy": best / m["memcpy"]["gb_per_s"],
+    }
 
 
 def _print_table(results: dict) -> None:
-    print(f"{'size':>5} {'params':>7} {'tensors':>7}  {'method':<17} {'min_s':>9} {'median_s':>9} {'GB/s':>6} "
-          f"{'vs best naive':>13} {'of memcpy':>9}")
+    print(
+        f"{'size':>5} {'params':>7} {'tensors':>7}  {'method':<17} {'min_s':>9} {'median_s':>9} {'GB/s':>6} "
+        f"{'vs best naive':>13} {'of memcpy':>9}"
+    )
     for size, row in results.items():
         m = row["methods"]
         naive_s = min(m["naive"]["min_s"], m["naive_prealloc"]["min_s"])
         for name, cell in m.items():
-            print(f"{size:>5} {row['params'] / 1e6:6.1f}M {row['tensors']:>7}  {name:<17} {cell['min_s']:9.4f} "
-                  f"{cell['median_s']:9.4f} {cell['gb_per_s']:6.2f} {naive_s / cell['min_s']:12.2f}x "
-                  f"{cell['gb_per_s'] / m['memcpy']['gb_per_s']:9.3f}")
+            print(
+                f"{size:>5} {row['params'] / 1e6:6.1f}M {row['tensors']:>7}  {name:<17} {cell['min_s']:9.4f} "
+                f"{cell['median_s']:9.4f} {cell['gb_per_s']:6.2f} {naive_s / cell['min_s']:12.2f}x "
+                f"{cell['gb_per_s'] / m['memcpy']['gb_per_s']:9.3f}"
+            )
     for size, row in results.items():
-        print(f"{size}: bucketed_over_naive_min={row['bucketed_over_naive_min']:.2f} "
-              f"fraction_of_memcpy={row['fraction_of_memcpy']:.3f}")
+        print(
+            f"{size}: bucketed_over_naive_min={row['bucketed_over_naive_min']:.2f} "
+            f"fraction_of_memcpy={row['fraction_of_memcpy']:.3f}"
+        )
 
 
 def headline(results: dict) -> dict:
     """The issue's figures: bucketed (at the default `bucket_bytes`) over the best naive variant, its
     smallest value over the model sizes, and the best bucketed bandwidth as a fraction of memcpy per size."""
     mb = WeightSyncConfig.model_fields["bucket_bytes"].default // 2**20
-    return {"bucket_mb": mb,
-            "bucketed_over_naive_min": min(row["bucketed_over_naive"][f"{mb}MB"] for row in results.values()),
-            "bucketed_over_naive": {size: row["bucketed_over_naive"][f"{mb}MB"] for size, row in results.items()},
-            "fraction_of_memcpy": {size: row["fraction_of_memcpy"] for size, row in results.items()}}
+    return {
+        "bucket_mb": mb,
+        "bucketed_over_naive_min": min(row["bucketed_over_naive"][f"{mb}MB"] for row in results.values()),
+        "bucketed_over_naive": {size: row["bucketed_over_naive"][f"{mb}MB"] for size, row in results.items()},
+        "fraction_of_memcpy": {size: row["fraction_of_memcpy"] for size, row in results.items()},
+    }
 
 
 def main() -> None:
@@ -206,9 +231,18 @@ def main() -> None:
             receiver.kill()
     _print_table(results)
     print(f"gloo loopback latency per small broadcast: {latency_s * 1e6:.0f} us")
-    meta = {"small_broadcast_latency_s": latency_s, "host_cpus": os.cpu_count(), "torch": torch.__version__, "backend": "gloo", "receivers": 1,
-            "torch_threads_per_process": 1, "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(), "wall_s": time.time() - started,
-            "timing": "min (and median) of repeats after 1 warm-up; sender start -> receiver ack"}
+    meta = {
+        "small_broadcast_latency_s": latency_s,
+        "host_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "backend": "gloo",
+        "receivers": 1,
+        "torch_threads_per_process": 1,
+        "load_avg_at_start": load_at_start,
+        "load_avg_at_end": os.getloadavg(),
+        "wall_s": time.time() - started,
+        "timing": "min (and median) of repeats after 1 warm-up; sender start -> receiver ack",
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({**headline(results), "meta": meta, "sizes": results}, indent=2))
     print(f"wrote {args.out}")

@@ -1,4 +1,5 @@
 """Reward functions that misbehave on purpose, for the fault-injection e2e test (importable by actors)."""
+
 from __future__ import annotations
 
 import time

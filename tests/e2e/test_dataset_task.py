@@ -1,4 +1,5 @@
 """A run on a user's JSONL prompt file: hostile rows are skipped and counted, valid rows all train, nothing crashes."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,28 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.faults]
 
-WORDS = ["abc", "bad", "cab", "dace", "face", "bead", "fade", "deaf", "cafe", "aced", "babe", "dab", "fab", "ebb",
-         "add", "bed", "fed", "cede", "deed", "feed"]
+WORDS = [
+    "abc",
+    "bad",
+    "cab",
+    "dace",
+    "face",
+    "bead",
+    "fade",
+    "deaf",
+    "cafe",
+    "aced",
+    "babe",
+    "dab",
+    "fab",
+    "ebb",
+    "add",
+    "bed",
+    "fed",
+    "cede",
+    "deed",
+    "feed",
+]
 
 
 def _dataset(path: Path) -> dict[str, int]:
@@ -37,7 +58,15 @@ def test_dataset_run_skips_and_counts_bad_rows(tmp_path):
     cfg["learner"].update(num_ranks=1, zero_stage=1)
     cfg["run"]["max_learner_steps"] = 3
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "services.driver", "--config", str(tmp_path / "run.yaml"), f"run.runs_dir={tmp_path}", "run.name=ds"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.driver",
+        "--config",
+        str(tmp_path / "run.yaml"),
+        f"run.runs_dir={tmp_path}",
+        "run.name=ds",
+    ]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     summary = json.loads((tmp_path / "ds" / "summary.json").read_text())
@@ -51,8 +80,13 @@ def test_dataset_path_missing_fails_at_start_up(tmp_path):
     cfg = yaml.safe_load((REPO / "deploy/configs/e2e_small.yaml").read_text())
     cfg["task"] = {"kind": "dataset", "path": str(tmp_path / "nope.jsonl"), "max_prompt_tokens": 12}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([sys.executable, "-m", "services.driver", "--config", str(tmp_path / "run.yaml")],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "services.driver", "--config", str(tmp_path / "run.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "task.path" in out.stderr, out.stderr[-2000:]
 
 
@@ -61,7 +95,12 @@ def test_dataset_with_too_few_valid_rows_fails_cleanly(tmp_path):
     cfg = yaml.safe_load((REPO / "deploy/configs/e2e_small.yaml").read_text())
     cfg["task"] = {"kind": "dataset", "path": str(tmp_path / "bad.jsonl"), "max_prompt_tokens": 12}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([sys.executable, "-m", "services.driver", "--config", str(tmp_path / "run.yaml"),
-                          f"run.runs_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "services.driver", "--config", str(tmp_path / "run.yaml"), f"run.runs_dir={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "bad.jsonl" in out.stderr and "missing_field" in out.stderr and "invalid_json" in out.stderr

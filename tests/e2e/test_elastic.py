@@ -4,6 +4,7 @@ The kills come from the loop's test hook (services/faults.py: `os.kill(pid, SIGK
 learner step), so they land at a known moment. The rollout engine is HF here: these tests are about
 membership, not the engine (tests/integration/test_elastic_weights.py checks vLLM after re-forms).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,19 +20,42 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # HF on the tiny model runs ~10 learner steps/s here, and a replacement takes 5-10 s to start: the runs
 # are bounded by RL wall time so the replacement joins and produces before the end.
-SMALL = ["learner.num_ranks=1", "learner.zero_stage=0", "rollout.engine=hf", "rollout.num_workers=2", "run.max_learner_steps=100000",
-         "run.max_wall_s=30", "run.eval_every_steps=100", "run.max_buffered_steps=4", "learner.weight_sync.timeout_s=15"]
+SMALL = [
+    "learner.num_ranks=1",
+    "learner.zero_stage=0",
+    "rollout.engine=hf",
+    "rollout.num_workers=2",
+    "run.max_learner_steps=100000",
+    "run.max_wall_s=30",
+    "run.eval_every_steps=100",
+    "run.max_buffered_steps=4",
+    "learner.weight_sync.timeout_s=15",
+]
 
 
 def _driver(tmp_path: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "services.driver", "--config", "deploy/configs/e2e_small.yaml",
-            f"run.runs_dir={tmp_path}", "run.name=elastic", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "services.driver",
+        "--config",
+        "deploy/configs/e2e_small.yaml",
+        f"run.runs_dir={tmp_path}",
+        "run.name=elastic",
+        *overrides,
+    ]
 
 
 def _run(tmp_path: Path, fault: str, *overrides: str) -> Path:
     env = dict(os.environ, FLYWHEEL_FAULT_KILL_WORKER=fault)
-    out = subprocess.run(_driver(tmp_path, *SMALL, f"replay.segment_dir={tmp_path / 'segments'}", *overrides),
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        _driver(tmp_path, *SMALL, f"replay.segment_dir={tmp_path / 'segments'}", *overrides),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return tmp_path / "elastic"
 
@@ -58,7 +82,11 @@ def _check_replacement_started_current(run: Path, dead: int) -> int:
     assert joined, events
     new = joined[0]["worker"]
     assert new not in (0, dead)
-    regroups = [e["policy_version"] for e in events if e["event"] == "regroup" and e["t"] <= joined[0]["t"] and new in e["group"]]
+    regroups = [
+        e["policy_version"]
+        for e in events
+        if e["event"] == "regroup" and e["t"] <= joined[0]["t"] and new in e["group"]
+    ]
     assert joined[0]["policy_version"] == regroups[-1]  # it holds the weights of the group it joined
     first = [r for r in _records(run, "rollout") if r["worker_id"] == new]
     assert first and first[0]["policy_version"] >= joined[0]["policy_version"], first[:1]
@@ -111,8 +139,12 @@ def test_kill_9_during_a_broadcast_does_not_hang_the_learner(tmp_path):
 def test_a_joiner_killed_in_the_rendezvous_is_dropped_and_the_run_goes_on(tmp_path):
     # Worker 1 dies; its replacement (2) is killed right after the group it joins is queued, so the
     # survivor and rank 0 wait in that rendezvous until weight_sync.timeout_s; replacement 3 joins.
-    run = _run(tmp_path, "worker=1,after_step=2,at=rollout;worker=2,after_step=0,at=join",
-               "run.max_wall_s=60", "learner.weight_sync.timeout_s=10")
+    run = _run(
+        tmp_path,
+        "worker=1,after_step=2,at=rollout;worker=2,after_step=0,at=join",
+        "run.max_wall_s=60",
+        "learner.weight_sync.timeout_s=10",
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["worker_deaths"] == 2 and summary["worker_replacements"] == 2, summary
     events = _records(run, "membership")
@@ -136,8 +168,15 @@ def test_scale_rollout_from_1_to_2_mid_run(tmp_path, monkeypatch):
     try:
         address = ray.get_runtime_context().gcs_address
         assert cli.main(["scale", "rollout", "2", "--run", "no-such-run"]) == 3  # clear error, no crash
-        cmd = _driver(tmp_path, "learner.num_ranks=1", "learner.zero_stage=0", "rollout.engine=hf",
-                      "run.max_learner_steps=100000", "run.max_wall_s=45", "run.eval_every_steps=100")
+        cmd = _driver(
+            tmp_path,
+            "learner.num_ranks=1",
+            "learner.zero_stage=0",
+            "rollout.engine=hf",
+            "run.max_learner_steps=100000",
+            "run.max_wall_s=45",
+            "run.eval_every_steps=100",
+        )
         cmd[3:3] = ["--address", address]  # before the overrides: argparse takes positionals in one run
         driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:

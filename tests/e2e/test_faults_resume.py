@@ -6,6 +6,7 @@ snapshot (what is still held): every acknowledged group was consumed, evicted by
 capacity policy (counted in summary.json), or is still in replay; and the traces the replay journal
 says the learner took equal the loop's own count (summary.json, continued across the resume).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.faults]
 
 
 def _cmd(tmp_path: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "services.driver", "--config", "deploy/configs/e2e_small.yaml",
-            f"run.runs_dir={tmp_path}", "run.name=ft", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "services.driver",
+        "--config",
+        "deploy/configs/e2e_small.yaml",
+        f"run.runs_dir={tmp_path}",
+        "run.name=ft",
+        *overrides,
+    ]
 
 
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -91,7 +100,9 @@ def _audit(run: Path) -> dict:
     for shard in sorted((run / "replay").glob("shard-*")):
         for events in sorted(shard.glob("events-*.arrow")):  # the live journal (rolled-back files excluded)
             for b in read_stream(events):
-                removed.update((g, k) for g, k in zip(b["group_id"].to_pylist(), b["kind"].to_pylist()) if k != "sampled")
+                removed.update(
+                    (g, k) for g, k in zip(b["group_id"].to_pylist(), b["kind"].to_pylist()) if k != "sampled"
+                )
         snaps = sorted(p for p in shard.glob("snapshot-*.arrow"))
         held |= set(pa.ipc.open_file(str(snaps[-1])).read_all()["group_id"].to_pylist())
     lost = acked_groups - set(removed) - held
@@ -144,8 +155,16 @@ def test_kill_9_driver_after_checkpoint_then_resume_loses_nothing(tmp_path):
 
 def test_kill_9_a_replay_shard_mid_run_loses_nothing(tmp_path):
     run, log = tmp_path / "ft", tmp_path / "run.log"
-    proc = _start(_cmd(tmp_path, "replay.num_shards=2", "run.max_learner_steps=30", "run.checkpoint_every_steps=10",
-                       "run.eval_every_steps=10"), log)
+    proc = _start(
+        _cmd(
+            tmp_path,
+            "replay.num_shards=2",
+            "run.max_learner_steps=30",
+            "run.checkpoint_every_steps=10",
+            "run.eval_every_steps=10",
+        ),
+        log,
+    )
     try:
         shards = lambda: {p: c for p, c in _session_pids(proc.pid).items() if c.startswith("ray::ReplayShard")}  # noqa: E731
         steps = lambda: [r["learner_step"] for r in _records(run) if r["kind"] == "learner_step"]  # noqa: E731

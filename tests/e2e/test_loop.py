@@ -1,4 +1,5 @@
 """The whole loop on the small config: off-policy data from several versions, staleness bounded, outputs written."""
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,29 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _run(tmp_path: Path, *overrides: str) -> Path:
-    cmd = [sys.executable, "-m", "services.driver", "--config", "deploy/configs/e2e_small.yaml",
-           f"run.runs_dir={tmp_path}", "run.name=loop", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.driver",
+        "--config",
+        "deploy/configs/e2e_small.yaml",
+        f"run.runs_dir={tmp_path}",
+        "run.name=loop",
+        *overrides,
+    ]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return tmp_path / "loop"
 
 
 def test_async_loop_consumes_several_versions_within_bound(tmp_path):
-    run = _run(tmp_path, "replay.max_staleness=1", "run.max_learner_steps=8",
-               "learner.objective.policy_loss=decoupled_ppo", "learner.objective.tis_cap=2.0")
+    run = _run(
+        tmp_path,
+        "replay.max_staleness=1",
+        "run.max_learner_steps=8",
+        "learner.objective.policy_loss=decoupled_ppo",
+        "learner.objective.tis_cap=2.0",
+    )
     summary = json.loads((run / "summary.json").read_text())
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if r["kind"] == "learner_step"]
@@ -32,8 +46,15 @@ def test_async_loop_consumes_several_versions_within_bound(tmp_path):
     for r in steps:  # every consumed trace is within max_staleness of the learner's version
         assert all(r["policy_version"] - v <= 1 for v in r["trace_versions"]), r
     assert summary["max_staleness_seen"] <= 1
-    for key in ("eval_accuracy_initial", "eval_accuracy_final", "wall_s", "learner_steps",
-                "policy_versions_published", "traces_consumed", "max_staleness_seen"):
+    for key in (
+        "eval_accuracy_initial",
+        "eval_accuracy_final",
+        "wall_s",
+        "learner_steps",
+        "policy_versions_published",
+        "traces_consumed",
+        "max_staleness_seen",
+    ):
         assert key in summary
     assert 0.0 <= summary["eval_accuracy_initial"] <= 1.0 and 0.0 <= summary["eval_accuracy_final"] <= 1.0
     assert (run / "report.png").stat().st_size > 10_000
@@ -43,7 +64,9 @@ def test_async_loop_consumes_several_versions_within_bound(tmp_path):
 
 
 def test_synchronous_mode_never_trains_on_stale_data(tmp_path):
-    run = _run(tmp_path, "replay.max_staleness=0", "run.max_learner_steps=4", "learner.num_ranks=1", "learner.zero_stage=0")
+    run = _run(
+        tmp_path, "replay.max_staleness=0", "run.max_learner_steps=4", "learner.num_ranks=1", "learner.zero_stage=0"
+    )
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if r["kind"] == "learner_step"]
     assert [r["trace_versions"] for r in steps] == [[0], [1], [2], [3]]
@@ -52,9 +75,17 @@ def test_synchronous_mode_never_trains_on_stale_data(tmp_path):
 
 @pytest.mark.faults
 def test_hanging_and_raising_reward_functions_do_not_stall_the_run(tmp_path):
-    run = _run(tmp_path, "reward.function=tests.e2e.hostile_rewards:hangs_or_raises", "reward.isolation=process",
-               "reward.timeout_s=0.5", "reward.on_failure=zero", "run.max_learner_steps=4", "rollout.prompts_per_step=8",
-               "learner.num_ranks=1", "learner.zero_stage=0")
+    run = _run(
+        tmp_path,
+        "reward.function=tests.e2e.hostile_rewards:hangs_or_raises",
+        "reward.isolation=process",
+        "reward.timeout_s=0.5",
+        "reward.on_failure=zero",
+        "run.max_learner_steps=4",
+        "rollout.prompts_per_step=8",
+        "learner.num_ranks=1",
+        "learner.zero_stage=0",
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["learner_steps"] == 4
     assert summary["reward_timeouts"] > 0 and summary["reward_errors"] > 0, summary

@@ -1,4 +1,5 @@
 """`ray job submit` against a real local head runs the driver to SUCCEEDED and writes summary.json."""
+
 from __future__ import annotations
 
 import json

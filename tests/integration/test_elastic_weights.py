@@ -4,6 +4,7 @@ from a re-send of the same policy_version.
 
 Real actors driven through `WorkerPool` (no loop): a DeepSpeed rank, up to 2 vLLM workers, replay.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,12 +66,24 @@ def _check(pool: WorkerPool, rank, fixed, version: int, expect_workers: list[int
 
 
 def test_joined_and_re_added_engines_match_the_learner_after_each_sync(tmp_path):
-    cfg = load_config(REPO / "deploy/configs/e2e_small.yaml", ["learner.num_ranks=1", "learner.zero_stage=1", "learner.lr=0.01",
-                                                               "learner.weight_sync.timeout_s=60"])
+    cfg = load_config(
+        REPO / "deploy/configs/e2e_small.yaml",
+        ["learner.num_ranks=1", "learner.zero_stage=1", "learner.lr=0.01", "learner.weight_sync.timeout_s=60"],
+    )
     cache = REPO / ".cache"
     model_dir, _ = prepare_model(cfg, cache)
-    fixed = traces_to_batch([Trace(group_id="g", prompt_ids=tuple(PROMPT), completion_ids=tuple(COMPLETION),
-                                   behaviour_logprobs=(-1.0,) * 3, reward=0.0, policy_version=0)])
+    fixed = traces_to_batch(
+        [
+            Trace(
+                group_id="g",
+                prompt_ids=tuple(PROMPT),
+                completion_ids=tuple(COMPLETION),
+                behaviour_logprobs=(-1.0,) * 3,
+                reward=0.0,
+                policy_version=0,
+            )
+        ]
+    )
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         replay, ranks, workers = start_actors(cfg, model_dir, cache)

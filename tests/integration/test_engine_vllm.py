@@ -3,6 +3,7 @@
 One engine per module (start-up dominates). Block size 32 (vLLM CPU minimum) so a 40-token prompt fills a block and
 enters the prefix cache, which is what makes the stale-KV trap after a weight update reachable.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -38,8 +39,8 @@ def hf_model(tiny_model_dir):
 @torch.no_grad()
 def hf_logprobs(model, prompt, completion, temperature=1.0) -> list[float]:
     ids = torch.tensor([list(prompt) + list(completion)])
-    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1] / temperature
-    return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1).tolist()
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / temperature
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None]).squeeze(-1).tolist()
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def hf_greedy(model, prompt, max_new) -> tuple[int, ...]:
         ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
         if ids[-1] == EOS:
             break
-    return tuple(ids[len(prompt):])
+    return tuple(ids[len(prompt) :])
 
 
 def max_err(a, b) -> float:
@@ -91,11 +92,16 @@ def test_top_p_logprobs_match_hf_nucleus(engine, hf_model, monkeypatch):
     (group,) = engine.generate(PROMPTS[:1], n=4, seed=6)
     for c in group:
         ids = torch.tensor([PROMPTS[0] + list(c.token_ids)])
-        logits = hf_model(input_ids=ids).logits[0, len(PROMPTS[0]) - 1:-1]
-        ref = sampling_logprobs(logits, 0.7, 0.5).gather(-1, ids[0, len(PROMPTS[0]):, None]).squeeze(-1)
+        logits = hf_model(input_ids=ids).logits[0, len(PROMPTS[0]) - 1 : -1]
+        ref = sampling_logprobs(logits, 0.7, 0.5).gather(-1, ids[0, len(PROMPTS[0]) :, None]).squeeze(-1)
         assert max_err(c.logprobs, ref.tolist()) < 1e-4
-        assert max_err(c.logprobs, sampling_logprobs(logits, 0.7, 1.0).gather(-1, ids[0, len(PROMPTS[0]):, None])
-                       .squeeze(-1).tolist()) > 1e-2  # the nucleus renormalisation is really in there
+        assert (
+            max_err(
+                c.logprobs,
+                sampling_logprobs(logits, 0.7, 1.0).gather(-1, ids[0, len(PROMPTS[0]) :, None]).squeeze(-1).tolist(),
+            )
+            > 1e-2
+        )  # the nucleus renormalisation is really in there
 
 
 def test_greedy_equals_hf_greedy(engine, hf_model):
@@ -104,8 +110,10 @@ def test_greedy_equals_hf_greedy(engine, hf_model):
 
 def test_teacher_forced_matches_hf(engine, hf_model):
     completion = [5, 9, 11, 2]
-    assert max_err(engine.teacher_forced_logprobs(PROMPTS[1], completion),
-                   hf_logprobs(hf_model, PROMPTS[1], completion)) < 1e-4
+    assert (
+        max_err(engine.teacher_forced_logprobs(PROMPTS[1], completion), hf_logprobs(hf_model, PROMPTS[1], completion))
+        < 1e-4
+    )
 
 
 def _perturbed(hf_model, seed: int) -> dict[str, torch.Tensor]:
@@ -141,8 +149,9 @@ def test_without_prefix_cache_reset_cached_prompt_is_stale(engine, hf_model):
     engine.generate([LONG_PROMPT], n=1, seed=2)
     new_weights = _perturbed(hf_model, seed=1)
     try:
-        engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(new_weights.items()),
-                                                            "is_checkpoint_format": True})
+        engine.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": list(new_weights.items()), "is_checkpoint_format": True}
+        )
         hf_model.load_state_dict(new_weights)
         (after,) = engine.generate([LONG_PROMPT], n=1, seed=2)
         stale_err = max_err(after[0].logprobs, hf_logprobs(hf_model, LONG_PROMPT, after[0].token_ids))
@@ -169,5 +178,7 @@ def test_bad_weight_update_is_rejected_before_reaching_vllm(engine, hf_model):
         engine.load_weights([("lm_head.weight", torch.zeros(3, 3))], policy_version=version + 1)
     assert engine.policy_version == version
     completion = [5, 9, 11, 2]  # the engine still serves the old weights
-    assert max_err(engine.teacher_forced_logprobs(PROMPTS[1], completion),
-                   hf_logprobs(hf_model, PROMPTS[1], completion)) < 1e-4
+    assert (
+        max_err(engine.teacher_forced_logprobs(PROMPTS[1], completion), hf_logprobs(hf_model, PROMPTS[1], completion))
+        < 1e-4
+    )

@@ -5,6 +5,7 @@ is taken after the generation's first engine step, so every trace of that call r
 policy_version 0 (first) and policy_version_max 1 (last); the receive queued for version 1 returns at
 once; afterwards the engine scores like the learner (the prefix cache was reset when the generation ended).
 """
+
 from __future__ import annotations
 
 import time
@@ -24,8 +25,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_pause_swaps_weights_mid_generation_and_records_first_and_last_version():
-    cfg = load_config(REPO / "deploy/configs/e2e_small.yaml", ["learner.num_ranks=1", "learner.zero_stage=1", "learner.lr=0.01",
-                                                               "learner.weight_sync.inflight=pause", "rollout.max_new_tokens=16"])
+    cfg = load_config(
+        REPO / "deploy/configs/e2e_small.yaml",
+        [
+            "learner.num_ranks=1",
+            "learner.zero_stage=1",
+            "learner.lr=0.01",
+            "learner.weight_sync.inflight=pause",
+            "rollout.max_new_tokens=16",
+        ],
+    )
     cache = REPO / ".cache"
     model_dir, _ = prepare_model(cfg, cache)
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
@@ -45,8 +54,18 @@ def test_pause_swaps_weights_mid_generation_and_records_first_and_last_version()
         pairs = set(zip(got.column("policy_version").to_pylist(), got.column("policy_version_max").to_pylist()))
         assert pairs == {(0, 1)}, pairs
         prompt, completion = [1, 4, 5, 13, 6, 7, 16], [8, 9, 2]
-        fixed = traces_to_batch([Trace(group_id="g", prompt_ids=tuple(prompt), completion_ids=tuple(completion),
-                                       behaviour_logprobs=(-1.0,) * 3, reward=0.0, policy_version=0)])
+        fixed = traces_to_batch(
+            [
+                Trace(
+                    group_id="g",
+                    prompt_ids=tuple(prompt),
+                    completion_ids=tuple(completion),
+                    behaviour_logprobs=(-1.0,) * 3,
+                    reward=0.0,
+                    policy_version=0,
+                )
+            ]
+        )
         learner = ray.get(rank.logprobs.remote(fixed))[0].tolist()
         engine = ray.get(worker.teacher_forced_logprobs.remote(prompt, completion))
         assert max(abs(a - b) for a, b in zip(learner, engine)) < 1e-4

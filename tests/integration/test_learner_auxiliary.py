@@ -5,6 +5,7 @@ leak into the test process. On one fixed batch: at step 0 the reference equals t
 steps the KL to the reference grows, the value loss falls (the head fits the returns), the reference
 has not moved, and the weights the learner serves are the HF policy's own names (no value head).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,10 +54,29 @@ print(json.dumps({"kl_ref": [d["kl_ref"] for d in diags], "value_loss": [d["valu
 
 
 def test_value_head_and_frozen_reference(tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": str(REPO / ".cache/torch_extensions")}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(REPO / "deploy/configs/e2e_small.yaml"), str(REPO / ".cache"),
-                          str(tmp_path / "saved")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache/torch_extensions"),
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            str(REPO / "deploy/configs/e2e_small.yaml"),
+            str(REPO / ".cache"),
+            str(tmp_path / "saved"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert abs(r["kl_ref"][0]) < 1e-6, r["kl_ref"]  # the reference starts as the policy

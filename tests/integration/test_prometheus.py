@@ -7,6 +7,7 @@
 - every expression of deploy/grafana/flywheel.json is valid PromQL and (but for the few that only
   show rare events) returns data at a moment the job was training.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,10 @@ MAY_BE_EMPTY = ("rejected_traces", "nonfinite_loss", "weight_sync_errors", "weig
 
 def _tool(name: str) -> str:
     path = shutil.which(name)
-    assert path, f"{name} not found: .ci/run installs Debian's prometheus (apt-get install -y --no-install-recommends prometheus)"
+    assert path, (
+        f"{name} not found: .ci/run installs Debian's prometheus (apt-get install -y --no-install-recommends "
+        "prometheus)"
+    )
     return path
 
 
@@ -44,7 +48,9 @@ def test_alert_rules_pass_promtool_unit_tests():
     assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
     out = subprocess.run([promtool, "check", "rules", "alerts.yml"], cwd=PROM_DIR, capture_output=True, text=True)
     assert out.returncode == 0 and "5 rules found" in out.stdout, out.stdout + out.stderr
-    out = subprocess.run([promtool, "check", "config", "--syntax-only", "prometheus.yml"], cwd=PROM_DIR, capture_output=True, text=True)
+    out = subprocess.run(
+        [promtool, "check", "config", "--syntax-only", "prometheus.yml"], cwd=PROM_DIR, capture_output=True, text=True
+    )
     assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
 
 
@@ -69,9 +75,17 @@ def prometheus_for(tmp_path):
         job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
         web = free_port()
-        proc = subprocess.Popen([_tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{web}"],
-                                stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"), start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                _tool("prometheus"),
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{web}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / "prometheus.log").open("w"),
+            start_new_session=True,
+        )
         procs.append(proc)
         wait_http(f"http://127.0.0.1:{web}/-/ready", proc, timeout_s=60)
         return f"http://127.0.0.1:{web}"
@@ -84,7 +98,9 @@ def prometheus_for(tmp_path):
 def _query(prom: str, expr: str, at: float | None = None) -> list[dict]:
     params = {"query": expr} | ({"time": f"{at:.3f}"} if at is not None else {})
     try:
-        body = json.loads(urllib.request.urlopen(f"{prom}/api/v1/query?{urllib.parse.urlencode(params)}", timeout=30).read())
+        body = json.loads(
+            urllib.request.urlopen(f"{prom}/api/v1/query?{urllib.parse.urlencode(params)}", timeout=30).read()
+        )
     except urllib.error.HTTPError as e:
         pytest.fail(f"PromQL {expr!r} rejected: {e.read().decode()}")
     assert body["status"] == "success", body
@@ -94,7 +110,10 @@ def _query(prom: str, expr: str, at: float | None = None) -> list[dict]:
 def _values(prom: str, expr: str, by: str | None = None) -> dict:
     out = {(r["metric"].get(by) if by else None): float(r["value"][1]) for r in _query(prom, expr)}
     if not out:
-        names = sorted(r["metric"]["__name__"] for r in _query(prom, 'count by (__name__) (last_over_time({__name__=~"ray_flywheel_.+"}' + WINDOW + '))'))
+        names = sorted(
+            r["metric"]["__name__"]
+            for r in _query(prom, 'count by (__name__) (last_over_time({__name__=~"ray_flywheel_.+"}' + WINDOW + "))")
+        )
         pytest.fail(f"no data for {expr!r}; Prometheus holds these Flywheel series: {names}")
     return out
 
@@ -145,7 +164,9 @@ def test_prometheus_scrapes_a_ray_job(ray_head_with_metrics, prometheus_for, tmp
     assert 0 <= stale_max <= summary["max_staleness_seen"]  # a gauge: a later sample may overwrite the peak unscraped
 
     def staleness_at_most(k: float) -> float:
-        return _values(prom, f'max(max_over_time(ray_flywheel_replay_staleness_bucket{{le="{k}"}}' + WINDOW + "))")[None]
+        return _values(prom, f'max(max_over_time(ray_flywheel_replay_staleness_bucket{{le="{k}"}}' + WINDOW + "))")[
+            None
+        ]
 
     # the histogram is exact: every sampled group is counted, and its top bucket is the run's max staleness
     m = summary["max_staleness_seen"]
@@ -164,7 +185,10 @@ def test_prometheus_scrapes_a_ray_job(ray_head_with_metrics, prometheus_for, tmp
     nbytes = _values(prom, "max_over_time(ray_flywheel_weight_sync_bytes_total" + WINDOW + ")")[None]
     assert nbytes > 0 and nbytes % sends == 0  # the same model every time
     # run level
-    assert _values(prom, "max_over_time(ray_flywheel_run_policy_version" + WINDOW + ")")[None] == summary["policy_versions_published"]
+    assert (
+        _values(prom, "max_over_time(ray_flywheel_run_policy_version" + WINDOW + ")")[None]
+        == summary["policy_versions_published"]
+    )
     acc = _values(prom, "max_over_time(ray_flywheel_run_eval_accuracy" + WINDOW + ")")[None]
     assert acc in accuracies, (acc, accuracies)
     pass_k = _values(prom, "max_over_time(ray_flywheel_run_pass_at_k" + WINDOW + ")", by="k")
@@ -172,8 +196,15 @@ def test_prometheus_scrapes_a_ray_job(ray_head_with_metrics, prometheus_for, tmp
     # the loaded alert rules are healthy, and none fires for a healthy run
     rules = json.loads(urllib.request.urlopen(f"{prom}/api/v1/rules", timeout=10).read())["data"]["groups"]
     assert {r["name"]: r["health"] for g in rules for r in g["rules"]} == dict.fromkeys(
-        ["FlywheelLearnerStalled", "FlywheelRolloutWorkerDown", "FlywheelStalenessAboveBound",
-         "FlywheelWorkerLagAboveBound", "FlywheelNaNLoss"], "ok")
+        [
+            "FlywheelLearnerStalled",
+            "FlywheelRolloutWorkerDown",
+            "FlywheelStalenessAboveBound",
+            "FlywheelWorkerLagAboveBound",
+            "FlywheelNaNLoss",
+        ],
+        "ok",
+    )
     _check_dashboard(prom)
 
 

@@ -1,4 +1,5 @@
 """kill -9 a replay shard while inserts flow: every acknowledged group survives the restart."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Replay shards as real Ray actors: waiting samples, back-pressure, sharded client, concurrency, kill -9."""
+
 from __future__ import annotations
 
 import os

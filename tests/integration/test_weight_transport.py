@@ -3,6 +3,7 @@
 Every process is a child; the test process only collects reports from a queue and always reaps the
 children, so a hang shows up as a failed assertion within the test's own deadline, never a stuck run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,18 +26,24 @@ def _weights(policy_version: int) -> list[tuple[str, torch.Tensor]]:
     named = [("model.embed_tokens.weight", torch.randn(128, 128, generator=g))]
     for i in range(2):
         p = f"model.layers.{i}."
-        named += [(p + "self_attn.q_proj.weight", torch.randn(32, 32, generator=g)),
-                  (p + "self_attn.k_proj.weight", torch.randn(16, 32, generator=g)),
-                  (p + "input_layernorm.weight", torch.randn(32, generator=g)),
-                  (p + "mlp.down_proj.weight", torch.randn(32, 48, generator=g).bfloat16())]
-    named += [("model.norm.weight", torch.tensor([float("nan"), -0.0, float("inf")])),
-              ("rotary.step", torch.tensor([policy_version], dtype=torch.int64))]
+        named += [
+            (p + "self_attn.q_proj.weight", torch.randn(32, 32, generator=g)),
+            (p + "self_attn.k_proj.weight", torch.randn(16, 32, generator=g)),
+            (p + "input_layernorm.weight", torch.randn(32, generator=g)),
+            (p + "mlp.down_proj.weight", torch.randn(32, 48, generator=g).bfloat16()),
+        ]
+    named += [
+        ("model.norm.weight", torch.tensor([float("nan"), -0.0, float("inf")])),
+        ("rotary.step", torch.tensor([policy_version], dtype=torch.int64)),
+    ]
     return named
 
 
 def _digest(named) -> list[tuple[str, str, tuple[int, ...], str]]:
-    return [(n, str(t.dtype), tuple(t.shape), hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest())
-            for n, t in named]
+    return [
+        (n, str(t.dtype), tuple(t.shape), hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest())
+        for n, t in named
+    ]
 
 
 def _run(role, rank, world_size, port, cfg_json, versions, out):
@@ -47,6 +54,7 @@ def _run(role, rank, world_size, port, cfg_json, versions, out):
     try:
         if role == "receiver_with_default_group":
             import torch.distributed as dist
+
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # like vLLM's own group
         transport = BroadcastTransport.create(cfg, ADDR, port, rank, world_size)
         start = time.monotonic()
@@ -75,6 +83,7 @@ def _receive(transport, versions):
 
 def _receive_with_default_group(transport, versions):
     import torch.distributed as dist
+
     got = _receive(transport, versions)
     x = torch.ones(2)
     dist.all_reduce(x)  # the default group is untouched and still works
@@ -98,16 +107,23 @@ def _send_then_send_again(transport, versions):
     return "second send succeeded"
 
 
-_ROLES = {"sender": _send, "receiver": _receive, "receiver_with_default_group": _receive_with_default_group,
-          "die_after_one": _receive_once_then_die, "send_twice": _send_then_send_again}
+_ROLES = {
+    "sender": _send,
+    "receiver": _receive,
+    "receiver_with_default_group": _receive_with_default_group,
+    "die_after_one": _receive_once_then_die,
+    "send_twice": _send_then_send_again,
+}
 
 
 def _launch(roles, world_size, cfg, versions, deadline_s):
     """Start one child per (role, rank); return their reports keyed by rank; always reap the children."""
     ctx, port = mp.get_context("spawn"), free_port()
     out = ctx.Queue()
-    procs = [ctx.Process(target=_run, args=(role, rank, world_size, port, cfg.model_dump_json(), versions, out))
-             for role, rank in roles]
+    procs = [
+        ctx.Process(target=_run, args=(role, rank, world_size, port, cfg.model_dump_json(), versions, out))
+        for role, rank in roles
+    ]
     for p in procs:
         p.start()
     reports, end = {}, time.monotonic() + deadline_s

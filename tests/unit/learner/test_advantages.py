@@ -1,4 +1,5 @@
 """Advantage estimators by value, with hypothesis invariants (group sums, permutation, masking)."""
+
 from __future__ import annotations
 
 import math
@@ -17,16 +18,19 @@ def test_grpo_hand_case_with_singleton_group():
     r = torch.tensor([1.0, 0.0, 1.0, 5.0], dtype=F64)
     gid = torch.tensor([5, 5, 5, 9])
     s = math.sqrt(1 / 3)  # unbiased std of [1, 0, 1]
-    torch.testing.assert_close(A.grpo_advantages(r, gid, eps=0.0),
-                               torch.tensor([1 / 3 / s, -2 / 3 / s, 1 / 3 / s, 0.0], dtype=F64))
-    torch.testing.assert_close(A.grpo_advantages(r, gid, scale_by_std=False),
-                               torch.tensor([1 / 3, -2 / 3, 1 / 3, 0.0], dtype=F64))
+    torch.testing.assert_close(
+        A.grpo_advantages(r, gid, eps=0.0), torch.tensor([1 / 3 / s, -2 / 3 / s, 1 / 3 / s, 0.0], dtype=F64)
+    )
+    torch.testing.assert_close(
+        A.grpo_advantages(r, gid, scale_by_std=False), torch.tensor([1 / 3, -2 / 3, 1 / 3, 0.0], dtype=F64)
+    )
 
 
 def test_rloo_hand_case():
     r = torch.tensor([1.0, 0.0, 1.0, 5.0], dtype=F64)
-    torch.testing.assert_close(A.rloo_advantages(r, torch.tensor([5, 5, 5, 9])),
-                               torch.tensor([0.5, -1.0, 0.5, 0.0], dtype=F64))
+    torch.testing.assert_close(
+        A.rloo_advantages(r, torch.tensor([5, 5, 5, 9])), torch.tensor([0.5, -1.0, 0.5, 0.0], dtype=F64)
+    )
 
 
 def test_zero_variance_group_is_exactly_zero_and_flagged():
@@ -73,8 +77,9 @@ def test_returns_to_go_skip_masked_positions():
     r = torch.tensor([[1.0, 2.0, 3.0, float("nan")], [1.0, 100.0, 2.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 0]])
     g = A.returns_to_go(r, mask, gamma=0.5)
-    torch.testing.assert_close(g, torch.tensor([[1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0, 0.0],
-                                                [1 + 0.5 * 2, 0.0, 2.0, 0.0]]))
+    torch.testing.assert_close(
+        g, torch.tensor([[1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0, 0.0], [1 + 0.5 * 2, 0.0, 2.0, 0.0]])
+    )
 
 
 def test_gae_hand_case():

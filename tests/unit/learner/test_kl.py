@@ -1,4 +1,5 @@
 """KL estimators by value: hand cases, exact expectations on a small vocabulary, gradients, clamping."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Policy losses by value: hand-computed clip cases, aggregation, masking, gradients, RPG equivalences."""
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,12 @@ def test_empty_mask_gives_zero_loss_still_attached_to_graph():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 4), st.integers(2, 6), st.integers(0, 10_000),
-       st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]))
+@given(
+    st.integers(1, 4),
+    st.integers(2, 6),
+    st.integers(0, 10_000),
+    st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]),
+)
 def test_padding_garbage_never_read(b, t, seed, agg):
     g = torch.Generator().manual_seed(seed)
     mask = (torch.rand(b, t, generator=g) < 0.7).to(F64)
@@ -91,8 +96,9 @@ def test_padding_garbage_never_read(b, t, seed, agg):
     def run(fill):
         leaf = torch.where(pad, fill, lp).requires_grad_()
         args = [torch.where(pad, fill, v) for v in (old, adv)]
-        loss, d = losses.policy_loss(leaf, *args, mask, agg=agg, dual_clip=3.0,
-                                     behaviour_logprobs=torch.where(pad, fill, old - 0.1), tis_cap=2.0)
+        loss, d = losses.policy_loss(
+            leaf, *args, mask, agg=agg, dual_clip=3.0, behaviour_logprobs=torch.where(pad, fill, old - 0.1), tis_cap=2.0
+        )
         loss.backward()
         return loss.detach(), leaf.grad, d
 
@@ -109,7 +115,11 @@ def test_gradcheck_policy_loss_float64():
     adv, mask = torch.randn(2, 1, generator=g, dtype=F64).expand(2, 3), torch.tensor([[1, 1, 1], [1, 1, 0]])
     for level in ("token", "sequence"):
         assert torch.autograd.gradcheck(
-            lambda x: losses.policy_loss(x, old, adv, mask, ratio_level=level, agg="seq-mean-token-mean")[0], (lp,))
+            lambda x, level=level: losses.policy_loss(x, old, adv, mask, ratio_level=level, agg="seq-mean-token-mean")[
+                0
+            ],
+            (lp,),
+        )
 
 
 def test_decoupled_ppo_weights_by_proximal_over_behaviour_and_tis():
@@ -121,16 +131,22 @@ def test_decoupled_ppo_weights_by_proximal_over_behaviour_and_tis():
     assert loss.item() == pytest.approx(-(2 + 4) / 2) and d["behaviour_weight_max"] == pytest.approx(4.0)
     loss, d = losses.policy_loss(lp, prox, adv, torch.ones(1, 2), behaviour_logprobs=behaviour, tis_cap=3.0)
     assert loss.item() == pytest.approx(-(2 + 3) / 2) and d["tis_frac"] == 0.5
-    loss, _ = losses.policy_loss(lp, prox, adv, torch.ones(1, 2), behaviour_logprobs=behaviour, tis_cap=3.0,
-                                 tis_mode="mask")
+    loss, _ = losses.policy_loss(
+        lp, prox, adv, torch.ones(1, 2), behaviour_logprobs=behaviour, tis_cap=3.0, tis_mode="mask"
+    )
     assert loss.item() == pytest.approx(-(2 + 0) / 2)  # masked token still counts in the denominator
 
 
 def test_decoupled_trust_region_is_around_proximal_not_behaviour():
     # learner == proximal, behaviour far away: ratio 1, nothing clipped, weight only scales.
     lp = _leaf([[-1.0]])
-    _, d = losses.policy_loss(lp, lp.detach(), torch.ones(1, 1, dtype=F64), torch.ones(1, 1),
-                              behaviour_logprobs=torch.tensor([[-3.0]], dtype=F64))
+    _, d = losses.policy_loss(
+        lp,
+        lp.detach(),
+        torch.ones(1, 1, dtype=F64),
+        torch.ones(1, 1),
+        behaviour_logprobs=torch.tensor([[-3.0]], dtype=F64),
+    )
     assert d["clip_frac_high"] == 0 and d["ratio_max"] == pytest.approx(1.0)
     assert d["behaviour_weight_mean"] == pytest.approx(math.exp(2.0))
 
@@ -138,8 +154,16 @@ def test_decoupled_trust_region_is_around_proximal_not_behaviour():
 def test_gspo_sequence_ratio_and_gradient():
     old = torch.zeros(1, 2, dtype=F64)
     lp = _leaf([[0.02, -0.04]])
-    loss, d = losses.policy_loss(lp, old, torch.ones(1, 2, dtype=F64), torch.ones(1, 2), ratio_level="sequence",
-                                 agg="seq-mean-token-mean", clip_low=0.1, clip_high=0.1)
+    loss, d = losses.policy_loss(
+        lp,
+        old,
+        torch.ones(1, 2, dtype=F64),
+        torch.ones(1, 2),
+        ratio_level="sequence",
+        agg="seq-mean-token-mean",
+        clip_low=0.1,
+        clip_high=0.1,
+    )
     s = math.exp(-0.01)  # exp(mean log-ratio)
     assert loss.item() == pytest.approx(-s) and d["ratio_mean"] == pytest.approx(s)
     loss.backward()
@@ -148,8 +172,9 @@ def test_gspo_sequence_ratio_and_gradient():
 
 def test_vtrace_truncates_rho():
     lp = _leaf([[math.log(3.0), math.log(0.5)]])
-    loss, d = losses.vtrace_policy_loss(lp, torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64),
-                                        torch.ones(1, 2), rho_bar=1.0)
+    loss, d = losses.vtrace_policy_loss(
+        lp, torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64), torch.ones(1, 2), rho_bar=1.0
+    )
     assert loss.item() == pytest.approx(-(1.0 + 0.5) / 2) and d["rho_clip_frac"] == 0.5
     loss.backward()
     torch.testing.assert_close(lp.grad, torch.tensor([[-0.5, -0.25]], dtype=F64))
@@ -157,9 +182,13 @@ def test_vtrace_truncates_rho():
 
 def test_ess_equal_weights_is_one_and_dominant_weight_is_one_over_n():
     mu = torch.zeros(1, 4)
-    assert losses.importance_diagnostics(torch.full((1, 4), 0.3), mu, torch.ones(1, 4))["ess_token"] == pytest.approx(1.0)
+    assert losses.importance_diagnostics(torch.full((1, 4), 0.3), mu, torch.ones(1, 4))["ess_token"] == pytest.approx(
+        1.0
+    )
     d = losses.importance_diagnostics(torch.tensor([[15.0, 0.0, 0.0, 0.0]]), mu, torch.ones(1, 4))
-    assert d["ess_token"] == pytest.approx(0.25, rel=1e-4) and d["is_ratio_max"] == pytest.approx(math.exp(15), rel=1e-5)
+    assert d["ess_token"] == pytest.approx(0.25, rel=1e-4) and d["is_ratio_max"] == pytest.approx(
+        math.exp(15), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -173,7 +202,8 @@ def test_rpg_reinforce_gradient_equals_surrogate_gradient(estimator, direction):
     adv, mask, beta = torch.randn(3, 4, generator=g, dtype=F64), torch.tensor([[1, 1, 1, 0]] * 3), 0.7
     lp1, lp2 = base.clone().requires_grad_(), base.clone().requires_grad_()
     surrogate = losses.is_surrogate_loss(lp1, mu, adv, mask)[0] + beta * losses.aggregate(
-        kl_penalty(lp1, ref, mu, estimator, direction, mask), mask, "token-mean")
+        kl_penalty(lp1, ref, mu, estimator, direction, mask), mask, "token-mean"
+    )
     surrogate.backward()
     coef = beta * kl_reinforce_coef(lp2, ref, mu, estimator, direction, mask)
     losses.rpg_reinforce_loss(lp2, mu, adv, mask, kl_coef=coef)[0].backward()

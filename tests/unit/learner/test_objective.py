@@ -1,4 +1,5 @@
 """compute_objective end to end: defaults, validation, hand values, masking and group invariances."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,9 +30,20 @@ def _batch(seed=0, b=6, t=5, drift=0.1, **extra) -> ObjectiveInputs:
 
 def test_defaults_are_the_documented_ones():
     c = ObjectiveConfig()
-    assert (c.advantage, c.grpo_scale_by_std, c.policy_loss, c.clip_low, c.clip_high, c.agg) == \
-        ("grpo", True, "ppo", 0.2, 0.2, "token-mean")
-    assert (c.kl_behaviour_coef, c.kl_behaviour_estimator, c.kl_behaviour_in, c.kl_ref_coef) == (0.01, "k3", "loss", 0.0)
+    assert (c.advantage, c.grpo_scale_by_std, c.policy_loss, c.clip_low, c.clip_high, c.agg) == (
+        "grpo",
+        True,
+        "ppo",
+        0.2,
+        0.2,
+        "token-mean",
+    )
+    assert (c.kl_behaviour_coef, c.kl_behaviour_estimator, c.kl_behaviour_in, c.kl_ref_coef) == (
+        0.01,
+        "k3",
+        "loss",
+        0.0,
+    )
     assert requires(c) == set()
 
 
@@ -44,14 +56,17 @@ def test_config_is_frozen_and_forbids_unknown_fields():
         ObjectiveConfig(advantage="ppo")
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(advantage="dr_grpo"), "objective.agg"),
-    (dict(agg="seq-mean-token-sum-norm"), "objective.agg_norm_tokens"),
-    (dict(tis_cap=2.0), "objective.tis_cap"),
-    (dict(policy_loss="vtrace", dual_clip=3.0), "objective.dual_clip"),
-    (dict(dual_clip=1.1), "objective.dual_clip"),
-    (dict(rpg_clip=True), "objective.rpg_clip"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(advantage="dr_grpo"), "objective.agg"),
+        (dict(agg="seq-mean-token-sum-norm"), "objective.agg_norm_tokens"),
+        (dict(tis_cap=2.0), "objective.tis_cap"),
+        (dict(policy_loss="vtrace", dual_clip=3.0), "objective.dual_clip"),
+        (dict(dual_clip=1.1), "objective.dual_clip"),
+        (dict(rpg_clip=True), "objective.rpg_clip"),
+    ],
+)
 def test_cross_field_validation_names_the_field(kwargs, field):
     with pytest.raises(pydantic.ValidationError, match=field.replace(".", r"\.")):
         ObjectiveConfig(**kwargs)
@@ -92,8 +107,9 @@ def test_on_policy_default_loss_and_gradient_by_hand():
 
 def test_behaviour_kl_adds_coef_times_k3_by_hand():
     mu = torch.tensor([[-1.0]], dtype=F64)
-    x = ObjectiveInputs((mu + 0.5).requires_grad_(), mu, torch.ones(1, 1), torch.ones(1, dtype=F64),
-                        torch.zeros(1, dtype=torch.long))
+    x = ObjectiveInputs(
+        (mu + 0.5).requires_grad_(), mu, torch.ones(1, 1), torch.ones(1, dtype=F64), torch.zeros(1, dtype=torch.long)
+    )
     loss, d = compute_objective(ObjectiveConfig(kl_behaviour_coef=0.1), x)  # singleton group: advantage 0
     k3 = math.exp(0.5) - 0.5 - 1  # forward UKL(mu||pi) per token: pi/mu - 1 - log(pi/mu)
     assert d["kl_behaviour"] == pytest.approx(k3) and loss.item() == pytest.approx(0.1 * k3)
@@ -104,8 +120,11 @@ def test_padding_garbage_does_not_change_anything():
     cfg = ObjectiveConfig(kl_ref_coef=0.05, entropy_coef=0.01, advantage="reinforce_pp_baseline")
     results = []
     for fill in (0.0, float("nan")):
-        x = _batch(ref_logprobs=torch.zeros(6, 5, dtype=F64) - 1.0, entropy=torch.full((6, 5), 0.7, dtype=F64),
-                   token_rewards=torch.full((6, 5), 0.1, dtype=F64))
+        x = _batch(
+            ref_logprobs=torch.zeros(6, 5, dtype=F64) - 1.0,
+            entropy=torch.full((6, 5), 0.7, dtype=F64),
+            token_rewards=torch.full((6, 5), 0.1, dtype=F64),
+        )
         pad = x.mask == 0
         for name in ("behaviour_logprobs", "ref_logprobs", "entropy", "token_rewards"):
             setattr(x, name, torch.where(pad, fill, getattr(x, name)))
@@ -120,8 +139,13 @@ def test_padding_garbage_does_not_change_anything():
 def test_group_permutation_and_relabelling_invariance():
     x = _batch()
     perm = torch.tensor([4, 0, 5, 2, 1, 3])
-    y = ObjectiveInputs(x.learner_logprobs.detach()[perm].requires_grad_(), x.behaviour_logprobs[perm],
-                        x.mask[perm], x.rewards[perm], (x.group_ids * 1000 - 5)[perm])
+    y = ObjectiveInputs(
+        x.learner_logprobs.detach()[perm].requires_grad_(),
+        x.behaviour_logprobs[perm],
+        x.mask[perm],
+        x.rewards[perm],
+        (x.group_ids * 1000 - 5)[perm],
+    )
     lx, dx = compute_objective(ObjectiveConfig(), x)
     ly, dy = compute_objective(ObjectiveConfig(), y)
     lx.backward()
@@ -174,16 +198,24 @@ def test_rpg_reinforce_matches_rpg_surrogate_gradient_through_the_objective():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, agg="seq-mean-token-mean"),
-    dict(policy_loss="vtrace"), dict(advantage="rloo", agg="seq-mean-token-sum"),
-    dict(advantage="dr_grpo", agg="seq-mean-token-sum-norm", agg_norm_tokens=8),
-    dict(advantage="reinforce_pp", gamma=0.99), dict(policy_loss="rpg_reinforce", rpg_clip=True, dual_clip=3.0),
-    dict(advantage="vtrace", policy_loss="vtrace", kl_ref_coef=0.1, kl_ref_in="reward"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, agg="seq-mean-token-mean"),
+        dict(policy_loss="vtrace"),
+        dict(advantage="rloo", agg="seq-mean-token-sum"),
+        dict(advantage="dr_grpo", agg="seq-mean-token-sum-norm", agg_norm_tokens=8),
+        dict(advantage="reinforce_pp", gamma=0.99),
+        dict(policy_loss="rpg_reinforce", rpg_clip=True, dual_clip=3.0),
+        dict(advantage="vtrace", policy_loss="vtrace", kl_ref_coef=0.1, kl_ref_in="reward"),
+    ],
+)
 def test_every_variant_runs_and_gives_finite_loss_and_gradient(kwargs):
-    x = _batch(drift=0.3, values=torch.zeros(6, 5, dtype=F64, requires_grad=True),
-               ref_logprobs=torch.full((6, 5), -0.5, dtype=F64))
+    x = _batch(
+        drift=0.3,
+        values=torch.zeros(6, 5, dtype=F64, requires_grad=True),
+        ref_logprobs=torch.full((6, 5), -0.5, dtype=F64),
+    )
     loss, d = compute_objective(ObjectiveConfig(**kwargs), x)
     loss.backward()
     assert math.isfinite(loss.item()) and torch.isfinite(x.learner_logprobs.grad).all()
@@ -210,8 +242,14 @@ def test_bf16_inputs_are_upcast_and_gradient_reaches_the_bf16_leaf():
     assert loss.item() == pytest.approx(ref.item(), abs=0.05)  # only the bf16 rounding of the inputs differs
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(policy_loss="rpg_surrogate", kl_ref_coef=0.3),
-                                    dict(policy_loss="decoupled_ppo", kl_behaviour_direction="reverse")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(policy_loss="rpg_surrogate", kl_ref_coef=0.3),
+        dict(policy_loss="decoupled_ppo", kl_behaviour_direction="reverse"),
+    ],
+)
 def test_gradcheck_whole_objective_float64(kwargs):
     base = _batch(drift=0.05, ref_logprobs=torch.full((6, 5), -0.5, dtype=F64))
     base.proximal_logprobs = base.behaviour_logprobs + 0.01
@@ -219,21 +257,35 @@ def test_gradcheck_whole_objective_float64(kwargs):
 
     def f(lp):
         return compute_objective(cfg, dataclasses.replace(base, learner_logprobs=lp))[0]
+
     assert torch.autograd.gradcheck(f, (base.learner_logprobs.detach().clone().requires_grad_(),))
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.integers(0, 10_000), st.sampled_from([
-    dict(), dict(advantage="rloo", agg="seq-mean-token-mean"), dict(advantage="gae", kl_behaviour_in="reward"),
-    dict(policy_loss="gspo"), dict(policy_loss="rpg_reinforce", rpg_clip=True, kl_ref_coef=0.1)]))
+@given(
+    st.integers(0, 10_000),
+    st.sampled_from(
+        [
+            dict(),
+            dict(advantage="rloo", agg="seq-mean-token-mean"),
+            dict(advantage="gae", kl_behaviour_in="reward"),
+            dict(policy_loss="gspo"),
+            dict(policy_loss="rpg_reinforce", rpg_clip=True, kl_ref_coef=0.1),
+        ]
+    ),
+)
 def test_random_masks_padding_never_read(seed, kwargs):
     g = torch.Generator().manual_seed(seed)
     mask = (torch.rand(6, 5, generator=g) < 0.6).to(F64)
     mask[:, torch.randint(0, 5, (1,), generator=g)] = 1
     outs = []
     for fill in (0.0, float("nan")):
-        x = _batch(seed=seed, drift=0.3, values=torch.full((6, 5), 0.1, dtype=F64),
-                   ref_logprobs=torch.full((6, 5), -0.5, dtype=F64))
+        x = _batch(
+            seed=seed,
+            drift=0.3,
+            values=torch.full((6, 5), 0.1, dtype=F64),
+            ref_logprobs=torch.full((6, 5), -0.5, dtype=F64),
+        )
         x.mask = mask
         for name in ("behaviour_logprobs", "values", "ref_logprobs"):
             setattr(x, name, torch.where(mask == 0, fill, getattr(x, name)))

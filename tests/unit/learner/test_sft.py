@@ -1,4 +1,5 @@
 """The cold start: batch layout, loss goes down, determinism, and the on-disk cache."""
+
 from __future__ import annotations
 
 import json

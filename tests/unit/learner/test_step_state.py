@@ -1,5 +1,6 @@
 """`LearnerCore` on one real DeepSpeed rank: NaN/inf steps are skipped without touching the weights or
 the optimiser, and `save_state` / `load_state` restore weights, optimiser, scheduler, step and RNG."""
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,15 @@ def dist_env():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      LOCAL_WORLD_SIZE="1", DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        DS_ACCELERATOR="cpu",
+    )
     yield
 
 
@@ -32,9 +40,16 @@ def _batch(reward: float = 1.0, seed: int = 0):
     for g in range(2):
         for i in range(4):
             completion = tuple(rng.randint(3, 15) for _ in range(3))
-            traces.append(Trace(group_id=f"g{seed}-{g}", prompt_ids=(1, 5, 6, 7), completion_ids=completion,
-                                behaviour_logprobs=(-1.0, -1.0, -1.0),
-                                reward=reward if i == 0 else float(i % 2), policy_version=0))
+            traces.append(
+                Trace(
+                    group_id=f"g{seed}-{g}",
+                    prompt_ids=(1, 5, 6, 7),
+                    completion_ids=completion,
+                    behaviour_logprobs=(-1.0, -1.0, -1.0),
+                    reward=reward if i == 0 else float(i % 2),
+                    policy_version=0,
+                )
+            )
     return traces_to_batch(traces)
 
 

@@ -1,4 +1,5 @@
 """Packing/bucketing of `learner.weight_transport` (pure, no process group) and config validation."""
+
 from __future__ import annotations
 
 import threading
@@ -11,8 +12,8 @@ from pydantic import ValidationError
 
 from learner.weight_transport import (
     AsyncSender,
-    BufferPool,
     BroadcastTransport,
+    BufferPool,
     SyncStats,
     WeightSyncConfig,
     WeightSyncError,
@@ -128,8 +129,15 @@ def test_non_tensor_input_names_the_weight():
 
 def test_config_rejects_bad_values_and_unknown_fields():
     assert WeightSyncConfig().bucket_bytes == 32 * 2**20 and WeightSyncConfig().backend == "gloo"
-    for bad in ({"backend": "mpi"}, {"wire_dtype": "int8"}, {"timeout_s": 0}, {"bucket_bytes": 10},
-                {"sync_every_steps": 0}, {"master_port": 70000}, {"bucket_size": 1}):
+    for bad in (
+        {"backend": "mpi"},
+        {"wire_dtype": "int8"},
+        {"timeout_s": 0},
+        {"bucket_bytes": 10},
+        {"sync_every_steps": 0},
+        {"master_port": 70000},
+        {"bucket_size": 1},
+    ):
         with pytest.raises(ValidationError):
             WeightSyncConfig(**bad)
     with pytest.raises(ValidationError):
@@ -227,7 +235,7 @@ def test_a_giant_tensor_goes_in_place_without_a_pack_copy_and_round_trips():
     big = torch.randn(64, 64)  # 16 KiB >= bucket
     header, payload = direct_parts([("lm_head.weight", big)], None, min_nbytes=4096, device=torch.device("cpu"))
     assert payload.data_ptr() == big.data_ptr() and payload.numel() == big.nbytes  # no copy
-    (name, got), = unpack_payload(payload.clone(), decode_header(header))
+    ((name, got),) = unpack_payload(payload.clone(), decode_header(header))
     assert name == "lm_head.weight" and torch.equal(_bits(got), _bits(big))
 
 

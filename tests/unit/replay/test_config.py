@@ -1,4 +1,5 @@
 """ReplayConfig: frozen, no unknown keys, start-up errors that name the field and the fix."""
+
 from __future__ import annotations
 
 import pydantic

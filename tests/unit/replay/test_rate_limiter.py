@@ -1,4 +1,5 @@
 """RateLimiter: Reverb's SampleToInsertRatio, hand-computed sequences."""
+
 from __future__ import annotations
 
 from replay.rate_limiter import RateLimiter

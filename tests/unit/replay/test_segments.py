@@ -1,4 +1,5 @@
 """Durability: a table on the same segment_dir comes back with every acknowledged trace and removal."""
+
 from __future__ import annotations
 
 import pathlib
@@ -34,7 +35,12 @@ def test_reopen_restores_groups_order_samples_and_counts(tmp_path):
     # no close(): as after a crash
     again = ReplayTable(_cfg(tmp_path, max_times_sampled=2, capacity_groups=8), shard_id=0)
     after = again.stats()
-    assert (after.groups, after.traces, after.tokens, after.bytes > 0) == (before.groups, before.traces, before.tokens, True)
+    assert (after.groups, after.traces, after.tokens, after.bytes > 0) == (
+        before.groups,
+        before.traces,
+        before.tokens,
+        True,
+    )
     assert (after.evicted_capacity, after.removed_sampled, after.sampled_groups) == (2, 1, 3)
     assert _groups(again.sample(2, 0)) == ["a003", "a004"]  # a003 leaves: it was sampled once before
     assert _groups(again.sample(6, 0)) == ["a004", "a005", "b000", "b001", "b002", "b003"]

@@ -1,4 +1,5 @@
 """Sharding: stable routing of whole groups, proportional allocation, merging."""
+
 from __future__ import annotations
 
 import numpy as np

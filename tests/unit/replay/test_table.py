@@ -1,4 +1,5 @@
 """ReplayTable: group atomicity, validation, samplers, remover, capacity, staleness, stats."""
+
 from __future__ import annotations
 
 import math
@@ -47,10 +48,12 @@ def test_interleaved_group_rows_are_regrouped_in_trace_order():
 
 def test_a_bad_trace_rejects_only_its_group_with_a_reason():
     good = group_batch(["ok1", "ok2"], group_size=2)
-    bad = traces_to_batch([
-        Trace("bad", (1,), (5, 6), (-0.1,), 1.0, 0, trace_id="t-short"),  # logprobs length 1 != 2
-        Trace("bad", (1,), (5,), (-0.1,), 1.0, 0, trace_id="t-fine"),
-    ])
+    bad = traces_to_batch(
+        [
+            Trace("bad", (1,), (5, 6), (-0.1,), 1.0, 0, trace_id="t-short"),  # logprobs length 1 != 2
+            Trace("bad", (1,), (5,), (-0.1,), 1.0, 0, trace_id="t-fine"),
+        ]
+    )
     table = ReplayTable(ReplayConfig())
     res = table.insert(pa.concat_batches([good, bad]))
     assert res.accepted_groups == 2 and res.accepted_traces == 4
@@ -143,8 +146,7 @@ def test_prioritized_sampler_follows_priority_to_the_alpha_chi_square():
 
 
 def test_prioritized_importance_weights_hand_computed():
-    cfg = ReplayConfig(sampler="prioritized", max_times_sampled=None, priority_exponent=1.0,
-                       importance_exponent=1.0)
+    cfg = ReplayConfig(sampler="prioritized", max_times_sampled=None, priority_exponent=1.0, importance_exponent=1.0)
     table = ReplayTable(cfg)
     table.insert(group_batch(["a", "b"]))
     table.update_priorities(["a", "b"], [1.0, 3.0])  # P = 1/4, 3/4; w = (2P)^-1 / max = (2, 2/3) / 2
@@ -176,8 +178,10 @@ def test_staleness_evicts_groups_older_than_max_staleness_and_counts_them():
 
 
 def test_group_staleness_uses_its_oldest_trace():
-    traces = [Trace("mixed", (1,), (2,), (-0.1,), 0.0, 0, policy_version_max=3),
-              Trace("mixed", (1,), (2,), (-0.1,), 0.0, 3)]
+    traces = [
+        Trace("mixed", (1,), (2,), (-0.1,), 0.0, 0, policy_version_max=3),
+        Trace("mixed", (1,), (2,), (-0.1,), 0.0, 3),
+    ]
     table = ReplayTable(ReplayConfig(max_staleness=0))
     table.insert(traces_to_batch(traces))
     assert table.sample(1, policy_version=3) is None and table.stats().evicted_stale == 1

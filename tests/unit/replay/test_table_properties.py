@@ -1,4 +1,5 @@
 """Invariants of ReplayTable under random insert/sample sequences, and restore equals the live state."""
+
 from __future__ import annotations
 
 import tempfile
@@ -30,8 +31,11 @@ def _run(table: ReplayTable, ops: list) -> dict[str, int]:
     sampled: dict[str, int] = {}
     for i, (kind, n, version) in enumerate(ops):
         if kind == "insert":
-            table.insert(group_batch([f"g{i}-{j}" for j in range(n)], group_size=2, completion_tokens=8,
-                                     policy_version=version, seed=i))
+            table.insert(
+                group_batch(
+                    [f"g{i}-{j}" for j in range(n)], group_size=2, completion_tokens=8, policy_version=version, seed=i
+                )
+            )
             continue
         result = table.sample(n, version)
         if result is not None:
@@ -69,7 +73,12 @@ def test_restore_reproduces_the_live_table(cfg, ops):
         _run(live, ops)
         restored = ReplayTable(cfg)
         a, b = live.stats(), restored.stats()
-        assert (a.groups, a.traces, a.tokens, a.inserted_groups, a.sampled_groups) == \
-               (b.groups, b.traces, b.tokens, b.inserted_groups, b.sampled_groups)
+        assert (a.groups, a.traces, a.tokens, a.inserted_groups, a.sampled_groups) == (
+            b.groups,
+            b.traces,
+            b.tokens,
+            b.inserted_groups,
+            b.sampled_groups,
+        )
         if a.groups:
             assert live.sample(a.groups, 0).batch.equals(restored.sample(b.groups, 0).batch)

@@ -1,4 +1,5 @@
 """Vectorised validation agrees with replay.schema.validate_trace, trace by trace."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """load_prompt_dataset on a hand-written hostile JSONL: every bad-row reason counted exactly, valid rows kept, split."""
+
 from __future__ import annotations
 
 import itertools
@@ -20,14 +21,19 @@ def encode(text: str) -> list[int]:
 
 VALID = [{"prompt": f"q{i}", "answer": f"a{i}"} for i in range(20)] + [
     {"prompt": "q-tagged", "answer": "x", "task": "mathy", "extra": [1, 2]},  # extra keys are ignored
-    {"prompt": "q0", "answer": "a0"},                                         # a duplicate is kept
+    {"prompt": "q0", "answer": "a0"},  # a duplicate is kept
     {"prompt": "ünïcode ✓", "answer": "ok"},
 ]
 BAD_LINES = {
     "invalid_json": ['{"prompt": "x", "answer": ', "not json at all", '{"prompt": "x"} trailing'],
     "invalid_utf8": [b'{"prompt": "\xff\xfe", "answer": "1"}'],
-    "wrong_type": ['["prompt", "answer"]', '"just a string"', '{"prompt": 5, "answer": "1"}',
-                   '{"prompt": "x", "answer": null}', '{"prompt": "x", "answer": "1", "task": 3}'],
+    "wrong_type": [
+        '["prompt", "answer"]',
+        '"just a string"',
+        '{"prompt": 5, "answer": "1"}',
+        '{"prompt": "x", "answer": null}',
+        '{"prompt": "x", "answer": "1", "task": 3}',
+    ],
     "missing_field": ['{"prompt": "x"}', '{"answer": "1"}', "{}"],
     "empty_prompt": ['{"prompt": "", "answer": "1"}', '{"prompt": "  \\n ", "answer": "1"}'],
     "empty_answer": ['{"prompt": "x", "answer": ""}'],

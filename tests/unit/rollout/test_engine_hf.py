@@ -1,4 +1,5 @@
 """HFEngine: shapes, eos handling, seeded determinism, logprob exactness, weight loading; RolloutConfig checks."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,8 @@ def engine(tiny_model_dir):
 @torch.no_grad()
 def reference_logprobs(model, prompt, completion, temperature=1.0) -> list[float]:
     ids = torch.tensor([list(prompt) + list(completion)])
-    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1] / temperature
-    return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1).tolist()
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / temperature
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None]).squeeze(-1).tolist()
 
 
 def max_err(a, b) -> float:
@@ -88,7 +89,7 @@ def test_greedy_equals_argmax_chain(engine):
             ids.append(int(engine.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
             if ids[-1] == EOS:
                 break
-        expected.append(tuple(ids[len(prompt):]))
+        expected.append(tuple(ids[len(prompt) :]))
     assert engine.greedy(PROMPTS) == expected
 
 
@@ -117,7 +118,12 @@ def test_load_weights_rejects_unknown_names_and_shapes(engine):
 
 @pytest.mark.parametrize(
     "prompts, match",
-    [([], "no prompts"), ([[]], "prompt 0 is empty"), ([[1] * 57], "max_model_len"), ([[1, 99]], "outside the vocabulary")],
+    [
+        ([], "no prompts"),
+        ([[]], "prompt 0 is empty"),
+        ([[1] * 57], "max_model_len"),
+        ([[1, 99]], "outside the vocabulary"),
+    ],
 )
 def test_bad_prompts_raise_clear_errors(engine, prompts, match):
     with pytest.raises(ValueError, match=match):
@@ -138,15 +144,23 @@ def test_make_engine_picks_hf_and_import_is_cheap(tiny_model_dir, tmp_path):
     assert isinstance(make_engine(CFG, tiny_model_dir), HFEngine)
     with pytest.raises(FileNotFoundError, match="config.json"):
         make_engine(CFG, tmp_path)
-    code = "import sys, rollout.engine, rollout.config; assert 'vllm' not in sys.modules and 'transformers' not in sys.modules"
+    code = (
+        "import sys, rollout.engine, rollout.config; "
+        "assert 'vllm' not in sys.modules and 'transformers' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[3]))
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"group_size": 1}, "rollout.group_size"), ({"temperature": 0.0}, "rollout.temperature"),
-     ({"max_new_tokens": 64}, "rollout.max_new_tokens"), ({"engine": "tgi"}, "engine"),
-     ({"max_new_tokens": 0}, "max_new_tokens"), ({"devcie": "cpu"}, "devcie")],
+    [
+        ({"group_size": 1}, "rollout.group_size"),
+        ({"temperature": 0.0}, "rollout.temperature"),
+        ({"max_new_tokens": 64}, "rollout.max_new_tokens"),
+        ({"engine": "tgi"}, "engine"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"devcie": "cpu"}, "devcie"),
+    ],
 )
 def test_rollout_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValidationError, match=match):

@@ -1,4 +1,5 @@
 """encode_prompt round-trips; greedy decoding handles left padding and eos; accuracy scores values."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -33,8 +34,11 @@ class ScriptedLM(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
-PROBLEMS = [Problem("1+2=", "3", "arithmetic+"), Problem("45+67=", "112", "arithmetic+"),
-            Problem("999+1=", "1000", "arithmetic+")]
+PROBLEMS = [
+    Problem("1+2=", "3", "arithmetic+"),
+    Problem("45+67=", "112", "arithmetic+"),
+    Problem("999+1=", "1000", "arithmetic+"),
+]
 
 
 def test_encode_prompt_starts_with_bos_and_round_trips(tok):

@@ -1,4 +1,5 @@
 """RewardScorer under hostile reward functions (hang, raise, NaN, os._exit) and the code-execution sandbox."""
+
 from __future__ import annotations
 
 import os
@@ -172,5 +173,7 @@ def test_sandbox_cannot_write_outside_its_dir_as_root():
 def test_code_problem_reward_scores_programs_through_the_process_pool():
     problem = Problem(prompt="print the sum of 2 and 3", answer="5", task="code")
     with RewardScorer(code_problem_reward, RewardConfig(timeout_s=15.0)) as scorer:
-        result = scorer.score_batch([(problem, "print(2 + 3)"), (problem, "print(23)"), (problem, "import sys; sys.exit(")])
+        result = scorer.score_batch(
+            [(problem, "print(2 + 3)"), (problem, "print(23)"), (problem, "import sys; sys.exit(")]
+        )
     assert result.rewards == [1.0, 0.0, 0.0] and result.ok == 3

@@ -1,4 +1,6 @@
-"""sample_groups: group structure, scoring on text without eos, versions, contract errors (scripted engine + real HF)."""
+"""sample_groups: group structure, scoring on text without eos, versions, contract errors (scripted engine + real "
+"HF)."""
+
 from __future__ import annotations
 
 import json
@@ -37,6 +39,7 @@ def cut(text: str) -> Completion:
 @dataclass
 class ScriptedEngine:
     """Returns fixed groups in order; optionally bumps its version during generate (a concurrent update)."""
+
     groups: list[list[Completion]]
     policy_version: int = 4
     bump_during_generate: bool = False
@@ -78,9 +81,11 @@ def test_weight_update_during_generate_spans_versions():
 
 @pytest.mark.parametrize(
     "groups, match",
-    [([[done("3"), Completion((), (), FINISH_LENGTH)]], "empty completion"),
-     ([[done("3")]], "expected 2 each"),
-     ([[done("3"), Completion((5,), (), FINISH_LENGTH)]], "behaviour_logprobs has 0 entries")],
+    [
+        ([[done("3"), Completion((), (), FINISH_LENGTH)]], "empty completion"),
+        ([[done("3")]], "expected 2 each"),
+        ([[done("3"), Completion((5,), (), FINISH_LENGTH)]], "behaviour_logprobs has 0 entries"),
+    ],
 )
 def test_engine_contract_breaches_raise(groups, match):
     with pytest.raises(Exception, match=match):
@@ -109,14 +114,17 @@ def test_with_real_hf_engine(tiny_model_dir):
 
 def test_score_batch_scores_everything_in_one_call_and_drops_groups_with_a_failed_score():
     from rollout.engine import Completion
-    from rollout.sampling import drop_uniform_groups, sample_groups
+    from rollout.sampling import sample_groups
     from rollout.tasks import Problem
 
     class TwoTokenEngine:
         policy_version = 3
 
         def generate(self, prompts, n, seed=None):
-            return [[Completion(token_ids=(5, 2), logprobs=(-0.5, -0.1), finish_reason="stop") for _ in range(n)] for _ in prompts]
+            return [
+                [Completion(token_ids=(5, 2), logprobs=(-0.5, -0.1), finish_reason="stop") for _ in range(n)]
+                for _ in prompts
+            ]
 
     problems = [Problem("1+1=", "2", "t"), Problem("2+2=", "4", "t")]
     calls = []
@@ -125,8 +133,15 @@ def test_score_batch_scores_everything_in_one_call_and_drops_groups_with_a_faile
         calls.append(len(items))
         return [1.0, 0.0, None, 1.0]  # the second problem's group has a failed score
 
-    traces = sample_groups(TwoTokenEngine(), problems, lambda s: [1, 4], lambda ids: "x", lambda p, c: 0.0, 2,
-                           score_batch=score_batch_simple)
+    traces = sample_groups(
+        TwoTokenEngine(),
+        problems,
+        lambda s: [1, 4],
+        lambda ids: "x",
+        lambda p, c: 0.0,
+        2,
+        score_batch=score_batch_simple,
+    )
     assert calls == [4]
     assert [t.reward for t in traces] == [1.0, 0.0]
     assert {t.group_id for t in traces} and all(t.policy_version == 3 for t in traces)

@@ -1,4 +1,5 @@
 """rollout.tasks: the `reversed_padded` answer format (Lee et al. 2023) and the unchanged `plain` format."""
+
 from __future__ import annotations
 
 import itertools
@@ -13,15 +14,18 @@ def rev(max_digits: int = 3, **kw) -> ArithmeticTask:
     return ArithmeticTask(TaskConfig(max_digits=max_digits, answer_format="reversed_padded", **kw))
 
 
-@pytest.mark.parametrize("n,a,b,prompt,answer", [
-    (3, 47, 385, "047+385=", "2340"),    # 432 -> 0432 -> reversed
-    (3, 999, 999, "999+999=", "8991"),   # 1998
-    (3, 0, 0, "000+000=", "0000"),
-    (3, 5, 5, "005+005=", "0100"),       # 10 -> 0010
-    (3, 500, 500, "500+500=", "0001"),   # 1000
-    (2, 7, 86, "07+86=", "390"),         # 93 -> 093
-    (4, 1234, 8766, "1234+8766=", "00001"),  # 10000
-])
+@pytest.mark.parametrize(
+    "n,a,b,prompt,answer",
+    [
+        (3, 47, 385, "047+385=", "2340"),  # 432 -> 0432 -> reversed
+        (3, 999, 999, "999+999=", "8991"),  # 1998
+        (3, 0, 0, "000+000=", "0000"),
+        (3, 5, 5, "005+005=", "0100"),  # 10 -> 0010
+        (3, 500, 500, "500+500=", "0001"),  # 1000
+        (2, 7, 86, "07+86=", "390"),  # 93 -> 093
+        (4, 1234, 8766, "1234+8766=", "00001"),  # 10000
+    ],
+)
 def test_reversed_padded_hand_computed(n, a, b, prompt, answer):
     p = rev(n)._make(a, "+", b)
     assert (p.prompt, p.answer, p.task) == (prompt, answer, "arithmetic+")

@@ -1,4 +1,5 @@
 """The checkpoint directory protocol, the resume config check and the loop-state round trip (no Ray)."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,16 @@ import random
 import numpy as np
 import pytest
 
-from services.checkpoint import (CheckpointStore, check_resumable, decode, driver_rng, encode, find_resume,
-                                 last_rollout_cursors, restore_driver_rng)
+from services.checkpoint import (
+    CheckpointStore,
+    check_resumable,
+    decode,
+    driver_rng,
+    encode,
+    find_resume,
+    last_rollout_cursors,
+    restore_driver_rng,
+)
 from services.config import ConfigError, load_config
 from services.loop import LoopState
 
@@ -70,17 +79,39 @@ def test_mismatched_config_names_every_field_that_differs():
     assert "rollout.group_size: checkpoint has 4, this run has 8" in msg
     assert "model.hidden_size" in msg and "learner.lr" not in msg
     # budgets, cadence and resources may change on resume
-    check_resumable(saved, load_config(None, ["rollout.group_size=4", "run.max_learner_steps=999", "run.name=other",
-                                              "run.checkpoint_every_steps=7", "learner.max_consecutive_nonfinite=2"]))
+    check_resumable(
+        saved,
+        load_config(
+            None,
+            [
+                "rollout.group_size=4",
+                "run.max_learner_steps=999",
+                "run.name=other",
+                "run.checkpoint_every_steps=7",
+                "learner.max_consecutive_nonfinite=2",
+            ],
+        ),
+    )
 
 
 def test_loop_state_round_trips_through_json():
-    s = LoopState(version=3, steps=7, traces_consumed=56, versions_consumed={0, 1, 2}, produced_at={0: 4, 2: 8},
-                  publish_t={0: 0.0, 1: 1.5}, evals=[(1, 1.5, 0.25)], cursors={0: (40, 10)}, seconds_to_target=None)
+    s = LoopState(
+        version=3,
+        steps=7,
+        traces_consumed=56,
+        versions_consumed={0, 1, 2},
+        produced_at={0: 4, 2: 8},
+        publish_t={0: 0.0, 1: 1.5},
+        evals=[(1, 1.5, 0.25)],
+        cursors={0: (40, 10)},
+        seconds_to_target=None,
+    )
     import dataclasses
 
     back = LoopState(**decode(json.loads(json.dumps(encode(dataclasses.asdict(s))))))
-    assert back.versions_consumed == {0, 1, 2} and back.produced_at == {0: 4, 2: 8} and back.publish_t == {0: 0.0, 1: 1.5}
+    assert (
+        back.versions_consumed == {0, 1, 2} and back.produced_at == {0: 4, 2: 8} and back.publish_t == {0: 0.0, 1: 1.5}
+    )
     assert [tuple(e) for e in back.evals] == [(1, 1.5, 0.25)] and tuple(back.cursors[0]) == (40, 10)
     assert back.steps == 7 and back.reward_failures == s.reward_failures
 
@@ -98,9 +129,11 @@ def test_driver_rng_restores_python_and_numpy_draws():
 
 def test_last_rollout_cursors_skips_a_torn_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    recs = [{"kind": "rollout", "worker_id": 0, "problems_drawn": 4, "batches": 1},
-            {"kind": "learner_step", "loss": math.pi},
-            {"kind": "rollout", "worker_id": 0, "problems_drawn": 8, "batches": 2}]
+    recs = [
+        {"kind": "rollout", "worker_id": 0, "problems_drawn": 4, "batches": 1},
+        {"kind": "learner_step", "loss": math.pi},
+        {"kind": "rollout", "worker_id": 0, "problems_drawn": 8, "batches": 2},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in recs) + '\n{"kind": "rollout", "wor')
     assert last_rollout_cursors(path) == {0: (8, 2)}
 
@@ -109,7 +142,9 @@ def test_driver_refuses_a_mismatched_resume_before_starting_anything(tmp_path, c
     from services.driver import main, with_replay_dir
 
     run = tmp_path / "r"
-    saved = with_replay_dir(load_config("deploy/configs/e2e_small.yaml", [f"run.runs_dir={tmp_path}", "run.name=r"]), run)
+    saved = with_replay_dir(
+        load_config("deploy/configs/e2e_small.yaml", [f"run.runs_dir={tmp_path}", "run.name=r"]), run
+    )
     store = CheckpointStore(run, keep=2)
     store.commit(store.begin(3), {"learner_step": 3, "policy_version": 3, "config": saved.model_dump(mode="json")})
     code = main(["--config", "deploy/configs/e2e_small.yaml", "--resume", str(run), "rollout.group_size=8"])

@@ -1,4 +1,5 @@
 """`flywheel scale rollout N --run NAME`: argument validation and the error for a run that is not there."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,18 +9,30 @@ from services.control import check_target, scale_rollout
 
 
 def test_parses_scale_rollout():
-    args = cli.build_parser().parse_args(["scale", "rollout", "3", "--run", "exp1", "--address", "10.0.0.1:6379", "--wait", "30"])
-    assert (args.command, args.role, args.n, args.run, args.address, args.wait) == ("scale", "rollout", 3, "exp1", "10.0.0.1:6379", 30.0)
+    args = cli.build_parser().parse_args(
+        ["scale", "rollout", "3", "--run", "exp1", "--address", "10.0.0.1:6379", "--wait", "30"]
+    )
+    assert (args.command, args.role, args.n, args.run, args.address, args.wait) == (
+        "scale",
+        "rollout",
+        3,
+        "exp1",
+        "10.0.0.1:6379",
+        30.0,
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["scale", "rollout", "0", "--run", "x"], "N=0 is invalid"),
-    (["scale", "rollout", "-2", "--run", "x"], "N=-2 is invalid"),
-    (["scale", "rollout", "two", "--run", "x"], "N='two' is not an integer"),
-    (["scale", "rollout", "2"], "--run"),
-    (["scale", "learner", "2", "--run", "x"], "invalid choice: 'learner'"),
-    (["scale"], "ROLE"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["scale", "rollout", "0", "--run", "x"], "N=0 is invalid"),
+        (["scale", "rollout", "-2", "--run", "x"], "N=-2 is invalid"),
+        (["scale", "rollout", "two", "--run", "x"], "N='two' is not an integer"),
+        (["scale", "rollout", "2"], "--run"),
+        (["scale", "learner", "2", "--run", "x"], "invalid choice: 'learner'"),
+        (["scale"], "ROLE"),
+    ],
+)
 def test_bad_arguments_exit_2_naming_the_problem(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
@@ -36,10 +49,14 @@ def test_python_api_rejects_a_bad_count_before_touching_ray(bad):
 
 
 def test_fault_hook_parses_and_names_bad_input():
-    assert faults.parse("worker=1, after_step=2, at=broadcast") == faults.KillWorker(worker=1, after_step=2, at="broadcast")
+    assert faults.parse("worker=1, after_step=2, at=broadcast") == faults.KillWorker(
+        worker=1, after_step=2, at="broadcast"
+    )
     assert faults.from_env({}) == []
     assert faults.from_env({faults.ENV: "worker=1,after_step=2; worker=2,after_step=0,at=join"}) == [
-        faults.KillWorker(worker=1, after_step=2), faults.KillWorker(worker=2, after_step=0, at="join")]
+        faults.KillWorker(worker=1, after_step=2),
+        faults.KillWorker(worker=2, after_step=0, at="join"),
+    ]
     with pytest.raises(ValueError, match="FLYWHEEL_FAULT_KILL_WORKER.*at"):
         faults.parse("worker=1,after_step=2,at=later")
     with pytest.raises(ValueError, match="not key=value"):

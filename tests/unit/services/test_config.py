@@ -1,4 +1,5 @@
 """Run-config validation: bad input fails at start-up naming the field; every shipped config dry-runs."""
+
 from __future__ import annotations
 
 import subprocess
@@ -36,8 +37,10 @@ def test_defaults_validate():
         ("learner:\n  num_ranks: 3\n  groups_per_step: 8\n", "learner.groups_per_step"),
         ("bogus_section: {}\n", "bogus_section"),
         # uniform groups carry signal under a batch-whitened advantage: dropping them would bias it
-        ("rollout:\n  drop_uniform_groups: true\nlearner:\n  objective:\n    advantage: reinforce_pp\n",
-         "rollout.drop_uniform_groups"),
+        (
+            "rollout:\n  drop_uniform_groups: true\nlearner:\n  objective:\n    advantage: reinforce_pp\n",
+            "rollout.drop_uniform_groups",
+        ),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, yaml_text, field):
@@ -78,8 +81,13 @@ def test_missing_config_file():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_dry_run_every_shipped_config(config):
-    out = subprocess.run([sys.executable, "-m", "services.driver", "--config", str(config), "--dry-run"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "services.driver", "--config", str(config), "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     cfg = load_config(config)
     specs = plan(cfg)
@@ -93,4 +101,9 @@ def test_dry_run_every_shipped_config(config):
 def test_inflight_pause_needs_the_vllm_engine():
     with pytest.raises(ConfigError, match="inflight='pause'.*rollout.engine='hf'"):
         load_config(REPO / "deploy/configs/e2e_small.yaml", ["learner.weight_sync.inflight=pause", "rollout.engine=hf"])
-    assert load_config(REPO / "deploy/configs/e2e_small.yaml", ["learner.weight_sync.inflight=pause"]).learner.weight_sync.inflight == "pause"
+    assert (
+        load_config(
+            REPO / "deploy/configs/e2e_small.yaml", ["learner.weight_sync.inflight=pause"]
+        ).learner.weight_sync.inflight
+        == "pause"
+    )

@@ -1,5 +1,6 @@
 """deploy/grafana/flywheel.json and deploy/prometheus/alerts.yml reference only metrics services/metrics.py
 exports (under Ray's names), the dashboard shows every one of them, and its layout is what Grafana loads."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,21 @@ ALERTS = REPO / "deploy/prometheus/alerts.yml"
 ROWS = ["Throughput", "Learning", "Off-policyness", "Replay", "Weight sync"]
 _GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
 _IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset", "inf", "nan"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -32,7 +47,7 @@ def metric_names(expr: str) -> set[str]:
     s = re.sub(r"\b\d+(\.\d+)?([eE][-+]?\d+)?\b", " ", s)
     names = set()
     for m in _IDENT.finditer(s):
-        if s[m.end():].lstrip().startswith("(") or m.group().lower() in _KEYWORDS:
+        if s[m.end() :].lstrip().startswith("(") or m.group().lower() in _KEYWORDS:
             continue  # a function call or an operator keyword
         names.add(m.group())
     return names
@@ -55,8 +70,10 @@ def _exprs(dash: dict) -> list[str]:
 
 
 def test_metric_names_parser_finds_selectors_only():
-    expr = ('histogram_quantile(0.95, sum by (le, worker) (rate(ray_a_bucket{le!="+Inf",x=~"a|b"}[$__rate_interval])))'
-            ' / scalar(max(ray_b)) - on() group_left() time() + ray_c offset 5m > bool 1e-3 and ray_d')
+    expr = (
+        'histogram_quantile(0.95, sum by (le, worker) (rate(ray_a_bucket{le!="+Inf",x=~"a|b"}[$__rate_interval])))'
+        " / scalar(max(ray_b)) - on() group_left() time() + ray_c offset 5m > bool 1e-3 and ray_d"
+    )
     assert metric_names(expr) == {"ray_a_bucket", "ray_b", "ray_c", "ray_d"}
     assert metric_names("sum(increase(flywheel_x_total[1h]))") == {"flywheel_x_total"}  # an unprefixed name is caught
 
@@ -92,8 +109,12 @@ def test_dashboard_layout_loads_in_grafana():
         refs = [t["refId"] for t in p["targets"]]
         assert refs and len(refs) == len(set(refs)), p["title"]
     # no two panels overlap on the grid
-    cells = [(x, y) for p in panels for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])
-             for y in range(p["gridPos"]["y"], p["gridPos"]["y"] + p["gridPos"]["h"])]
+    cells = [
+        (x, y)
+        for p in panels
+        for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])
+        for y in range(p["gridPos"]["y"], p["gridPos"]["y"] + p["gridPos"]["h"])
+    ]
     assert len(cells) == len(set(cells))
 
 
@@ -115,8 +136,12 @@ def test_each_row_holds_its_components_metrics():
 @pytest.mark.prometheus
 def test_alert_rules_reference_only_exported_metrics():
     rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
-    assert {r["alert"] for r in rules} >= {"FlywheelLearnerStalled", "FlywheelRolloutWorkerDown",
-                                            "FlywheelStalenessAboveBound", "FlywheelNaNLoss"}
+    assert {r["alert"] for r in rules} >= {
+        "FlywheelLearnerStalled",
+        "FlywheelRolloutWorkerDown",
+        "FlywheelStalenessAboveBound",
+        "FlywheelNaNLoss",
+    }
     for r in rules:
         names = metric_names(r["expr"])
         assert names and names <= set(_exported()), (r["alert"], names - set(_exported()))

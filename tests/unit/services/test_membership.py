@@ -1,4 +1,5 @@
 """Membership rules without Ray: deaths re-issue prompts, scaling drains the newest, the group re-forms on change."""
+
 from __future__ import annotations
 
 import pytest

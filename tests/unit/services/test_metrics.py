@@ -1,4 +1,5 @@
 """services/metrics.py: names, hand-computed values, and what each record_* call emits (through a fake sink)."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,6 @@ import socket
 import time
 import urllib.request
 
-import pyarrow as pa
 import pytest
 
 from replay.config import ReplayConfig
@@ -39,8 +39,19 @@ def sink():
 
 
 def _group(gid: str, rewards, version=0, task="arith", created_at=100.0, n_tokens=3) -> list[Trace]:
-    return [Trace(group_id=gid, prompt_ids=(1, 2), completion_ids=tuple(range(n_tokens)), behaviour_logprobs=(-0.5,) * n_tokens,
-                  reward=r, policy_version=version, task=task, created_at=created_at) for r in rewards]
+    return [
+        Trace(
+            group_id=gid,
+            prompt_ids=(1, 2),
+            completion_ids=tuple(range(n_tokens)),
+            behaviour_logprobs=(-0.5,) * n_tokens,
+            reward=r,
+            policy_version=version,
+            task=task,
+            created_at=created_at,
+        )
+        for r in rewards
+    ]
 
 
 def test_names_are_unique_valid_and_exported_with_ray_suffixes():
@@ -48,23 +59,46 @@ def test_names_are_unique_valid_and_exported_with_ray_suffixes():
     assert len(names) == len(set(names))
     for m in metrics.METRICS:
         assert re.fullmatch(r"flywheel_[a-z0-9_]+", m.name), m.name
-        assert m.kind != "histogram" or (m.boundaries and all(b > 0 for b in m.boundaries)
-                                         and list(m.boundaries) == sorted(m.boundaries))
+        assert m.kind != "histogram" or (
+            m.boundaries and all(b > 0 for b in m.boundaries) and list(m.boundaries) == sorted(m.boundaries)
+        )
     assert metrics.exported_names(metrics.BY_NAME["flywheel_rollout_tokens"]) == ("ray_flywheel_rollout_tokens_total",)
     assert metrics.exported_names(metrics.BY_NAME["flywheel_replay_groups"]) == ("ray_flywheel_replay_groups",)
     assert metrics.exported_names(metrics.BY_NAME["flywheel_replay_staleness"]) == (
-        "ray_flywheel_replay_staleness_bucket", "ray_flywheel_replay_staleness_sum", "ray_flywheel_replay_staleness_count")
+        "ray_flywheel_replay_staleness_bucket",
+        "ray_flywheel_replay_staleness_sum",
+        "ray_flywheel_replay_staleness_count",
+    )
 
 
 ISSUE_METRICS = {  # the issue's list, one metric per item
-    "rollout_tokens", "rollout_requests_in_flight", "rollout_queue_wait_seconds", "rollout_completion_tokens",
-    "rollout_reward_mean", "rollout_policy_version",
-    "replay_groups", "replay_inserted_groups", "replay_sampled_groups", "replay_removed_groups", "replay_staleness",
-    "replay_insert_blocked_seconds", "replay_rejected_traces",
-    "learner_step_seconds", "learner_tokens", "learner_loss", "learner_kl", "learner_clip_fraction",
-    "learner_importance_ess", "learner_grad_norm", "learner_lr",
-    "weight_sync_send_seconds", "weight_sync_bytes", "weight_sync_version_lag",
-    "run_policy_version", "run_eval_accuracy", "run_pass_at_k",
+    "rollout_tokens",
+    "rollout_requests_in_flight",
+    "rollout_queue_wait_seconds",
+    "rollout_completion_tokens",
+    "rollout_reward_mean",
+    "rollout_policy_version",
+    "replay_groups",
+    "replay_inserted_groups",
+    "replay_sampled_groups",
+    "replay_removed_groups",
+    "replay_staleness",
+    "replay_insert_blocked_seconds",
+    "replay_rejected_traces",
+    "learner_step_seconds",
+    "learner_tokens",
+    "learner_loss",
+    "learner_kl",
+    "learner_clip_fraction",
+    "learner_importance_ess",
+    "learner_grad_norm",
+    "learner_lr",
+    "weight_sync_send_seconds",
+    "weight_sync_bytes",
+    "weight_sync_version_lag",
+    "run_policy_version",
+    "run_eval_accuracy",
+    "run_pass_at_k",
 }
 
 
@@ -72,7 +106,10 @@ def test_issue_metrics_are_defined_with_their_tags():
     assert {"flywheel_" + n for n in ISSUE_METRICS} <= set(metrics.BY_NAME)
     tags = {n: metrics.BY_NAME["flywheel_" + n].tag_keys for n in ISSUE_METRICS}
     assert tags["rollout_reward_mean"] == ("worker", "task")
-    assert tags["replay_removed_groups"] == ("shard", "reason") and tags["replay_rejected_traces"] == ("shard", "reason")
+    assert tags["replay_removed_groups"] == ("shard", "reason") and tags["replay_rejected_traces"] == (
+        "shard",
+        "reason",
+    )
     assert tags["weight_sync_version_lag"] == ("worker",) and tags["learner_step_seconds"] == ("rank", "phase")
 
 
@@ -97,7 +134,9 @@ def test_pass_at_k_hand_values():
 
 
 def test_record_rollout_tokens_rewards_by_task_and_pass_at_k(sink):
-    traces = _group("a", [1.0, 0.0, 0.0, 0.0], task="add", n_tokens=2) + _group("b", [1.0, 1.0, 0.0, 0.0], task="mul", n_tokens=5)
+    traces = _group("a", [1.0, 0.0, 0.0, 0.0], task="add", n_tokens=2) + _group(
+        "b", [1.0, 1.0, 0.0, 0.0], task="mul", n_tokens=5
+    )
     metrics.record_rollout(3, policy_version=7, traces=traces, generate_s=0.5, queue_wait_s=0.25)
     assert sink.values("rollout_tokens", worker=3) == [4 * 2 + 4 * 5]
     assert sink.values("rollout_reward_mean", worker=3, task="add") == [0.25]
@@ -123,7 +162,9 @@ def _rejection_messages() -> dict[str, str]:
     out["invalid_trace"] = t.insert(traces_to_batch(_group("d", [math.nan] * 2))).rejected[0][1]
     bad = traces_to_batch(_group("e", [1.0])).drop_columns(["task"])
     out["bad_schema"] = t.insert(bad).rejected[0][1]
-    limited = ReplayTable(ReplayConfig(samples_per_insert=1.0, error_buffer=1.0, min_size_to_sample=1, max_staleness=None))
+    limited = ReplayTable(
+        ReplayConfig(samples_per_insert=1.0, error_buffer=1.0, min_size_to_sample=1, max_staleness=None)
+    )
     reasons = [r for i in range(4) for _, r in limited.insert(traces_to_batch(_group(f"g{i}", [1.0]))).rejected]
     out["rate_limited"] = reasons[0]
     return out
@@ -137,8 +178,11 @@ def test_reject_reason_labels_real_replay_messages():
 
 
 def test_record_rejected_counts_traces_per_reason(sink):
-    metrics.record_rejected(2, [("a", "rate limited: ..."), ("b", "rate limited: ..."), ("c", "trace x (group c): bad")],
-                            {"a": 4, "b": 3, "c": 2})
+    metrics.record_rejected(
+        2,
+        [("a", "rate limited: ..."), ("b", "rate limited: ..."), ("c", "trace x (group c): bad")],
+        {"a": 4, "b": 3, "c": 2},
+    )
     assert sink.values("replay_rejected_traces", shard=2, reason="rate_limited") == [7]
     assert sink.values("replay_rejected_traces", shard=2, reason="invalid_trace") == [2]
 
@@ -171,9 +215,24 @@ def test_replay_meter_turns_cumulative_stats_into_increments(sink):
 
 
 def test_record_learner_step_maps_diagnostics(sink):
-    diag = {"loss": 0.5, "pg_loss": 0.4, "kl_loss": 0.1, "kl_behaviour": 0.01, "clip_frac_low": 0.1, "clip_frac_high": 0.2,
-            "ess_seq": 0.9, "ess_token": 0.95, "is_ratio_mean": 1.01, "entropy": 1.5, "grad_norm": 3.0, "lr": 1e-4,
-            "tokens": 128.0, "forward_s": 0.2, "step_s": 0.5, "adv_mean": 0.0}
+    diag = {
+        "loss": 0.5,
+        "pg_loss": 0.4,
+        "kl_loss": 0.1,
+        "kl_behaviour": 0.01,
+        "clip_frac_low": 0.1,
+        "clip_frac_high": 0.2,
+        "ess_seq": 0.9,
+        "ess_token": 0.95,
+        "is_ratio_mean": 1.01,
+        "entropy": 1.5,
+        "grad_norm": 3.0,
+        "lr": 1e-4,
+        "tokens": 128.0,
+        "forward_s": 0.2,
+        "step_s": 0.5,
+        "adv_mean": 0.0,
+    }
     metrics.record_learner_step(1, diag, now=1000.0)
     assert sink.values("learner_loss", rank=1, term="total") == [0.5]
     assert sink.values("learner_loss", rank=1, term="policy") == [0.4]
@@ -226,6 +285,7 @@ def test_serve_local_exposes_the_same_exported_names(sink):
 
 def test_ray_sink_keeps_re_setting_gauges():
     """Ray drops a gauge ~20 s after its last set; the sink re-sets the last value until the process ends."""
+
     class FakeGauge:
         def __init__(self):
             self.calls = []
