@@ -51,6 +51,7 @@ class RolloutStats:
     dropped_groups: int = 0  # groups dropped because a member's score failed under on_failure=drop
     uniform_groups: int = 0  # groups dropped because all rewards were equal (rollout.drop_uniform_groups)
     batches: int = 0
+    sandbox_outcomes: dict = dataclasses.field(default_factory=dict)  # code-reward runs by outcome (rollout/sandbox.py)
 
 
 @ray.remote
@@ -88,6 +89,7 @@ class RolloutWorker:
             timeouts=f.timeouts + result.timeouts,
             errors=f.errors + result.errors,
             non_finite=f.non_finite + result.non_finite,
+            sandbox={k: f.sandbox.get(k, 0) + result.sandbox.get(k, 0) for k in {*f.sandbox, *result.sandbox}},
         )
         return result.rewards
 
@@ -147,6 +149,7 @@ class RolloutWorker:
             dropped_groups=num_prompts - scored_groups,
             uniform_groups=uniform,
             batches=self.batches,
+            sandbox_outcomes=self._failures.sandbox,
         )
 
     def restore_batches(self, batches: int) -> int:
