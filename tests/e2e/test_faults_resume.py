@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
-from replay.segments import read_dataset, read_stream
+from replay.journal import read_journal
+from replay.segments import read_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.faults]
@@ -91,30 +93,58 @@ def _kill_session(sid: int) -> None:
             pass
 
 
+def _shard_books(shard: Path) -> tuple[dict, set, set, dict[str, str], set]:
+    """One shard from its segments: (counts at the oldest kept snapshot, groups held then, groups held at
+    the newest snapshot, removals journalled after the oldest, groups acknowledged before the oldest).
+    Snapshots and journals older than the oldest kept checkpoint are pruned with it, so the books before
+    it are that snapshot's counters."""
+    snaps = sorted(int(p.stem.split("-")[1]) for p in shard.glob("snapshot-*.json"))
+    base, last = snaps[0], snaps[-1]
+
+    def groups_in(k: int) -> set:
+        return set(pa.ipc.open_file(str(shard / f"snapshot-{k:06d}.arrow")).read_all()["group_id"].to_pylist())
+
+    removed: dict[str, str] = {}
+    for events in sorted(shard.glob("events-*.log")):  # the live journal (rolled-back files excluded)
+        if int(events.stem.split("-")[1]) > base:
+            for b in read_journal(events).batches:
+                removed.update(
+                    (g, k) for g, k in zip(b["group_id"].to_pylist(), b["kind"].to_pylist()) if k != "sampled"
+                )
+    before = set()
+    for seg in shard.glob("traces-*.parquet"):
+        if int(seg.name.split("-")[1].split(".")[0]) < base:
+            before |= set(pq.read_table(seg, columns=["group_id"])["group_id"].to_pylist())
+    counts = json.loads((shard / f"snapshot-{base:06d}.json").read_text())["counts"]
+    return counts, groups_in(base), groups_in(last), removed, before
+
+
 def _audit(run: Path) -> dict:
     """Check the no-loss invariant from the segments; returns the per-kind counts."""
     acked = read_dataset(str(run / "replay"))
     acked_groups = set(acked["group_id"].to_pylist())
     removed: dict[str, str] = {}
     held: set[str] = set()
+    gone_early, took_traces, stale = set(), 0, 0
     for shard in sorted((run / "replay").glob("shard-*")):
-        for events in sorted(shard.glob("events-*.arrow")):  # the live journal (rolled-back files excluded)
-            for b in read_stream(events):
-                removed.update(
-                    (g, k) for g, k in zip(b["group_id"].to_pylist(), b["kind"].to_pylist()) if k != "sampled"
-                )
-        snaps = sorted(p for p in shard.glob("snapshot-*.arrow"))
-        held |= set(pa.ipc.open_file(str(snaps[-1])).read_all()["group_id"].to_pylist())
-    lost = acked_groups - set(removed) - held
+        counts, at_base, at_end, shard_removed, before = _shard_books(shard)
+        removed.update(shard_removed)
+        held |= at_end
+        early = before - at_base  # left before the oldest kept snapshot: its counters account for them
+        assert len(early) == sum(counts.get(k, 0) for k in ("removed_sampled", "evicted_stale", "evicted_capacity"))
+        gone_early |= early
+        took_traces += counts.get("sampled_traces", 0)
+        stale += counts.get("evicted_stale", 0)
+    lost = acked_groups - set(removed) - held - gone_early
     assert not lost, f"{len(lost)} acknowledged group(s) neither consumed, evicted nor held: {sorted(lost)[:5]}"
     assert not held & set(removed)
     summary = json.loads((run / "summary.json").read_text())
     took = [g for g, k in removed.items() if k == "removed_sampled"]
-    took_traces = pc.sum(pc.is_in(acked["group_id"], value_set=pa.array(took))).as_py()
+    took_traces += pc.sum(pc.is_in(acked["group_id"], value_set=pa.array(took))).as_py() or 0
     assert took_traces == summary["traces_consumed"] + summary["traces_skipped_nonfinite"], (took_traces, summary)
     kinds = {k: sum(1 for v in removed.values() if v == k) for k in set(removed.values())}
-    assert kinds.get("evicted_stale", 0) == summary["replay_evicted_stale_groups"]
-    assert len(held) == summary["replay_groups_held_at_end"]
+    assert stale + kinds.get("evicted_stale", 0) == summary["replay_evicted_stale_groups"]
+    assert len(held) == summary["replay_groups_held_at_end"] and summary["replay_quarantined"] == 0
     return kinds
 
 
@@ -133,7 +163,7 @@ def test_kill_9_driver_after_checkpoint_then_resume_loses_nothing(tmp_path):
     time.sleep(1)
     assert not _session_pids(first.pid), "processes of the killed run survived"
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    ckpt_step = int(latest.split("-")[1])
+    ckpt_step = int(latest.split("-")[1].split(".")[0])
     killed_at = max(steps())
 
     out = subprocess.run(cmd + ["--resume", str(run)], cwd=REPO, capture_output=True, text=True, timeout=900)
