@@ -363,6 +363,7 @@ class ReplayTable:
             if kind in ("sampled", "removed_sampled"):
                 self._limiter.on_sample(1)
                 self._counts["sampled_groups"] += 1
+                self._counts["sampled_traces"] += g.length if g is not None else 0
             if g is not None and kind == "sampled":
                 g.times_sampled += 1
             elif g is not None:

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from replay.journal import read_journal
+from replay.journal import MAGIC, frame, read_journal
 from replay.segments import read_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,7 +119,7 @@ def _shard_books(shard: Path) -> tuple[dict, set, set, dict[str, str], set]:
     return counts, groups_in(base), groups_in(last), removed, before
 
 
-def _audit(run: Path) -> dict:
+def _audit(run: Path, quarantined: int = 0) -> dict:
     """Check the no-loss invariant from the segments; returns the per-kind counts."""
     acked = read_dataset(str(run / "replay"))
     acked_groups = set(acked["group_id"].to_pylist())
@@ -144,7 +144,7 @@ def _audit(run: Path) -> dict:
     assert took_traces == summary["traces_consumed"] + summary["traces_skipped_nonfinite"], (took_traces, summary)
     kinds = {k: sum(1 for v in removed.values() if v == k) for k in set(removed.values())}
     assert stale + kinds.get("evicted_stale", 0) == summary["replay_evicted_stale_groups"]
-    assert len(held) == summary["replay_groups_held_at_end"] and summary["replay_quarantined"] == 0
+    assert len(held) == summary["replay_groups_held_at_end"] and summary["replay_quarantined"] == quarantined
     return kinds
 
 
@@ -210,3 +210,43 @@ def test_kill_9_a_replay_shard_mid_run_loses_nothing(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert killed_at < 30 and summary["learner_steps"] == 30 and summary["stopped_by"] == "max_learner_steps"
     _audit(run)
+
+
+def _live_journal(run: Path, min_records: int) -> Path | None:
+    """The killed session's open traces journal of shard 0 with at least `min_records` inserts."""
+    logs = sorted((run / "replay" / "shard-0").glob("traces-*.log"))
+    return next((p for p in reversed(logs) if len(read_journal(p).batches) >= min_records), None)
+
+
+def test_resume_after_a_torn_tail_and_a_corrupt_middle_record(tmp_path):
+    """kill -9, then damage the open journal as a crash and a bad disk would: the last insert cut short,
+    one in the middle flipped. The resumed run finishes; only the flipped insert is gone, and it is
+    quarantined, counted and logged; everything around it is kept."""
+    run, log = tmp_path / "ft", tmp_path / "first.log"
+    cmd = _cmd(tmp_path, "run.max_learner_steps=30", "run.checkpoint_every_steps=5", "run.eval_every_steps=10")
+    first = _start(cmd, log)
+    try:
+        ready = lambda: (run / "checkpoints" / "latest").exists() and _live_journal(run, 3)  # noqa: E731
+        _wait(ready, first, log, 600, "a checkpoint and 3 inserts after it")
+    finally:
+        _kill_session(first.pid)
+        first.wait(timeout=60)
+    live = _live_journal(run, 3)
+    records = read_journal(live).batches
+    raw = bytearray(live.read_bytes())
+    starts = [i for i in range(len(raw)) if raw[i : i + 4] == MAGIC]  # schema, insert 1, insert 2, ...
+    lost = set(records[1]["group_id"].to_pylist())
+    raw[starts[2] + 100] ^= 0x20  # a flipped bit in insert 2
+    raw += frame(records[0].serialize())[:-40]  # and a last insert cut short by the crash
+    live.write_bytes(raw)
+
+    out = subprocess.run(cmd + ["--resume", str(run)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["learner_steps"] == 30 and summary["replay_quarantined"] == 1
+    quarantine = run / "replay" / "shard-0" / "quarantine"
+    assert (quarantine / f"{live.name}.{starts[2]}.bad").read_bytes() == raw[starts[2] : starts[3]]
+    assert "corrupt record region(s) skipped" in out.stdout + out.stderr
+    kept = set(read_dataset(str(run / "replay"))["group_id"].to_pylist())
+    assert not lost & kept and set(records[0]["group_id"].to_pylist()) | set(records[2]["group_id"].to_pylist()) <= kept
+    _audit(run, quarantined=1)

@@ -42,6 +42,7 @@ def test_reopen_restores_groups_order_samples_and_counts(tmp_path):
         True,
     )
     assert (after.evicted_capacity, after.removed_sampled, after.sampled_groups) == (2, 1, 3)
+    assert after.sampled_traces == before.sampled_traces == 6  # counted from the journal, not only groups
     assert _groups(again.sample(2, 0)) == ["a003", "a004"]  # a003 leaves: it was sampled once before
     assert _groups(again.sample(6, 0)) == ["a004", "a005", "b000", "b001", "b002", "b003"]
 
