@@ -135,14 +135,14 @@ class _Listener:
 def _other_sandbox(ctx: dict) -> tuple[threading.Thread, dict]:
     """Sandbox A, which must finish untouched while the signal program runs in sandbox B."""
     out: dict = {}
-    body = "time.sleep(2.5)\nprint('A finished')\nescaped = False\n"
+    body = "time.sleep(3)\nprint('A finished')\nescaped = False\n"
 
     def run() -> None:
-        out["result"] = run_sandboxed_code(source(body), timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB)
+        out["result"] = run_sandboxed_code(source(body), timeout_s=TIMEOUT_S + 4, memory_mb=MEMORY_MB)
 
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + 2.5
     while time.monotonic() < deadline and "pid" not in out:
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
