@@ -37,11 +37,15 @@ run: setup
 dry-run: setup
 	$(PY) -m services.driver --config $(CONFIG) --dry-run
 
-# Debian's prometheus + promtool for tests/integration/test_prometheus.py (installed only when missing).
+# Debian's prometheus + promtool for tests/integration/test_prometheus.py, and bubblewrap for the code
+# sandbox (rollout/sandbox.py), each installed only when missing.
 system-deps:
-	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
+	@missing=""; \
+	{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing="prometheus"; \
+	command -v bwrap >/dev/null 2>&1 || missing="$$missing bubblewrap"; \
+	if [ -n "$$missing" ]; then \
 	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
-	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 lint: setup

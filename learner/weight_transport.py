@@ -7,7 +7,9 @@ Contract:
   DeepSpeed's learner group and with a vLLM engine's own world-size-1 group. Rank 0 sends; every
   other rank receives. All members call `create` concurrently; it raises `WeightSyncTimeout` if
   the group is not complete within `cfg.timeout_s` (no group is formed: re-create with the members
-  that did arrive, on a fresh port).
+  that did arrive, on a fresh port). The rendezvous requires the run's secret ($FLYWHEEL_RUN_SECRET):
+  keys under a secret-derived prefix and an HMAC handshake (see `_handshake`); the tensors themselves
+  then travel over gloo/NCCL unauthenticated and unencrypted, so keep the group on a private network.
 - One `send(named_tensors, policy_version)` on rank 0 matches one `receive()` on every receiver.
   The sender announces `policy_version` in the store (receivers may idle there for any time), then
   streams buckets, each preceded by a 3-int64 control broadcast `(kind, header_nbytes,
@@ -34,7 +36,11 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
+import os
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -291,6 +297,61 @@ def _wrap(err: BaseException, what: str) -> WeightSyncError:
     return cls(f"{what}: {text}")
 
 
+# ---------------------------------------------------------------- rendezvous authentication
+# The TCPStore on master_port accepts any TCP client and has no access control. Everything of a group
+# lives under a prefix derived from the run's secret (unguessable: a client without the secret cannot
+# name, read or overwrite a key), and each member answers a fresh nonce with an HMAC before the
+# group forms, so a member must hold the secret, not only a prefix seen on the wire (RFC 2104).
+RUN_SECRET_ENV = "FLYWHEEL_RUN_SECRET"
+
+
+def _run_secret(secret: bytes | None) -> bytes:
+    if secret is None:
+        text = os.environ.get(RUN_SECRET_ENV)
+        if not text:
+            raise WeightSyncError(
+                f"the weight-sync rendezvous needs the run's secret and ${RUN_SECRET_ENV} is not set in this "
+                "process; the driver sets it for every actor it starts (pass secret= when calling create directly)"
+            )
+        secret = text.encode()
+    return secret
+
+
+def _mac(secret: bytes, *parts: object) -> str:
+    return hmac.new(secret, "|".join(map(str, parts)).encode(), hashlib.sha256).hexdigest()
+
+
+def _store_prefix(secret: bytes, master_addr: str, master_port: int, world_size: int) -> str:
+    return "flywheel/" + _mac(secret, "weight-sync store", master_addr, master_port, world_size)[:32]
+
+
+def _handshake(store: dist.Store, secret: bytes, rank: int, world_size: int, where: str) -> None:
+    """Rank 0 posts a nonce; each receiver answers HMAC(nonce, its rank); rank 0 checks them all and
+    answers HMAC(nonce, sender), which every receiver checks. Any mismatch: WeightSyncError."""
+    if rank == 0:
+        nonce = secrets.token_hex(16)
+        store.set("auth/nonce", nonce)
+        store.wait([f"auth/{r}" for r in range(1, world_size)])
+        bad = [
+            r
+            for r in range(1, world_size)
+            if not hmac.compare_digest(store.get(f"auth/{r}").decode(), _mac(secret, nonce, "receiver", r))
+        ]
+        if bad:
+            raise WeightSyncError(
+                f"{where}: member(s) {bad} failed authentication (they do not hold this run's secret); "
+                "no group was formed"
+            )
+        store.set("auth/0", _mac(secret, nonce, "sender"))
+        return
+    store.wait(["auth/nonce"])
+    nonce = store.get("auth/nonce").decode()
+    store.set(f"auth/{rank}", _mac(secret, nonce, "receiver", rank))
+    store.wait(["auth/0"])
+    if not hmac.compare_digest(store.get("auth/0").decode(), _mac(secret, nonce, "sender")):
+        raise WeightSyncError(f"{where}: the sender failed authentication (it does not hold this run's secret)")
+
+
 def _make_group(cfg: WeightSyncConfig, store: dist.Store, rank: int, world_size: int) -> dist.ProcessGroup:
     timeout = timedelta(seconds=cfg.timeout_s)
     if cfg.backend == "gloo":
@@ -314,7 +375,7 @@ def _device(cfg: WeightSyncConfig) -> torch.device:
 class BroadcastTransport:
     """`WeightTransport` over one stateless gloo/NCCL group: rank 0 broadcasts, ranks 1.. receive."""
 
-    def __init__(self, cfg: WeightSyncConfig, store: dist.TCPStore, group, rank: int, world_size: int):
+    def __init__(self, cfg: WeightSyncConfig, store: dist.Store, group, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self._store, self._group = store, group
         self._device = _device(cfg)
@@ -327,22 +388,37 @@ class BroadcastTransport:
 
     @classmethod
     def create(
-        cls, cfg: WeightSyncConfig, master_addr: str, master_port: int, rank: int, world_size: int
+        cls,
+        cfg: WeightSyncConfig,
+        master_addr: str,
+        master_port: int,
+        rank: int,
+        world_size: int,
+        secret: bytes | None = None,
     ) -> BroadcastTransport:
-        """Join the weight-sync group; all `world_size` members call this concurrently. Rank 0 sends."""
+        """Join the weight-sync group; all `world_size` members call this concurrently. Rank 0 sends.
+
+        `secret`: the run's secret (default: $FLYWHEEL_RUN_SECRET, which the driver gives every actor).
+        Every key lives under a prefix derived from it, and members prove they hold it (`_handshake`)
+        before the group forms; a member without it fails with `WeightSyncError`, no group is formed."""
         if world_size < 2 or not 0 <= rank < world_size:
             raise ValueError(
                 f"weight-sync group needs world_size >= 2 (1 sender + receivers) and "
                 f"0 <= rank < world_size; got rank={rank}, world_size={world_size}"
             )
+        key = _run_secret(secret)
         where = f"weight-sync group {master_addr}:{master_port} (rank {rank} of {world_size})"
         timeout = timedelta(seconds=cfg.timeout_s)
         try:
             store = dist.TCPStore(
                 master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=True
             )
-            group = _make_group(cfg, dist.PrefixStore("flywheel/weights", store), rank, world_size)
+            scoped = dist.PrefixStore(_store_prefix(key, master_addr, master_port, world_size), store)
+            _handshake(scoped, key, rank, world_size, where)
+            group = _make_group(cfg, dist.PrefixStore("flywheel/weights", scoped), rank, world_size)
             group.broadcast(torch.zeros(1, device=_device(cfg)), 0).wait()  # NCCL connects lazily: force it here
+        except WeightSyncError:
+            raise
         except RuntimeError as err:
             raise _wrap(
                 err,
@@ -350,7 +426,7 @@ class BroadcastTransport:
                 "(no group was formed; re-create it with the members that are alive, on a new "
                 "port, or check master_addr/master_port)",
             ) from err
-        return cls(cfg, store, group, rank, world_size)
+        return cls(cfg, scoped, group, rank, world_size)
 
     # ------------------------------------------------------------ sender
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> SyncStats:

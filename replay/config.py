@@ -40,10 +40,20 @@ class ReplayConfig(BaseModel):
     priority_exponent: float = Field(1.0, ge=0.0)
     importance_exponent: float = Field(0.4, ge=0.0)
     priority_epsilon: float = Field(1e-3, gt=0.0)
-    # Persistence: each shard appends Arrow IPC segments under segment_dir/shard-<id>/.
+    # Persistence: each shard journals under segment_dir/shard-<id>/ (replay/segments.py).
     segment_dir: str | None = None
     segment_bytes: int = Field(64 << 20, ge=1 << 16)
-    fsync: bool = False
+    fsync: bool = Field(
+        True,
+        description="fsync every journal append before it is acknowledged, so an acknowledged trace survives a "
+        "power loss or kernel crash, not only a killed process (tests/bench/replay.py measures the cost); "
+        "False keeps process-crash safety only, for local experiments on slow disks",
+    )
+    prune_traces: bool = Field(
+        False,
+        description="also delete sealed traces segments that no kept checkpoint needs (run.keep_checkpoints); "
+        "False keeps them as the run's dataset (read_dataset). Turn on when disk, not the dataset, matters",
+    )
     seed: int = 0
 
     @model_validator(mode="after")

@@ -66,6 +66,7 @@ class ReplayStats:
     removed_sampled: int = 0
     inserted_traces: int = 0
     sampled_traces: int = 0
+    quarantined: int = 0  # corrupt journal records / segment files skipped when this shard last opened
 
 
 class ReplayTable:
@@ -81,6 +82,7 @@ class ReplayTable:
         self._counts = collections.Counter()
         self._traces = self._tokens = self._bytes = 0
         self._pending_events: list[tuple[str, str]] = []
+        self._quarantined = 0
         self._store = SegmentStore(cfg, shard_id) if cfg.segment_dir else None
         restored = self._store.restore() if self._store is not None else None
         if restored is not None:
@@ -322,6 +324,7 @@ class ReplayTable:
             removed_sampled=c["removed_sampled"],
             inserted_traces=c["inserted_traces"],
             sampled_traces=c["sampled_traces"],
+            quarantined=self._quarantined,
         )
 
     def checkpoint(self) -> str:
@@ -348,6 +351,7 @@ class ReplayTable:
 
     def _restore(self, r: Restored) -> None:
         """Rebuild from disk: snapshot groups, then later inserts, then later samples/removals."""
+        self._quarantined = r.quarantined
         self._admit_all(r.snapshot_batches)
         for gid, (times_sampled, priority) in r.group_state.items():
             self._groups[gid].times_sampled, self._groups[gid].priority = times_sampled, priority
@@ -359,6 +363,7 @@ class ReplayTable:
             if kind in ("sampled", "removed_sampled"):
                 self._limiter.on_sample(1)
                 self._counts["sampled_groups"] += 1
+                self._counts["sampled_traces"] += g.length if g is not None else 0
             if g is not None and kind == "sampled":
                 g.times_sampled += 1
             elif g is not None:

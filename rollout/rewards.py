@@ -11,34 +11,29 @@ Contract of `RewardScorer.score_batch(items)`:
 - `isolation="inline"`: calls run in the caller's process (trusted, cheap verifiers such as exact
   match); exceptions and non-finite rewards are still counted, but `timeout_s` cannot be enforced.
 
-`run_sandboxed_code` runs a model-written Python program in a confined child (see sandbox_launcher.py):
-own network namespace (no interfaces up), rlimits on memory/CPU/file size/processes, `nobody` when
-started as root, a fresh temp dir as cwd (removed afterwards), output truncated, wall timeout kills
-the process group. Escape hatch left open: a program that calls setsid() and forks escapes the group
-kill; its CPU rlimit still ends it after `cpu_s` of CPU time.
+Code-execution rewards (`code_problem_reward`) run each program in `rollout.sandbox` (bubblewrap:
+no host files, no network, its own pid namespace, rlimits). Every call carries its deadline into
+the worker (`sandbox.call_budget`), so a sandbox never outlives the call that started it: the
+scorer's timeout is strictly above the sandbox's by construction. Sandbox outcomes (ok,
+exit_nonzero, signal, timeout) are counted per batch in `ScoreBatchResult.sandbox`.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import multiprocessing as mp
-import os
 import pickle
-import shutil
-import signal
-import stat
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rollout import sandbox
+from rollout.sandbox import SandboxConfig, SandboxResult, code_output_reward, run_sandboxed_code  # noqa: F401
 from rollout.tasks import Problem
 
 ScoreFn = Callable[[Problem, str], float]
@@ -52,11 +47,31 @@ class RewardConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     function: str | None = None
-    timeout_s: float = Field(5.0, gt=0.0)
+    timeout_s: float = Field(
+        5.0,
+        gt=0.0,
+        description="wall-clock limit of one reward call; a sandboxed program in it gets at most this minus "
+        "1 s (sandbox.TEARDOWN_MARGIN_S), so its teardown always runs first. Raise it for slow verifiers.",
+    )
     on_failure: Literal["zero", "drop"] = "zero"
     isolation: Literal["inline", "process"] = "process"
     max_workers: int = Field(1, ge=1)
     failure_reward: float = 0.0
+    sandbox: SandboxConfig = Field(
+        default_factory=SandboxConfig,
+        description="limits of code-execution rewards (rollout/sandbox.py); only used by verifiers that run code",
+    )
+
+    @model_validator(mode="after")
+    def _sandbox_fits_in_a_call(self) -> RewardConfig:
+        t = self.sandbox.timeout_s
+        if t is not None and t + sandbox.TEARDOWN_MARGIN_S > self.timeout_s:
+            raise ValueError(
+                f"reward.sandbox.timeout_s={t} leaves no time for its teardown within reward.timeout_s="
+                f"{self.timeout_s}: keep sandbox.timeout_s <= timeout_s - {sandbox.TEARDOWN_MARGIN_S:g} "
+                "(or leave it unset: it then uses what the call has left)"
+            )
+        return self
 
 
 def load_reward_function(spec: str) -> ScoreFn:
@@ -84,16 +99,25 @@ class ScoreBatchResult:
     timeouts: int = 0
     errors: int = 0
     non_finite: int = 0
+    sandbox: dict[str, int] = dataclasses.field(default_factory=dict)  # sandboxed program runs by outcome
 
 
-def _worker_main(fn: ScoreFn, conn: Connection) -> None:
-    conn.send(("ready", -1, None))
+def _call(fn: ScoreFn, problem: Problem, completion: str, deadline: float) -> tuple[str, float | str]:
+    """One reward call under its deadline; any failure of untrusted code is a counted outcome, not raised."""
+    try:
+        with sandbox.call_budget(deadline):
+            return "ok", float(fn(problem, completion))
+    except Exception as e:  # noqa: BLE001
+        return "error", f"{type(e).__name__}: {e}"
+
+
+def _worker_main(fn: ScoreFn, conn: Connection, sandbox_cfg: SandboxConfig) -> None:
+    sandbox.configure(sandbox_cfg)
+    conn.send(("ready", -1, None, {}))
     while (msg := conn.recv()) is not None:
-        index, problem, completion = msg
-        try:
-            conn.send(("ok", index, float(fn(problem, completion))))
-        except Exception as e:  # noqa: BLE001 - any failure of untrusted code is counted, not raised
-            conn.send(("error", index, f"{type(e).__name__}: {e}"))
+        index, problem, completion, deadline = msg
+        kind, value = _call(fn, problem, completion, deadline)
+        conn.send((kind, index, value, sandbox.take_outcomes()))
 
 
 @dataclasses.dataclass
@@ -119,6 +143,9 @@ class RewardScorer:
         # process can deadlock) and a replacement starts in milliseconds instead of a fresh interpreter.
         self._ctx = mp.get_context("forkserver")
         self._workers: list[_Worker] = []
+        self._sandbox_outcomes: collections.Counter[str] = collections.Counter()
+        if cfg.isolation == "inline":
+            sandbox.configure(cfg.sandbox)
         if cfg.isolation == "process":
             try:
                 pickle.dumps(fn)
@@ -131,6 +158,8 @@ class RewardScorer:
     def score_batch(self, items: Sequence[tuple[Problem, str]]) -> ScoreBatchResult:
         """Score every item; never raises for a failing reward function (see module contract)."""
         outcomes = self._inline(items) if self.cfg.isolation == "inline" else self._pooled(items)
+        if self.cfg.isolation == "inline":
+            self._sandbox_outcomes.update(sandbox.take_outcomes())
         return self._summarise(outcomes)
 
     def close(self) -> None:
@@ -152,10 +181,8 @@ class RewardScorer:
     def _inline(self, items: Sequence[tuple[Problem, str]]) -> list[tuple[str, float | None]]:
         outcomes = []
         for problem, completion in items:
-            try:
-                outcomes.append(("ok", float(self.fn(problem, completion))))
-            except Exception:  # noqa: BLE001
-                outcomes.append(("error", None))
+            kind, value = _call(self.fn, problem, completion, time.monotonic() + self.cfg.timeout_s)
+            outcomes.append((kind, value if kind == "ok" else None))
         return outcomes
 
     def _pooled(self, items: Sequence[tuple[Problem, str]]) -> list[tuple[str, float | None]]:
@@ -172,7 +199,7 @@ class RewardScorer:
     def _fill_pool(self) -> None:
         while len(self._workers) < self.cfg.max_workers:
             parent, child = self._ctx.Pipe()
-            process = self._ctx.Process(target=_worker_main, args=(self.fn, child), daemon=True)
+            process = self._ctx.Process(target=_worker_main, args=(self.fn, child, self.cfg.sandbox), daemon=True)
             process.start()
             child.close()
             self._workers.append(_Worker(process, parent, deadline=time.monotonic() + WORKER_START_TIMEOUT_S))
@@ -183,7 +210,7 @@ class RewardScorer:
                 w.index = pending.pop()
                 w.deadline = time.monotonic() + self.cfg.timeout_s
                 try:
-                    w.conn.send((w.index, *items[w.index]))
+                    w.conn.send((w.index, *items[w.index], w.deadline))
                 except OSError:  # died while idle: `_collect` sees the death and counts the item
                     pass
 
@@ -202,10 +229,11 @@ class RewardScorer:
 
     def _receive(self, w: _Worker, outcomes: list) -> None:
         try:
-            kind, index, value = w.conn.recv()
+            kind, index, value, sandbox_outcomes = w.conn.recv()
         except (EOFError, OSError):  # died mid-send
             self._replace(w, outcomes, "error")
             return
+        self._sandbox_outcomes.update(sandbox_outcomes)
         if kind == "ready":
             w.ready, w.deadline = True, math.inf
             return
@@ -235,136 +263,21 @@ class RewardScorer:
             counts[kind] += 1
             fallback = self.cfg.failure_reward if self.cfg.on_failure == "zero" else None
             rewards.append(value if kind == "ok" else fallback)
+        runs, self._sandbox_outcomes = dict(self._sandbox_outcomes), collections.Counter()
         return ScoreBatchResult(
             rewards,
             ok=counts["ok"],
             timeouts=counts["timeout"],
             errors=counts["error"],
             non_finite=counts["non_finite"],
+            sandbox=runs,
         )
 
 
 # --- code-execution rewards ------------------------------------------------------------------------
 
-LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
-EXIT_SANDBOX_FAILED = 125
-
-
-@dataclasses.dataclass(frozen=True)
-class SandboxResult:
-    returncode: int
-    stdout: str
-    stderr: str
-    timed_out: bool
-    killed_by_signal: int | None  # signal number, e.g. 9 after a wall or CPU timeout
-
-
-def _others_can_execute(path: str) -> bool:
-    real = Path(os.path.realpath(path))
-    dirs_ok = all(p.stat().st_mode & stat.S_IXOTH for p in real.parents)
-    return dirs_ok and real.stat().st_mode & (stat.S_IXOTH | stat.S_IROTH) == (stat.S_IXOTH | stat.S_IROTH)
-
-
-def sandbox_interpreter() -> str:
-    """A Python the sandbox user can run: ours unless we are root and it is private (e.g. under /root)."""
-    if os.geteuid() != 0 or _others_can_execute(sys.executable):
-        return sys.executable
-    for candidate in ("/usr/local/bin/python3", "/usr/bin/python3"):
-        if os.path.exists(candidate) and _others_can_execute(candidate):
-            return candidate
-    raise RuntimeError(
-        f"no Python interpreter executable by 'nobody' ({sys.executable} is private); "
-        "install python3 under /usr/bin or /usr/local/bin"
-    )
-
-
-def _workdir(base: Path, source: str) -> Path:
-    work = base / "work"
-    work.mkdir(mode=0o700)
-    (work / "main.py").write_text(source)
-    if os.geteuid() == 0:  # the program runs as nobody and needs its own cwd
-        os.chmod(base, 0o711)
-        for p in (work, work / "main.py"):
-            os.chown(p, 65534, 65534)
-    return work
-
-
-def run_sandboxed_code(
-    source: str,
-    stdin: str = "",
-    *,
-    timeout_s: float,
-    memory_mb: int = 256,
-    cpu_s: int | None = None,
-    file_size_mb: int = 16,
-    max_processes: int = 64,
-    max_output_bytes: int = 65_536,
-    allow_network: bool = False,
-) -> SandboxResult:
-    """Run `source` as a Python program with `stdin`; see module docstring. `cpu_s` defaults to ceil(timeout_s)."""
-    cpu = cpu_s if cpu_s is not None else max(1, math.ceil(timeout_s))
-    base = Path(tempfile.mkdtemp(prefix="flywheel-sandbox-"))
-    try:
-        work = _workdir(base, source)
-        (base / "stdin").write_text(stdin)
-        args = [
-            str(memory_mb),
-            str(cpu),
-            str(file_size_mb),
-            str(max_processes),
-            "1" if allow_network else "0",
-            sandbox_interpreter(),
-            str(work / "main.py"),
-        ]
-        with (
-            open(base / "stdin", "rb") as fin,
-            open(base / "stdout", "wb+") as fout,
-            open(base / "stderr", "wb+") as ferr,
-        ):
-            # Output goes to files, not pipes: RLIMIT_FSIZE bounds them and no reader thread can hang.
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(LAUNCHER), *args],
-                stdin=fin,
-                stdout=fout,
-                stderr=ferr,
-                cwd=work,
-                start_new_session=True,
-                env={"PATH": "/usr/bin:/bin"},
-            )
-            timed_out = _wait_or_kill(proc, timeout_s)
-            out, err = (_head(f, max_output_bytes) for f in (fout, ferr))
-        if proc.returncode == EXIT_SANDBOX_FAILED and err.startswith("sandbox:"):
-            raise RuntimeError(err.strip())
-        signum = -proc.returncode if proc.returncode < 0 else None
-        return SandboxResult(proc.returncode, out, err, timed_out, signum)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _wait_or_kill(proc: subprocess.Popen, timeout_s: float) -> bool:
-    try:
-        proc.wait(timeout=timeout_s)
-        return False
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return True
-
-
-def _head(f, limit: int) -> str:
-    f.seek(0)
-    return f.read(limit).decode("utf-8", errors="replace")
-
-
-def code_output_reward(problem_expected_stdout: str, program: str, stdin: str = "", timeout_s: float = 5.0) -> float:
-    """1.0 iff `program` exits 0 within `timeout_s` and its stdout equals the expected text (trailing
-    whitespace ignored), else 0.0. Sandbox set-up failures raise; they are not the program's fault."""
-    result = run_sandboxed_code(program, stdin, timeout_s=timeout_s)
-    ok = result.returncode == 0 and not result.timed_out
-    return 1.0 if ok and result.stdout.rstrip() == problem_expected_stdout.rstrip() else 0.0
-
 
 def code_problem_reward(problem: Problem, completion: str) -> float:
-    """`RewardScorer`-ready verifier: `completion` is the program, `problem.answer` its expected stdout.
-    Keep the scorer's `timeout_s` above 5 s so the sandbox's own kill and clean-up always run first."""
+    """`RewardScorer`-ready verifier: `completion` is a Python program, `problem.answer` its expected stdout.
+    It runs in the sandbox with the run's `reward.sandbox` limits, within this call's deadline."""
     return code_output_reward(problem.answer, completion)

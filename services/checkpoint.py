@@ -1,43 +1,42 @@
 """Run checkpoints and resume: `runs/<name>/checkpoints/`, written atomically, the last K kept.
 
-Layout:
-    checkpoints/step-000300/        one complete checkpoint; it only ever appears by a rename
-        loop.json                   learner_step, policy_version, the loop's counters (summary continuity),
-                                    rollout cursors, one replay snapshot per shard, the driver's RNG,
-                                    the RL clock and the resolved config
-        deepspeed/state/...         DeepSpeed `save_checkpoint` of every rank (model, optimiser, scheduler;
-                                    each rank writes its own ZeRO partitions, nothing is gathered)
-        rank-<r>.pt                 learner rank r's RNG state and step count
-    checkpoints/latest              the name of the newest complete checkpoint, replaced atomically, last
-    checkpoints/.tmp-step-000300/   a checkpoint being written (a crash leaves it; the next save removes it)
-
-Invariant: at every instant `latest` names a complete checkpoint (or does not exist yet), so a crash
-at any point of a save resumes from the previous one. Checkpoints are taken right after a publish,
-so the learner's weights are exactly those of `policy_version`.
+Layout and the commit protocol: services/checkpoint_store.py. A checkpoint directory holds
+    loop.json                   learner_step, policy_version, the loop's counters (summary continuity),
+                                each prompt stream's cursor, one replay snapshot per shard, the driver's
+                                RNG, the RL clock and the resolved config
+    deepspeed/state/...         DeepSpeed `save_checkpoint` of every rank (model, optimiser, scheduler;
+                                each rank writes its own ZeRO partitions, nothing is gathered)
+    rank-<r>.pt                 learner rank r's RNG state and step count
+Invariant: at every instant `latest` names a complete, synced checkpoint (or does not exist yet), so a
+crash at any point of a save, a re-save of the same step included, resumes from a complete one.
+Checkpoints are taken right after a publish, so the learner's weights are exactly those of `policy_version`.
 
 Resume protocol (`Checkpointer.restore`, before the loop dispatches anything): the driver has already
 rewound the replay segments to the checkpoint's snapshots (`rewind_replay`), so replay holds the
 groups that were in it at the checkpoint plus every group acknowledged after it; each learner rank
-loads its DeepSpeed state and RNG; the loop state and RL clock continue; rollout workers skip the
-prompts they had already drawn and receive the checkpoint's weights as `policy_version` before any
-rollout. Learner steps after the checkpoint are redone (their samples were rolled back with the replay).
+loads its DeepSpeed state and RNG; the loop state and RL clock continue; each prompt stream skips
+what it had given out by the checkpoint (loop.json) and, past that, every prompt whose traces reached
+replay after it (`replay_cursors`, from the origin stamped in trace metadata; nothing is read from
+metrics.jsonl), so a prompt is trained on once or re-drawn, never both; workers receive the
+checkpoint's weights as `policy_version` before any rollout. Learner steps after the checkpoint are
+redone (their samples were rolled back with the replay).
 Requires `run_dir` on storage every learner rank can write (one machine, or a shared filesystem).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from services.checkpoint_store import LATEST, CheckpointStore, ResumePoint, replay_cursors, sync_tree
 from services.config import ConfigError, RunConfig
+
+__all__ = ["CheckpointStore", "Checkpointer", "ResumePoint", "check_resumable", "find_resume", "sync_tree"]
 
 # Fields a resumed run may change: budgets, cadence, placement and resources. Everything else (model,
 # task, group size, learner world, replay layout, ...) shapes the state and must match.
@@ -65,63 +64,6 @@ RESUME_MAY_DIFFER = (
     "replay.insert_timeout_s",
     "replay.insert_retry_s",
 )
-LATEST = "latest"
-
-
-@dataclasses.dataclass(frozen=True)
-class ResumePoint:
-    """A complete checkpoint to continue from."""
-
-    path: Path
-    state: dict  # loop.json
-
-    @property
-    def learner_step(self) -> int:
-        return self.state["learner_step"]
-
-
-class CheckpointStore:
-    """The directory protocol only (no Ray): begin a temp dir, commit it atomically, prune, find latest."""
-
-    def __init__(self, run_dir: Path, keep: int):
-        self.root, self.keep = Path(run_dir) / "checkpoints", keep
-
-    def begin(self, learner_step: int) -> Path:
-        for stale in self.root.glob(".tmp-step-*"):  # left by a crash mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = self.root / f".tmp-step-{learner_step:06d}"
-        tmp.mkdir(parents=True)
-        return tmp
-
-    def commit(self, tmp: Path, state: dict) -> Path:
-        """Write loop.json into `tmp`, rename it to step-<N>, point `latest` at it, drop the oldest."""
-        (tmp / "loop.json").write_text(json.dumps(state))
-        final = self.root / tmp.name.removeprefix(".tmp-")
-        if final.exists():  # the same step saved again (e.g. the clean-stop save right after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = self.root / f".{LATEST}.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, self.root / LATEST)
-        self._prune()
-        return final
-
-    def _prune(self) -> None:
-        done = sorted(self.root.glob("step-*"))
-        for old in done[: max(0, len(done) - self.keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def latest(self) -> ResumePoint | None:
-        pointer = self.root / LATEST
-        if not pointer.exists():
-            return None
-        path = self.root / pointer.read_text().strip()
-        if not (path / "loop.json").exists():
-            raise ConfigError(
-                f"{pointer} names {path.name}, which is missing or incomplete; point it at a complete "
-                f"step-<N> directory under {self.root} or start a new run (another run.name)"
-            )
-        return ResumePoint(path, json.loads((path / "loop.json").read_text()))
 
 
 def find_resume(cfg: RunConfig, run_dir: Path, explicit: bool) -> ResumePoint | None:
@@ -163,12 +105,11 @@ def check_resumable(saved_config: dict, cfg: RunConfig) -> None:
 
 def rewind_replay(point: ResumePoint) -> None:
     """Make each shard's snapshot taken with the checkpoint its newest (before the shards start)."""
-    from replay.segments import rewind
+    from replay.segments import rewind, snapshot_index
 
     tag = f"{point.path.name}-{time.time_ns()}"
     for snap in point.state["replay_snapshots"]:
-        snap = Path(snap)
-        rewind(snap.parent, int(snap.stem.split("-")[1]), tag)
+        rewind(Path(snap).parent, snapshot_index(snap), tag)
 
 
 # ---- the loop state as JSON -------------------------------------------------------------------------
@@ -211,28 +152,13 @@ def restore_driver_rng(state: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, g))
 
 
-def last_rollout_cursors(metrics_path: Path) -> dict[int, tuple[int, int]]:
-    """worker_id -> (problems_drawn, batches) of each worker's last logged rollout (after the checkpoint too)."""
-    out: dict[int, tuple[int, int]] = {}
-    if not metrics_path.exists():
-        return out
-    for line in metrics_path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line from a kill -9
-            continue
-        if rec.get("kind") == "rollout" and "problems_drawn" in rec:
-            out[rec["worker_id"]] = (rec["problems_drawn"], rec["batches"])
-    return out
-
-
 # ---- the loop's side: save and restore through the actors -------------------------------------------
 class Checkpointer:
     """Saves and restores an `ActorLearnerLoop` (its ranks, workers, replay and counters)."""
 
     def __init__(self, loop, resume: ResumePoint | None):
         self.loop, self.resume = loop, resume
-        self.store = CheckpointStore(loop.run_dir, loop.cfg.run.keep_checkpoints)
+        self.store = CheckpointStore(loop.run_dir, loop.cfg.run.keep_checkpoints, loop.cfg.replay.prune_traces)
         self.last_step = resume.learner_step if resume is not None else 0
         self.seconds: list[float] = []
 
@@ -309,10 +235,11 @@ class Checkpointer:
         import ray
 
         loop = self.loop
-        cursors = {int(k): tuple(v) for k, v in loop.s.cursors.items()}
-        for worker_id, cur in last_rollout_cursors(loop.log.path).items():
-            if cur[0] > cursors.get(worker_id, (-1, 0))[0]:  # drawn after the checkpoint: those traces survived
-                cursors[worker_id] = cur
+        cursors = {int(k): tuple(v) for k, v in loop.s.cursors.items()}  # at the checkpoint (loop.json)
+        drawn, batches = replay_cursors(self.resume.state["replay_snapshots"])  # reached replay after it
+        for i in {*drawn, *batches}:
+            cur = cursors.get(i, (0, 0))
+            cursors[i] = (max(cur[0], drawn.get(i, 0)), max(cur[1], batches.get(i, 0)))
         loop.s.cursors = cursors
         loop.pool.restore_cursors({i: cur[0] for i, cur in cursors.items()})
         ray.get([h.restore_batches.remote(cursors[i][1]) for i, h in loop.pool.handles.items() if i in cursors])

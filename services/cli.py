@@ -1,11 +1,13 @@
 """`flywheel`: operate running Flywheel runs from a shell.
 
-    flywheel scale rollout N --run NAME [--address ADDR] [--wait SECONDS]
+    flywheel scale rollout N --run NAME [--address ADDR] [--wait SECONDS] [--secret-file PATH]
     python -m services.cli scale rollout N --run NAME
 
 `scale rollout` sets the run's rollout worker count (services/control.py): the loop starts or
-drains workers within about a second, without stopping the learner. Exit codes: 0 done, 2 bad
-arguments, 3 no such run (or no cluster at the address).
+drains workers within about a second, without stopping the learner. The call is signed with the
+run's secret: --secret-file if given, else $FLYWHEEL_RUN_SECRET, else runs/NAME/run_secret (written by
+the run's driver). Exit codes: 0 done, 2 bad arguments, 3 no such run (or no cluster at the address),
+4 refused: no secret, or not this run's.
 """
 
 from __future__ import annotations
@@ -40,18 +42,29 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument(
         "--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for N active workers"
     )
+    rollout.add_argument(
+        "--secret-file",
+        default=None,
+        metavar="PATH",
+        help="file holding the run's secret (default: $FLYWHEEL_RUN_SECRET, else runs/NAME/run_secret)",
+    )
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from services.auth import AuthError, read_run_secret
     from services.control import RunNotFound, scale_rollout
 
     try:
-        report = scale_rollout(args.run, args.n, address=args.address, wait_s=args.wait)
+        secret = read_run_secret(args.secret_file, default_file=f"runs/{args.run}/run_secret")
+        report = scale_rollout(args.run, args.n, address=args.address, wait_s=args.wait, secret=secret)
     except RunNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except AuthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     print(f"requested {args.n} rollout worker(s) for run {args.run!r}")
     print(f"membership as the loop last reported it: {report.format()}")
     return 0

@@ -6,6 +6,11 @@ worker count; the loop polls it at most once a second (`ControlClient.poll`, nev
 pushing its membership report in the same call. `scale_rollout` (the Python API behind
 `flywheel scale rollout N --run NAME`) sets the count and returns the membership the loop last
 reported, optionally waiting until that many workers are active.
+
+Every call must be signed with the run's secret (services/auth.py): the actor gets the secret in its
+runtime env from the driver, the loop signs its polls, and `flywheel scale` reads it from
+`<run_dir>/run_secret` (or $FLYWHEEL_RUN_SECRET). An unsigned, wrongly signed or replayed call raises
+`AuthError` in the caller; nothing changes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 
 import ray
 
+from services.auth import RUN_SECRET_ENV, AuthError, Signed, Verifier, read_run_secret, sign
 from services.membership import MembershipReport
 
 log = logging.getLogger(__name__)
@@ -44,28 +50,36 @@ def check_target(n) -> int:
 @ray.remote(num_cpus=0)
 class RunControl:
     def __init__(self, run_name: str, rollout_workers: int):
+        self._auth = Verifier(read_run_secret())
         self.report = MembershipReport(run_name, rollout_workers, ())
         self.target = rollout_workers
 
-    def set_rollout_workers(self, n: int) -> MembershipReport:
+    def set_rollout_workers(self, n: int, signed: Signed | None = None) -> MembershipReport:
+        self._auth.check(signed, "set_rollout_workers", n)
         self.target = check_target(n)
         return self.report
 
-    def poll(self, report: MembershipReport) -> int:
+    def poll(self, report: MembershipReport, signed: Signed | None = None) -> int:
         """The loop's heartbeat: store its membership, return the desired worker count."""
+        self._auth.check(signed, "poll", report)
         self.report = report
         return self.target
 
-    def membership(self) -> MembershipReport:
+    def membership(self, signed: Signed | None = None) -> MembershipReport:
+        self._auth.check(signed, "membership")
         return self.report
 
 
 def start_control(run_name: str, rollout_workers: int):
     """Register the run's control actor; a clear error if a run of that name is already active here."""
+    secret = read_run_secret().decode()
     try:
-        handle = RunControl.options(name=control_name(run_name), namespace=NAMESPACE, get_if_exists=False).remote(
-            run_name, rollout_workers
-        )
+        handle = RunControl.options(
+            name=control_name(run_name),
+            namespace=NAMESPACE,
+            get_if_exists=False,
+            runtime_env={"env_vars": {RUN_SECRET_ENV: secret}},
+        ).remote(run_name, rollout_workers)
     except ValueError as e:
         raise RuntimeError(
             f"a run named {run_name!r} is already active on this Ray cluster ({e}); "
@@ -79,8 +93,9 @@ def start_control(run_name: str, rollout_workers: int):
 class ControlClient:
     """The loop's side: at most one poll in flight, at most one per POLL_INTERVAL_S, never blocking."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, secret: bytes | None = None):
         self.handle = handle
+        self._secret = secret if secret is not None else read_run_secret()
         self._ref = None
         self._next = 0.0
 
@@ -98,7 +113,8 @@ class ControlClient:
                 target = ray.get(self._ref)
             except ray.exceptions.RayActorError:  # the control actor is gone: keep the current target
                 target = None
-        self._ref = self.handle.poll.remote(report_fn())
+        report = report_fn()
+        self._ref = self.handle.poll.remote(report, sign(self._secret, "poll", report))
         return target
 
 
@@ -144,17 +160,31 @@ def get_control(run_name: str, address: str | None = None):
         ) from None
 
 
-def scale_rollout(run_name: str, n: int, address: str | None = None, wait_s: float = 0.0) -> MembershipReport:
+def scale_rollout(
+    run_name: str, n: int, address: str | None = None, wait_s: float = 0.0, secret: bytes | None = None
+) -> MembershipReport:
     """Set run `run_name`'s rollout worker count to `n`; return its membership.
 
-    With `wait_s` > 0, wait up to that long for `n` active workers (starting one takes seconds)."""
+    `secret`: the run's secret (default: $FLYWHEEL_RUN_SECRET). With `wait_s` > 0, wait up to that long
+    for `n` active workers (starting one takes seconds). `AuthError` if the secret is not the run's."""
     check_target(n)
+    secret = secret if secret is not None else read_run_secret()
     control = get_control(run_name, address)
-    report = ray.get(control.set_rollout_workers.remote(n))
+    report = _signed_call(control.set_rollout_workers, secret, "set_rollout_workers", n)
     deadline = time.monotonic() + wait_s
     while wait_s > 0 and time.monotonic() < deadline:
-        report = ray.get(control.membership.remote())
+        report = _signed_call(control.membership, secret, "membership")
         if report.target == n and report.active == n and len(report.members) == n:
             break
         time.sleep(0.5)
     return report
+
+
+def _signed_call(method, secret: bytes, name: str, *args):
+    """Call an actor method with the signature it checks; its `AuthError` comes back as itself."""
+    try:
+        return ray.get(method.remote(*args, sign(secret, name, *args)))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, AuthError):
+            raise e.cause from None
+        raise

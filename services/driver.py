@@ -150,6 +150,16 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume_dir: str | None) -> tu
     return cfg, None
 
 
+def _new_session_secret(run_dir: Path) -> None:
+    """A fresh secret for this session (services/auth.py): in our env for the actors we start, and in
+    the run directory for `flywheel scale`. A resumed run gets a new one: all its actors are new too."""
+    from services.auth import RUN_SECRET_ENV, new_run_secret, write_secret_file
+
+    secret = new_run_secret()
+    os.environ[RUN_SECRET_ENV] = secret
+    write_secret_file(run_dir, secret)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -172,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cache_dir = Path(cfg.run.cache_dir).resolve()
     write_resolved(cfg, run_dir)
+    _new_session_secret(run_dir)
     if resume is not None:
         rewind_replay(resume)  # before the shards start: they restore from their segments
     t0 = time.perf_counter()

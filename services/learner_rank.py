@@ -139,8 +139,11 @@ class LearnerRank:
     def save_state(self, out_dir: str) -> float:
         """This rank's checkpoint share (collective: every rank calls it at the same learner step); returns its "
         "seconds."""
+        from services.checkpoint_store import sync_tree
+
         t0 = time.perf_counter()
         self.core.save_state(out_dir)
+        sync_tree(Path(out_dir))  # this node's writes durable before the driver commits (shared filesystems)
         return time.perf_counter() - t0
 
     def load_state(self, ckpt_dir: str) -> int:

@@ -381,6 +381,8 @@ class ActorLearnerLoop:
             "replay_evicted_stale_groups": sum(st.evicted_stale for st in stats),
             "replay_evicted_capacity_groups": sum(st.evicted_capacity for st in stats),
             "replay_groups_held_at_end": sum(st.groups for st in stats),
+            # corrupt journal records / segment files a shard skipped on (re)open, copied to <shard>/quarantine/
+            "replay_quarantined": sum(st.quarantined for st in stats),
         }
 
     def _shutdown(self) -> None:

@@ -72,7 +72,10 @@ def format_plan(cfg: RunConfig, specs: list[ActorSpec]) -> str:
 
 
 def actor_env(cfg: RunConfig, cache_dir: Path) -> dict[str, str]:
-    """Environment every actor gets: the repo on the path, vLLM in-process, DeepSpeed's op cache."""
+    """Environment every actor gets: the repo on the path, vLLM in-process, DeepSpeed's op cache, and the
+    run's secret (services/auth.py), which the weight-sync rendezvous requires."""
+    from services.auth import RUN_SECRET_ENV, read_run_secret
+
     env = {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -82,6 +85,7 @@ def actor_env(cfg: RunConfig, cache_dir: Path) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
+        RUN_SECRET_ENV: read_run_secret().decode(),
     }
     return env
 

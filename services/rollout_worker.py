@@ -15,6 +15,7 @@ of a running rollout; the receive queued for that version then returns at once.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -51,6 +52,12 @@ class RolloutStats:
     dropped_groups: int = 0  # groups dropped because a member's score failed under on_failure=drop
     uniform_groups: int = 0  # groups dropped because all rewards were equal (rollout.drop_uniform_groups)
     batches: int = 0
+    sandbox_outcomes: dict = dataclasses.field(default_factory=dict)  # code-reward runs by outcome (rollout/sandbox.py)
+
+
+def _stamp_origin(traces: list, origin: tuple[int, int], worker_id: int, batch: int) -> list:
+    stamp = {"stream": origin[0], "drawn": origin[1], "worker": worker_id, "batch": batch}
+    return [dataclasses.replace(t, metadata=json.dumps({**json.loads(t.metadata), "origin": stamp})) for t in traces]
 
 
 @ray.remote
@@ -88,17 +95,22 @@ class RolloutWorker:
             timeouts=f.timeouts + result.timeouts,
             errors=f.errors + result.errors,
             non_finite=f.non_finite + result.non_finite,
+            sandbox={k: f.sandbox.get(k, 0) + result.sandbox.get(k, 0) for k in {*f.sandbox, *result.sandbox}},
         )
         return result.rewards
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def rollout(self, num_prompts: int, problems: list[Problem] | None = None) -> RolloutStats:
+    def rollout(
+        self, num_prompts: int, problems: list[Problem] | None = None, origin: tuple[int, int] | None = None
+    ) -> RolloutStats:
         """Sample `num_prompts` groups at the current weights, score them and insert them into replay.
 
         `problems` (exactly `num_prompts` of them) replaces the worker's own problem stream for this call
-        (the loop's worker pool draws them, so it can re-issue a dead worker's prompts)."""
+        (the loop's worker pool draws them, so it can re-issue a dead worker's prompts). `origin`
+        (stream, problems drawn from it after this call) is stamped, with this worker's batch number,
+        into every inserted trace's metadata as "origin": a resume reads prompt cursors from replay."""
         from rollout.sampling import drop_uniform_groups, sample_groups
 
         t0 = time.perf_counter()
@@ -126,6 +138,8 @@ class RolloutWorker:
             traces, uniform = drop_uniform_groups(traces)
         t_gen = time.perf_counter()
         self.batches += 1
+        if origin is not None:
+            traces = _stamp_origin(traces, origin, self.worker_id, self.batches)
         result = self.replay.insert(traces_to_batch(traces)) if traces else InsertResult(0, 0, ())
         metrics.record_rollout(
             self.worker_id, self.engine.policy_version, sampled, t_gen - t0, time.perf_counter() - t_gen
@@ -147,6 +161,7 @@ class RolloutWorker:
             dropped_groups=num_prompts - scored_groups,
             uniform_groups=uniform,
             batches=self.batches,
+            sandbox_outcomes=self._failures.sandbox,
         )
 
     def restore_batches(self, batches: int) -> int:

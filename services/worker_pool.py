@@ -31,6 +31,7 @@ workers -> the rest) scales better but adds a hop and a second failure mode. At 
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -73,6 +74,8 @@ class WorkerPool:
         self.handles = dict(zip(ids, workers))
         self.streams = {wid: self._stream(wid) for wid in ids}
         self.drawn: dict[int, int] = {}  # worker id -> problems drawn from its stream (the resume cursor)
+        self.call_origin: dict[int, tuple[int, int]] = {}  # worker id -> (stream, drawn after) of its call
+        self.reissue_origins: collections.deque[tuple[int, int]] = collections.deque()  # beside m.reissue
         self.pids: dict[int, int] = {}
         self.rollouts: dict = {}  # ref -> worker id
         self.receives: dict = {}  # ref -> (worker id, policy_version broadcast)
@@ -92,12 +95,19 @@ class WorkerPool:
         return sum(len(m.in_flight) for m in self.m.live() if m.in_flight)
 
     def dispatch(self, wid: int, num_prompts: int) -> None:
-        """One rollout call on worker `wid`: re-issued problems first, else `num_prompts` from its stream."""
+        """One rollout call on worker `wid`: re-issued problems first, else `num_prompts` from its stream.
+
+        The call carries its origin (stream, problems drawn from that stream once it is done): the worker
+        stamps it on every trace it inserts, so a resume knows which prompts reached replay (checkpoint.py)."""
         reissued = bool(self.m.reissue)
-        problems = self.m.reissue.popleft() if reissued else tuple(next(self.streams[wid]) for _ in range(num_prompts))
-        if not reissued:
+        if reissued:
+            problems, origin = self.m.reissue.popleft(), self.reissue_origins.popleft()
+        else:
+            problems = tuple(next(self.streams[wid]) for _ in range(num_prompts))
             self.drawn[wid] = self.drawn.get(wid, 0) + num_prompts
-        self.rollouts[self.handles[wid].rollout.remote(len(problems), list(problems))] = wid
+            origin = (wid, self.drawn[wid])
+        self.call_origin[wid] = origin
+        self.rollouts[self.handles[wid].rollout.remote(len(problems), list(problems), origin)] = wid
         self.m.on_dispatch(wid, problems)
         if reissued:
             self._event("reissued", wid, prompts=len(problems))
@@ -244,7 +254,10 @@ class WorkerPool:
             return
         if not isinstance(err, ray.exceptions.RayActorError):
             ray.kill(self.handles[wid], no_restart=True)
+        had_call = self.m.members[wid].in_flight is not None
         reissued = self.m.on_dead(wid)
+        if had_call:
+            self.reissue_origins.append(self.call_origin[wid])
         self._event("died", wid, during=during, error=_brief(_cause(err)), reissued_prompts=reissued)
 
     # -- reporting and the end ----------------------------------------------------------------------

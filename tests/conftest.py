@@ -9,6 +9,9 @@ import pytest
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The run secret the driver gives every actor (services/auth.py); tests that build transports or actors
+# directly get this one (local Ray workers inherit it). Tests of a missing or wrong secret override it.
+os.environ.setdefault("FLYWHEEL_RUN_SECRET", "flywheel-test-secret")
 
 
 @pytest.fixture(scope="session")

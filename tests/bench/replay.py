@@ -1,7 +1,9 @@
 """Replay throughput and memory: Arrow shards (1, 2, 4) against a naive list-of-dicts actor, same run.
 
-Run: `.venv/bin/python tests/bench/replay.py [--quick]`. Prints a table and writes
-`tests/bench/results/replay.json`. Benchmarks report; they never assert timings.
+Run: `.venv/bin/python tests/bench/replay.py [--quick] [--durability]`. Prints a table and writes
+`tests/bench/results/replay.json`. Benchmarks report; they never assert timings. The `durability`
+key (tests/bench/replay_durability.py) is what fsync costs: appends/s with and without it, and in
+memory only; `--durability` measures only that and updates that key of the existing JSON.
 
 Workload: GRPO groups of `GROUP` traces, `PROMPT` prompt tokens and COMPLETION/2..`COMPLETION`
 completion tokens each (a short-reasoning RL run); inserts of `GROUPS_PER_INSERT` groups per call
@@ -42,6 +44,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 from replay.config import ReplayConfig  # noqa: E402
 from replay.synthetic import group_batch  # noqa: E402
 from services.replay_client import create_replay  # noqa: E402
+from tests.bench import replay_durability  # noqa: E402
 
 GROUP, PROMPT, COMPLETION, GROUPS_PER_INSERT, GROUPS_PER_SAMPLE, PIPELINE = 8, 128, 512, 16, 128, 4
 SAMPLE_SWEEP = (32, 128, 256)  # groups per sample call; GROUPS_PER_SAMPLE is the headline
@@ -196,8 +199,15 @@ def _sample_rates(subjects: list, n_groups: int, rounds: int) -> dict[str, tuple
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smaller smoke run; does not write the JSON")
+    ap.add_argument("--durability", action="store_true", help="only the fsync cost; updates that key of the JSON")
     args = ap.parse_args()
     n_insert, rounds = (40, 1) if args.quick else (120, 5)
+    durability = replay_durability.measure(GROUP, PROMPT, COMPLETION, GROUPS_PER_INSERT, n_insert, rounds)
+    replay_durability.print_table(durability)
+    if args.durability:
+        path = pathlib.Path(__file__).parent / "results" / "replay.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "durability": durability}, indent=1))
+        return
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     subjects = []
     try:
@@ -215,7 +225,7 @@ def main() -> None:
         row["sample_traces_per_s"], row["sample_tokens_per_s"], row["sample_traces_per_cpu_s"] = sweep[
             GROUPS_PER_SAMPLE
         ][name]
-    _report(list(rows.values()), sweep, raw_bytes, prompt_tok + completion_tok, n_insert, write=not args.quick)
+    _report(list(rows.values()), sweep, raw_bytes, prompt_tok + completion_tok, n_insert, not args.quick, durability)
 
 
 def _print_tables(rows: list[dict], sweep: dict, tokens: int) -> None:
@@ -238,7 +248,9 @@ def _print_tables(rows: list[dict], sweep: dict, tokens: int) -> None:
         )
 
 
-def _report(rows: list[dict], sweep: dict, raw_bytes: int, tokens: int, n_insert: int, write: bool) -> None:
+def _report(
+    rows: list[dict], sweep: dict, raw_bytes: int, tokens: int, n_insert: int, write: bool, durability: dict
+) -> None:
     _print_tables(rows, sweep, tokens)
     naive, one, four = rows[0], rows[1], rows[-1]
     out = {
@@ -269,6 +281,7 @@ def _report(rows: list[dict], sweep: dict, raw_bytes: int, tokens: int, n_insert
         "memory_over_raw_uss": one["held_bytes_uss"] / raw_bytes,
         "naive_memory_over_raw_uss": naive["held_bytes_uss"] / raw_bytes,
         "bytes_per_token_arrow": one["held_bytes_arrow"] / tokens,
+        "durability": durability,
     }
     print(
         json.dumps({k: v for k, v in out.items() if k not in ("rows", "workload") and "by_groups" not in k}, indent=1)

@@ -182,10 +182,11 @@ def test_scale_rollout_from_1_to_2_mid_run(tmp_path, monkeypatch):
         try:
             report = None
             deadline = time.monotonic() + 300
+            secret = tmp_path / "elastic" / "run_secret"  # this session's, written by the driver
             while report is None and time.monotonic() < deadline and driver.poll() is None:
                 try:
-                    report = scale_rollout("elastic", 2, wait_s=120)
-                except RunNotFound:
+                    report = scale_rollout("elastic", 2, wait_s=120, secret=secret.read_bytes().strip())
+                except (RunNotFound, FileNotFoundError):
                     time.sleep(1)
             assert report is not None, driver.communicate(timeout=60)[0][-5000:]
             assert report.active == 2 and [m.worker_id for m in report.members] == [0, 1], report

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
-from replay.segments import read_dataset, read_stream
+from replay.journal import MAGIC, frame, read_journal
+from replay.segments import read_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.faults]
@@ -91,30 +93,58 @@ def _kill_session(sid: int) -> None:
             pass
 
 
-def _audit(run: Path) -> dict:
+def _shard_books(shard: Path) -> tuple[dict, set, set, dict[str, str], set]:
+    """One shard from its segments: (counts at the oldest kept snapshot, groups held then, groups held at
+    the newest snapshot, removals journalled after the oldest, groups acknowledged before the oldest).
+    Snapshots and journals older than the oldest kept checkpoint are pruned with it, so the books before
+    it are that snapshot's counters."""
+    snaps = sorted(int(p.stem.split("-")[1]) for p in shard.glob("snapshot-*.json"))
+    base, last = snaps[0], snaps[-1]
+
+    def groups_in(k: int) -> set:
+        return set(pa.ipc.open_file(str(shard / f"snapshot-{k:06d}.arrow")).read_all()["group_id"].to_pylist())
+
+    removed: dict[str, str] = {}
+    for events in sorted(shard.glob("events-*.log")):  # the live journal (rolled-back files excluded)
+        if int(events.stem.split("-")[1]) > base:
+            for b in read_journal(events).batches:
+                removed.update(
+                    (g, k) for g, k in zip(b["group_id"].to_pylist(), b["kind"].to_pylist()) if k != "sampled"
+                )
+    before = set()
+    for seg in shard.glob("traces-*.parquet"):
+        if int(seg.name.split("-")[1].split(".")[0]) < base:
+            before |= set(pq.read_table(seg, columns=["group_id"])["group_id"].to_pylist())
+    counts = json.loads((shard / f"snapshot-{base:06d}.json").read_text())["counts"]
+    return counts, groups_in(base), groups_in(last), removed, before
+
+
+def _audit(run: Path, quarantined: int = 0) -> dict:
     """Check the no-loss invariant from the segments; returns the per-kind counts."""
     acked = read_dataset(str(run / "replay"))
     acked_groups = set(acked["group_id"].to_pylist())
     removed: dict[str, str] = {}
     held: set[str] = set()
+    gone_early, took_traces, stale = set(), 0, 0
     for shard in sorted((run / "replay").glob("shard-*")):
-        for events in sorted(shard.glob("events-*.arrow")):  # the live journal (rolled-back files excluded)
-            for b in read_stream(events):
-                removed.update(
-                    (g, k) for g, k in zip(b["group_id"].to_pylist(), b["kind"].to_pylist()) if k != "sampled"
-                )
-        snaps = sorted(p for p in shard.glob("snapshot-*.arrow"))
-        held |= set(pa.ipc.open_file(str(snaps[-1])).read_all()["group_id"].to_pylist())
-    lost = acked_groups - set(removed) - held
+        counts, at_base, at_end, shard_removed, before = _shard_books(shard)
+        removed.update(shard_removed)
+        held |= at_end
+        early = before - at_base  # left before the oldest kept snapshot: its counters account for them
+        assert len(early) == sum(counts.get(k, 0) for k in ("removed_sampled", "evicted_stale", "evicted_capacity"))
+        gone_early |= early
+        took_traces += counts.get("sampled_traces", 0)
+        stale += counts.get("evicted_stale", 0)
+    lost = acked_groups - set(removed) - held - gone_early
     assert not lost, f"{len(lost)} acknowledged group(s) neither consumed, evicted nor held: {sorted(lost)[:5]}"
     assert not held & set(removed)
     summary = json.loads((run / "summary.json").read_text())
     took = [g for g, k in removed.items() if k == "removed_sampled"]
-    took_traces = pc.sum(pc.is_in(acked["group_id"], value_set=pa.array(took))).as_py()
+    took_traces += pc.sum(pc.is_in(acked["group_id"], value_set=pa.array(took))).as_py() or 0
     assert took_traces == summary["traces_consumed"] + summary["traces_skipped_nonfinite"], (took_traces, summary)
     kinds = {k: sum(1 for v in removed.values() if v == k) for k in set(removed.values())}
-    assert kinds.get("evicted_stale", 0) == summary["replay_evicted_stale_groups"]
-    assert len(held) == summary["replay_groups_held_at_end"]
+    assert stale + kinds.get("evicted_stale", 0) == summary["replay_evicted_stale_groups"]
+    assert len(held) == summary["replay_groups_held_at_end"] and summary["replay_quarantined"] == quarantined
     return kinds
 
 
@@ -133,7 +163,7 @@ def test_kill_9_driver_after_checkpoint_then_resume_loses_nothing(tmp_path):
     time.sleep(1)
     assert not _session_pids(first.pid), "processes of the killed run survived"
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    ckpt_step = int(latest.split("-")[1])
+    ckpt_step = int(latest.split("-")[1].split(".")[0])
     killed_at = max(steps())
 
     out = subprocess.run(cmd + ["--resume", str(run)], cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -180,3 +210,43 @@ def test_kill_9_a_replay_shard_mid_run_loses_nothing(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert killed_at < 30 and summary["learner_steps"] == 30 and summary["stopped_by"] == "max_learner_steps"
     _audit(run)
+
+
+def _live_journal(run: Path, min_records: int) -> Path | None:
+    """The killed session's open traces journal of shard 0 with at least `min_records` inserts."""
+    logs = sorted((run / "replay" / "shard-0").glob("traces-*.log"))
+    return next((p for p in reversed(logs) if len(read_journal(p).batches) >= min_records), None)
+
+
+def test_resume_after_a_torn_tail_and_a_corrupt_middle_record(tmp_path):
+    """kill -9, then damage the open journal as a crash and a bad disk would: the last insert cut short,
+    one in the middle flipped. The resumed run finishes; only the flipped insert is gone, and it is
+    quarantined, counted and logged; everything around it is kept."""
+    run, log = tmp_path / "ft", tmp_path / "first.log"
+    cmd = _cmd(tmp_path, "run.max_learner_steps=30", "run.checkpoint_every_steps=5", "run.eval_every_steps=10")
+    first = _start(cmd, log)
+    try:
+        ready = lambda: (run / "checkpoints" / "latest").exists() and _live_journal(run, 3)  # noqa: E731
+        _wait(ready, first, log, 600, "a checkpoint and 3 inserts after it")
+    finally:
+        _kill_session(first.pid)
+        first.wait(timeout=60)
+    live = _live_journal(run, 3)
+    records = read_journal(live).batches
+    raw = bytearray(live.read_bytes())
+    starts = [i for i in range(len(raw)) if raw[i : i + 4] == MAGIC]  # schema, insert 1, insert 2, ...
+    lost = set(records[1]["group_id"].to_pylist())
+    raw[starts[2] + 100] ^= 0x20  # a flipped bit in insert 2
+    raw += frame(records[0].serialize())[:-40]  # and a last insert cut short by the crash
+    live.write_bytes(raw)
+
+    out = subprocess.run(cmd + ["--resume", str(run)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["learner_steps"] == 30 and summary["replay_quarantined"] == 1
+    quarantine = run / "replay" / "shard-0" / "quarantine"
+    assert (quarantine / f"{live.name}.{starts[2]}.bad").read_bytes() == raw[starts[2] : starts[3]]
+    assert "corrupt record region(s) skipped" in out.stdout + out.stderr
+    kept = set(read_dataset(str(run / "replay"))["group_id"].to_pylist())
+    assert not lost & kept and set(records[0]["group_id"].to_pylist()) | set(records[2]["group_id"].to_pylist()) <= kept
+    _audit(run, quarantined=1)

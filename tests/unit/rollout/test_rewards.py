@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -111,63 +108,13 @@ def test_close_stops_workers_and_unpicklable_function_is_refused():
 
 
 def test_sandbox_runs_a_correct_program_and_scores_it():
+    """More of the sandbox (hostile programs, limits, identities) in test_sandbox.py."""
     program = "a, b = map(int, input().split())\nprint(a + b)\n"
     result = run_sandboxed_code(program, "2 3\n", timeout_s=10)
     assert (result.returncode, result.stdout, result.timed_out, result.killed_by_signal) == (0, "5\n", False, None)
     assert code_output_reward("6", "print(2 * 3)") == 1.0
     assert code_output_reward("6", "print(7)") == 0.0
     assert code_output_reward("6", "print(6); raise SystemExit(1)") == 0.0
-
-
-@pytest.mark.faults
-def test_sandbox_wall_timeout_kills_infinite_loop():
-    t0 = time.monotonic()
-    result = run_sandboxed_code("import time\nwhile True: time.sleep(0.01)", timeout_s=1.0)
-    assert result.timed_out and result.killed_by_signal == 9
-    assert time.monotonic() - t0 < 3.0
-
-
-@pytest.mark.faults
-def test_sandbox_cpu_limit_kills_busy_loop_before_wall_timeout():
-    result = run_sandboxed_code("while True: pass", timeout_s=10.0, cpu_s=1)
-    assert not result.timed_out and result.killed_by_signal in (9, 24)  # SIGKILL at hard / SIGXCPU at soft limit
-
-
-@pytest.mark.faults
-def test_sandbox_memory_limit_stops_huge_allocation():
-    result = run_sandboxed_code("x = bytearray(1024 ** 3)\nprint('allocated')", timeout_s=10, memory_mb=128)
-    assert result.returncode == 1 and "MemoryError" in result.stderr and "allocated" not in result.stdout
-    small = run_sandboxed_code("x = bytearray(16 * 1024 ** 2)\nprint('allocated')", timeout_s=10, memory_mb=128)
-    assert small.stdout == "allocated\n"
-
-
-def test_sandbox_has_no_network_even_to_a_listening_local_port():
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    probe = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')"
-    try:
-        control = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=10)
-        assert control.stdout == "connected\n"  # the port is reachable from an unconfined process
-        result = run_sandboxed_code(probe, timeout_s=10)
-    finally:
-        server.close()
-    assert result.returncode == 1 and "connected" not in result.stdout and "OSError" in result.stderr
-
-
-def test_sandbox_temp_dir_is_removed_and_output_truncated():
-    program = "import os\nopen('junk.txt', 'w').write('x' * 1000)\nprint(os.getcwd())\nprint('y' * 100000)"
-    result = run_sandboxed_code(program, timeout_s=10, max_output_bytes=4096)
-    cwd = Path(result.stdout.splitlines()[0])
-    assert cwd.name == "work" and not cwd.exists() and not cwd.parent.exists()
-    assert len(result.stdout) == 4096
-
-
-def test_sandbox_cannot_write_outside_its_dir_as_root():
-    if os.geteuid() != 0:
-        pytest.skip("privilege drop to 'nobody' only happens when started as root")
-    target = Path.home() / f"flywheel-sandbox-escape-{os.getpid()}"
-    result = run_sandboxed_code(f"import os\nprint(os.getuid())\nopen('{target}', 'w')", timeout_s=10)
-    assert result.stdout == "65534\n" and "PermissionError" in result.stderr and not target.exists()
 
 
 def test_code_problem_reward_scores_programs_through_the_process_pool():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 
 import numpy as np
@@ -16,7 +15,6 @@ from services.checkpoint import (
     driver_rng,
     encode,
     find_resume,
-    last_rollout_cursors,
     restore_driver_rng,
 )
 from services.config import ConfigError, load_config
@@ -125,17 +123,6 @@ def test_driver_rng_restores_python_and_numpy_draws():
     np.random.seed(99)
     restore_driver_rng(state)
     assert (random.random(), np.random.rand()) == expected
-
-
-def test_last_rollout_cursors_skips_a_torn_line(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    recs = [
-        {"kind": "rollout", "worker_id": 0, "problems_drawn": 4, "batches": 1},
-        {"kind": "learner_step", "loss": math.pi},
-        {"kind": "rollout", "worker_id": 0, "problems_drawn": 8, "batches": 2},
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in recs) + '\n{"kind": "rollout", "wor')
-    assert last_rollout_cursors(path) == {0: (8, 2)}
 
 
 def test_driver_refuses_a_mismatched_resume_before_starting_anything(tmp_path, capsys):

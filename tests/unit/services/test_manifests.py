@@ -105,8 +105,81 @@ def test_rayjob_entrypoint_passes_our_dry_run_and_fits_the_groups(capsys):
     assert (rc.device, lc.device, lc.weight_sync.backend) == ("cuda", "cuda", "nccl")
     mounts = {m["mountPath"] for g in groups.values() for m in _container(g["template"])["volumeMounts"]}
     assert any(cfg.model.path.startswith(m + "/") for m in mounts), cfg.model.path
-    head = _load("rayjob.yaml")["spec"]["rayClusterSpec"]["headGroupSpec"]
-    assert any(cfg.run.runs_dir == m["mountPath"] for m in _container(head["template"])["volumeMounts"])
+    spec = _load("rayjob.yaml")["spec"]["rayClusterSpec"]
+    for name, template in _templates(spec).items():  # every pod: driver/shards, ranks, workers
+        assert cfg.run.runs_dir in _writable_shared_mounts(template), f"{name} does not mount run.runs_dir"
+        assert cfg.run.cache_dir.startswith(cfg.run.runs_dir + "/")
+
+
+def _templates(spec: dict) -> dict[str, dict]:
+    return {"head": spec["headGroupSpec"]["template"]} | {
+        g["groupName"]: g["template"] for g in spec["workerGroupSpecs"]
+    }
+
+
+def _writable_shared_mounts(template: dict) -> set[str]:
+    """Mount paths backed by the one shared (ReadWriteMany) runs claim, writable."""
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in template["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    return {
+        m["mountPath"]
+        for m in _container(template)["volumeMounts"]
+        if claims.get(m["name"]) == "flywheel-runs" and not m.get("readOnly", False)
+    }
+
+
+@pytest.mark.parametrize("doc", ["raycluster.yaml", "rayjob.yaml"])
+def test_every_pod_writes_run_state_to_the_shared_volume(doc):
+    """Learner ranks write DeepSpeed partitions and final_model/; shards and workers may land on any node."""
+    spec = _load(doc)["spec"]
+    spec = spec.get("rayClusterSpec", spec)
+    templates = _templates(spec)
+    assert set(templates) == {"head", "rollout", "learner"}
+    for name, template in templates.items():
+        assert _writable_shared_mounts(template) == {"/runs"}, name
+    assert "ReadWriteMany" in (KUBERAY / doc).read_text() or doc == "rayjob.yaml"
+
+
+def test_token_auth_is_on_and_the_dashboard_is_not_open_without_it():
+    for doc in ("raycluster.yaml", "rayjob.yaml"):
+        spec = _load(doc)["spec"]
+        spec = spec.get("rayClusterSpec", spec)
+        assert spec.get("authOptions", {}).get("mode") == "token", doc
+        host = spec["headGroupSpec"]["rayStartParams"].get("dashboard-host", "127.0.0.1")
+        assert host in ("127.0.0.1", "localhost") or spec["authOptions"]["mode"] == "token"
+        major, minor = (int(x) for x in spec["rayVersion"].split(".")[:2])
+        assert (major, minor) >= (2, 52), "Ray token auth needs Ray >= 2.52"
+    assert "KubeRay >= 1.5.1" in (KUBERAY / "raycluster.yaml").read_text()  # authOptions appeared in 1.5.1
+
+
+def test_pods_run_unprivileged_and_only_rollout_loosens_what_the_sandbox_needs():
+    uid = _image_uid()
+    for name, template in _templates(_load("raycluster.yaml")["spec"]).items():
+        pod, container = template["spec"]["securityContext"], _container(template)["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == uid != 0, name
+        assert container["allowPrivilegeEscalation"] is False and container["capabilities"]["drop"] == ["ALL"]
+        sandbox = name == "rollout"
+        assert (template["spec"].get("hostUsers") is False) == sandbox, name  # user namespaces for bubblewrap
+        assert (container.get("procMount") == "Unmasked") == sandbox, name
+        assert container["seccompProfile"]["type"] == ("Unconfined" if sandbox else "RuntimeDefault"), name
+
+
+def _image_uid() -> int:
+    uids = set()
+    for f in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (REPO / "docker" / f).read_text()
+        users = re.findall(r"^USER (\S+)", text, re.M)
+        assert users, f"{f} never leaves root"
+        final = users[-1].split(":")[0]
+        assert final.isdigit() and int(final) != 0, f"{f}: the last USER must be a numeric non-root uid"
+        assert text.index(f"USER {users[-1]}") > text.rindex("\nRUN "), f"{f}: a RUN after USER runs as that user"
+        assert re.search(rf"useradd .*--uid {final}\b", text), f"{f}: uid {final} has no account"
+        uids.add(int(final))
+    (uid,) = uids
+    return uid
 
 
 def test_images_are_the_documented_gpu_tag():
@@ -190,6 +263,42 @@ def _lock() -> dict[str, str]:
             name, version = line.split("==")
             pins[name.lower()] = version.strip()
     return pins
+
+
+def test_gpu_image_cannot_swap_the_pinned_torch_silently():
+    """vLLM's install runs under a constraints file that pins torch, then every version is checked."""
+    gpu = (REPO / "docker/Dockerfile.gpu").read_text()
+    torch_pin = re.search(r"torch==[\d.]+", (REPO / "Makefile").read_text()).group()
+    run = gpu[gpu.index("python3.11 -m venv") :]
+    run = run[: run.index("\n\n")]
+    constraints = re.search(r'\{ cat (\S+); echo "(torch==[\d.]+)"; \} > (\S+)', run)
+    assert constraints and constraints.group(2) == torch_pin, "the constraints must pin torch"
+    vllm = re.search(r'pip install [^&]*"vllm==\$\{VLLM_VERSION\}" -c (\S+)', run)
+    assert vllm and vllm.group(1) == constraints.group(3), "vllm must be installed under those constraints"
+    check = re.search(r"docker/check_pins.py deploy/requirements.lock([^&]*)", run)
+    assert check and f"--pin {torch_pin}" in check.group(1) and "--cuda" in check.group(1)
+    assert run.index("check_pins.py") > run.index('"vllm=='), "the check must run after vllm's install"
+    assert "COPY docker/check_pins.py docker/check_pins.py" in gpu
+
+
+def test_pin_check_fails_a_build_whose_torch_was_replaced(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "docker"))
+    try:
+        import check_pins
+    finally:
+        sys.path.pop(0)
+    lock = REPO / "deploy/requirements.lock"
+    assert check_pins.main([str(lock), "--pin", "torch==2.13.0"]) == 0  # this venv is the lock
+    assert check_pins.main([str(lock), "--pin", "torch==2.9.0"]) == 1
+    assert "torch: pinned 2.9.0, installed 2.13.0" in capsys.readouterr().err
+    other = tmp_path / "lock"
+    other.write_text("pyarrow==1.0.0\n")
+    assert check_pins.main([str(other)]) == 1 and "pyarrow: pinned 1.0.0" in capsys.readouterr().err
+
+
+def test_images_have_the_sandbox():
+    for f in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        assert re.search(r"apt-get install [^&]*\bbubblewrap\b", (REPO / "docker" / f).read_text()), f
 
 
 def test_dockerfiles_install_what_ci_installs():

@@ -1,0 +1,169 @@
+"""The commit protocol under crashes at every step, what is synced, replay pruned with checkpoints, and
+resume cursors read from the checkpoint and replay (never from metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import services.checkpoint_store as store_mod
+from replay.config import ReplayConfig
+from replay.schema import traces_to_batch
+from replay.synthetic import group_batch
+from replay.table import ReplayTable
+from services.checkpoint import rewind_replay
+from services.checkpoint_store import CheckpointStore, ResumePoint, replay_cursors
+
+
+class Crash(BaseException):
+    """A kill -9 at this point of the save (BaseException: nothing in the protocol may catch it)."""
+
+
+def _save(store: CheckpointStore, step: int, marker: str, **state) -> Path:
+    tmp = store.begin(step)
+    (tmp / "weights.bin").write_text(marker)
+    return store.commit(tmp, {"learner_step": step, "marker": marker, **state})
+
+
+def _consistent(point: ResumePoint) -> str:
+    """A resumable checkpoint: loop.json and the weights written with it agree."""
+    assert (point.path / "weights.bin").read_text() == point.state["marker"]
+    return point.state["marker"]
+
+
+def _crash_at(monkeypatch, n: int) -> list[str]:
+    """Make the n-th filesystem step of the protocol (rename, delete, directory sync, write) crash."""
+    seen: list[str] = []
+
+    def wrap(name, fn):
+        def step(*args, **kwargs):
+            seen.append(name)
+            if len(seen) == n:
+                raise Crash(name)
+            return fn(*args, **kwargs)
+
+        return step
+
+    monkeypatch.setattr(os, "replace", wrap("rename", os.replace))
+    monkeypatch.setattr(shutil, "rmtree", wrap("delete", shutil.rmtree))
+    monkeypatch.setattr(store_mod, "fsync_dir", wrap("dirsync", store_mod.fsync_dir))
+    monkeypatch.setattr(Path, "write_text", wrap("write", Path.write_text))
+    return seen
+
+
+def test_a_same_step_resave_crashing_at_every_step_leaves_a_complete_latest(tmp_path, monkeypatch):
+    crash_points = 0
+    for n in range(1, 50):
+        run = tmp_path / f"run{n}"
+        store = CheckpointStore(run, keep=1)
+        _save(store, 10, "periodic")
+        with monkeypatch.context() as m:
+            seen = _crash_at(m, n)
+            try:
+                _save(store, 10, "stop")  # the clean-stop save right after a periodic one: same step
+                finished = True
+            except Crash:
+                finished, crash_points = False, crash_points + 1
+        # resume after the crash: `latest` names a complete checkpoint, the old or the new one
+        marker = _consistent(store.latest())
+        latest_moved = finished or seen[:-1].count("rename") >= 2  # the crash came after `latest` was replaced
+        assert marker == ("stop" if latest_moved else "periodic"), (seen, marker)
+        _save(store, 20, "next")  # the resumed run checkpoints again: leftovers are cleared
+        assert [p.name for p in store.complete()] == ["step-000020"] and not list(store.root.glob(".tmp-*"))
+        assert _consistent(store.latest()) == "next"
+        if finished:
+            break
+    assert crash_points >= 8  # write, dir syncs, both renames and the deletion were each crashed at
+
+
+def test_resaving_a_step_never_touches_the_directory_latest_names(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    first = _save(store, 10, "periodic")
+    second = _save(store, 10, "stop")
+    assert (first.name, second.name) == ("step-000010", "step-000010.1")
+    assert store.latest().path == second and not first.exists()  # the newer copy of step 10 supersedes it
+    third = _save(store, 10, "again")
+    assert third.name == "step-000010.2" and not second.exists() and _consistent(store.latest()) == "again"
+
+
+def test_latest_is_kept_even_when_newer_directories_exist(tmp_path):
+    store = CheckpointStore(tmp_path, keep=1)
+    _save(store, 10, "a")
+    (store.root / "step-000030").mkdir()  # renamed but `latest` never moved (crash) and incomplete
+    _save(store, 20, "b")
+    assert [p.name for p in store.complete()] == ["step-000020"] and not (store.root / "step-000030").exists()
+
+
+def test_commit_syncs_every_file_and_directory_before_it_counts(tmp_path, monkeypatch):
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    store = CheckpointStore(tmp_path, keep=2)
+    tmp = store.begin(5)
+    (tmp / "deepspeed").mkdir()
+    (tmp / "deepspeed" / "rank0.pt").write_bytes(b"w")
+    final = store.commit(tmp, {"learner_step": 5})
+    names = [Path(p).name for p in synced]
+    for must in ("rank0.pt", "loop.json", "deepspeed", tmp.name, ".latest.tmp", "checkpoints"):
+        assert must in names, (must, names)
+    assert names.index("loop.json") < names.index("checkpoints") and final.exists()  # synced before the rename
+
+
+def _cfg(tmp_path) -> ReplayConfig:
+    return ReplayConfig(segment_dir=str(tmp_path / "replay"), max_times_sampled=1)
+
+
+def test_pruned_checkpoints_take_their_replay_snapshots_and_journals_with_them(tmp_path):
+    table = ReplayTable(_cfg(tmp_path))
+    store = CheckpointStore(tmp_path / "run", keep=2)
+    snaps = []
+    for step in (1, 2, 3):
+        table.insert(group_batch([f"s{step}-{i}" for i in range(3)], seed=step))
+        table.sample(1, 0)
+        snaps.append(table.checkpoint())
+        _save(store, step, f"m{step}", replay_snapshots=[snaps[-1]])
+    shard = tmp_path / "replay" / "shard-0"
+    assert not Path(snaps[0]).exists() and Path(snaps[1]).exists() and Path(snaps[2]).exists()
+    oldest = int(Path(snaps[1]).stem.split("-")[1])
+    left = [p.name for p in shard.iterdir() if p.name.startswith(("events", "snapshot"))]
+    assert left and all(int(n.split("-")[1].split(".")[0]) >= oldest for n in left)
+    assert len(list(shard.glob("traces-*.parquet"))) == 3  # the dataset stays (replay.prune_traces: false)
+    # either kept checkpoint can still be resumed from (the newest, then, failing that, the older one)
+    for point in (store.latest(), ResumePoint(store.complete()[0], {"replay_snapshots": [snaps[1]]})):
+        rewind_replay(point)
+        assert len(ReplayTable(_cfg(tmp_path))) > 0
+
+
+def _stamped(tag: str, stream: int, drawn: int, worker: int, batch: int):
+    from replay.schema import batch_to_traces
+
+    origin = {"stream": stream, "drawn": drawn, "worker": worker, "batch": batch}
+    traces = batch_to_traces(group_batch([tag], group_size=2, seed=drawn))
+    return traces_to_batch([t.__class__(**{**t.__dict__, "metadata": json.dumps({"origin": origin})}) for t in traces])
+
+
+def test_resume_cursors_are_the_checkpoints_plus_what_reached_replay_after_it(tmp_path):
+    table = ReplayTable(_cfg(tmp_path))
+    table.insert(_stamped("before", stream=0, drawn=99, worker=0, batch=50))  # covered by loop.json's cursors
+    snap = table.checkpoint()
+    table.insert(_stamped("a", stream=0, drawn=12, worker=0, batch=3))
+    table.insert(_stamped("b", stream=1, drawn=8, worker=1, batch=2))
+    table.insert(_stamped("c", stream=1, drawn=4, worker=0, batch=4))  # stream 1 re-issued on worker 0
+    table.insert(group_batch(["unstamped"], seed=1))
+    assert replay_cursors([snap]) == ({0: 12, 1: 8}, {0: 4, 1: 2})
+    table.close()  # sealed segments read the same
+    assert replay_cursors([snap]) == ({0: 12, 1: 8}, {0: 4, 1: 2})
+
+
+def test_latest_naming_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    from services.config import ConfigError
+
+    store = CheckpointStore(tmp_path, keep=2)
+    _save(store, 1, "x")
+    (store.root / "latest").write_text("step-000099")
+    with pytest.raises(ConfigError, match="step-000099.*missing or incomplete"):
+        store.latest()
