@@ -132,6 +132,12 @@ class RunConfig(BaseModel):
                 f"learner.objective.advantage={self.learner.objective.advantage!r} gives them a non-zero advantage; "
                 f"use one of {list(GROUP_BASELINE_ADVANTAGES)} or set drop_uniform_groups=false"
             )
+        objective = self.learner.objective
+        if objective.advantage == "pass_at_k" and objective.pass_k > self.rollout.group_size:
+            raise ValueError(
+                f"learner.objective.pass_k={objective.pass_k} exceeds rollout.group_size={self.rollout.group_size}: "
+                "pass@k advantages need at least k samples per group; lower pass_k or raise group_size"
+            )
         if (
             isinstance(self.task, DatasetTaskConfig)
             and self.task.max_prompt_tokens + self.rollout.max_new_tokens > self.rollout.max_model_len
