@@ -472,6 +472,26 @@ _LEARNER_GAUGES = {
 }
 
 
+# metrics.jsonl (record kind, field) -> (metric, tag value) that records the same fact: the file loggers
+# (services/loggers.py) log it under the Prometheus name, so one name means one thing everywhere.
+_RECORD_METRICS: dict[tuple[str, str], tuple[str, str | None]] = {
+    ("eval", "accuracy"): ("run_eval_accuracy", None),
+    ("eval", "policy_version"): ("run_eval_policy_version", None),
+    ("learner_step", "policy_version"): ("run_policy_version", None),
+    **{("learner_step", key): (metric, label) for key, (metric, _, label) in _LEARNER_GAUGES.items()},
+}
+
+
+def scalar_name(kind: str, field: str) -> str:
+    """The logger name of metrics.jsonl's `field` in `kind` records: `flywheel_<metric>[/<tag value>]` where a
+    Prometheus metric records it, else `<kind>/<field>`."""
+    hit = _RECORD_METRICS.get((kind, field))
+    if hit is None:
+        return f"{kind}/{field}"
+    metric, label = hit
+    return f"flywheel_{metric}" + (f"/{label}" if label else "")
+
+
 def record_learner_step(rank: int, diag: Mapping[str, float], now: float | None = None) -> None:
     """One optimiser step's diagnostics (`LearnerCore.train_step`'s dict: objective keys + timings)."""
     for key, (metric, tag, label) in _LEARNER_GAUGES.items():
