@@ -1,11 +1,14 @@
-"""`flywheel`: operate running Flywheel runs from a shell.
+"""`flywheel`: operate Flywheel runs from a shell.
 
     flywheel scale rollout N --run NAME [--address ADDR] [--wait SECONDS]
-    python -m services.cli scale rollout N --run NAME
+    flywheel sweep --config BASE.yaml --name S --grid KEY=V1,V2 ... [--seeds 0,1] [--max-concurrent N]
+    python -m services.cli ...
 
 `scale rollout` sets the run's rollout worker count (services/control.py): the loop starts or
 drains workers within about a second, without stopping the learner. Exit codes: 0 done, 2 bad
 arguments, 3 no such run (or no cluster at the address).
+`sweep` runs a grid of runs as Ray jobs and writes one report (services/sweep.py). Exit codes: 0
+every run finished, 1 some did not, 2 bad arguments or an invalid run config.
 """
 
 from __future__ import annotations
@@ -40,11 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument(
         "--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for N active workers"
     )
+    from services.sweep import add_arguments
+
+    add_arguments(sub.add_parser("sweep", help="run a grid of configs x seeds as Ray jobs, resumable, one report"))
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "sweep":
+        from services.sweep import main as sweep
+
+        return sweep(args)
     from services.control import RunNotFound, scale_rollout
 
     try:
