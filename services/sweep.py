@@ -202,37 +202,69 @@ def entrypoint(run: SweepRun, config: str, name: str, runs_dir: Path, state: str
     return shlex.join(["python", "-m", "services.driver", "--config", cfg_arg, *over])
 
 
-def schedule(jobs: list[tuple[SweepRun, str]], executor, manifest: Manifest, args, env: dict, logs_dir: Path) -> dict:
-    """Keep at most `args.max_concurrent` jobs running until every run ends; returns slug -> final status."""
-    pending, active, final = list(jobs), {}, {}
-    for run, _ in list(pending):  # adopt jobs a previous invocation left running on this cluster
-        job_id = manifest.runs.get(run.slug, {}).get("job_id")
-        if job_id and executor.status(job_id) in ("PENDING", "RUNNING"):
+def _job_id(sweep_name: str, slug: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{sweep_name}-{slug}-{time.strftime('%Y%m%d-%H%M%S')}")[:200]
+
+
+class Scheduler:
+    """At most `max_concurrent` jobs at a time until every run has ended; `final` maps slug -> job status.
+
+    A job the head stops knowing about (`status` None) counts as LOST after `MISSES` polls in a row, so
+    one failed poll (a dashboard hiccup) does not abandon a run that is still going."""
+
+    MISSES = 3
+
+    def __init__(self, executor, manifest: Manifest, args, env: dict, logs_dir: Path):
+        self.executor, self.manifest, self.args, self.env, self.logs_dir = executor, manifest, args, env, logs_dir
+        self.active: dict[str, str] = {}  # slug -> job id
+        self.misses: dict[str, int] = {}
+        self.final: dict[str, str] = {}
+
+    def run(self, jobs: list[tuple[SweepRun, str]]) -> dict[str, str]:
+        pending = [(r, ep) for r, ep in jobs if not self._adopt(r)]
+        while pending or self.active:
+            while pending and len(self.active) < self.args.max_concurrent:
+                self._submit(*pending.pop(0))
+            time.sleep(self.args.poll_s)
+            for slug, job_id in list(self.active.items()):
+                self._poll(slug, job_id, left=len(pending))
+        return self.final
+
+    def _adopt(self, run: SweepRun) -> bool:
+        """A job a previous invocation left running on this cluster is waited for, not submitted again."""
+        job_id = self.manifest.runs.get(run.slug, {}).get("job_id")
+        if job_id and self.executor.status(job_id) in ("PENDING", "RUNNING"):
             print(f"[sweep] {run.slug}: job {job_id} is still running, waiting for it", flush=True)
-            active[run.slug] = job_id
-            pending.remove((run, _))
-    while pending or active:
-        while pending and len(active) < args.max_concurrent:
-            run, ep = pending.pop(0)
-            job_id = f"{args.name.replace('/', '-')}-{run.slug}-{time.strftime('%Y%m%d-%H%M%S')}"[:200]
-            executor.submit(ep, env, re.sub(r"[^A-Za-z0-9_.-]", "-", job_id))
-            rec = manifest.runs.setdefault(run.slug, {})
-            rec |= {"job_id": re.sub(r"[^A-Za-z0-9_.-]", "-", job_id), "status": "SUBMITTED"}
-            rec |= {"attempts": rec.get("attempts", 0) + 1, "submitted_at": time.time()}
-            manifest.save()
-            active[run.slug] = rec["job_id"]
-            print(f"[sweep] submitted {run.slug} as job {rec['job_id']} ({len(active)} running)", flush=True)
-        time.sleep(args.poll_s)
-        for slug, job_id in list(active.items()):
-            status = executor.status(job_id)
-            if status in TERMINAL or status is None:
-                final[slug] = status or "LOST"
-                del active[slug]
-                manifest.runs[slug] |= {"status": final[slug], "ended_at": time.time()}
-                manifest.save()
-                (logs_dir / f"{slug}.log").write_text(executor.logs(job_id))
-                print(f"[sweep] {slug}: {final[slug]} ({len(final)} ended, {len(pending) + len(active)} left)")
-    return final
+            self.active[run.slug] = job_id
+            return True
+        return False
+
+    def _submit(self, run: SweepRun, entrypoint: str) -> None:
+        job_id = _job_id(self.args.name, run.slug)
+        self.executor.submit(entrypoint, self.env, job_id)
+        rec = self.manifest.runs.setdefault(run.slug, {})
+        rec |= {"job_id": job_id, "status": "SUBMITTED", "attempts": rec.get("attempts", 0) + 1}
+        rec["submitted_at"] = time.time()
+        self.manifest.save()
+        self.active[run.slug] = job_id
+        print(f"[sweep] submitted {run.slug} as job {job_id} ({len(self.active)} running)", flush=True)
+
+    def _poll(self, slug: str, job_id: str, left: int) -> None:
+        status = self.executor.status(job_id)
+        self.misses[slug] = self.misses.get(slug, 0) + 1 if status is None else 0
+        if status not in TERMINAL and self.misses[slug] < self.MISSES:
+            return
+        self.final[slug] = status or "LOST"
+        del self.active[slug]
+        self.manifest.runs[slug] |= {"status": self.final[slug], "ended_at": time.time()}
+        self.manifest.save()
+        (self.logs_dir / f"{slug}.log").write_text(self.executor.logs(job_id))
+        print(f"[sweep] {slug}: {self.final[slug]} ({len(self.final)} ended, {left + len(self.active)} left)")
+        summary = Path(self.args.runs_dir) / self.args.name / slug / "summary.json"
+        if status == "SUCCEEDED" and not summary.exists():
+            print(
+                f"[sweep] warning: {slug} succeeded but {summary} is not here: is --runs-dir shared with the cluster?"
+            )
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -297,7 +329,8 @@ def main(args: argparse.Namespace) -> int:
         cpus = max(_run_cpus(args.config, r.overrides) for r, _ in todo) * args.max_concurrent
         head = contextlib.nullcontext(args.address) if args.address else local_head(max(cpus, _cpu_count()))
         with head as address:
-            final = schedule(todo, JobExecutor(address), manifest, args, runtime_env(args.address is None), logs_dir)
+            executor = JobExecutor(address)
+            final = Scheduler(executor, manifest, args, runtime_env(args.address is None), logs_dir).run(todo)
     print(f"[sweep] report: {write_report(sweep_dir, runs)}")
     failed = sorted(s for s, st in final.items() if st != "SUCCEEDED")
     if failed:
