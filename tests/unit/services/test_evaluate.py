@@ -29,6 +29,10 @@ def test_bad_arguments_exit_2_naming_the_problem(capsys):
 def test_missing_model_dir_exits_2(tmp_path, capsys):
     assert evaluate.main(["--config", CONFIG, "--model", str(tmp_path / "nope")]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+    from services import cli
+
+    assert cli.main(["evaluate", "--config", CONFIG, "--model", str(tmp_path / "nope")]) == 2  # flywheel evaluate
+    assert "holds no config.json" in capsys.readouterr().err
 
 
 def test_two_models_one_json_and_one_figure(tiny_model_dir, tmp_path, capsys):
