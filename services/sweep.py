@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import re
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -203,7 +204,9 @@ def entrypoint(run: SweepRun, config: str, name: str, runs_dir: Path, state: str
 
 
 def _job_id(sweep_name: str, slug: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{sweep_name}-{slug}-{time.strftime('%Y%m%d-%H%M%S')}")[:200]
+    """A fresh submission id (Ray refuses to reuse one): sweep, run, time and a random suffix."""
+    suffix = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{sweep_name}-{slug}")[:180] + f"-{suffix}"
 
 
 class Scheduler:
