@@ -53,5 +53,6 @@ def test_small_sweep_runs_as_jobs_reports_and_resumes(tmp_path):
 
     t0 = time.monotonic()
     again = _sweep(tmp_path)  # everything finished: nothing is submitted, the report is rewritten
-    assert again.returncode == 0 and "2 finished" in again.stdout and "submitted" not in again.stdout
+    assert again.returncode == 0 and "2 finished" in again.stdout
+    assert "submitted" not in again.stdout + again.stderr and "submitted" in first.stdout + first.stderr
     assert time.monotonic() - t0 < 120

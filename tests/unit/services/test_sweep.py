@@ -10,12 +10,13 @@ import argparse
 import contextlib
 import csv
 import json
+import logging
 import shlex
 from pathlib import Path
 
 import pytest
 
-from services import cli, sweep
+from services import cli, sweep, sweep_jobs
 from services.config import ConfigError
 from services.sweep_report import setting_rows, write_report
 
@@ -179,31 +180,46 @@ def test_failed_runs_exit_1_and_are_retried_by_a_rerun(tmp_path, fake, capsys):
     assert _sweep(tmp_path) == 0 and len(fake.jobs) == n + 4
 
 
-def test_a_job_still_running_on_the_cluster_is_adopted_not_resubmitted(tmp_path, fake, capsys):
+def test_a_job_still_running_on_the_cluster_is_adopted_not_resubmitted(tmp_path, fake, caplog):
+    caplog.set_level(logging.INFO)
     runs = sweep.plan_runs(CONFIG, "s", sweep.parse_grid(["learner.lr=1e-4"]), [0], ["rollout.seed"], [])
-    manifest = sweep.Manifest(tmp_path / "sweep.json", {})
+    manifest = sweep_jobs.Manifest(tmp_path / "sweep.json", {})
     manifest.runs[runs[0].slug] = {"job_id": "old-job", "fingerprint": runs[0].fingerprint}
     old_args = {"run.runs_dir": str(tmp_path), "run.name": f"s/{runs[0].slug}", "rollout.seed": "0"}
     fake.jobs["old-job"] = {"args": old_args, "left": 2, "status": "RUNNING"}  # a previous invocation's job
     args = argparse.Namespace(max_concurrent=1, name="s", poll_s=0, runs_dir=str(tmp_path))
     (tmp_path / "logs").mkdir()
     job = (runs[0], "python -m services.driver --config x")
-    final = sweep.Scheduler(fake, manifest, args, {"working_dir": "."}, tmp_path / "logs").run([job])
+    final = sweep_jobs.Scheduler(fake, manifest, args, {"working_dir": "."}, tmp_path / "logs").run([job])
     assert final == {runs[0].slug: "SUCCEEDED"} and list(fake.jobs) == ["old-job"]
-    assert "still running" in capsys.readouterr().out
+    assert "still running" in caplog.text and "warning" not in caplog.text.lower()
 
 
-def test_a_job_the_head_forgets_is_lost_only_after_several_polls(tmp_path, fake, capsys):
+def test_a_job_the_head_forgets_is_lost_only_after_several_polls(tmp_path, fake, caplog):
+    caplog.set_level(logging.INFO)
     runs = sweep.plan_runs(CONFIG, "s", sweep.parse_grid(["learner.lr=1e-4"]), [0], ["rollout.seed"], [])
     forgetful = iter([None, None, "RUNNING", None, None, None])  # one hiccup, then gone for good
     fake.status = lambda job_id: next(forgetful)
-    manifest = sweep.Manifest(tmp_path / "sweep.json", {})
+    manifest = sweep_jobs.Manifest(tmp_path / "sweep.json", {})
     (tmp_path / "logs").mkdir()
     args = argparse.Namespace(max_concurrent=1, name="s", poll_s=0, runs_dir=str(tmp_path))
-    sched = sweep.Scheduler(fake, manifest, args, {"working_dir": "."}, tmp_path / "logs")
+    sched = sweep_jobs.Scheduler(fake, manifest, args, {"working_dir": "."}, tmp_path / "logs")
     assert sched.run([(runs[0], "python -m services.driver --config x")]) == {runs[0].slug: "LOST"}
-    assert "warning" not in capsys.readouterr().out  # only a SUCCEEDED run without summary.json warns
+    assert "is not here" not in caplog.text and "LOST" in caplog.text  # only a SUCCEEDED run without summary warns
     assert manifest.runs[runs[0].slug]["status"] == "LOST" and next(forgetful, "done") == "done"
+
+
+def test_a_succeeded_run_whose_summary_is_not_visible_warns(tmp_path, fake, caplog):
+    runs = sweep.plan_runs(CONFIG, "s", sweep.parse_grid(["learner.lr=1e-4"]), [0], ["rollout.seed"], [])
+    elsewhere = {"run.runs_dir": str(tmp_path / "cluster-disk"), "run.name": f"s/{runs[0].slug}", "rollout.seed": "0"}
+    fake.submit = lambda entrypoint, env, job_id: fake.jobs.setdefault(
+        job_id, {"args": elsewhere, "left": 1, "status": "RUNNING"}
+    )
+    (tmp_path / "logs").mkdir()
+    args = argparse.Namespace(max_concurrent=1, name="s", poll_s=0, runs_dir=str(tmp_path))
+    sched = sweep_jobs.Scheduler(fake, sweep_jobs.Manifest(tmp_path / "sweep.json", {}), args, {}, tmp_path / "logs")
+    assert sched.run([(runs[0], "python -m services.driver")]) == {runs[0].slug: "SUCCEEDED"}
+    assert "is --runs-dir shared with the jobs?" in caplog.text
 
 
 def test_report_of_runs_not_started_lists_them_without_numbers(tmp_path):
