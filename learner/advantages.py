@@ -1,4 +1,4 @@
-"""Advantage estimators: group baselines (GRPO, Dr.GRPO, RLOO), REINFORCE++, GAE.
+"""Advantage estimators: group baselines (GRPO, Dr.GRPO, RLOO, pass@k, best-of-group), REINFORCE++, GAE.
 
 Contract:
 - Sequence estimators take `rewards [B]` and `group_ids [B]` (any integers, any order; a group is
@@ -10,6 +10,9 @@ Contract:
   baseline but itself; verl instead passes the raw reward through). A zero-variance group has
   advantage exactly 0 (numerator 0). `zero_variance_groups` marks both, for DAPO's dynamic sampling
   filter (Yu et al., 2025), which drops groups that carry no learning signal.
+- pass@k-aware estimators (binary rewards: a sample is correct iff reward >= `solved_at`): uniform
+  groups get exactly 0, like GRPO and RLOO. `pass_at_k_advantages` also gives 0 to a group whose
+  every k-subset already holds a correct sample (more than G - k correct): pass@k is 1 there.
 - GRPO scales by the unbiased sample std plus eps (verl, TRL, OpenRLHF agree: `torch.std` + eps),
   eps = 1e-6 as verl (TRL uses 1e-4).
 """
@@ -23,15 +26,20 @@ def _sanitise(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), x, torch.zeros_like(x))
 
 
-def _group_stats(values: torch.Tensor, group_ids: torch.Tensor):
-    """Per-row group (count, mean, unbiased std) for `values [B]`; std is 0 for singletons."""
+def _group_index(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`[B]` dense group index of each row (0..n_groups-1) and the number of groups."""
     if group_ids.shape != values.shape or group_ids.is_floating_point() or group_ids.is_complex():
         raise ValueError(
             f"group_ids must be an integer tensor shaped like rewards {tuple(values.shape)}; "
             f"got {group_ids.dtype} {tuple(group_ids.shape)}"
         )
     _, inv = torch.unique(group_ids, return_inverse=True)
-    n_groups = int(inv.max()) + 1 if inv.numel() else 0
+    return inv, int(inv.max()) + 1 if inv.numel() else 0
+
+
+def _group_stats(values: torch.Tensor, group_ids: torch.Tensor):
+    """Per-row group (count, mean, unbiased std) for `values [B]`; std is 0 for singletons."""
+    inv, n_groups = _group_index(values, group_ids)
     count = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, inv, torch.ones_like(values))
     mean = torch.zeros_like(count).index_add_(0, inv, values) / count
     sq = torch.zeros_like(count).index_add_(0, inv, (values - mean[inv]) ** 2)
@@ -64,6 +72,79 @@ def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Ten
     count, mean, _ = _group_stats(rewards.to(torch.float64), group_ids)
     adv = (rewards.to(torch.float64) - mean) * count / (count - 1).clamp(min=1)
     return torch.where(count > 1, adv, torch.zeros_like(adv)).to(rewards.dtype)
+
+
+def _all_wrong_fraction(count: torch.Tensor, wrong: torch.Tensor, k: int) -> torch.Tensor:
+    """C(wrong, k) / C(count, k) per row, as prod_{i<k} (wrong - i) / (count - i); needs count >= k."""
+    out = torch.ones_like(count)
+    for i in range(k):
+        out = out * ((wrong - i) / (count - i)).clamp(min=0)
+    return out
+
+
+@torch.no_grad()
+def pass_at_k_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, k: int, solved_at: float = 1.0
+) -> torch.Tensor:
+    """Pass@k Training's analytical advantage (Chen et al., 2025, "Pass@k Training for Adaptively
+    Balancing Exploration and Exploitation of Large Reasoning Models"); `[B] -> [B]`.
+
+    The group's G samples (c correct, G - c wrong) form C(G, k) k-subsets, each rewarded 1 iff it holds
+    a correct sample; a subset's advantage is (its reward - mean) / std over all subsets, and a sample's
+    advantage is the mean over the subsets that contain it. In closed form, with
+    R = 1 - C(G-c, k) / C(G, k) (the group's pass@k) and sigma = sqrt(R (1 - R)):
+        correct sample: (1 - R) / sigma
+        wrong sample:   (1 - R - C(G-c-1, k-1) / C(G-1, k-1)) / sigma
+    and 0 where sigma = 0 (all correct, none correct, or c > G - k). k = 1 is GRPO with the population std.
+    """
+    if k < 1:
+        raise ValueError(f"pass@k advantages need k >= 1, got k={k}")
+    inv, n_groups = _group_index(rewards, group_ids)
+    r = rewards.to(torch.float64)
+    ok = (r >= solved_at).to(torch.float64)
+    count = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, inv, torch.ones_like(r))[inv]
+    correct = torch.zeros_like(count).index_add_(0, inv, ok)[inv] if n_groups else count
+    if bool((count < k).any()):
+        raise ValueError(
+            f"pass@{k} advantages need groups of at least k={k} samples, got a group of {int(count.min())}: "
+            "raise rollout.group_size or lower learner.objective.pass_k"
+        )
+    wrong = count - correct
+    group_pass = 1.0 - _all_wrong_fraction(count, wrong, k)
+    sigma = torch.sqrt(group_pass * (1.0 - group_pass))
+    # For a wrong sample: the fraction of its k-subsets whose other k-1 members are all wrong too.
+    alone = _all_wrong_fraction(count - 1, (wrong - 1).clamp(min=0), k - 1)
+    num = torch.where(ok.bool(), 1.0 - group_pass, 1.0 - group_pass - alone)
+    adv = torch.where(sigma > 0, num / sigma.clamp(min=1e-300), torch.zeros_like(num))
+    return adv.to(rewards.dtype)
+
+
+@torch.no_grad()
+def best_of_group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """Best-of-group (pass@G) advantage, verl's `grpo_passk` estimator (after Tang et al., 2025,
+    "Optimizing Language Models for Inference Time Objectives using Reinforcement Learning"); `[B] -> [B]`.
+
+    Only the group's best sample gets credit: r_max - r_second_max (divided by the group's unbiased std
+    + eps when `scale_by_std`); every other sample gets 0. Of tied best samples the first in the batch is
+    "best", and its advantage is 0 anyway. Groups of one get 0 (no second sample to compare with).
+    """
+    inv, n_groups = _group_index(rewards, group_ids)
+    r = rewards.to(torch.float64)
+    rows = torch.arange(r.numel(), device=r.device)
+    top = torch.full((n_groups,), -torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, inv, r, "amax")
+    first_best = torch.full((n_groups,), r.numel(), device=r.device).scatter_reduce(
+        0, inv, torch.where(r == top[inv], rows, r.numel()), "amin"
+    )
+    is_best = rows == first_best[inv]
+    others = torch.where(is_best, -torch.inf, r)
+    second = torch.full_like(top, -torch.inf).scatter_reduce(0, inv, others, "amax")
+    gap = torch.where(torch.isfinite(second), top - second, torch.zeros_like(top))[inv]
+    if scale_by_std:
+        _, _, std = _group_stats(r, group_ids)
+        gap = gap / (std + eps)
+    return torch.where(is_best, gap, torch.zeros_like(gap)).to(rewards.dtype)
 
 
 @torch.no_grad()

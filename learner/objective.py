@@ -41,11 +41,14 @@ from learner import advantages as adv_lib
 from learner import losses
 from learner.kl import KLDirection, KLEstimator, kl_penalty, kl_reinforce_coef
 
-AdvantageName = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae", "vtrace"]
+AdvantageName = Literal[
+    "grpo", "dr_grpo", "rloo", "pass_at_k", "best_of_group", "reinforce_pp", "reinforce_pp_baseline", "gae", "vtrace"
+]
 CRITIC_ADVANTAGES = ("gae", "vtrace")
 # Zero for every member of a group whose rewards are all equal (not reinforce_pp_baseline: its batch
 # whitening shifts them), so such groups may be dropped before training (rollout.drop_uniform_groups).
-GROUP_BASELINE_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+GROUP_BASELINE_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "pass_at_k", "best_of_group")
+PASS_AT_K_ADVANTAGES = ("pass_at_k", "best_of_group")  # defined on the outcome reward alone
 PolicyLossName = Literal["ppo", "decoupled_ppo", "gspo", "vtrace", "rpg_surrogate", "rpg_reinforce"]
 OPTIONAL_INPUTS = ("ref_logprobs", "proximal_logprobs", "token_rewards", "values", "entropy")
 
@@ -57,6 +60,8 @@ class ObjectiveConfig(BaseModel):
     filter_zero_variance_groups + agg "token-mean"; GSPO = policy_loss "gspo" with clip_low/high ~3e-4/4e-4
     and agg "seq-mean-token-mean" (0.2 almost never clips a length-normalised sequence ratio);
     AReaL = "decoupled_ppo" (+ tis_cap); IMPALA = advantage "vtrace" + policy_loss "vtrace".
+    Pass@k Training (Chen et al., 2025) = advantage "pass_at_k" with `pass_k`; verl's grpo_passk (best of
+    the group) = advantage "best_of_group".
     RPG family (arXiv:2505.17508) = policy_loss "rpg_surrogate" (fully differentiable) or
     "rpg_reinforce" (REINFORCE-style, `rpg_clip` for RPG-style clip) x kl_*_direction reverse|forward
     x kl_*_estimator k1 (normalised KL) | k3 (unnormalised UKL); RPG's iteratively refreshed reference
@@ -71,6 +76,21 @@ class ObjectiveConfig(BaseModel):
     gamma: float = Field(1.0, gt=0, le=1)  # reinforce_pp*, gae
     gae_lambda: float = Field(1.0, ge=0, le=1)
     filter_zero_variance_groups: bool = False  # DAPO dynamic sampling, applied as a loss mask
+    pass_k: int = Field(
+        4,
+        ge=1,
+        description=(
+            "k that advantage='pass_at_k' optimises (Pass@k Training): larger k rewards exploring for any correct "
+            "sample, k=1 is GRPO; needs rollout.group_size >= k"
+        ),
+    )
+    best_of_group_scale_by_std: bool = Field(
+        True,
+        description=(
+            "advantage='best_of_group': divide the best sample's margin over the runner-up by the group's std "
+            "(+ grpo_eps), as verl's grpo_passk does; false keeps the raw margin"
+        ),
+    )
 
     policy_loss: PolicyLossName = "ppo"
     clip_low: float = Field(0.2, ge=0, lt=1)
@@ -127,6 +147,11 @@ def _config_problems(c: ObjectiveConfig) -> list[str]:
         p.append(f"objective.dual_clip={c.dual_clip} must exceed 1 + clip_high = {1 + c.clip_high}")
     if c.rpg_clip and c.policy_loss != "rpg_reinforce":
         p.append("objective.rpg_clip applies to policy_loss='rpg_reinforce' only")
+    if c.advantage in PASS_AT_K_ADVANTAGES and "reward" in (c.kl_behaviour_in, c.kl_ref_in):
+        p.append(
+            f"objective.advantage='{c.advantage}' scores samples by their outcome (correct or not), so a KL "
+            "shaped into the reward would be lost: set kl_behaviour_in / kl_ref_in to 'loss'"
+        )
     return p
 
 
@@ -204,14 +229,8 @@ def _advantages(cfg, x, m, reward_kl: torch.Tensor):
     """Per-token advantages `[B, T]` (no grad), returns `[B, T]` or None, and the outcome rewards `[B]`."""
     outcome = adv_lib.outcome_token_rewards(x.rewards.to(reward_kl.dtype), m, x.token_rewards)
     tok = outcome - reward_kl
-    if cfg.advantage in ("grpo", "dr_grpo", "rloo"):
-        seq = tok.sum(-1)
-        if cfg.advantage == "rloo":
-            a = adv_lib.rloo_advantages(seq, x.group_ids)
-        else:
-            a = adv_lib.grpo_advantages(
-                seq, x.group_ids, cfg.advantage == "grpo" and cfg.grpo_scale_by_std, cfg.grpo_eps
-            )
+    if cfg.advantage in GROUP_BASELINE_ADVANTAGES:
+        a = _sequence_advantages(cfg, tok.sum(-1), x.group_ids)
         return torch.where(m, a[:, None].expand_as(tok), 0.0), None, outcome.sum(-1)
     if cfg.advantage in ("reinforce_pp", "reinforce_pp_baseline"):
         gids = x.group_ids if cfg.advantage == "reinforce_pp_baseline" else None
@@ -224,6 +243,17 @@ def _advantages(cfg, x, m, reward_kl: torch.Tensor):
     a, ret = adv_lib.gae(tok, x.values, m, cfg.gamma, cfg.gae_lambda)
     # PPO implementations (verl, OpenRLHF) whiten GAE advantages over the batch.
     return adv_lib.masked_whiten(a, m), ret, outcome.sum(-1)
+
+
+def _sequence_advantages(cfg: ObjectiveConfig, seq: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """One advantage per sequence `[B]` from its total reward `[B]`, for the group-baseline estimators."""
+    if cfg.advantage == "rloo":
+        return adv_lib.rloo_advantages(seq, group_ids)
+    if cfg.advantage == "pass_at_k":
+        return adv_lib.pass_at_k_advantages(seq, group_ids, cfg.pass_k)
+    if cfg.advantage == "best_of_group":
+        return adv_lib.best_of_group_advantages(seq, group_ids, cfg.best_of_group_scale_by_std, cfg.grpo_eps)
+    return adv_lib.grpo_advantages(seq, group_ids, cfg.advantage == "grpo" and cfg.grpo_scale_by_std, cfg.grpo_eps)
 
 
 def _policy_term(cfg, x, adv, m, kl_coef):

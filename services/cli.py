@@ -1,13 +1,18 @@
-"""`flywheel`: operate running Flywheel runs from a shell.
+"""`flywheel`: operate Flywheel runs from a shell.
 
     flywheel scale rollout N --run NAME [--address ADDR] [--wait SECONDS] [--secret-file PATH]
-    python -m services.cli scale rollout N --run NAME
+    flywheel sweep --config BASE.yaml --name S --grid KEY=V1,V2 ... [--seeds 0,1] [--max-concurrent N]
+    flywheel evaluate --config CFG --model DIR [--model DIR2 ...] [--n 64] [--workers N]
+    python -m services.cli ...
 
 `scale rollout` sets the run's rollout worker count (services/control.py): the loop starts or
 drains workers within about a second, without stopping the learner. The call is signed with the
 run's secret: --secret-file if given, else $FLYWHEEL_RUN_SECRET, else runs/NAME/run_secret (written by
 the run's driver). Exit codes: 0 done, 2 bad arguments, 3 no such run (or no cluster at the address),
 4 refused: no secret, or not this run's.
+`sweep` runs a grid of runs as Ray jobs and writes one report (services/sweep.py). Exit codes: 0
+every run finished, 1 some did not, 2 bad arguments or an invalid run config.
+`evaluate` is `python -m services.evaluate` (pass@k curves; see its --help).
 """
 
 from __future__ import annotations
@@ -48,11 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="file holding the run's secret (default: $FLYWHEEL_RUN_SECRET, else runs/NAME/run_secret)",
     )
+    from services.sweep import add_arguments
+
+    add_arguments(sub.add_parser("sweep", help="run a grid of configs x seeds as Ray jobs, resumable, one report"))
+    evaluate = sub.add_parser("evaluate", help="pass@k / maj@k curves of models (services/evaluate.py)", add_help=False)
+    evaluate.add_argument("args", nargs="*", help="python -m services.evaluate's arguments (see flywheel evaluate -h)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["evaluate"]:  # its own parser takes everything after the command, options included
+        from services.evaluate import main as evaluate
+
+        return evaluate(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "sweep":
+        from services.sweep import main as sweep
+
+        return sweep(args)
     from services.auth import AuthError, read_run_secret
     from services.control import RunNotFound, scale_rollout
 

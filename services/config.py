@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from learner.config import LearnerConfig
 from learner.objective import GROUP_BASELINE_ADVANTAGES
@@ -23,6 +23,7 @@ from rollout.config import RolloutConfig
 from rollout.datasets import DatasetTaskConfig
 from rollout.rewards import RewardConfig
 from rollout.tasks import TaskConfig
+from services.loggers import LoggerName, WandbConfig, check_logger_names
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,6 +92,21 @@ class LoopConfig(BaseModel):
         None, ge=1, le=65535, description="local Ray only: serve Prometheus metrics on this port"
     )
     progress: bool = True
+    loggers: tuple[LoggerName, ...] = Field(
+        ("jsonl",),
+        description=(
+            "where metrics go besides Prometheus: jsonl (metrics.jsonl, required), tensorboard "
+            "(runs/<name>/tensorboard/), wandb (runs/<name>/wandb/, see run.wandb); same metric names in each"
+        ),
+    )
+    wandb: WandbConfig = Field(
+        default_factory=WandbConfig, description="W&B project/entity/mode/group/tags when run.loggers has wandb"
+    )
+
+    @field_validator("loggers")
+    @classmethod
+    def _loggers(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return check_logger_names(names)
 
 
 class RunConfig(BaseModel):
@@ -131,6 +147,12 @@ class RunConfig(BaseModel):
                 f"rollout.drop_uniform_groups=true drops groups whose rewards are all equal, but "
                 f"learner.objective.advantage={self.learner.objective.advantage!r} gives them a non-zero advantage; "
                 f"use one of {list(GROUP_BASELINE_ADVANTAGES)} or set drop_uniform_groups=false"
+            )
+        objective = self.learner.objective
+        if objective.advantage == "pass_at_k" and objective.pass_k > self.rollout.group_size:
+            raise ValueError(
+                f"learner.objective.pass_k={objective.pass_k} exceeds rollout.group_size={self.rollout.group_size}: "
+                "pass@k advantages need at least k samples per group; lower pass_k or raise group_size"
             )
         if (
             isinstance(self.task, DatasetTaskConfig)

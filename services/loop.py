@@ -32,6 +32,7 @@ from services import faults
 from services.checkpoint import Checkpointer, ResumePoint
 from services.config import RunConfig
 from services.control import ControlClient, start_control
+from services.loggers import make_loggers
 from services.placement import start_actors
 from services.report import MetricsLog, draw_report, format_summary
 from services.worker_pool import WorkerPool
@@ -71,7 +72,8 @@ class ActorLearnerLoop:
     ):
 
         self.cfg, self.run_dir, self.model_dir = cfg, run_dir, model_dir
-        self.log = MetricsLog(run_dir / "metrics.jsonl")
+        loggers = make_loggers(cfg.run.loggers, cfg.run.wandb, run_dir, cfg.run.name, cfg.model_dump(mode="json"))
+        self.log = MetricsLog(run_dir / "metrics.jsonl", loggers)
         self.control = ControlClient(start_control(cfg.run.name, cfg.rollout.num_workers))
         self.replay, self.ranks, workers = start_actors(cfg, model_dir, cache_dir)
         self.pool = WorkerPool(cfg, workers, self.replay, self.ranks[0], model_dir, cache_dir, self.log)
@@ -355,6 +357,7 @@ class ActorLearnerLoop:
             **self.pool.summary(),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.log.summary(summary)
         draw_report(self.run_dir)
         self._progress_close()
         log.info(f"\nrun {self.cfg.run.name!r} finished -> {self.run_dir}\n{format_summary(summary)}")

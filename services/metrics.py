@@ -25,6 +25,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Literal, Protocol
 
+from rollout.passk import SOLVED_AT, default_ks, pass_at_k
+
 Kind = Literal["counter", "gauge", "histogram"]
 RAY_PREFIX = "ray_"
 
@@ -327,19 +329,6 @@ def emit(name: str, value: float, **tags: object) -> None:
 
 
 # ---- rollout ------------------------------------------------------------------------------------------
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021, "Evaluating LLMs trained on code")."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least k={k} samples per group, got n={n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def _ks(n: int) -> list[int]:
-    return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
-
-
 def rollout_started(worker_id: int, sequences: int) -> None:
     emit("rollout_requests_in_flight", sequences, worker=worker_id)
 
@@ -364,8 +353,8 @@ def record_rollout(
         emit("rollout_traces", len(rs), worker=w, task=task)
         emit("rollout_reward_mean", sum(rs) / len(rs), worker=w, task=task)
     n = min((len(g) for g in groups.values()), default=0)
-    for k in _ks(n):
-        est = [pass_at_k(len(g), sum(r >= 1.0 for r in g), k) for g in groups.values()]
+    for k in default_ks(n) if n else []:  # the estimator `python -m services.evaluate` reports (rollout/passk.py)
+        est = [pass_at_k(len(g), sum(r >= SOLVED_AT for r in g), k) for g in groups.values()]
         emit("run_pass_at_k", sum(est) / len(est), worker=w, k=k)
     record_engine_version(w, policy_version)
 
@@ -481,6 +470,26 @@ _LEARNER_GAUGES = {
     "grad_norm": ("learner_grad_norm", None, None),
     "lr": ("learner_lr", None, None),
 }
+
+
+# metrics.jsonl (record kind, field) -> (metric, tag value) that records the same fact: the file loggers
+# (services/loggers.py) log it under the Prometheus name, so one name means one thing everywhere.
+_RECORD_METRICS: dict[tuple[str, str], tuple[str, str | None]] = {
+    ("eval", "accuracy"): ("run_eval_accuracy", None),
+    ("eval", "policy_version"): ("run_eval_policy_version", None),
+    ("learner_step", "policy_version"): ("run_policy_version", None),
+    **{("learner_step", key): (metric, label) for key, (metric, _, label) in _LEARNER_GAUGES.items()},
+}
+
+
+def scalar_name(kind: str, field: str) -> str:
+    """The logger name of metrics.jsonl's `field` in `kind` records: `flywheel_<metric>[/<tag value>]` where a
+    Prometheus metric records it, else `<kind>/<field>`."""
+    hit = _RECORD_METRICS.get((kind, field))
+    if hit is None:
+        return f"{kind}/{field}"
+    metric, label = hit
+    return f"flywheel_{metric}" + (f"/{label}" if label else "")
 
 
 def record_learner_step(rank: int, diag: Mapping[str, float], now: float | None = None) -> None:

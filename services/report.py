@@ -1,4 +1,5 @@
-"""A run's outputs under `runs/<name>/`: `metrics.jsonl` (one JSON record per event), `summary.json`, `report.png`.
+"""A run's outputs under `runs/<name>/`: `metrics.jsonl` (one JSON record per event), `summary.json`, `report.png`,
+and what `run.loggers` adds (TensorBoard event files, a W&B run: services/loggers.py).
 
 Every metrics record has `kind` (one of `learner_step`, `rollout`, `eval`, `sync`, `checkpoint`, `resume`,
 `nonfinite_step`, `membership` (a rollout worker started, joined, died, was re-issued work, drained or
@@ -11,19 +12,26 @@ so it can be re-drawn from a finished run: `python -m services.report runs/<name
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 
 class MetricsLog:
-    def __init__(self, path: Path):
+    """Appends records to metrics.jsonl and hands their scalars to `loggers` (services/loggers.py)."""
+
+    def __init__(self, path: Path, loggers: list | tuple = ()):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._f = path.open("a", buffering=1)
         self.t0 = time.perf_counter()
+        self.loggers = list(loggers)
+        self.learner_step = 0  # the loggers' x axis: the last learner step written
 
     def restart_clock(self) -> None:
         self.t0 = time.perf_counter()
@@ -38,10 +46,35 @@ class MetricsLog:
     def write(self, kind: str, **fields: Any) -> dict:
         rec = {"kind": kind, "t": round(self.now(), 4), **{k: _clean(v) for k, v in fields.items()}}
         self._f.write(json.dumps(rec) + "\n")
+        if self.loggers:
+            self._forward(rec)
         return rec
+
+    def _forward(self, rec: dict) -> None:
+        from services.loggers import scalars_of
+
+        if isinstance(rec.get("learner_step"), int):
+            self.learner_step = rec["learner_step"]
+        scalars = scalars_of(rec)
+        if scalars:
+            self._each_logger(lambda lg: lg.log(self.learner_step, time.time(), scalars))
+
+    def _each_logger(self, call) -> None:
+        for lg in list(self.loggers):
+            try:
+                call(lg)
+            except Exception as e:  # a full disk or a W&B hiccup must not stop training
+                log.warning(f"logger {type(lg).__name__} failed ({e!r}); it is dropped for the rest of the run")
+                self.loggers.remove(lg)
+
+    def summary(self, summary: dict) -> None:
+        """Hand summary.json's numbers to the loggers (W&B run summary, TensorBoard text + scalars)."""
+        self._each_logger(lambda lg: lg.summary(summary))
 
     def close(self) -> None:
         self._f.close()
+        self._each_logger(lambda lg: lg.close())
+        self.loggers = []
 
 
 def _clean(v: Any) -> Any:

@@ -153,3 +153,116 @@ def test_vtrace_truncation_hand_case():
     # t=1: rho 0.5 -> vs = 0.2 + 0.5 * (1 - 0.2) = 0.6; t=0: rho, c clipped to 1 -> vs = 0.5 + (0.2 - 0.5) + 0.4
     torch.testing.assert_close(vs, torch.tensor([[0.6, 0.6, 0.0]], dtype=F64))
     torch.testing.assert_close(pg, torch.tensor([[0.6 - 0.5, 1.0 - 0.2, 0.0]], dtype=F64))
+
+
+# ---- pass@k-aware estimators ------------------------------------------------------------------------------
+def _brute_pass_at_k_advantages(rewards: list[float], k: int) -> list[float]:
+    """Enumerate every k-subset: reward = max, advantage = (reward - mean) / population std over subsets,
+    a sample's advantage = mean over the subsets holding it (Pass@k Training's full-sampling definition)."""
+    import itertools
+
+    subsets = list(itertools.combinations(range(len(rewards)), k))
+    sub_r = [max(rewards[i] for i in s) for s in subsets]
+    mean = sum(sub_r) / len(sub_r)
+    std = math.sqrt(sum((x - mean) ** 2 for x in sub_r) / len(sub_r))
+    sub_a = [0.0 if std == 0 else (x - mean) / std for x in sub_r]
+    return [
+        sum(a for s, a in zip(subsets, sub_a) if i in s) / sum(1 for s in subsets if i in s)
+        for i in range(len(rewards))
+    ]
+
+
+def test_pass_at_k_advantage_hand_case():
+    # G=4, c=1, k=2: R = 1 - C(3,2)/C(4,2) = 1/2, sigma = 1/2; wrong: C(2,1)/C(3,1) = 2/3 of its subsets are all-wrong
+    r, gid = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=F64), torch.zeros(4, dtype=torch.long)
+    torch.testing.assert_close(
+        A.pass_at_k_advantages(r, gid, k=2), torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3], dtype=F64)
+    )
+
+
+@pytest.mark.parametrize("G", [2, 3, 4, 6, 8])
+def test_pass_at_k_advantage_equals_brute_force_over_k_subsets(G):
+    for c in range(G + 1):
+        rewards = [1.0] * c + [0.0] * (G - c)
+        for k in range(1, G + 1):
+            got = A.pass_at_k_advantages(torch.tensor(rewards, dtype=F64), torch.zeros(G, dtype=torch.long), k)
+            torch.testing.assert_close(got, torch.tensor(_brute_pass_at_k_advantages(rewards, k), dtype=F64))
+
+
+def test_pass_at_1_is_grpo_with_population_std():
+    r, gid = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0], dtype=F64), torch.zeros(5, dtype=torch.long)
+    mean, pop_std = r.mean(), r.std(unbiased=False)
+    torch.testing.assert_close(A.pass_at_k_advantages(r, gid, k=1), (r - mean) / pop_std)
+
+
+def test_pass_at_k_group_pass_rate_is_the_evaluation_estimator():
+    from rollout.passk import pass_at_k
+
+    # a correct sample's advantage is (1 - R) / sqrt(R (1 - R)) with R the group's unbiased pass@k
+    for G, c, k in [(8, 1, 4), (8, 3, 2), (16, 2, 8)]:
+        R = pass_at_k(G, c, k)
+        adv = A.pass_at_k_advantages(torch.tensor([1.0] * c + [0.0] * (G - c), dtype=F64), torch.zeros(G).long(), k)
+        assert adv[0].item() == pytest.approx((1 - R) / math.sqrt(R * (1 - R)))
+
+
+def test_pass_at_k_uniform_and_saturated_groups_get_zero():
+    gid = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    r = torch.tensor([1.0] * 4 + [0.0] * 4 + [1.0, 1.0, 1.0, 0.0])  # all right, all wrong, c=3 > G-k=2
+    assert torch.all(A.pass_at_k_advantages(r, gid, k=2) == 0)
+    assert torch.all(A.pass_at_k_advantages(r[:8], gid[:8], k=4) == 0)
+
+
+def test_pass_at_k_needs_groups_of_at_least_k():
+    with pytest.raises(ValueError, match="groups of at least k=4"):
+        A.pass_at_k_advantages(torch.tensor([1.0, 0.0, 0.0]), torch.zeros(3, dtype=torch.long), k=4)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.lists(st.sampled_from([0.0, 1.0]), min_size=4, max_size=10), min_size=1, max_size=5),
+    st.integers(1, 4),
+    st.randoms(use_true_random=False),
+)
+def test_pass_at_k_advantages_sum_to_zero_and_ignore_order(groups, k, rnd):
+    rewards = torch.tensor([r for g in groups for r in g], dtype=F64)
+    gid = torch.tensor([i for i, g in enumerate(groups) for _ in g])
+    adv = A.pass_at_k_advantages(rewards, gid, k)
+    sums = torch.zeros(len(groups), dtype=F64).index_add_(0, gid, adv)
+    torch.testing.assert_close(sums, torch.zeros_like(sums), atol=1e-9, rtol=0)
+    perm = list(range(len(rewards)))
+    rnd.shuffle(perm)
+    perm = torch.tensor(perm)
+    torch.testing.assert_close(A.pass_at_k_advantages(rewards[perm], gid[perm], k), adv[perm])
+    # correct samples never get less than wrong ones of their group
+    for g in range(len(groups)):
+        rows = gid == g
+        right, wrong = adv[rows & (rewards == 1)], adv[rows & (rewards == 0)]
+        if right.numel() and wrong.numel():
+            assert right.min() >= wrong.max() - 1e-12
+
+
+def test_best_of_group_hand_cases():
+    r = torch.tensor([0.2, 0.9, 0.5, 1.0, 1.0, 0.0, 0.3, 0.3, 7.0], dtype=F64)
+    gid = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3])
+    got = A.best_of_group_advantages(r, gid, scale_by_std=False)
+    # group 0: only the 0.9 gets 0.9 - 0.5; group 1: tied best -> 0; group 2: uniform -> 0; singleton -> 0
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.4, 0.0, 0, 0, 0, 0, 0, 0], dtype=F64))
+    std = torch.tensor([0.2, 0.9, 0.5], dtype=F64).std()
+    scaled = A.best_of_group_advantages(r, gid, scale_by_std=True, eps=1e-6)
+    assert scaled[1].item() == pytest.approx(0.4 / (std.item() + 1e-6))
+    assert torch.count_nonzero(scaled) == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.floats(0, 1), min_size=2, max_size=8), min_size=1, max_size=5))
+def test_best_of_group_credits_one_best_sample_by_its_margin(groups):
+    rewards = torch.tensor([r for g in groups for r in g], dtype=F64)
+    gid = torch.tensor([i for i, g in enumerate(groups) for _ in g])
+    adv = A.best_of_group_advantages(rewards, gid, scale_by_std=False)
+    for g, vals in enumerate(groups):
+        a = adv[gid == g]
+        top = sorted(vals, reverse=True)
+        assert a.max().item() == pytest.approx(top[0] - top[1]) and a.min().item() >= 0
+        assert torch.count_nonzero(a) <= 1
+        if torch.count_nonzero(a):
+            assert vals[int(a.argmax())] == top[0]

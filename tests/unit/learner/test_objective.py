@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from learner import advantages as A
 from learner.objective import ObjectiveConfig, ObjectiveInputs, compute_objective, requires
 
 F64 = torch.float64
@@ -65,6 +66,8 @@ def test_config_is_frozen_and_forbids_unknown_fields():
         (dict(policy_loss="vtrace", dual_clip=3.0), "objective.dual_clip"),
         (dict(dual_clip=1.1), "objective.dual_clip"),
         (dict(rpg_clip=True), "objective.rpg_clip"),
+        (dict(advantage="pass_at_k", kl_behaviour_in="reward"), "kl_behaviour_in"),
+        (dict(advantage="best_of_group", kl_ref_coef=0.1, kl_ref_in="reward"), "kl_ref_in"),
     ],
 )
 def test_cross_field_validation_names_the_field(kwargs, field):
@@ -114,6 +117,27 @@ def test_behaviour_kl_adds_coef_times_k3_by_hand():
     k3 = math.exp(0.5) - 0.5 - 1  # forward UKL(mu||pi) per token: pi/mu - 1 - log(pi/mu)
     assert d["kl_behaviour"] == pytest.approx(k3) and loss.item() == pytest.approx(0.1 * k3)
     assert d["kl_loss"] == pytest.approx(0.1 * k3) and d["pg_loss"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "cfg, adv_fn",
+    [
+        (dict(advantage="pass_at_k", pass_k=2), lambda r, g: A.pass_at_k_advantages(r, g, 2)),
+        (dict(advantage="best_of_group"), lambda r, g: A.best_of_group_advantages(r, g, True, 1e-6)),
+        (
+            dict(advantage="best_of_group", best_of_group_scale_by_std=False),
+            lambda r, g: A.best_of_group_advantages(r, g, False),
+        ),
+    ],
+)
+def test_pass_at_k_estimators_feed_the_policy_gradient(cfg, adv_fn):
+    x = _batch(drift=0.0)
+    loss, d = compute_objective(ObjectiveConfig(kl_behaviour_coef=0.0, **cfg), x)
+    a = adv_fn(x.rewards, x.group_ids)
+    assert torch.count_nonzero(a) > 0  # the hand batch has signal under each estimator
+    loss.backward()  # on-policy PPO: d loss / d logprob = -A / n_tokens on every response token
+    torch.testing.assert_close(x.learner_logprobs.grad, -(a[:, None] * x.mask) / x.mask.sum())
+    assert d["adv_mean"] == pytest.approx((a[:, None] * x.mask).sum().item() / x.mask.sum().item())
 
 
 def test_padding_garbage_does_not_change_anything():
@@ -208,6 +232,8 @@ def test_rpg_reinforce_matches_rpg_surrogate_gradient_through_the_objective():
         dict(advantage="reinforce_pp", gamma=0.99),
         dict(policy_loss="rpg_reinforce", rpg_clip=True, dual_clip=3.0),
         dict(advantage="vtrace", policy_loss="vtrace", kl_ref_coef=0.1, kl_ref_in="reward"),
+        dict(advantage="pass_at_k", pass_k=2),
+        dict(advantage="best_of_group", best_of_group_scale_by_std=False),
     ],
 )
 def test_every_variant_runs_and_gives_finite_loss_and_gradient(kwargs):

@@ -41,12 +41,22 @@ def test_defaults_validate():
             "rollout:\n  drop_uniform_groups: true\nlearner:\n  objective:\n    advantage: reinforce_pp\n",
             "rollout.drop_uniform_groups",
         ),
+        (
+            "rollout:\n  group_size: 4\nlearner:\n  objective:\n    advantage: pass_at_k\n    pass_k: 8\n",
+            "learner.objective.pass_k",
+        ),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, yaml_text, field):
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, yaml_text))
     assert field in str(e.value)
+
+
+def test_pass_at_k_estimators_may_drop_uniform_groups():
+    for adv in ("pass_at_k", "best_of_group"):  # uniform groups get exactly zero advantage under both
+        cfg = load_config(None, ["rollout.drop_uniform_groups=true", f"learner.objective.advantage={adv}"])
+        assert cfg.learner.objective.advantage == adv
 
 
 def test_override_wrong_type_names_field():

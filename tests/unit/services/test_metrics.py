@@ -123,16 +123,6 @@ def test_emit_checks_tags_and_drops_zero_counter_increments(sink):
     assert sink.records == [("flywheel_rollout_tokens", 5.0, {"worker": "1"})]
 
 
-def test_pass_at_k_hand_values():
-    assert metrics.pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert metrics.pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
-    assert metrics.pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)
-    assert metrics.pass_at_k(4, 0, 4) == 0.0
-    assert metrics.pass_at_k(4, 1, 4) == 1.0
-    with pytest.raises(ValueError):
-        metrics.pass_at_k(2, 1, 4)
-
-
 def test_record_rollout_tokens_rewards_by_task_and_pass_at_k(sink):
     traces = _group("a", [1.0, 0.0, 0.0, 0.0], task="add", n_tokens=2) + _group(
         "b", [1.0, 1.0, 0.0, 0.0], task="mul", n_tokens=5
@@ -149,6 +139,18 @@ def test_record_rollout_tokens_rewards_by_task_and_pass_at_k(sink):
     assert sink.values("rollout_policy_version", worker=3) == [7]
     assert sink.values("rollout_requests_in_flight", worker=3) == [0]
     assert sink.values("rollout_queue_wait_seconds", worker=3) == [0.25]
+
+
+def test_in_run_pass_at_k_is_the_evaluation_estimator(sink):
+    from rollout import passk
+
+    assert metrics.pass_at_k is passk.pass_at_k  # one estimator for Prometheus and `services.evaluate`
+    traces = _group("a", [1.0, 0.0, 0.0, 1.0, 0.0, 0.0], task="add", n_tokens=1)
+    metrics.record_rollout(0, policy_version=0, traces=traces, generate_s=0.1, queue_wait_s=0.0)
+    for k in (1, 2, 4, 6):
+        assert sink.values("run_pass_at_k", worker=0, k=k) == [pytest.approx(passk.pass_at_k(6, 2, k))]
+    metrics.record_rollout(1, policy_version=0, traces=[], generate_s=0.1, queue_wait_s=0.0)  # all groups dropped
+    assert sink.values("run_pass_at_k", worker=1, k=1) == []
 
 
 def _rejection_messages() -> dict[str, str]:
