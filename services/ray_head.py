@@ -45,7 +45,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -60,7 +60,8 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"the local Ray head at {url} did not answer within {timeout_s:.0f}s")
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group `proc` leads, SIGKILL it after 60 s."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -71,27 +72,38 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def local_head(num_cpus: float, start_timeout_s: float = 180.0) -> Iterator[str]:
-    """Yield `http://127.0.0.1:<dashboard port>` of a fresh head; `RAY_AUTH_TOKEN` is set here meanwhile."""
+def local_head(
+    num_cpus: float,
+    start_timeout_s: float = 180.0,
+    metrics_port: int | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """Yield `http://127.0.0.1:<dashboard port>` of a fresh head; `RAY_AUTH_TOKEN` is set here meanwhile.
+
+    `metrics_port`: the head exports Prometheus metrics there; `extra_env`: more environment for the head."""
     bin_dir = Path(sys.executable).parent
     token = secrets.token_hex(32)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token")
+    env = dict(
+        os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token", **(extra_env or {})
+    )
     env["RAY_AUTH_TOKEN"] = token
     dash = free_port()
     temp = tempfile.mkdtemp(prefix="fwhead-", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
     cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--dashboard-host=127.0.0.1"]
     cmd += [f"--dashboard-port={dash}", f"--num-cpus={num_cpus:g}", "--disable-usage-stats", f"--temp-dir={temp}"]
     cmd += [f"--{flag}={free_port()}" for flag in _OWN_PORT_FLAGS]
+    if metrics_port is not None:
+        cmd.append(f"--metrics-export-port={metrics_port}")
     head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     try:
-        _wait_http(f"{address}/api/version", head, start_timeout_s)
+        wait_http(f"{address}/api/version", head, start_timeout_s)
         log.info(f"local Ray head up at {address} ({num_cpus:g} logical CPUs, logs under {temp})")
         yield address
     finally:
-        _stop(head)
+        stop_process_group(head)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

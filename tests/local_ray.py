@@ -1,4 +1,4 @@
-"""A real local Ray head for e2e tests, and `ray job submit` of our driver against it.
+"""A real local Ray head for e2e tests (services/ray_head.py), and `ray job submit` of our driver against it.
 
 The head runs as `ray start --head --block` in its own session on free ports (every fixed default
 port too: other Ray heads may run on this machine) and is stopped by signalling its own process
@@ -10,93 +10,24 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
+from services.ray_head import free_port, local_head, stop_process_group, wait_http  # noqa: F401 - re-exported
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-OWN_PORT_FLAGS = (
-    "dashboard-agent-listen-port",
-    "dashboard-agent-grpc-port",
-    "ray-client-server-port",
-    "runtime-env-agent-port",
-    "node-manager-port",
-    "object-manager-port",
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the process serving {url} exited early")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # it answers (e.g. 401 without a token): it is up
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
 
 
 @contextlib.contextmanager
 def local_ray_head(metrics_port: int | None = None, num_cpus: int = 2):
-    """Yield (env for the `ray` CLI, dashboard address) of a fresh head; stop it on exit."""
-    env = dict(
-        os.environ,
-        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        RAY_AUTH_MODE="token",
-        RAY_metrics_report_interval_ms="1000",
-    )  # export every second, so a short job's last values get out
-    dash = free_port()
-    temp = tempfile.mkdtemp(prefix="fwray-", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
-    cmd = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--block",
-        f"--port={free_port()}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        f"--num-cpus={num_cpus}",
-        "--disable-usage-stats",
-        f"--temp-dir={temp}",
-        *[f"--{flag}={free_port()}" for flag in OWN_PORT_FLAGS],
-    ]
-    if metrics_port is not None:
-        cmd.append(f"--metrics-export-port={metrics_port}")
-    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        wait_http(f"{address}/api/version", head, timeout_s=180)
-        yield env, address
-    finally:
-        stop_process_group(head)
-        shutil.rmtree(temp, ignore_errors=True)
+    """Yield (env for the `ray` CLI, dashboard address) of a fresh token-authenticated head; stop it on exit."""
+    # export every second, so a short job's last values get out
+    with local_head(num_cpus, metrics_port=metrics_port, extra_env={"RAY_metrics_report_interval_ms": "1000"}) as addr:
+        yield dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}"), addr
 
 
 def submit_driver(
