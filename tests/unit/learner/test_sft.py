@@ -1,4 +1,4 @@
-"""The cold start: batch layout, loss goes down, determinism, and the on-disk cache."""
+"""The cold start: batch layout (char/raw and BPE/chat), worked solutions, loss goes down, determinism, the cache."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from learner.sft import MARKER, SFTConfig, cold_start, lr_factor, sft_batch, train_sft
+from learner.sft import MARKER, SFTConfig, cold_start, lr_factor, reference_examples, sft_batch, train_sft
 from learner.tiny_model import build_tokenizer
+from rollout.render import RenderConfig, Renderer
 from rollout.tasks import ARITHMETIC_ALPHABET, ArithmeticTask, Problem, TaskConfig
 
 TASK = ArithmeticTask(TaskConfig(min_digits=1, max_digits=1))
@@ -16,7 +17,8 @@ TASK = ArithmeticTask(TaskConfig(min_digits=1, max_digits=1))
 
 def test_batch_masks_prompt_and_pads():
     tok = build_tokenizer(ARITHMETIC_ALPHABET)
-    ids, labels, mask = sft_batch(tok, [Problem("1+2=", "3", "a"), Problem("10+20=", "30", "a")])
+    examples = [(Problem("1+2=", "3", "a"), "3"), (Problem("10+20=", "30", "a"), "30")]
+    ids, labels, mask = sft_batch(Renderer(RenderConfig(), tok), examples)
     c = {ch: tok.convert_tokens_to_ids(ch) for ch in ARITHMETIC_ALPHABET}
     assert ids[0].tolist() == [1, c["1"], c["+"], c["2"], c["="], c["3"], 2, 0, 0, 0]
     assert labels[0].tolist() == [-100] * 5 + [c["3"], 2] + [-100] * 3
@@ -44,8 +46,9 @@ def test_training_reduces_loss(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    losses = train_sft(model, tok, TASK.train_stream(), SFTConfig(steps=40, batch_size=16, warmup_steps=5))
+    renderer = Renderer(RenderConfig(), AutoTokenizer.from_pretrained(tiny_model_dir))
+    cfg = SFTConfig(steps=40, batch_size=16, warmup_steps=5)
+    losses = train_sft(model, renderer, reference_examples(TASK, 0), cfg)
     assert len(losses) == 40
     assert losses[0] > 2.0  # ~ln(vocab=17) at init
     assert sum(losses[-5:]) / 5 < 0.6 * losses[0]
