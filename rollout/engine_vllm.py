@@ -62,10 +62,14 @@ def _check_platform(cfg: RolloutConfig) -> None:
 class _RotaryReloadNotice(logging.Filter):
     """Drops vLLM's per-reload "RotaryEmbedding: Failed to load weights": the rotary cos/sin cache is a
     buffer, not a checkpoint weight; vLLM puts it back unchanged (tests/integration/test_spine_weights.py
-    checks logprobs after reloads to 1e-4). Every other warning passes."""
+    checks logprobs after reloads to 1e-4). Likewise "ParallelLMHead: ..." for tied embeddings: the head's
+    weight is the embedding's, loaded under that name, and `_refresh_tied_lm_head` re-derives the rest
+    (tests/integration/test_bpe_weights.py). Every other warning passes."""
+
+    QUIET = ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
+        return record.getMessage() not in self.QUIET
 
 
 def _quiet_weight_reloads() -> None:
@@ -94,6 +98,7 @@ class VLLMEngine:
         self._generating = False
         self._reset_pending = False
         self._shapes = _checkpoint_shapes(Path(model_dir))
+        self._tied_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.llm = LLM(
             model=str(model_dir),
             dtype=cfg.dtype,
@@ -159,6 +164,8 @@ class VLLMEngine:
         # A reload that fails inside vLLM leaves the engine unusable (PLATFORM.md): reject bad input first.
         check_weights(weights, self._shapes)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        if self._tied_embeddings:
+            self.llm.collective_rpc(_refresh_tied_lm_head)
         self.policy_version = policy_version
         if self._generating:  # a pause update: requests are running, reset once they are done
             self._reset_pending = True
@@ -212,6 +219,15 @@ class VLLMEngine:
         return sorted(
             done.values(), key=lambda out: int(out.request_id)
         )  # request ids count up in enqueue order, as in LLM._run_engine
+
+
+def _refresh_tied_lm_head(worker) -> None:
+    """With tied embeddings the LM head shares the embedding's weight, which a reload updates under the
+    embedding's name; but the head's own derived state (on CPU a oneDNN-prepacked copy of that weight,
+    `cpu_linear`) is built once after loading and a reload that sends no `lm_head.*` tensor leaves it
+    stale: logits kept the old weights (0.5 nats off after one perturbed update). Rebuild it."""
+    head = worker.model_runner.model.lm_head
+    head.quant_method.process_weights_after_loading(head)
 
 
 def _cpu_scheduling(cfg: RolloutConfig) -> dict:

@@ -29,6 +29,10 @@ from rollout.tasks import TaskConfig
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# vLLM's CPU attention kernels (vllm/v1/attention/backends/cpu_attn.py `get_supported_head_sizes`).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
 class ConfigError(ValueError):
     """A run config is invalid; the message names the field and what to do."""
 
@@ -159,6 +163,7 @@ class RunConfig(BaseModel):
                 f"use one of {list(GROUP_BASELINE_ADVANTAGES)} or set drop_uniform_groups=false"
             )
         self._check_rendering()
+        self._check_builtin_heads()
         if (
             hasattr(self.task, "max_prompt_tokens")
             and self.task.max_prompt_tokens + self.rollout.max_new_tokens > self.rollout.max_model_len
@@ -174,6 +179,23 @@ class RunConfig(BaseModel):
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
         return self
+
+    def _check_builtin_heads(self) -> None:
+        m = self.model
+        if m.path is not None:
+            return
+        if m.hidden_size % m.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={m.hidden_size} is not a multiple of "
+                f"model.num_attention_heads={m.num_attention_heads}"
+            )
+        head_dim = m.hidden_size // m.num_attention_heads
+        if self.rollout.engine == "vllm" and self.rollout.device == "cpu" and head_dim not in VLLM_CPU_HEAD_SIZES:
+            raise ValueError(
+                f"model.hidden_size / model.num_attention_heads = {head_dim}, a head size vLLM's CPU attention "
+                f"does not support (one of {list(VLLM_CPU_HEAD_SIZES)}): change model.num_attention_heads or "
+                "model.hidden_size"
+            )
 
     def _check_rendering(self) -> None:
         builtin_char = self.model.path is None and self.model.builtin == "char_llama"
