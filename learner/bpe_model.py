@@ -49,7 +49,9 @@ class BPEModelSpec(BaseModel):
     num_key_value_heads: int | None = Field(None, ge=1, description="None = num_attention_heads // 2 (GQA)")
     max_position_embeddings: int = Field(256, ge=8)
     tie_word_embeddings: bool = True
-    rope_theta: float = Field(1_000_000.0, gt=0)
+    # 10k (Qwen2Config's default) rather than Qwen2.5's 1M: a 1M base barely rotates most dimensions over the
+    # ~100 positions of a built-in model, leaving it little sense of digit positions.
+    rope_theta: float = Field(10_000.0, gt=0)
     pad_vocab_to: int = Field(64, ge=1, description="embedding rows rounded up to a multiple of this")
     seed: int = 0
 

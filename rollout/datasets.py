@@ -42,7 +42,7 @@ Encode = Callable[[Problem], list[int]]
 
 class DatasetTaskConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: Literal["dataset"] = "dataset"
+    kind: Literal["dataset"] = Field("dataset", description="a prompt dataset from local files")
     path: str = Field(description="a local JSONL or Parquet file, or a datasets save_to_disk directory, on every node")
     format: Literal["auto", "jsonl", "parquet", "hf_disk"] = Field(
         "auto", description="auto: a directory is hf_disk, *.parquet is parquet, anything else jsonl"

@@ -33,7 +33,7 @@ _MAX_MISSES = 10_000  # consecutive unusable draws before the stream gives up
 
 class ReasoningGymTaskConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: Literal["reasoning_gym"] = "reasoning_gym"
+    kind: Literal["reasoning_gym"] = Field("reasoning_gym", description="a reasoning-gym procedural generator")
     name: str = Field(
         "chain_sum", description="a reasoning-gym generator, e.g. chain_sum, basic_arithmetic, leg_counting"
     )

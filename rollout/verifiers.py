@@ -129,7 +129,7 @@ class _Base:
 
 class ExactConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: Literal["exact"] = "exact"
+    kind: Literal["exact"] = Field("exact", description="selects this verifier")
     extract: Extract = Field("none", description=_EXTRACT_DESCRIPTION)
     case_sensitive: bool = Field(True, description="false compares casefolded text (word answers)")
 
@@ -146,7 +146,7 @@ class ExactVerifier(_Base):
 
 class NumericConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: Literal["numeric"] = "numeric"
+    kind: Literal["numeric"] = Field("numeric", description="selects this verifier")
     extract: Extract = Field("last_number", description=_EXTRACT_DESCRIPTION)
     rel_tol: float = Field(0.0, ge=0.0, description="relative tolerance (0 = exact for integers and fractions)")
     abs_tol: float = Field(1e-9, ge=0.0, description="absolute tolerance for decimal answers")
@@ -174,7 +174,7 @@ class NumericVerifier(_Base):
 
 class MathVerifyConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: Literal["math_verify"] = "math_verify"
+    kind: Literal["math_verify"] = Field("math_verify", description="selects this verifier")
     extract: Extract = Field(
         "none",
         description="none lets math-verify find the answer itself (last \\boxed{}, then LaTeX, then expressions)",
@@ -216,7 +216,7 @@ class MathVerifyVerifier(_Base):
 
 class ReasoningGymConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: Literal["reasoning_gym"] = "reasoning_gym"
+    kind: Literal["reasoning_gym"] = Field("reasoning_gym", description="selects this verifier")
     extract: Extract = Field("answer_tag", description=_EXTRACT_DESCRIPTION + "; reasoning-gym prompts ask for tags")
 
 

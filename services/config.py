@@ -62,11 +62,15 @@ class ModelConfig(BaseModel):
         description="without path: char_llama (one token per character, BOS, no chat template; arithmetic-sized) or "
         "bpe_qwen2 (Qwen2 architecture, byte-level BPE trained on the task's text, no BOS, ChatML template)",
     )
-    hidden_size: int = Field(_tiny("hidden_size"), ge=16)
-    intermediate_size: int = Field(_tiny("intermediate_size"), ge=16)
-    num_hidden_layers: int = Field(_tiny("num_hidden_layers"), ge=1)
-    num_attention_heads: int = Field(_tiny("num_attention_heads"), ge=1)
-    max_position_embeddings: int = Field(_tiny("max_position_embeddings"), ge=8)
+    hidden_size: int = Field(_tiny("hidden_size"), ge=16, description="built-in models: width")
+    intermediate_size: int = Field(_tiny("intermediate_size"), ge=16, description="built-in models: MLP width")
+    num_hidden_layers: int = Field(_tiny("num_hidden_layers"), ge=1, description="built-in models: depth")
+    num_attention_heads: int = Field(
+        _tiny("num_attention_heads"), ge=1, description="built-in models: heads (hidden_size / heads is the head size)"
+    )
+    max_position_embeddings: int = Field(
+        _tiny("max_position_embeddings"), ge=8, description="built-in models: positions; >= rollout.max_model_len"
+    )
     num_key_value_heads: int | None = Field(
         None, ge=1, description="bpe_qwen2: grouped-query KV heads (None = half the attention heads)"
     )
@@ -77,7 +81,7 @@ class ModelConfig(BaseModel):
     tokenizer_corpus_problems: int = Field(
         4000, ge=10, description="bpe_qwen2: training problems whose prompt and reference answer train the tokenizer"
     )
-    seed: int = 0
+    seed: int = Field(0, description="built-in models: seeds the initial weights")
 
 
 class LoopConfig(BaseModel):
