@@ -2,8 +2,9 @@
 
 Contract:
 - An example is a problem and a completion text: the task's reference completion
-  (`task.reference_completion`, the answer in the form its verifier reads) or a worked solution from
-  `cold_start.solutions_path` (JSONL rows `{"prompt": ..., "completion": ...}`). Its ids are
+  (`task.reference_completion`, the answer in the form its verifier reads), a worked solution generated
+  for it (`cold_start.worked_solutions`, rollout/worked_solutions.py: steps, then that reference) or a
+  worked solution from `cold_start.solutions_path` (JSONL rows `{"prompt": ..., "completion": ...}`). Its ids are
   `renderer.encode_prompt(problem) + renderer.target_ids(problem, completion)` - the prompt exactly as
   rollout feeds it, the completion ending with the stop token that closes the turn - and the loss covers
   only the target ids: with chat rendering, the assistant's tokens and nothing of the template around
@@ -29,12 +30,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rollout.datasets import DatasetError
 from rollout.problem import Problem
 from rollout.render import RenderConfig, Renderer
 from rollout.tasks import Task
+from rollout.worked_solutions import WORKED_SOLUTIONS
 
 log = logging.getLogger(__name__)
 MARKER = "flywheel_sft.json"
@@ -58,6 +60,19 @@ class SFTConfig(BaseModel):
         description="a JSONL of worked solutions, one {prompt, completion} object per line, to imitate instead of "
         "the task's reference answers (step-by-step text ending in the answer the verifier reads)",
     )
+    worked_solutions: Literal["column_addition"] | None = Field(
+        None,
+        description="generate a worked solution for each training problem (rollout/worked_solutions.py) and "
+        "imitate it instead of the bare reference answer; None = the reference answer",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SFTConfig:
+        if self.solutions_path is not None and self.worked_solutions is not None:
+            raise ValueError(
+                "cold_start.solutions_path and cold_start.worked_solutions both name worked solutions: keep one"
+            )
+        return self
 
 
 def sft_batch(renderer: Renderer, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,10 +103,13 @@ def lr_factor(step: int, cfg: SFTConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def reference_examples(task: Task, seed: int) -> Iterator[Example]:
-    """The task's training problems with its verifier's reference completion."""
+def reference_examples(task: Task, seed: int, worked: str | None = None) -> Iterator[Example]:
+    """The task's training problems with its verifier's reference completion, or with the generated worked
+    solution `worked` (a `rollout.worked_solutions.WORKED_SOLUTIONS` name) ending in that completion."""
+    write = None if worked is None else WORKED_SOLUTIONS[worked]
     for problem in task.train_stream(seed=seed):
-        yield problem, task.reference_completion(problem)
+        reference = task.reference_completion(problem)
+        yield problem, reference if write is None else write(problem, reference)
 
 
 def load_solutions(path: str | Path, eval_keys: set[str], task_name: str = "solutions") -> list[Example]:
@@ -134,7 +152,7 @@ def _cycle_shuffled(examples: list[Example], seed: int) -> Iterator[Example]:
 def training_examples(task: Task, cfg: SFTConfig) -> Iterator[Example]:
     """What the cold start imitates: worked solutions when `cfg.solutions_path` is set, else reference answers."""
     if cfg.solutions_path is None:
-        return reference_examples(task, cfg.seed)
+        return reference_examples(task, cfg.seed, cfg.worked_solutions)
     eval_keys = {p.key for p in task.eval_set()}
     return _cycle_shuffled(load_solutions(cfg.solutions_path, eval_keys, task.name), cfg.seed)
 

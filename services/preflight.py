@@ -37,7 +37,25 @@ def task_corpus(cfg: RunConfig) -> list[str]:
         from learner.sft import load_solutions
 
         texts += [t for p, c in load_solutions(cfg.cold_start.solutions_path, set()) for t in (p.prompt, c)]
+    if cfg.cold_start is not None and cfg.cold_start.worked_solutions is not None:
+        from learner.sft import reference_examples
+
+        examples = reference_examples(make_task(cfg.task), 0, cfg.cold_start.worked_solutions)
+        try:
+            texts += [c for _, (_, c) in zip(range(cfg.model.tokenizer_corpus_problems), examples)]
+        except ValueError as e:
+            raise ConfigError(f"cold_start.worked_solutions: {e}") from None
     return texts + ([cfg.render.system_prompt] if cfg.render.system_prompt else [])
+
+
+def _char_alphabet(cfg: RunConfig) -> str:
+    """The char model's characters: the arithmetic task's fixed alphabet (so its token ids never depend on
+    which problems were drawn), else every character of the task's text."""
+    from rollout.tasks import ARITHMETIC_ALPHABET
+
+    if cfg.task.kind == "arithmetic":
+        return ARITHMETIC_ALPHABET
+    return "".join(sorted(set("".join(task_corpus(cfg)))))
 
 
 def build_base_model(cfg: RunConfig, cache_dir: Path) -> Path:
@@ -51,8 +69,7 @@ def build_base_model(cfg: RunConfig, cache_dir: Path) -> Path:
     if cfg.model.builtin == "char_llama":
         from learner.tiny_model import TinyModelSpec, build_tiny_model
 
-        alphabet = "".join(sorted(set("".join(task_corpus(cfg)))))
-        spec = TinyModelSpec(alphabet=alphabet, **sizes)
+        spec = TinyModelSpec(alphabet=_char_alphabet(cfg), **sizes)
         return build_tiny_model(cache_dir / "models" / f"tiny-{spec.cache_key()}", spec)
     from learner.bpe_model import BPEModelSpec, build_bpe_model, corpus_digest
 
@@ -130,8 +147,16 @@ def _check_problem(split: str, problem, renderer, task, cfg: RunConfig) -> Promp
     if cfg.reward.function:
         (value,) = _user_scores(cfg, [(problem, reference)])
         return PromptCheck(split, renderer.prompt_text(problem), len(ids), reference, value)
-    value = float(task.score(problem, reference))
     field = "task.verifier"
+    if cfg.cold_start is not None and cfg.cold_start.worked_solutions is not None:
+        from rollout.worked_solutions import WORKED_SOLUTIONS
+
+        try:
+            reference = WORKED_SOLUTIONS[cfg.cold_start.worked_solutions](problem, reference)
+        except ValueError as e:
+            raise ConfigError(f"cold_start.worked_solutions: {e}") from None
+        field = "cold_start.worked_solutions / task.verifier"
+    value = float(task.score(problem, reference))
     if value < 1.0:
         raise ConfigError(
             f"{field}: the {split} problem's own reference answer scores {value:g}, not 1 (prompt "

@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see services/driver.py
 REPO = Path(__file__).resolve().parents[2]
 GAINS = (0.10, 0.15, 0.20)
 START_UP_ALLOWANCE_S = 120.0  # Ray + actor start-up, the initial and final evals, the save (measured: 60-110 s)

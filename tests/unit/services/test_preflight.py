@@ -104,3 +104,15 @@ def test_a_users_reward_function_is_reported_not_enforced(qwen_like):
 def test_builtin_char_model_config_errors(overrides, field):
     with pytest.raises(ConfigError, match=field):
         load_config(None, overrides)
+
+
+def test_worked_solutions_are_checked_against_the_task(tmp_path, capsys):
+    config = str(REPO / "deploy/configs/bpe_reasoning_cpu.yaml")
+    small = ["model.tokenizer_corpus_problems=200", "model.hidden_size=64", "model.num_attention_heads=2"]
+    small += [f"run.cache_dir={tmp_path}", "cold_start.worked_solutions=column_addition"]
+    assert main(["--config", config, "--dry-run", *small]) == 0
+    out = capsys.readouterr().out
+    assert "<answer>" in out and "=" in out.split("reference completion")[1]  # the steps precede the answer
+    minus = 'task.params={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1, operators: ["-"]}'
+    assert main(["--config", config, "--dry-run", *small, minus]) == 2
+    assert "cold_start.worked_solutions: column_addition writes sums" in capsys.readouterr().err
