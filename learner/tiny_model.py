@@ -3,7 +3,10 @@
 Contract: `build_tiny_model(out_dir, spec)` writes `config.json`, `model.safetensors` and a
 tokenizer (`tokenizer.json` + `tokenizer_config.json`) that `transformers.AutoTokenizer`,
 `AutoModelForCausalLM` and vLLM load from the directory with no network. The tokenizer maps each
-character of `spec.alphabet` to one token; special tokens are `<pad>`=0, `<bos>`=1, `<eos>`=2.
+character of `spec.alphabet` to one token; special tokens are `<pad>`=0, `<bos>`=1, `<eos>`=2, and its
+post-processor puts `<bos>` first (`encode(text, add_special_tokens=True)` = `[<bos>] + one id per
+character`, the raw rendering of rollout/render.py). It has no chat template. The built-in
+Qwen2-shaped model with a BPE tokenizer is learner/bpe_model.py.
 The same spec and seed give bit-identical weights, so the directory is a cache keyed by the spec.
 """
 
@@ -15,6 +18,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+# Bumped when the tokenizer files change for the same spec (2: <bos> added by the post-processor), so a
+# cached directory from before is rebuilt rather than silently encoding prompts differently.
+TOKENIZER_FORMAT = 2
 
 
 class TinyModelSpec(BaseModel):
@@ -37,7 +43,7 @@ class TinyModelSpec(BaseModel):
 
 def build_tokenizer(alphabet: str):
     """A char-level `PreTrainedTokenizerFast`: one token per character, no merges, no spaces on decode."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     if len(set(alphabet)) != len(alphabet):
@@ -47,6 +53,9 @@ def build_tokenizer(alphabet: str):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<pad>"
     )
@@ -59,7 +68,8 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
 
     out = Path(out_dir)
     marker = out / "flywheel_spec.json"
-    if marker.exists() and json.loads(marker.read_text()) == spec.model_dump():
+    stamp = {**spec.model_dump(), "tokenizer_format": TOKENIZER_FORMAT}
+    if marker.exists() and json.loads(marker.read_text()) == stamp:
         return out
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec.alphabet)
@@ -81,5 +91,5 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    marker.write_text(json.dumps(spec.model_dump()))
+    marker.write_text(json.dumps(stamp))
     return out

@@ -2,14 +2,16 @@
 
 Contract (both implementations, checked by tests/unit/rollout/test_engine_hf.py and
 tests/integration/test_engine_vllm.py):
-- prompts arrive as token ids (the caller adds `<bos>` if it wants one); completions are token ids.
+- prompts arrive as token ids (rendered by `rollout.render.Renderer`); completions are token ids.
 - `generate` samples `n` completions per prompt with the `RolloutConfig`'s temperature / top_p /
-  max_new_tokens; a completion stops at the tokenizer's eos, which is then its last token (with its
-  logprob). Every completion has >= 1 token (`max_new_tokens >= 1`).
+  max_new_tokens; a completion stops at the first token in `stop.token_ids` or the first token whose
+  decoded text (without special tokens) completes one of `stop.strings` (`rollout.render.StopConditions`;
+  default: the model's eos ids). That token is its last (with its logprob): the ids are exactly what was
+  sampled. Every completion has >= 1 token (`max_new_tokens >= 1`).
 - `Completion.logprobs[t]` is the behaviour policy's log-prob of `token_ids[t]` under the *sampling*
   distribution (after temperature and top-p renormalisation); at temperature 1, top_p 1 it is
   `log_softmax(logits)[token]`.
-- `greedy` returns argmax completions, eos included when reached (decode with skip_special_tokens).
+- `greedy` returns argmax completions under the same stop conditions, the stop token included when reached.
 - `teacher_forced_logprobs` is at temperature 1 and never reads KV computed under older weights.
 - `load_weights` takes HF checkpoint names (as in `model.state_dict()`), full tensors, updates the
   live engine in place and sets `policy_version`.
@@ -25,11 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from rollout.config import RolloutConfig
+from rollout.render import StopConditions
 
 if TYPE_CHECKING:
     import torch
 
-FINISH_STOP = "stop"  # sampled the eos token
+FINISH_STOP = "stop"  # sampled a stop token or completed a stop string
 FINISH_LENGTH = "length"  # hit max_new_tokens
 
 
@@ -90,14 +93,27 @@ def check_weights(named_tensors: Sequence[tuple[str, torch.Tensor]], shapes: dic
             )
 
 
-def make_engine(cfg: RolloutConfig, model_dir: str | Path) -> Engine:
-    """Build the engine `cfg.engine` names on the HF-format model in `model_dir`."""
+def default_stop(model_dir: str | Path) -> StopConditions:
+    """The model's own eos ids (config.json and generation_config.json): what stops a completion when the
+    caller gives no `StopConditions`."""
+    from rollout.render import model_eos_ids
+
+    eos = model_eos_ids(model_dir)
+    if not eos:
+        raise ValueError(f"{model_dir}: the model config has no eos_token_id; set it, or pass stop conditions")
+    return StopConditions(frozenset(eos))
+
+
+def make_engine(cfg: RolloutConfig, model_dir: str | Path, stop: StopConditions | None = None) -> Engine:
+    """Build the engine `cfg.engine` names on the HF-format model in `model_dir`, stopping completions at
+    `stop` (default: the model's eos ids)."""
     if not (Path(model_dir) / "config.json").exists():
         raise FileNotFoundError(f"{model_dir} holds no config.json: pass a directory with an HF-format model")
+    stop = stop or default_stop(model_dir)
     if cfg.engine == "vllm":
         from rollout.engine_vllm import VLLMEngine
 
-        return VLLMEngine(cfg, model_dir)
+        return VLLMEngine(cfg, model_dir, stop)
     from rollout.engine_hf import HFEngine
 
-    return HFEngine(cfg, model_dir)
+    return HFEngine(cfg, model_dir, stop)

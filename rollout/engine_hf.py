@@ -3,7 +3,9 @@
 Contract: as `rollout/engine.py`. All prompts x n samples decode as one left-padded batch with a KV
 cache; sampling draws from `softmax(logits / temperature)` restricted to the top-p nucleus with a
 seeded `torch.Generator`, and the returned logprob is that (renormalised) distribution's log-prob
-of the drawn token. Rows stop at an eos id of the model config; the eos is kept with its logprob.
+of the drawn token. A row stops at a token in `stop.token_ids`, or at the token whose decoded text
+(the row's completion so far, without special tokens) first contains a stop string, as vLLM's
+detokenizer decides; that token is kept with its logprob.
 Same `seed` and inputs give the same completions. Without a seed, draws continue one generator
 seeded with `RolloutConfig.seed` at construction.
 """
@@ -16,17 +18,19 @@ from pathlib import Path
 import torch
 
 from rollout.config import RolloutConfig
-from rollout.engine import FINISH_LENGTH, FINISH_STOP, Completion, check_max_model_len, check_prompts, check_weights
+from rollout.engine import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Completion,
+    check_max_model_len,
+    check_prompts,
+    check_weights,
+    default_stop,
+)
 from rollout.evaluation import left_pad
+from rollout.render import StopConditions
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _eos_ids(config) -> frozenset[int]:
-    eos = config.eos_token_id
-    if eos is None:
-        raise ValueError("the model config has no eos_token_id: set it in config.json so completions can stop")
-    return frozenset([eos] if isinstance(eos, int) else eos)
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -46,18 +50,21 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) ->
 
 
 class HFEngine:
-    def __init__(self, cfg: RolloutConfig, model_dir: str | Path):
-        from transformers import AutoModelForCausalLM
+    def __init__(self, cfg: RolloutConfig, model_dir: str | Path, stop: StopConditions | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[cfg.dtype])
         self.model.to(self.device).eval()
         check_max_model_len(cfg, self.model.config.max_position_embeddings)
-        self.eos_ids = _eos_ids(self.model.config)
-        self._eos_tensor = torch.tensor(sorted(self.eos_ids), device=self.device)
+        self.stop = stop or default_stop(model_dir)
+        self.eos_ids = self.stop.token_ids
+        self._eos_tensor = torch.tensor(sorted(self.eos_ids) or [-1], device=self.device)
+        # Stop strings are matched on decoded text, so only then is the tokenizer needed.
+        self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir)) if self.stop.strings else None
         pad = self.model.config.pad_token_id
-        self.pad_id = int(pad) if pad is not None else min(self.eos_ids)
+        self.pad_id = int(pad) if pad is not None else min(self.eos_ids or {0})
         self.vocab_size = self.model.config.vocab_size
         self.policy_version = 0
         self._generator = torch.Generator(self.device).manual_seed(cfg.seed)
@@ -101,12 +108,16 @@ class HFEngine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        ends = [None] * len(rows)  # row -> completion length when it stopped
         tokens, logprobs = [], []
         for step in range(max_new):
             tok, lp = self._pick(out.logits[:, -1], gen)
             tokens.append(tok)
             logprobs.append(lp)
-            done |= torch.isin(tok, self._eos_tensor)
+            stopped = (torch.isin(tok, self._eos_tensor) | self._hit_stop_string(tokens, done)) & ~done
+            for i in stopped.nonzero().flatten().tolist():
+                ends[i] = step + 1
+            done |= stopped
             if bool(done.all()) or step == max_new - 1:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
@@ -118,7 +129,13 @@ class HFEngine:
                 past_key_values=out.past_key_values,
                 use_cache=True,
             )
-        return self._completions(torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist())
+        toks, lps = torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist()
+        return [
+            Completion(
+                tuple(t[: end or len(t)]), tuple(lp[: end or len(t)]), FINISH_LENGTH if end is None else FINISH_STOP
+            )
+            for t, lp, end in zip(toks, lps, ends)
+        ]
 
     def _pick(self, logits: torch.Tensor, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row. `logits [B, V]` -> `(token [B], logprob [B])`."""
@@ -130,12 +147,12 @@ class HFEngine:
             tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
-    def _completions(self, tokens: list[list[int]], logprobs: list[list[float]]) -> list[Completion]:
-        """Cut each row after its first eos. `tokens`, `logprobs`: `[B][T]` nested lists."""
-        out = []
-        for toks, lps in zip(tokens, logprobs):
-            end = next((i + 1 for i, t in enumerate(toks) if t in self.eos_ids), None)
-            reason = FINISH_STOP if end is not None else FINISH_LENGTH
-            end = end or len(toks)
-            out.append(Completion(tuple(toks[:end]), tuple(lps[:end]), reason))
-        return out
+    def _hit_stop_string(self, tokens: list[torch.Tensor], done: torch.Tensor) -> torch.Tensor:
+        """`[B]` bool: rows not yet done whose decoded completion now contains a stop string."""
+        hit = torch.zeros_like(done)
+        if not self.stop.strings:
+            return hit
+        for i in (~done).nonzero().flatten().tolist():
+            text = self._tokenizer.decode([int(t[i]) for t in tokens], skip_special_tokens=True)
+            hit[i] = any(s in text for s in self.stop.strings)
+        return hit

@@ -7,7 +7,10 @@ Contract: as `rollout/engine.py`, plus:
   sampling distribution's; `teacher_forced_logprobs` uses `prompt_logprobs` at temperature 1.
 - `load_weights` reloads in place, then resets the prefix cache: KV cached under the old weights
   would otherwise be reused for a repeated prompt (6.7 nats of logprob error, shared/PLATFORM.md).
-- detokenisation is off: the engine speaks token ids only.
+- stop conditions: `stop_token_ids` = `stop.token_ids` (vLLM's own eos rule is off, `ignore_eos`, so the
+  set is exactly the caller's), `stop` = `stop.strings`; detokenisation is on only when there are stop
+  strings (vLLM matches them on the incrementally decoded text). Either way the completion's token ids
+  and logprobs are every sampled token up to and including the one that stopped it.
 - `step_hook` (None by default): if set, `generate` drives the engine step by step and calls it
   between steps, where it may `load_weights` ("pause" in-flight updates, weight_sync.inflight):
   running sequences keep their KV from the old weights and continue on the new ones. The prefix
@@ -28,7 +31,16 @@ from rollout.config import RolloutConfig
 
 if TYPE_CHECKING:
     import torch
-from rollout.engine import FINISH_LENGTH, FINISH_STOP, Completion, check_max_model_len, check_prompts, check_weights
+from rollout.engine import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Completion,
+    check_max_model_len,
+    check_prompts,
+    check_weights,
+    default_stop,
+)
+from rollout.render import StopConditions
 
 
 def _set_env(cfg: RolloutConfig) -> None:
@@ -50,10 +62,14 @@ def _check_platform(cfg: RolloutConfig) -> None:
 class _RotaryReloadNotice(logging.Filter):
     """Drops vLLM's per-reload "RotaryEmbedding: Failed to load weights": the rotary cos/sin cache is a
     buffer, not a checkpoint weight; vLLM puts it back unchanged (tests/integration/test_spine_weights.py
-    checks logprobs after reloads to 1e-4). Every other warning passes."""
+    checks logprobs after reloads to 1e-4). Likewise "ParallelLMHead: ..." for tied embeddings: the head's
+    weight is the embedding's, loaded under that name, and `_refresh_tied_lm_head` re-derives the rest
+    (tests/integration/test_bpe_weights.py). Every other warning passes."""
+
+    QUIET = ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
+        return record.getMessage() not in self.QUIET
 
 
 def _quiet_weight_reloads() -> None:
@@ -66,7 +82,7 @@ def _quiet_weight_reloads() -> None:
 
 
 class VLLMEngine:
-    def __init__(self, cfg: RolloutConfig, model_dir: str | Path):
+    def __init__(self, cfg: RolloutConfig, model_dir: str | Path, stop: StopConditions | None = None):
         _set_env(cfg)
         from transformers import AutoConfig
         from vllm import LLM
@@ -75,12 +91,14 @@ class VLLMEngine:
         hf_config = AutoConfig.from_pretrained(str(model_dir))
         check_max_model_len(cfg, hf_config.max_position_embeddings)
         self.cfg = cfg
+        self.stop = stop or default_stop(model_dir)
         self.vocab_size = hf_config.vocab_size
         self.policy_version = 0
         self.step_hook: Callable[[], None] | None = None
         self._generating = False
         self._reset_pending = False
         self._shapes = _checkpoint_shapes(Path(model_dir))
+        self._tied_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.llm = LLM(
             model=str(model_dir),
             dtype=cfg.dtype,
@@ -91,6 +109,7 @@ class VLLMEngine:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             logprobs_mode="processed_logprobs",
             **({} if cfg.block_size is None else {"block_size": cfg.block_size}),
+            **_cpu_scheduling(cfg),
         )
         _quiet_weight_reloads()
 
@@ -107,7 +126,7 @@ class VLLMEngine:
                 max_tokens=self.cfg.max_new_tokens,
                 seed=s,
                 logprobs=0,
-                detokenize=False,
+                **self._stop_params(),
             )
             for s in _prompt_seeds(seed, len(prompts))
         ]
@@ -118,9 +137,17 @@ class VLLMEngine:
     def greedy(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_new_tokens, detokenize=False)
+        params = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_new_tokens, **self._stop_params())
         outs = self._run(prompts, params, self.cfg.max_model_len - self.cfg.max_new_tokens)
         return [tuple(out.outputs[0].token_ids) for out in outs]
+
+    def _stop_params(self) -> dict:
+        return {
+            "ignore_eos": True,
+            "stop_token_ids": sorted(self.stop.token_ids),
+            "stop": list(self.stop.strings) or None,
+            "detokenize": bool(self.stop.strings),
+        }
 
     def teacher_forced_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         from vllm import SamplingParams
@@ -137,6 +164,8 @@ class VLLMEngine:
         # A reload that fails inside vLLM leaves the engine unusable (PLATFORM.md): reject bad input first.
         check_weights(weights, self._shapes)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        if self._tied_embeddings:
+            self.llm.collective_rpc(_refresh_tied_lm_head)
         self.policy_version = policy_version
         if self._generating:  # a pause update: requests are running, reset once they are done
             self._reset_pending = True
@@ -192,6 +221,23 @@ class VLLMEngine:
         )  # request ids count up in enqueue order, as in LLM._run_engine
 
 
+def _refresh_tied_lm_head(worker) -> None:
+    """With tied embeddings the LM head shares the embedding's weight, which a reload updates under the
+    embedding's name; but the head's own derived state (on CPU a oneDNN-prepacked copy of that weight,
+    `cpu_linear`) is built once after loading and a reload that sends no `lm_head.*` tensor leaves it
+    stale: logits kept the old weights (0.5 nats off after one perturbed update). Rebuild it."""
+    head = worker.model_runner.model.lm_head
+    head.quant_method.process_weights_after_loading(head)
+
+
+def _cpu_scheduling(cfg: RolloutConfig) -> dict:
+    """No chunked prefill on CPU. A prompt prefilled in chunks has its sampled token discarded and vLLM then
+    rewinds that request's seeded generator (`Generator.set_offset`), which a CPU generator does not
+    support: the engine crashes once a batch of seeded prompts exceeds max_num_batched_tokens (4096 on
+    CPU, e.g. 256 samples of 35-token chat prompts). Whole-prompt scheduling never discards a token."""
+    return {"enable_chunked_prefill": False} if cfg.device == "cpu" else {}
+
+
 def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """HF parameter name -> shape, from the safetensors headers (no tensor data read)."""
     from safetensors import safe_open
@@ -215,7 +261,7 @@ def _prompt_seeds(seed: int | None, n_prompts: int) -> list[int | None]:
 
 
 def _completion(out) -> Completion:
-    """One vLLM `CompletionOutput` -> `Completion` (eos kept, with its logprob)."""
+    """One vLLM `CompletionOutput` -> `Completion` (the stopping token kept, with its logprob)."""
     ids = tuple(out.token_ids)
     logprobs = tuple(step[tok].logprob for step, tok in zip(out.logprobs, ids))
     reason = FINISH_STOP if out.finish_reason == "stop" else FINISH_LENGTH

@@ -1,34 +1,25 @@
-"""Prompt encoding and greedy pass@1 evaluation on an HF causal LM (pure torch + transformers).
+"""Greedy pass@1 evaluation of an HF causal LM in-process (pure torch + transformers), and left padding.
 
 Contract:
-- `encode_prompt(tokenizer, prompt)` is THE prompt encoding of the project: `[<bos>] + one id per
-  character`. Every engine (vLLM, HF, the SFT cold start, the TRL baseline) feeds the model exactly
-  these ids, so a model trained by one component is evaluated on the same inputs by another.
-- `greedy_accuracy(model, tokenizer, problems, max_new_tokens)` decodes greedily (argmax), batched with
-  left padding, stops a row at `<eos>` (or after `max_new_tokens`), decodes the completion without
-  special tokens and scores it with the task verifier (exact match after stripping). A completion that
-  runs out of budget is scored as whatever text it produced. Returns the mean score in [0, 1].
+- `greedy_accuracy(model, renderer, problems, max_new_tokens, score)` renders each problem with the
+  run's `rollout.render.Renderer` (the ids every engine sees), decodes greedily (argmax), batched with
+  left padding, stops a row at a stop token of the renderer (or after `max_new_tokens`; stop strings cut
+  the text), reads the completion with `renderer.completion_text` and scores it with `score` (the task's
+  verifier, or the user's reward function). A problem counts as correct when its score is >= 1. A
+  completion that runs out of budget is scored as whatever text it produced. Returns the fraction correct.
+- Rollout workers evaluate through their engine instead (services/rollout_worker.py); this path serves
+  in-process callers (benchmarks, the cold-start probe) with the same rendering and verifier.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
-from rollout.tasks import ArithmeticTask, Problem
+from rollout.problem import Problem
 
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """`<bos>` followed by the prompt's characters; raises if a character is not in the vocabulary."""
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
-    unknown = [ch for ch, i in zip(prompt, ids) if i == tokenizer.unk_token_id]
-    if len(ids) != len(prompt) or unknown:
-        raise ValueError(
-            f"prompt {prompt!r} has characters {unknown or 'that'} outside the tokenizer's alphabet; "
-            "build the tokenizer with the task's alphabet (learner.tiny_model.build_tokenizer(task.alphabet))"
-        )
-    return [tokenizer.bos_token_id, *ids]
+CORRECT = 1.0 - 1e-9  # a score at or above this counts as a correct answer (verifiers may give partial credit)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,14 +35,15 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def greedy_generate(
-    model, prompt_ids: Sequence[Sequence[int]], eos_id: int, pad_id: int, max_new_tokens: int
+    model, prompt_ids: Sequence[Sequence[int]], stop_ids: Collection[int], pad_id: int, max_new_tokens: int
 ) -> list[list[int]]:
-    """Greedy completions (without the trailing `<eos>`) for each prompt; one batch, no KV cache.
+    """Greedy completions (the stop token, when reached, included) for each prompt; one batch, no KV cache.
 
     Sequences here are tens of tokens, so recomputing the prefix each step costs little and keeps the
     padding logic obviously right: positions are `cumsum(mask) - 1`, identical to the unpadded run.
     """
     ids, mask = left_pad(prompt_ids, pad_id)
+    stop = torch.tensor(sorted(stop_ids) or [-1])
     done = torch.zeros(len(prompt_ids), dtype=torch.bool)
     out: list[list[int]] = [[] for _ in prompt_ids]
     for _ in range(max_new_tokens):
@@ -59,9 +51,8 @@ def greedy_generate(
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1, :]
         nxt = logits.argmax(-1)
         for i in (~done).nonzero().flatten().tolist():
-            if nxt[i].item() != eos_id:
-                out[i].append(nxt[i].item())
-        done |= nxt == eos_id
+            out[i].append(nxt[i].item())
+        done |= torch.isin(nxt, stop)
         if done.all():
             break
         ids = torch.cat([ids, torch.where(done, pad_id, nxt)[:, None]], dim=1)
@@ -69,18 +60,26 @@ def greedy_generate(
     return out
 
 
-def greedy_accuracy(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int, batch_size: int = 256) -> float:
-    """Greedy pass@1 of `model` on `problems` (fraction scored 1.0 by the verifier)."""
+def greedy_accuracy(
+    model,
+    renderer,
+    problems: Sequence[Problem],
+    max_new_tokens: int,
+    score: Callable[[Problem, str], float],
+    batch_size: int = 256,
+) -> float:
+    """Greedy pass@1 of `model` on `problems` (fraction whose score is >= 1)."""
     if not problems:
         raise ValueError("greedy_accuracy got no problems; pass a non-empty list (e.g. task.eval_set())")
     was_training = model.training
     model.eval()
-    correct = 0.0
+    pad = renderer.tokenizer.pad_token_id
+    pad = pad if pad is not None else min(renderer.stop.token_ids)
+    correct = 0
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
-        prompts = [encode_prompt(tokenizer, p.prompt) for p in chunk]
-        completions = greedy_generate(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens)
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        correct += sum(ArithmeticTask.score(p, t) for p, t in zip(chunk, texts))
+        prompts = [renderer.encode_prompt(p) for p in chunk]
+        completions = greedy_generate(model, prompts, renderer.stop.token_ids, pad, max_new_tokens)
+        correct += sum(score(p, renderer.completion_text(c)) >= CORRECT for p, c in zip(chunk, completions))
     model.train(was_training)
     return correct / len(problems)

@@ -1,10 +1,10 @@
 """Sampled evaluation on one rollout engine: greedy pass@1 and n scored samples per prompt (no ray).
 
 Contract:
-- `encode_prompt`, `score_completion` and `extract_answer` are the only places where this evaluation
-  turns a problem into token ids, a completion into a verifier score, and a completion into a vote for
-  maj@k. The rollout worker's encoding and the task's verifier are used, so evaluation sees exactly
-  what training sees.
+- Prompts are encoded by the run's `rollout.render.Renderer` and completions end at its stop conditions;
+  `score_completion` and `extract_answer` are the only places where a completion becomes a score and a
+  vote for maj@k. The reward function (the user's `reward.function`, else the task's verifier) and the
+  renderer are the rollout workers', so evaluation sees exactly what training sees.
 - `make_batches` cuts the problems into fixed batches with fixed seeds, independent of how many
   workers later run them, so results depend on (seed, batch size), never on the worker count.
 - `BatchEvaluator.evaluate(batch)` returns one `PromptOutcome` per problem of the batch, in order: the
@@ -24,22 +24,19 @@ from rollout.passk import PromptSamples
 from rollout.tasks import Problem
 
 
-def encode_prompt(tokenizer, problem: Problem) -> list[int]:
-    """The prompt's token ids, as every engine, the cold start and the rollout workers encode it."""
-    from rollout.evaluation import encode_prompt as encode
-
-    return encode(tokenizer, problem.prompt)
-
-
-def score_completion(task, problem: Problem, text: str) -> float:
-    """The task's verifier score of one decoded completion, in [0, 1]."""
-    return float(task.score(problem, text))
+def score_completion(score, problem: Problem, text: str) -> float:
+    """The reward function's score of one decoded completion (the user's `reward.function`, else the task's
+    verifier: what training rewards use)."""
+    return float(score(problem, text))
 
 
-def extract_answer(problem: Problem, text: str) -> str | None:
-    """The answer a completion votes for in maj@k (None = no answer). The tasks here are exact-match after
-    stripping, so the stripped text is the answer; a verifier that parses answers would return its parse."""
-    answer = text.strip()
+def extract_answer(task, problem: Problem, text: str) -> str | None:
+    """The answer a completion votes for in maj@k (None = no answer): what the task's verifier extracts,
+    so `\\boxed{7}` and `Answer: 7` vote together."""
+    from rollout.verifiers import extract_answer as extract
+
+    how = getattr(getattr(getattr(task, "verifier", None), "cfg", None), "extract", "none")
+    answer = extract(text, how)
     return answer or None
 
 
@@ -84,28 +81,35 @@ def make_batches(
 class BatchEvaluator:
     """One engine on one model, with the task's verifier; `evaluate` runs one `EvalBatch`.
 
-    `task_cfg` is a `rollout.tasks.TaskConfig` or `rollout.datasets.DatasetTaskConfig` (the run's `task`);
-    `engine` replaces the one `rollout_cfg` would build (tests pass a scripted engine)."""
+    `task_cfg` is the run's `task` section, `render_cfg` its `render`, `reward_function` its
+    `reward.function` ("module:callable" or None = the task's verifier); `engine` replaces the one
+    `rollout_cfg` would build (tests pass a scripted engine)."""
 
-    def __init__(self, rollout_cfg: RolloutConfig, task_cfg, model_dir: str | Path, engine=None):
-        from transformers import AutoTokenizer
-
+    def __init__(
+        self,
+        rollout_cfg: RolloutConfig,
+        task_cfg,
+        model_dir: str | Path,
+        render_cfg=None,
+        reward_function: str | None = None,
+        engine=None,
+    ):
         from rollout.engine import make_engine
+        from rollout.render import RenderConfig, Renderer
+        from rollout.rewards import load_reward_function
         from rollout.tasks import make_task
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.task = make_task(task_cfg, self.tokenizer)
-        self.engine = engine if engine is not None else make_engine(rollout_cfg, Path(model_dir))
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        self.renderer = Renderer.from_pretrained(render_cfg or RenderConfig(), model_dir)
+        self.task = make_task(task_cfg, self.renderer)
+        self.score = load_reward_function(reward_function) if reward_function else self.task.score
+        self.engine = engine if engine is not None else make_engine(rollout_cfg, Path(model_dir), self.renderer.stop)
 
     def _score(self, problem: Problem, ids: Sequence[int]) -> tuple[float, str | None]:
-        text = self._decode(ids)
-        return score_completion(self.task, problem, text), extract_answer(problem, text)
+        text = self.renderer.completion_text(ids)
+        return score_completion(self.score, problem, text), extract_answer(self.task, problem, text)
 
     def evaluate(self, batch: EvalBatch) -> list[PromptOutcome]:
-        prompts = [encode_prompt(self.tokenizer, p) for p in batch.problems]
+        prompts = [self.renderer.encode_prompt(p) for p in batch.problems]
         greedy = self.engine.greedy(prompts) if batch.greedy else [None] * len(prompts)
         groups = self.engine.generate(prompts, n=batch.n, seed=batch.seed)
         out = []

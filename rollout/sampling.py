@@ -3,7 +3,9 @@
 Contract:
 - one `engine.generate` call for all problems; problem i's `group_size` traces share one fresh
   `group_id` and appear consecutively, in problem order.
-- `reward = score(problem, text)` where `text = decode(completion)` without the trailing eos.
+- prompts are `renderer.encode_prompt(problem)`; `reward = score(problem, text)` where
+  `text = renderer.completion_text(completion)` (stop token dropped, no special tokens, cut at a stop
+  string); the trace keeps every sampled completion token.
 - `policy_version` is the engine's version when sampling started, `policy_version_max` when it
   ended (they differ only if a weight update landed during the call).
 - `task = problem.task`; `metadata` is JSON `{"answer": ..., "finish_reason": ...}`.
@@ -19,15 +21,15 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from replay.schema import Trace, validate_trace
-from rollout.engine import FINISH_STOP, Completion, Engine
-from rollout.tasks import Problem
+from rollout.engine import Completion, Engine
+from rollout.problem import Problem
+from rollout.render import Renderer
 
 
 def sample_groups(
     engine: Engine,
     problems: Sequence[Problem],
-    encode: Callable[[str], list[int]],
-    decode: Callable[[Sequence[int]], str],
+    renderer: Renderer,
     score: Callable[[Problem, str], float],
     group_size: int,
     seed: int | None = None,
@@ -43,7 +45,7 @@ def sample_groups(
         raise ValueError(f"group_size={group_size}: a group needs at least 2 completions (rollout.group_size >= 2)")
     if not problems:
         return []
-    prompts = [encode(p.prompt) for p in problems]
+    prompts = [renderer.encode_prompt(p) for p in problems]
     version_min = engine.policy_version
     groups = engine.generate(prompts, n=group_size, seed=seed)
     version_max = engine.policy_version
@@ -52,7 +54,9 @@ def sample_groups(
             f"engine returned {[len(g) for g in groups]} completions for {len(problems)} prompts, "
             f"expected {group_size} each: the engine breaks the Engine.generate contract"
         )
-    items = [(problem, decode(_without_eos(c))) for problem, group in zip(problems, groups) for c in group]
+    items = [
+        (problem, renderer.completion_text(c.token_ids)) for problem, group in zip(problems, groups) for c in group
+    ]
     rewards = score_batch(items) if score_batch is not None else [score(p, text) for p, text in items]
     traces = []
     for i, (problem, prompt, group) in enumerate(zip(problems, prompts, groups)):
@@ -64,10 +68,6 @@ def sample_groups(
             _trace(group_id, problem, prompt, c, r, version_min, version_max) for c, r in zip(group, group_rewards)
         ]
     return traces
-
-
-def _without_eos(c: Completion) -> tuple[int, ...]:
-    return c.token_ids[:-1] if c.finish_reason == FINISH_STOP else c.token_ids
 
 
 def _trace(

@@ -1,22 +1,52 @@
-"""Verifiable tasks: prompt generators with exact verifiers and a held-out split.
+"""Tasks: where prompts come from and how completions are scored, behind one `Task` protocol.
 
-Contract: a task yields `Problem`s whose `prompt` and `answer` use only `task.alphabet`; the
-verifier scores a completion 1.0 iff it equals the answer exactly (after stripping the end-of-sequence
-marker), else 0.0. Train and eval splits are disjoint by construction: a problem belongs to the eval
-split iff a stable hash of its operands falls in the eval bucket, so no eval problem is ever trained on.
+Contract of every task source (`TASK_SOURCES`: the built-in arithmetic here, prompt datasets in
+rollout/datasets.py, reasoning-gym generators in rollout/reasoning_gym_task.py):
+- `train_stream(seed)` is an endless stream of training `Problem`s and never yields an eval problem;
+  `eval_set()` is the fixed held-out split, the same for every run with the config.
+- `score(problem, completion_text)` is the task's verifier (rollout/verifiers.py, `task.verifier`), the
+  same function for rollout rewards and evaluation; a user's `reward.function` replaces it for both.
+- `skipped_rows` counts the rows (or generated problems) left out, by reason; `{}` when none were.
+- `corpus(n)`: up to n training texts (prompts and reference completions), e.g. to train the built-in
+  model's tokenizer before any tokenizer exists.
+
+Arithmetic: `a op b =` with an exact integer answer; a problem belongs to the eval split iff a stable
+hash of its operands falls in the eval bucket, so no eval problem is ever trained on.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import random
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rollout.problem import Problem
+from rollout.verifiers import ExactConfig, VerifierConfig, make_verifier
+
+if TYPE_CHECKING:
+    from rollout.render import Renderer
+
+__all__ = ["ARITHMETIC_ALPHABET", "ArithmeticTask", "Problem", "Task", "TaskConfig", "make_task"]
+
 ARITHMETIC_ALPHABET = "0123456789+-*="
+
+
+class Task(Protocol):
+    name: str
+    skipped_rows: dict[str, int]
+
+    def train_stream(self, seed: int | None = None) -> Iterator[Problem]: ...
+
+    def eval_set(self) -> list[Problem]: ...
+
+    def score(self, problem: Problem, completion: str) -> float: ...
+
+    def reference_completion(self, problem: Problem) -> str: ...
+
+    def corpus(self, n: int) -> list[str]: ...
 
 
 class TaskConfig(BaseModel):
@@ -34,6 +64,10 @@ class TaskConfig(BaseModel):
     # Transformers"): operands zero-padded to N=max_digits, answer zero-padded to N+1 digits and written
     # least-significant digit first, `012+345=` -> `7530`, so each answer digit depends on one column + carry.
     answer_format: Literal["plain", "reversed_padded"] = "plain"
+    verifier: VerifierConfig = Field(
+        default_factory=ExactConfig,
+        description="how completions are scored (rollout/verifiers.py); default: exact match of the whole completion",
+    )
 
     @model_validator(mode="after")
     def _digits(self) -> TaskConfig:
@@ -48,21 +82,30 @@ class TaskConfig(BaseModel):
         return self
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    prompt: str
-    answer: str
-    task: str
+class VerifiedTask:
+    """Scoring shared by every task source: its `cfg.verifier`, built once (picklable)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.verifier = make_verifier(cfg.verifier)
+        self.skipped_rows: dict[str, int] = {}
+
+    def score(self, problem: Problem, completion: str) -> float:
+        return self.verifier.score(problem, completion)
+
+    def reference_completion(self, problem: Problem) -> str:
+        return self.verifier.reference_completion(problem)
+
+    def corpus(self, n: int) -> list[str]:
+        problems = [p for _, p in zip(range(n), self.train_stream())]
+        return [text for p in problems for text in (p.prompt, self.reference_completion(p))]
 
 
-class ArithmeticTask:
+class ArithmeticTask(VerifiedTask):
     """`a op b =` with operands of `min_digits..max_digits` digits; answer is the exact integer."""
 
     name = "arithmetic"
     alphabet = ARITHMETIC_ALPHABET
-
-    def __init__(self, cfg: TaskConfig):
-        self.cfg = cfg
 
     def _operand(self, rng: random.Random) -> int:
         d = rng.randint(self.cfg.min_digits, self.cfg.max_digits)
@@ -98,21 +141,26 @@ class ArithmeticTask:
         rng = random.Random(10_000 + self.cfg.seed)
         return [self._draw(rng, want_eval=True) for _ in range(self.cfg.eval_size)]
 
-    @staticmethod
-    def score(problem: Problem, completion: str) -> float:
-        return 1.0 if completion.strip() == problem.answer else 0.0
+    @classmethod
+    def from_config(cls, cfg: TaskConfig, renderer: Renderer | None = None) -> ArithmeticTask:
+        return cls(cfg)
 
 
-def make_task(cfg, tokenizer=None):
-    """The task for `cfg`: a `TaskConfig` (generated arithmetic) or a `rollout.datasets.DatasetTaskConfig`
-    (a JSONL prompt file, validated row by row with `tokenizer`'s prompt encoding, which it then needs)."""
-    if isinstance(cfg, TaskConfig):
-        return ArithmeticTask(cfg)
-    from rollout.datasets import DatasetTaskConfig, make_dataset_task
-    from rollout.evaluation import encode_prompt
+# kind -> "module:class" with `from_config(cfg, renderer)`; imported on use so `import rollout.tasks`
+# stays cheap (reasoning-gym and pyarrow load only for the tasks that need them).
+TASK_SOURCES = {
+    "arithmetic": "rollout.tasks:ArithmeticTask",
+    "dataset": "rollout.datasets:DatasetTask",
+    "reasoning_gym": "rollout.reasoning_gym_task:ReasoningGymTask",
+}
 
-    if not isinstance(cfg, DatasetTaskConfig):
-        raise TypeError(f"unknown task config {type(cfg).__name__}; expected TaskConfig or DatasetTaskConfig")
-    if tokenizer is None:
-        raise ValueError("a dataset task checks prompt lengths in tokens: pass the policy's tokenizer to make_task")
-    return make_dataset_task(cfg, lambda prompt: encode_prompt(tokenizer, prompt))
+
+def make_task(cfg, renderer: Renderer | None = None) -> Task:
+    """The task source `cfg.kind` names. A `renderer` lets sources check prompt lengths in rendered
+    tokens (datasets need one; without it they cannot skip over-long rows and raise)."""
+    import importlib
+
+    if getattr(cfg, "kind", None) not in TASK_SOURCES:
+        raise TypeError(f"unknown task config {type(cfg).__name__}; task.kind must be one of {list(TASK_SOURCES)}")
+    module, _, cls = TASK_SOURCES[cfg.kind].partition(":")
+    return getattr(importlib.import_module(module), cls).from_config(cfg, renderer)

@@ -21,11 +21,17 @@ from learner.tiny_model import TinyModelSpec
 from replay.config import ReplayConfig
 from rollout.config import RolloutConfig
 from rollout.datasets import DatasetTaskConfig
+from rollout.reasoning_gym_task import ReasoningGymTaskConfig
+from rollout.render import RenderConfig
 from rollout.rewards import RewardConfig
 from rollout.tasks import TaskConfig
 from services.loggers import LoggerName, WandbConfig, check_logger_names
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# vLLM's CPU attention kernels (vllm/v1/attention/backends/cpu_attn.py `get_supported_head_sizes`).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 class ConfigError(ValueError):
@@ -43,19 +49,40 @@ def _task_kind(value: Any) -> str:
 
 
 class ModelConfig(BaseModel):
-    """Either a local HF model directory (`path`) or the built-in tiny Llama (built offline, cached).
+    """Either a local HF model directory (`path`) or a built-in model (built offline, cached by spec).
 
-    The size fields apply to the built-in model only (defaults: `learner.tiny_model.TinyModelSpec`).
+    The size fields apply to the built-in models only (defaults: `learner.tiny_model.TinyModelSpec`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    path: str | None = None
-    hidden_size: int = Field(_tiny("hidden_size"), ge=16)
-    intermediate_size: int = Field(_tiny("intermediate_size"), ge=16)
-    num_hidden_layers: int = Field(_tiny("num_hidden_layers"), ge=1)
-    num_attention_heads: int = Field(_tiny("num_attention_heads"), ge=1)
-    max_position_embeddings: int = Field(_tiny("max_position_embeddings"), ge=8)
-    seed: int = 0
+    path: str | None = Field(
+        None, description="a local HF model directory (config, weights, tokenizer); None = built-in"
+    )
+    builtin: Literal["char_llama", "bpe_qwen2"] = Field(
+        "char_llama",
+        description="without path: char_llama (one token per character, BOS, no chat template; arithmetic-sized) or "
+        "bpe_qwen2 (Qwen2 architecture, byte-level BPE trained on the task's text, no BOS, ChatML template)",
+    )
+    hidden_size: int = Field(_tiny("hidden_size"), ge=16, description="built-in models: width")
+    intermediate_size: int = Field(_tiny("intermediate_size"), ge=16, description="built-in models: MLP width")
+    num_hidden_layers: int = Field(_tiny("num_hidden_layers"), ge=1, description="built-in models: depth")
+    num_attention_heads: int = Field(
+        _tiny("num_attention_heads"), ge=1, description="built-in models: heads (hidden_size / heads is the head size)"
+    )
+    max_position_embeddings: int = Field(
+        _tiny("max_position_embeddings"), ge=8, description="built-in models: positions; >= rollout.max_model_len"
+    )
+    num_key_value_heads: int | None = Field(
+        None, ge=1, description="bpe_qwen2: grouped-query KV heads (None = half the attention heads)"
+    )
+    vocab_size: int = Field(
+        1024, ge=260, description="bpe_qwen2: BPE vocabulary to train (256 bytes + 3 specials + merges)"
+    )
+    tie_word_embeddings: bool = Field(True, description="bpe_qwen2: share input and output embeddings, as small Qwens")
+    tokenizer_corpus_problems: int = Field(
+        4000, ge=10, description="bpe_qwen2: training problems whose prompt and reference answer train the tokenizer"
+    )
+    seed: int = Field(0, description="built-in models: seeds the initial weights")
 
 
 class LoopConfig(BaseModel):
@@ -113,11 +140,18 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     run: LoopConfig = Field(default_factory=LoopConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    # `kind: arithmetic` (generated, the default) or `kind: dataset` (a local JSONL prompt file)
     task: Annotated[
-        Annotated[TaskConfig, Tag("arithmetic")] | Annotated[DatasetTaskConfig, Tag("dataset")],
+        Annotated[TaskConfig, Tag("arithmetic")]
+        | Annotated[DatasetTaskConfig, Tag("dataset")]
+        | Annotated[ReasoningGymTaskConfig, Tag("reasoning_gym")],
         Discriminator(_task_kind),
-    ] = Field(default_factory=TaskConfig)
+    ] = Field(
+        default_factory=TaskConfig,
+        description="kind: arithmetic (generated), dataset (JSONL/Parquet/save_to_disk) or reasoning_gym (generator)",
+    )
+    render: RenderConfig = Field(
+        default_factory=RenderConfig, description="how prompts become token ids and what stops a completion"
+    )
     cold_start: SFTConfig | None = Field(default_factory=SFTConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -154,8 +188,10 @@ class RunConfig(BaseModel):
                 f"learner.objective.pass_k={objective.pass_k} exceeds rollout.group_size={self.rollout.group_size}: "
                 "pass@k advantages need at least k samples per group; lower pass_k or raise group_size"
             )
+        self._check_rendering()
+        self._check_builtin_heads()
         if (
-            isinstance(self.task, DatasetTaskConfig)
+            hasattr(self.task, "max_prompt_tokens")
             and self.task.max_prompt_tokens + self.rollout.max_new_tokens > self.rollout.max_model_len
         ):
             raise ValueError(
@@ -169,6 +205,41 @@ class RunConfig(BaseModel):
                 f"model.max_position_embeddings={self.model.max_position_embeddings}"
             )
         return self
+
+    def _check_builtin_heads(self) -> None:
+        m = self.model
+        if m.path is not None:
+            return
+        if m.hidden_size % m.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={m.hidden_size} is not a multiple of "
+                f"model.num_attention_heads={m.num_attention_heads}"
+            )
+        head_dim = m.hidden_size // m.num_attention_heads
+        if self.rollout.engine == "vllm" and self.rollout.device == "cpu" and head_dim not in VLLM_CPU_HEAD_SIZES:
+            raise ValueError(
+                f"model.hidden_size / model.num_attention_heads = {head_dim}, a head size vLLM's CPU attention "
+                f"does not support (one of {list(VLLM_CPU_HEAD_SIZES)}): change model.num_attention_heads or "
+                "model.hidden_size"
+            )
+
+    def _check_rendering(self) -> None:
+        builtin_char = self.model.path is None and self.model.builtin == "char_llama"
+        if builtin_char and self.render.mode == "chat":
+            raise ValueError(
+                "render.mode='chat' but the built-in char_llama model has no chat template: set "
+                "model.builtin=bpe_qwen2 (ChatML template) or render.mode=raw"
+            )
+        if builtin_char and self.task.kind == "reasoning_gym":
+            raise ValueError(
+                "task.kind='reasoning_gym' writes English prompts that the built-in char_llama model (64 positions) "
+                "cannot hold: set model.builtin=bpe_qwen2, or give model.path"
+            )
+        if getattr(self.task, "messages_key", None) is not None and self.render.mode != "chat":
+            raise ValueError(
+                f"task.messages_key={self.task.messages_key!r} gives chat turns, which render.mode='raw' cannot "
+                "render: set render.mode=chat"
+            )
 
     @property
     def synchronous(self) -> bool:
@@ -200,7 +271,7 @@ def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         parts = [str(x) for x in e["loc"]]
-        if parts[:1] == ["task"] and parts[1:2] in (["arithmetic"], ["dataset"]):
+        if parts[:1] == ["task"] and parts[1:2] in (["arithmetic"], ["dataset"], ["reasoning_gym"]):
             del parts[1]  # the union's tag is not a YAML key
         loc = ".".join(parts) or "(root)"
         msg = e["msg"].removeprefix("Value error, ")
@@ -249,11 +320,17 @@ def check_model_path(cfg: RunConfig) -> None:
         _check_hf_dir(
             "model.path", cfg.model.path, tokenizer=True, fix="or remove model.path to use the built-in tiny model"
         )
-    if isinstance(cfg.task, DatasetTaskConfig) and not Path(cfg.task.path).expanduser().is_file():
+    if isinstance(cfg.task, DatasetTaskConfig) and not Path(cfg.task.path).expanduser().exists():
         raise ConfigError(
-            f"task.path={cfg.task.path!r} is not a file; give a local JSONL prompt file "
-            '(one {"prompt": ..., "answer": ...} object per line)'
+            f"task.path={cfg.task.path!r} does not exist; give a local JSONL or Parquet file, or a datasets "
+            "save_to_disk directory"
         )
+    if cfg.cold_start is not None and cfg.cold_start.solutions_path is not None:
+        if not Path(cfg.cold_start.solutions_path).expanduser().is_file():
+            raise ConfigError(
+                f"cold_start.solutions_path={cfg.cold_start.solutions_path!r} is not a file; give a JSONL of worked "
+                'solutions ({"prompt": ..., "completion": ...} per line) or remove it to train on reference answers'
+            )
     if cfg.learner.reference.path is not None:
         _check_hf_dir(
             "learner.reference.path",

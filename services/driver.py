@@ -26,17 +26,32 @@ import sys
 import time
 from pathlib import Path
 
-from rollout.datasets import DatasetError
-from services.checkpoint import ResumePoint, check_resumable, find_resume, rewind_replay
-from services.config import REPO_ROOT, ConfigError, RunConfig, check_model_path, load_config, write_resolved
-from services.placement import format_plan, plan
+# Before torch loads (OpenMP reads it once): idle OpenMP threads sleep instead of spinning. On a shared box
+# the cold start's spinning threads fought other processes for the cores: 20 SFT steps took 0.1-2.2 s each
+# with the default policy, 0.12-0.15 s passive (2 threads, load 2-4).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from rollout.datasets import DatasetError  # noqa: E402
+from services.checkpoint import ResumePoint, check_resumable, find_resume, rewind_replay  # noqa: E402
+from services.config import (  # noqa: E402
+    REPO_ROOT,
+    ConfigError,
+    RunConfig,
+    check_model_path,
+    load_config,
+    write_resolved,
+)
+from services.placement import format_plan, plan  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m services.driver", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="YAML run config (deploy/configs/*.yaml); omitted = built-in defaults")
     ap.add_argument(
-        "--dry-run", action="store_true", help="validate the config, print the actor placement, start nothing"
+        "--dry-run",
+        action="store_true",
+        help="validate the config, print the actor placement, load the tokenizer, render one train and one eval "
+        "prompt, show the stop tokens and the verifier's verdict on the reference answers; start nothing",
     )
     ap.add_argument(
         "--resume",
@@ -57,26 +72,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def prepare_model(cfg: RunConfig, cache_dir: Path) -> tuple[Path, float]:
-    """The policy's starting point (version 0): the given or built-in model, after the cold start. Cached."""
+    """The policy's starting point (version 0): the given or built-in model, checked by `preflight`, after
+    the cold start. Cached. Raises ConfigError / DatasetError before any training when the setup is wrong."""
     from learner.sft import cold_start
-    from learner.tiny_model import TinyModelSpec, build_tiny_model
-    from rollout.datasets import DatasetTaskConfig, dataset_alphabet
+    from rollout.render import Renderer
     from rollout.tasks import make_task
+    from services.preflight import build_base_model, preflight
 
-    dataset = isinstance(cfg.task, DatasetTaskConfig)
-    task = None if dataset else make_task(cfg.task)  # a dataset task needs the model's tokenizer first
-    if cfg.model.path is not None:
-        base = Path(cfg.model.path).expanduser()
-    else:  # the built-in model's character tokenizer covers the task's alphabet (a dataset's: its characters)
-        alphabet = dataset_alphabet(cfg.task) if dataset else task.alphabet
-        spec = TinyModelSpec(alphabet=alphabet, **cfg.model.model_dump(exclude={"path"}))
-        base = build_tiny_model(cache_dir / "models" / f"tiny-{spec.cache_key()}", spec)
-    if dataset:
-        task = make_task(cfg.task, _tokenizer(base))
+    base = build_base_model(cfg, cache_dir)
+    preflight(cfg, base)
     if cfg.cold_start is None:
         return base, 0.0
+    task = make_task(cfg.task, Renderer.from_pretrained(cfg.render, base))
     key = hashlib.sha256(
-        f"{base.resolve()}|{cfg.task.model_dump_json()}|{cfg.cold_start.model_dump_json()}".encode()
+        f"{base.resolve()}|{cfg.task.model_dump_json()}|{cfg.render.model_dump_json()}|"
+        f"{cfg.cold_start.model_dump_json()}".encode()
     ).hexdigest()[:16]
     from tqdm import tqdm
 
@@ -94,16 +104,26 @@ def prepare_model(cfg: RunConfig, cache_dir: Path) -> tuple[Path, float]:
             cache_dir / "models" / f"coldstart-{key}",
             task,
             cfg.cold_start,
+            render=cfg.render,
             threads=os.cpu_count(),
             on_step=on_step,
         )
     return out, time.perf_counter() - t0
 
 
-def _tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
+def dry_run(cfg: RunConfig) -> int:
+    """Print the placement and the preflight report (tokenizer, prompts, stop tokens, verifier verdicts)."""
+    from services.preflight import build_base_model, preflight
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    print(format_plan(cfg, plan(cfg)))
+    try:
+        check_model_path(cfg)
+    except ConfigError as e:  # a cluster config names paths on the cluster's nodes
+        print(f"note (checked again at start-up on the cluster): {e}")
+        return 0
+    base = build_base_model(cfg, Path(cfg.run.cache_dir).resolve())
+    print(preflight(cfg, base).format())
+    return 0
 
 
 def start_ray(cfg: RunConfig, address: str | None) -> None:
@@ -166,16 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            print(format_plan(cfg, plan(cfg)))
-            try:
-                check_model_path(cfg)
-            except ConfigError as e:
-                print(f"note (checked again at start-up on the cluster): {e}")
-            return 0
+            return dry_run(cfg)
         check_model_path(cfg)
         run_dir = Path(args.resume) if args.resume else Path(cfg.run.runs_dir) / cfg.run.name
         cfg, resume = prepare_run_dir(cfg, run_dir, args.resume)
-    except ConfigError as e:
+    except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from services.loop import ActorLearnerLoop
@@ -188,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         model_dir, cold_start_s = prepare_model(cfg, cache_dir)
-    except DatasetError as e:  # e.g. too few valid rows, or on_bad_row=error: nothing has started yet
+    except (ConfigError, DatasetError) as e:  # bad setup (preflight, rows, solutions): nothing started
         print(f"error: {e}", file=sys.stderr)
         return 2
     start_ray(cfg, args.address)

@@ -17,9 +17,9 @@ from rollout.sampled_eval import BatchEvaluator, EvalBatch, PromptOutcome
 
 @ray.remote
 class EvalWorker:
-    def __init__(self, rollout_cfg: RolloutConfig, task_cfg, model_dir: str):
+    def __init__(self, rollout_cfg: RolloutConfig, task_cfg, model_dir: str, render_cfg=None, reward_function=None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        self.core = BatchEvaluator(rollout_cfg, task_cfg, model_dir)
+        self.core = BatchEvaluator(rollout_cfg, task_cfg, model_dir, render_cfg, reward_function)
 
     def evaluate(self, batch: EvalBatch) -> list[PromptOutcome]:
         return self.core.evaluate(batch)
@@ -38,7 +38,7 @@ def start_eval_workers(cfg, rollout_cfg: RolloutConfig, model_dir: str, count: i
             num_gpus=rollout_cfg.num_gpus_per_worker,
             resources=dict(rollout_cfg.ray_resources),
             runtime_env={"env_vars": actor_env(cfg, cache_dir)},
-        ).remote(rollout_cfg, cfg.task, model_dir)
+        ).remote(rollout_cfg, cfg.task, model_dir, cfg.render, cfg.reward.function)
         for _ in range(count)
     ]
 

@@ -96,7 +96,7 @@ def resolve_models(cfg: RunConfig, specs: list[str], labels: list[str]) -> list[
 def evaluate_model(cfg: RunConfig, rollout_cfg, model_dir: Path, batches: list[EvalBatch], args) -> list:
     """Every batch's `PromptOutcome`s, in prompt order: in this process, or on `args.workers` Ray actors."""
     if args.workers == 0:
-        core = BatchEvaluator(rollout_cfg, cfg.task, model_dir)
+        core = BatchEvaluator(rollout_cfg, cfg.task, model_dir, cfg.render, cfg.reward.function)
         try:
             outcomes = [o for b in batches for o in core.evaluate(b)]
         finally:

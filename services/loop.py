@@ -80,9 +80,7 @@ class ActorLearnerLoop:
         self.faults = faults.from_env()
         if self.faults:
             self.pool.fetch_pids()
-        evals = self.pool.task.eval_set()
-        self.dataset_skipped_rows = dict(self.pool.task.data.skipped) if hasattr(self.pool.task, "data") else {}
-        self.eval_prompts, self.eval_answers = [p.prompt for p in evals], [p.answer for p in evals]
+        self.eval_problems = self.pool.task.eval_set()
         self.s = LoopState()
         self.train_refs: list = []
         self.publish_due = False
@@ -100,9 +98,7 @@ class ActorLearnerLoop:
                 self.ckpt.restore()
                 self.s.resumes += 1
             else:
-                _, self.initial_accuracy = ray.get(
-                    self.pool.handles[0].evaluate.remote(self.eval_prompts, self.eval_answers)
-                )
+                _, self.initial_accuracy = ray.get(self.pool.handles[0].evaluate.remote(self.eval_problems))
                 self.log.restart_clock()
                 self.log.write("eval", policy_version=0, accuracy=self.initial_accuracy, t_published=0.0)
             self._progress_start()
@@ -243,7 +239,7 @@ class ActorLearnerLoop:
         target = self.pool.eval_worker()
         self.eval_owed = target is None  # no active worker now: evaluate once one is back
         if target is not None:
-            self.side_refs[target[1].evaluate.remote(self.eval_prompts, self.eval_answers)] = ("eval", target[0])
+            self.side_refs[target[1].evaluate.remote(self.eval_problems)] = ("eval", target[0])
 
     def _on_side(self, ref) -> None:
         what, arg = self.side_refs.pop(ref)
@@ -351,8 +347,8 @@ class ActorLearnerLoop:
             "distinct_policy_versions_consumed": len(s.versions_consumed),
             "synchronous": self.cfg.synchronous,
             **self.s.reward_failures,
-            # by reason (rollout/datasets.py); {} for generated tasks
-            "dataset_skipped_rows": self.dataset_skipped_rows,
+            # rows (or generated problems) the task source left out, by reason (rollout/tasks.py `skipped_rows`)
+            "dataset_skipped_rows": dict(self.pool.task.skipped_rows),
             **self._fault_summary(),
             **self.pool.summary(),
         }

@@ -57,7 +57,8 @@ def plan(cfg: RunConfig) -> list[ActorSpec]:
 
 def format_plan(cfg: RunConfig, specs: list[ActorSpec]) -> str:
     lines = [
-        f"run {cfg.run.name!r}: model={cfg.model.path or 'built-in tiny Llama'}, "
+        f"run {cfg.run.name!r}: model={cfg.model.path or 'built-in ' + cfg.model.builtin}, "
+        f"task={cfg.task.kind}, render={cfg.render.mode}, "
         f"weight sync={cfg.learner.weight_sync.backend} every {cfg.learner.weight_sync.sync_every_steps} step(s), "
         f"mode={'synchronous' if cfg.synchronous else f'asynchronous (max_staleness={cfg.replay.max_staleness})'}",
         f"{'actor':<16}{'#':>3}{'CPU':>6}{'GPU':>6}  detail",
@@ -100,7 +101,7 @@ def start_rollout_worker(cfg: RunConfig, model_dir: Path, cache_dir: Path, worke
         num_gpus=rc.num_gpus_per_worker,
         resources=dict(rc.ray_resources),
         runtime_env={"env_vars": actor_env(cfg, cache_dir)},
-    ).remote(rc, cfg.task, cfg.reward, str(model_dir), worker_id, replay)
+    ).remote(rc, cfg.task, cfg.reward, cfg.render, str(model_dir), worker_id, replay)
 
 
 def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):

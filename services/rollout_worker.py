@@ -27,6 +27,7 @@ from learner.weight_transport import BroadcastTransport, WeightGroup, WeightSync
 from replay.schema import traces_to_batch
 from replay.table import InsertResult
 from rollout.config import RolloutConfig
+from rollout.render import RenderConfig, Renderer
 from rollout.rewards import RewardConfig, RewardScorer, ScoreBatchResult, load_reward_function
 from rollout.tasks import Problem, TaskConfig, make_task
 from services import metrics
@@ -63,29 +64,30 @@ def _stamp_origin(traces: list, origin: tuple[int, int], worker_id: int, batch: 
 @ray.remote
 class RolloutWorker:
     def __init__(
-        self, cfg: RolloutConfig, task_cfg: TaskConfig, reward_cfg: RewardConfig, model_dir: str, worker_id: int, replay
+        self,
+        cfg: RolloutConfig,
+        task_cfg: TaskConfig,
+        reward_cfg: RewardConfig,
+        render_cfg: RenderConfig,
+        model_dir: str,
+        worker_id: int,
+        replay,
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from transformers import AutoTokenizer
-
         from rollout.engine import make_engine
 
         self.cfg, self.worker_id, self.replay = cfg, worker_id, replay
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.task = make_task(task_cfg, self.tokenizer)
+        self.renderer = Renderer.from_pretrained(render_cfg, model_dir)
+        self.task = make_task(task_cfg, self.renderer)
         self.problems = self.task.train_stream(seed=task_cfg.seed * 1000 + 1 + worker_id)
-        self.engine = make_engine(cfg, Path(model_dir))
-        fn = load_reward_function(reward_cfg.function) if reward_cfg.function else type(self.task).score
+        self.engine = make_engine(cfg, Path(model_dir), self.renderer.stop)
+        # One scoring function for rewards and eval: the user's, else the task's verifier (small, picklable).
+        fn = load_reward_function(reward_cfg.function) if reward_cfg.function else self.task.verifier.score
         self.scorer = RewardScorer(fn, reward_cfg)
         self._failures = ScoreBatchResult(rewards=[])
         self.transport = None
         self.batches = 0
         metrics.record_engine_version(worker_id, self.engine.policy_version)
-
-    def _encode(self, prompt: str) -> list[int]:
-        from rollout.evaluation import encode_prompt
-
-        return encode_prompt(self.tokenizer, prompt)
 
     def _score_batch(self, items):
         result = self.scorer.score_batch(items)
@@ -98,9 +100,6 @@ class RolloutWorker:
             sandbox={k: f.sandbox.get(k, 0) + result.sandbox.get(k, 0) for k in {*f.sandbox, *result.sandbox}},
         )
         return result.rewards
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def rollout(
         self, num_prompts: int, problems: list[Problem] | None = None, origin: tuple[int, int] | None = None
@@ -125,8 +124,7 @@ class RolloutWorker:
         traces = sample_groups(
             self.engine,
             problems,
-            self._encode,
-            self._decode,
+            self.renderer,
             self.task.score,
             self.cfg.group_size,
             seed=seed,
@@ -229,12 +227,19 @@ class RolloutWorker:
         metrics.record_weights_received(self.worker_id, time.perf_counter() - t0, version)
         return version
 
-    def evaluate(self, prompts: list[str], answers: list[str]) -> tuple[int, float]:
-        """Greedy pass@1 on the given problems at the current weights: (policy_version, accuracy)."""
-        outs = self.engine.greedy([self._encode(p) for p in prompts])
-        correct = sum(self._decode(o).strip() == a for o, a in zip(outs, answers))
-        metrics.record_eval(self.engine.policy_version, correct / max(1, len(prompts)))
-        return self.engine.policy_version, correct / max(1, len(prompts))
+    def evaluate(self, problems: list[Problem]) -> tuple[int, float]:
+        """Greedy pass@1 on `problems` at the current weights: (policy_version, accuracy).
+
+        Scored by the same function as rollout rewards (`reward.function`, else the task's verifier); a
+        problem is correct when its score is >= 1, a failed score counts as wrong."""
+        from rollout.evaluation import CORRECT
+
+        outs = self.engine.greedy([self.renderer.encode_prompt(p) for p in problems])
+        result = self.scorer.score_batch([(p, self.renderer.completion_text(o)) for p, o in zip(problems, outs)])
+        correct = sum(r is not None and r >= CORRECT for r in result.rewards)
+        accuracy = correct / max(1, len(problems))
+        metrics.record_eval(self.engine.policy_version, accuracy)
+        return self.engine.policy_version, accuracy
 
     def teacher_forced_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
         return self.engine.teacher_forced_logprobs(prompt_ids, completion_ids)

@@ -62,13 +62,13 @@ def _brief(err: BaseException) -> str:
 
 class WorkerPool:
     def __init__(self, cfg: RunConfig, workers: list, replay, rank0, model_dir: Path, cache_dir: Path, log: MetricsLog):
+        from rollout.render import Renderer
         from rollout.tasks import make_task
 
         self.cfg, self.replay, self.rank0, self.log = cfg, replay, rank0, log
         self.model_dir, self.cache_dir = model_dir, cache_dir
-        from transformers import AutoTokenizer
-
-        self.task = make_task(cfg.task, AutoTokenizer.from_pretrained(str(model_dir)))  # datasets check prompt tokens
+        # The pool draws every worker's problems, so its task skips (and counts) over-long rendered prompts.
+        self.task = make_task(cfg.task, Renderer.from_pretrained(cfg.render, model_dir))
         self.m = Membership(len(workers), cfg.run.max_worker_replacements)
         ids = self.m.add_initial(len(workers))
         self.handles = dict(zip(ids, workers))

@@ -24,3 +24,21 @@ def tiny_model_dir(tmp_path_factory):
         alphabet=ARITHMETIC_ALPHABET, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2
     )
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), spec)
+
+
+BPE_CORPUS = [
+    *(f"State the final answer to the following arithmetic problem: {a} + {b} =" for a in range(40) for b in (3, 17)),
+    *(f"<answer>{a + 3}</answer>" for a in range(40)),
+    "Calculate the sum. Answer: 12\n#### 12 \\boxed{12} héllo wörld",
+]
+
+
+@pytest.fixture(scope="session")
+def bpe_model_dir(tmp_path_factory):
+    """A tiny Qwen2-architecture model with a byte-level BPE tokenizer (no BOS, ChatML template), in HF format."""
+    from learner.bpe_model import BPEModelSpec, build_bpe_model
+
+    spec = BPEModelSpec(
+        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2
+    )  # head size 32: the smallest vLLM's CPU attention runs
+    return build_bpe_model(tmp_path_factory.mktemp("bpe_model"), spec, BPE_CORPUS)

@@ -30,10 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from learner.sft import SFTConfig, cold_start, train_sft  # noqa: E402
+from learner.sft import SFTConfig, cold_start, reference_examples, train_sft  # noqa: E402
 from learner.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
-from rollout.evaluation import encode_prompt, greedy_accuracy, left_pad  # noqa: E402
+from rollout.evaluation import greedy_accuracy, left_pad  # noqa: E402
+from rollout.render import RenderConfig, Renderer  # noqa: E402
 from rollout.tasks import ArithmeticTask, TaskConfig  # noqa: E402
+from rollout.verifiers import ExactConfig, make_verifier  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -166,11 +168,19 @@ def sample(model, prompts: list[list[int]], group: int, temperature: float, max_
     return ids, mask, torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(alive, 1).long()
 
 
+EXACT = make_verifier(ExactConfig())  # the arithmetic task's verifier
+
+
+def raw(tokenizer) -> Renderer:
+    """The raw rendering every Flywheel component uses for the char model (`<bos>` + characters)."""
+    return Renderer(RenderConfig(), tokenizer)
+
+
 def rewards_for(tokenizer, problems, group: int, comp: torch.Tensor, cmask: torch.Tensor) -> torch.Tensor:
     """`[B]` exact-match rewards; a completion without `<eos>` in budget scores 0."""
     texts = tokenizer.batch_decode((comp * cmask).tolist(), skip_special_tokens=True)
     ended = ((comp == tokenizer.eos_token_id) & cmask.bool()).any(1)
-    return torch.tensor([ArithmeticTask.score(problems[i // group], t) * float(ended[i]) for i, t in enumerate(texts)])
+    return torch.tensor([EXACT.score(problems[i // group], t) * float(ended[i]) for i, t in enumerate(texts)])
 
 
 def advantages(r: torch.Tensor, group: int, use_std: bool) -> torch.Tensor:
@@ -204,7 +214,7 @@ def rl_step(model, opt, tokenizer, stream, args, max_new: int) -> dict:
     model.eval()
     ids, mask, comp, blp, cmask = sample(
         model,
-        [encode_prompt(tokenizer, p.prompt) for p in problems],
+        [raw(tokenizer).encode_prompt(p) for p in problems],
         args.group,
         args.temperature,
         max_new,
@@ -244,12 +254,12 @@ def sft_curve(args, seed: int) -> None:
     def on_step(step: int, loss: float) -> None:
         if step % args.eval_every == 0:
             clock[1] += time.process_time() - clock[0]
-            acc = greedy_accuracy(model, tok, evals, max_new)
+            acc = greedy_accuracy(model, raw(tok), evals, max_new, task.score)
             model.train()
             print(f"sft_step {step:5d}  loss {loss:.4f}  acc {acc:.3f}  train_s {clock[1]:7.1f}", flush=True)
             clock[0] = time.process_time()
 
-    train_sft(model, tok, task.train_stream(seed=sft.seed), sft, on_step=on_step)
+    train_sft(model, raw(tok), reference_examples(task, sft.seed), sft, on_step=on_step)
 
 
 def run_rl(args, seed: int) -> dict:
@@ -268,7 +278,7 @@ def run_rl(args, seed: int) -> dict:
     sft_s = time.process_time() - t0
     model, tok = load(sft_dir)
     evals, max_new = task.eval_set(), max_answer_tokens(task)
-    acc0 = greedy_accuracy(model, tok, evals, max_new)
+    acc0 = greedy_accuracy(model, raw(tok), evals, max_new, task.score)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.rl_lr, betas=(0.9, 0.99), weight_decay=0.0)
     stream = task.train_stream(seed=10_000 + seed)
@@ -282,7 +292,7 @@ def run_rl(args, seed: int) -> dict:
         tot["train_s"] += m["train_s"]
         tot["samples"] += args.prompts * args.group
         if step % args.eval_every == 0:
-            acc = greedy_accuracy(model, tok, evals, max_new)
+            acc = greedy_accuracy(model, raw(tok), evals, max_new, task.score)
             best = max(best, acc)
             rl_s = tot["gen_s"] + tot["train_s"]
             print(
@@ -322,7 +332,7 @@ def show(model, tok, task, args, max_new) -> None:
     problems = task.eval_set()[: args.show_samples]
     model.eval()
     ids, mask, comp, _, cmask = sample(
-        model, [encode_prompt(tok, p.prompt) for p in problems], 1, 1.0, max_new, tok.eos_token_id, tok.pad_token_id
+        model, [raw(tok).encode_prompt(p) for p in problems], 1, 1.0, max_new, tok.eos_token_id, tok.pad_token_id
     )
     for p, text in zip(problems, tok.batch_decode((comp * cmask).tolist(), skip_special_tokens=True)):
         print(f"  {p.prompt}{text:<8} (answer {p.answer})")

@@ -4,9 +4,9 @@ Run in the TRL venv (tests/bench/trl_setup.sh), from anywhere:
     .venv-trl/bin/python tests/bench/trl_baseline.py --model-dir runs/cold_start --out tests/bench/results/trl_x.json
 
 Contract:
-- Same model, task, prompts and evaluation as Flywheel's side: prompt ids are `rollout.evaluation.encode_prompt`
-  (checked row by row against what TRL's own tokenization yields), held-out accuracy is
-  `rollout.evaluation.greedy_accuracy` on `task.eval_set()`, the reward is the task's exact-match verifier.
+- Same model, task, prompts and evaluation as Flywheel's side: prompt ids are the raw rendering of
+  `rollout.render.Renderer` (checked row by row against what TRL's own tokenization yields), held-out accuracy
+  is `rollout.evaluation.greedy_accuracy` on `task.eval_set()`, the reward is the task's verifier.
 - A user's competent TRL setup: TRL's default loss (`loss_type`, group reward scaling, clipping), HF
   `generate` sampling, one optimizer step per `prompts_per_step * group_size` completions (no reuse),
   constant lr, fp32, CPU, no checkpoints.
@@ -33,8 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from rollout.evaluation import encode_prompt, greedy_accuracy  # noqa: E402
+from rollout.evaluation import greedy_accuracy  # noqa: E402
+from rollout.render import RenderConfig, Renderer  # noqa: E402
 from rollout.tasks import ArithmeticTask, Problem, TaskConfig, make_task  # noqa: E402
+from rollout.verifiers import ExactConfig, make_verifier  # noqa: E402
+
+EXACT = make_verifier(ExactConfig())  # the arithmetic task's verifier
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,9 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prompt_text(tokenizer, problem: Problem) -> str:
-    # A base model gets a plain-text prompt; TRL tokenizes it with `tokenizer(text=...)`. Our char tokenizer
-    # adds no BOS itself, so the BOS goes into the text (it is a special token and maps to one id).
-    return tokenizer.bos_token + problem.prompt
+    # A base model gets a plain-text prompt; TRL tokenizes it with `tokenizer(text=...)`, which adds the
+    # tokenizer's own special tokens (our char tokenizer's post-processor puts <bos> first), as the raw render.
+    return problem.prompt
 
 
 def build_dataset(task: ArithmeticTask, tokenizer, rows: int, seed: int):
@@ -87,11 +91,12 @@ def build_dataset(task: ArithmeticTask, tokenizer, rows: int, seed: int):
     problems = [next(stream) for _ in range(rows)]
     texts = [prompt_text(tokenizer, p) for p in problems]
     trl_ids = tokenizer(text=texts)["input_ids"]  # exactly GRPOTrainer._tokenize_prompts' call for text prompts
+    renderer = Renderer(RenderConfig(), tokenizer)
     for problem, ids in zip(problems, trl_ids):
-        if ids != encode_prompt(tokenizer, problem.prompt):
+        if ids != renderer.encode_prompt(problem):
             raise RuntimeError(
                 f"TRL would feed {ids} for {problem.prompt!r}, Flywheel feeds "
-                f"{encode_prompt(tokenizer, problem.prompt)}; fix prompt_text() so they agree"
+                f"{renderer.encode_prompt(problem)}; fix prompt_text() so they agree"
             )
     return Dataset.from_dict(
         {"prompt": texts, "answer": [p.answer for p in problems], "task_name": [p.task for p in problems]}
@@ -101,7 +106,7 @@ def build_dataset(task: ArithmeticTask, tokenizer, rows: int, seed: int):
 def exact_match_reward(prompts, completions, answer, task_name, **_) -> list[float]:
     """The task verifier on each decoded completion (TRL decodes with skip_special_tokens=True)."""
     return [
-        ArithmeticTask.score(Problem(prompt=p, answer=a, task=t), c)
+        EXACT.score(Problem(prompt=p, answer=a, task=t), c)
         for p, c, a, t in zip(prompts, completions, answer, task_name)
     ]
 
@@ -128,6 +133,8 @@ class Stopwatch:
 
 def make_callback(task, tokenizer, args, initial_accuracy: float):
     from transformers import TrainerCallback
+
+    renderer = Renderer(RenderConfig(), tokenizer)
 
     class HeldOutEval(TrainerCallback):
         """Greedy held-out eval every N steps; stops at the target or the RL time limit; eval time off the clock."""
@@ -166,7 +173,7 @@ def make_callback(task, tokenizer, args, initial_accuracy: float):
             if state.global_step % args.eval_every_steps and not (out_of_time or last):
                 return control
             rl_cpu_s, t0, c0 = self.rl_cpu_seconds(), time.perf_counter(), time.process_time()
-            acc = greedy_accuracy(model, tokenizer, self.eval_problems, args.max_new_tokens)
+            acc = greedy_accuracy(model, renderer, self.eval_problems, args.max_new_tokens, task.score)
             self.eval_seconds += time.perf_counter() - t0
             self.eval_cpu_seconds += time.process_time() - c0
             point = {
@@ -254,7 +261,9 @@ def run(args: argparse.Namespace) -> dict:
     task = make_task(TaskConfig.model_validate_json(args.task_json))
     model, tokenizer = load(args.model_dir)
     t0 = time.perf_counter()
-    initial = greedy_accuracy(model, tokenizer, task.eval_set(), args.max_new_tokens)
+    initial = greedy_accuracy(
+        model, Renderer(RenderConfig(), tokenizer), task.eval_set(), args.max_new_tokens, task.score
+    )
     initial_eval_s = time.perf_counter() - t0
     print(f"[trl_baseline] initial held-out accuracy {initial:.3f} ({initial_eval_s:.1f}s)", flush=True)
     t_setup = time.perf_counter()

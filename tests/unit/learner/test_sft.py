@@ -1,4 +1,4 @@
-"""The cold start: batch layout, loss goes down, determinism, and the on-disk cache."""
+"""The cold start: batch layout (char/raw and BPE/chat), worked solutions, loss goes down, determinism, the cache."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from learner.sft import MARKER, SFTConfig, cold_start, lr_factor, sft_batch, train_sft
+from learner.sft import MARKER, SFTConfig, cold_start, lr_factor, reference_examples, sft_batch, train_sft
 from learner.tiny_model import build_tokenizer
+from rollout.render import RenderConfig, Renderer
 from rollout.tasks import ARITHMETIC_ALPHABET, ArithmeticTask, Problem, TaskConfig
 
 TASK = ArithmeticTask(TaskConfig(min_digits=1, max_digits=1))
@@ -16,7 +17,8 @@ TASK = ArithmeticTask(TaskConfig(min_digits=1, max_digits=1))
 
 def test_batch_masks_prompt_and_pads():
     tok = build_tokenizer(ARITHMETIC_ALPHABET)
-    ids, labels, mask = sft_batch(tok, [Problem("1+2=", "3", "a"), Problem("10+20=", "30", "a")])
+    examples = [(Problem("1+2=", "3", "a"), "3"), (Problem("10+20=", "30", "a"), "30")]
+    ids, labels, mask = sft_batch(Renderer(RenderConfig(), tok), examples)
     c = {ch: tok.convert_tokens_to_ids(ch) for ch in ARITHMETIC_ALPHABET}
     assert ids[0].tolist() == [1, c["1"], c["+"], c["2"], c["="], c["3"], 2, 0, 0, 0]
     assert labels[0].tolist() == [-100] * 5 + [c["3"], 2] + [-100] * 3
@@ -44,8 +46,9 @@ def test_training_reduces_loss(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    losses = train_sft(model, tok, TASK.train_stream(), SFTConfig(steps=40, batch_size=16, warmup_steps=5))
+    renderer = Renderer(RenderConfig(), AutoTokenizer.from_pretrained(tiny_model_dir))
+    cfg = SFTConfig(steps=40, batch_size=16, warmup_steps=5)
+    losses = train_sft(model, renderer, reference_examples(TASK, 0), cfg)
     assert len(losses) == 40
     assert losses[0] > 2.0  # ~ln(vocab=17) at init
     assert sum(losses[-5:]) / 5 < 0.6 * losses[0]
@@ -75,3 +78,52 @@ def test_cold_start_is_deterministic_and_cached(tiny_model_dir, tmp_path):
 def test_missing_base_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="build the base model"):
         cold_start(tmp_path / "nope", tmp_path / "out", TASK, SFTConfig(steps=1))
+
+
+def test_chat_batch_trains_on_the_assistant_tokens_only(bpe_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bpe_model_dir)
+    renderer = Renderer(RenderConfig(mode="chat", system_prompt="Be brief.", stop_tokens=("<|im_end|>",)), tok)
+    problem = Problem("State the final answer to the following arithmetic problem: 12 + 3 =", "15", "t")
+    ids, labels, mask = sft_batch(renderer, [(problem, "<answer>15</answer>"), (problem, "15")])
+    trained = [[t for t, lab in zip(ids[i].tolist(), labels[i].tolist()) if lab != -100] for i in range(2)]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.decode(trained[0]) == "<answer>15</answer><|im_end|>" and trained[0][-1] == im_end
+    assert tok.decode(trained[1]) == "15<|im_end|>"
+    prompt = renderer.encode_prompt(problem)
+    assert ids[0, : len(prompt)].tolist() == prompt and (labels[0, : len(prompt)] == -100).all()
+    assert mask[1].sum() == len(prompt) + len(trained[1])  # right padding after the shorter row
+    assert tok.bos_token_id is None and None not in ids.flatten().tolist()
+
+
+def test_worked_solutions_are_loaded_and_held_out_prompts_dropped(tmp_path):
+    from learner.sft import load_solutions, training_examples
+    from rollout.datasets import DatasetError
+
+    held_out = TASK.eval_set()[0].prompt
+    rows = [{"prompt": "1+2=", "completion": "1 then 2: 3"}, {"prompt": held_out, "completion": "x"}]
+    path = tmp_path / "solutions.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    examples = load_solutions(path, {held_out})
+    assert [(p.prompt, c) for p, c in examples] == [("1+2=", "1 then 2: 3")]
+    stream = training_examples(TASK, SFTConfig(solutions_path=str(path)))
+    assert [next(stream)[1] for _ in range(3)] == ["1 then 2: 3"] * 3
+    path.write_text('{"prompt": "1+2="}\n')
+    with pytest.raises(DatasetError, match=r"solutions.jsonl:1: .*cold_start.solutions_path"):
+        load_solutions(path, set())
+
+
+def test_cache_key_covers_render_and_tokenizer(tiny_model_dir, tmp_path):
+    import shutil
+
+    from learner.sft import cache_key
+
+    cfg = SFTConfig(steps=1)
+    key = cache_key(tiny_model_dir, TASK, cfg, RenderConfig())
+    assert cache_key(tiny_model_dir, TASK, cfg, RenderConfig(stop_strings=("=",))) != key
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert cache_key(copy, TASK, cfg, RenderConfig()) == key
+    (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text().replace('"<bos>"', '"<BOS>"'))
+    assert cache_key(copy, TASK, cfg, RenderConfig()) != key

@@ -8,15 +8,15 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from rollout.datasets import DatasetError, DatasetTask, DatasetTaskConfig, load_prompt_dataset, make_dataset_task
+from rollout.datasets import DatasetError, DatasetTask, DatasetTaskConfig, load_prompt_dataset
 from rollout.tasks import Problem
 
 
-def encode(text: str) -> list[int]:
+def encode(problem: Problem) -> list[int]:
     """<bos> + one id per character; rejects the control character \\x07 like a closed-alphabet tokenizer."""
-    if "\x07" in text:
+    if "\x07" in problem.prompt:
         raise ValueError(f"character {chr(7)!r} outside the alphabet")
-    return [1] + [ord(ch) for ch in text]
+    return [1] + [ord(ch) for ch in problem.prompt]
 
 
 VALID = [{"prompt": f"q{i}", "answer": f"a{i}"} for i in range(20)] + [
@@ -119,8 +119,8 @@ def test_config_rejects_unknown_fields_and_bad_policy(tmp_path):
 
 
 def test_task_interface_matches_arithmetic(tmp_path):
-    task = make_dataset_task(cfg(write_hostile(tmp_path)), encode)
-    assert isinstance(task, DatasetTask) and task.name == "dataset" and task.alphabet is None
+    task = DatasetTask(cfg(write_hostile(tmp_path)), load_prompt_dataset(cfg(write_hostile(tmp_path)), encode))
+    assert task.name == "dataset" and task.skipped_rows == task.data.skipped and task.skipped_rows
     first = list(itertools.islice(task.train_stream(seed=5), 3 * len(task.data.train)))
     assert first == list(itertools.islice(task.train_stream(seed=5), len(first)))
     assert sorted(first[: len(task.data.train)], key=repr) == sorted(task.data.train, key=repr)  # one pass = each once

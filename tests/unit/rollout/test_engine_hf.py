@@ -170,3 +170,34 @@ def test_rollout_config_rejects_bad_values(kwargs, match):
 def test_max_model_len_beyond_model_positions_is_rejected(tiny_model_dir):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         HFEngine(CFG.model_copy(update={"max_model_len": 65}), tiny_model_dir)
+
+
+STOP_CHARS = tuple("aeiou0123456789=")
+
+
+def _stops_inside(tok, ids) -> bool:
+    return any(s in tok.decode(list(ids), skip_special_tokens=True) for s in STOP_CHARS)
+
+
+def test_stop_strings_end_a_completion_at_the_token_that_completes_them(bpe_model_dir):
+    from transformers import AutoTokenizer
+
+    from rollout.render import StopConditions
+
+    tok = AutoTokenizer.from_pretrained(bpe_model_dir)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    stop = StopConditions(frozenset({im_end}), STOP_CHARS)
+    eng = HFEngine(RolloutConfig(engine="hf", max_new_tokens=12, max_model_len=64), bpe_model_dir, stop)
+    prompt = tok.encode("<|im_start|>user\nState the answer: 12 + 3 =<|im_end|>\n<|im_start|>assistant\n")
+    completions = [c for g in eng.generate([prompt, prompt[:5]], n=16, seed=3) for c in g]
+    by_string = [c for c in completions if c.finish_reason == FINISH_STOP and c.token_ids[-1] != im_end]
+    assert by_string, "no completion hit a stop string: the test would prove nothing"
+    for c in completions:
+        assert len(c.logprobs) == len(c.token_ids)
+        assert not _stops_inside(tok, c.token_ids[:-1]) and im_end not in c.token_ids[:-1]  # nothing after a stop
+        if c.finish_reason == FINISH_LENGTH:
+            assert len(c.token_ids) == 12 and not _stops_inside(tok, c.token_ids)
+    for c in by_string:
+        assert _stops_inside(tok, c.token_ids)  # the last token completed a stop string and is kept
+    greedy = eng.greedy([prompt])[0]
+    assert not _stops_inside(tok, greedy[:-1])

@@ -1,4 +1,4 @@
-"""encode_prompt round-trips; greedy decoding handles left padding and eos; accuracy scores values."""
+"""Greedy decoding handles left padding and stop tokens; accuracy uses the renderer and the given verifier."""
 
 from __future__ import annotations
 
@@ -8,13 +8,21 @@ import pytest
 import torch
 
 from learner.tiny_model import build_tokenizer
-from rollout.evaluation import encode_prompt, greedy_accuracy, greedy_generate
-from rollout.tasks import ARITHMETIC_ALPHABET, Problem
+from rollout.evaluation import greedy_accuracy, greedy_generate
+from rollout.render import RenderConfig, Renderer
+from rollout.tasks import ARITHMETIC_ALPHABET, ArithmeticTask, Problem, TaskConfig
+
+SCORE = ArithmeticTask(TaskConfig()).score
 
 
 @pytest.fixture(scope="module")
 def tok():
     return build_tokenizer(ARITHMETIC_ALPHABET)
+
+
+@pytest.fixture(scope="module")
+def renderer(tok):
+    return Renderer(RenderConfig(), tok)
 
 
 class ScriptedLM(torch.nn.Module):
@@ -41,47 +49,43 @@ PROBLEMS = [
 ]
 
 
-def test_encode_prompt_starts_with_bos_and_round_trips(tok):
-    ids = encode_prompt(tok, "12+34=")
-    assert ids[0] == tok.bos_token_id == 1
-    assert len(ids) == 7
-    assert tok.decode(ids[1:]) == "12+34="
-
-
-def test_encode_prompt_rejects_unknown_characters(tok):
-    with pytest.raises(ValueError, match="alphabet"):
-        encode_prompt(tok, "1 + x")
-
-
-def test_oracle_scores_one_and_constant_scores_zero(tok):
+def test_oracle_scores_one_and_constant_scores_zero(tok, renderer):
     truth = {p.prompt: p.answer for p in PROBLEMS}
-    assert greedy_accuracy(ScriptedLM(tok, truth.__getitem__), tok, PROBLEMS, max_new_tokens=6) == 1.0
-    assert greedy_accuracy(ScriptedLM(tok, lambda _: "7"), tok, PROBLEMS, max_new_tokens=6) == 0.0
+    assert greedy_accuracy(ScriptedLM(tok, truth.__getitem__), renderer, PROBLEMS, 6, SCORE) == 1.0
+    assert greedy_accuracy(ScriptedLM(tok, lambda _: "7"), renderer, PROBLEMS, 6, SCORE) == 0.0
 
 
-def test_partial_accuracy_and_small_batches(tok):
+def test_partial_accuracy_and_small_batches(tok, renderer):
     wrong_on_second = {"1+2=": "3", "45+67=": "111", "999+1=": "1000"}
-    acc = greedy_accuracy(ScriptedLM(tok, wrong_on_second.__getitem__), tok, PROBLEMS, 6, batch_size=2)
+    acc = greedy_accuracy(ScriptedLM(tok, wrong_on_second.__getitem__), renderer, PROBLEMS, 6, SCORE, batch_size=2)
     assert acc == pytest.approx(2 / 3)
 
 
-def test_budget_truncates_completion(tok):
+def test_budget_truncates_completion(tok, renderer):
     truth = {p.prompt: p.answer for p in PROBLEMS}
     # 3 tokens cannot spell "1000": only the first two problems can be right.
-    assert greedy_accuracy(ScriptedLM(tok, truth.__getitem__), tok, PROBLEMS, 3) == pytest.approx(2 / 3)
+    assert greedy_accuracy(ScriptedLM(tok, truth.__getitem__), renderer, PROBLEMS, 3, SCORE) == pytest.approx(2 / 3)
 
 
-def test_left_padded_batch_matches_single_rows(tiny_model_dir, tok):
+def test_the_given_score_function_decides_and_partial_credit_is_not_correct(tok, renderer):
+    truth = {p.prompt: p.answer for p in PROBLEMS}
+    lm = ScriptedLM(tok, truth.__getitem__)
+    assert greedy_accuracy(lm, renderer, PROBLEMS, 6, lambda p, c: float(c == "3")) == pytest.approx(1 / 3)
+    assert greedy_accuracy(lm, renderer, PROBLEMS, 6, lambda p, c: 0.99) == 0.0
+
+
+def test_left_padded_batch_matches_single_rows(tiny_model_dir, tok, renderer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    prompts = [encode_prompt(tok, p.prompt) for p in PROBLEMS]
-    batched = greedy_generate(model, prompts, tok.eos_token_id, tok.pad_token_id, 8)
-    singles = [greedy_generate(model, [p], tok.eos_token_id, tok.pad_token_id, 8)[0] for p in prompts]
+    prompts = [renderer.encode_prompt(p) for p in PROBLEMS]
+    stop = {tok.eos_token_id}
+    batched = greedy_generate(model, prompts, stop, tok.pad_token_id, 8)
+    singles = [greedy_generate(model, [p], stop, tok.pad_token_id, 8)[0] for p in prompts]
     assert batched == singles
-    assert all(len(c) <= 8 and tok.eos_token_id not in c for c in batched)
+    assert all(len(c) <= 8 and tok.eos_token_id not in c[:-1] for c in batched)
 
 
-def test_empty_problem_list_is_an_error(tok):
+def test_empty_problem_list_is_an_error(tok, renderer):
     with pytest.raises(ValueError, match="no problems"):
-        greedy_accuracy(ScriptedLM(tok, lambda _: "1"), tok, [], 4)
+        greedy_accuracy(ScriptedLM(tok, lambda _: "1"), renderer, [], 4, SCORE)

@@ -88,6 +88,24 @@ def test_batches_are_fixed_by_size_and_seed():
         make_batches(problems, n=0, max_sequences=8, seed=0)
 
 
-def test_extract_answer():
+def test_extract_answer_is_the_verifiers():
+    from rollout.tasks import make_task
+    from rollout.verifiers import ExactConfig
+
     p = Problem("1+2=", "3", "a")
-    assert extract_answer(p, " 3 ") == "3" and extract_answer(p, "  ") is None
+    plain = make_task(TaskConfig())
+    assert extract_answer(plain, p, " 3 ") == "3" and extract_answer(plain, p, "  ") is None
+    boxed = make_task(TaskConfig(verifier=ExactConfig(extract="boxed")))
+    assert extract_answer(boxed, p, "so \\boxed{3}.") == "3" and extract_answer(boxed, p, "3") is None
+
+
+def always_half(problem, completion):
+    return 0.5
+
+
+def test_a_custom_reward_function_scores_evaluation(tiny_model_dir):
+    engine = ScriptedEngine(groups=[[done("3"), done("9")]], greedy_ids=[done("3").token_ids])
+    fn = f"{__name__}:always_half"
+    ev = BatchEvaluator(RolloutConfig(engine="hf"), TaskConfig(), tiny_model_dir, reward_function=fn, engine=engine)
+    (o,) = ev.evaluate(EvalBatch(0, 0, (Problem("1+2=", "3", "a"),), n=2, seed=1, greedy=True))
+    assert o.scores == (0.5, 0.5) and o.greedy_score == 0.5

@@ -1,5 +1,5 @@
-"""sample_groups: group structure, scoring on text without eos, versions, contract errors (scripted engine + real "
-"HF)."""
+"""sample_groups: group structure, scoring on the rendered completion text, versions, contract errors (scripted
+engine + real HF)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,21 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from learner.tiny_model import build_tokenizer
 from replay.schema import batch_to_traces, traces_to_batch, validate_trace
 from rollout.engine import FINISH_LENGTH, FINISH_STOP, Completion
+from rollout.render import RenderConfig, Renderer
 from rollout.sampling import drop_uniform_groups, sample_groups
-from rollout.tasks import ARITHMETIC_ALPHABET, ArithmeticTask, Problem
+from rollout.tasks import ARITHMETIC_ALPHABET, ArithmeticTask, Problem, TaskConfig
 
 EOS = 2
 CHARS = {ch: 3 + i for i, ch in enumerate(ARITHMETIC_ALPHABET)}
-IDS = {i: ch for ch, i in CHARS.items()}
+RENDERER = Renderer(RenderConfig(), build_tokenizer(ARITHMETIC_ALPHABET))
+SCORE = ArithmeticTask(TaskConfig()).score
 
 
 def encode(text: str) -> list[int]:
     return [1] + [CHARS[ch] for ch in text]
-
-
-def decode(ids) -> str:
-    return "".join(IDS.get(i, "?") for i in ids)
 
 
 def done(text: str) -> Completion:
@@ -57,7 +56,7 @@ PROBLEMS = [Problem("1+2=", "3", "arithmetic+"), Problem("5*5=", "25", "arithmet
 
 def test_groups_rewards_and_fields():
     eng = ScriptedEngine([[done("3"), cut("3"), done("33")], [done("25"), done(""), cut("2")]])
-    traces = sample_groups(eng, PROBLEMS, encode, decode, ArithmeticTask.score, group_size=3, seed=9)
+    traces = sample_groups(eng, PROBLEMS, RENDERER, SCORE, group_size=3, seed=9)
     assert eng.calls == [([encode("1+2="), encode("5*5=")], 3, 9)]  # one engine call for all prompts
     assert [t.reward for t in traces] == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
     assert len({t.group_id for t in traces[:3]}) == 1 and len({t.group_id for t in traces[3:]}) == 1
@@ -75,7 +74,7 @@ def test_groups_rewards_and_fields():
 
 def test_weight_update_during_generate_spans_versions():
     eng = ScriptedEngine([[done("3"), done("3")]], policy_version=2, bump_during_generate=True)
-    traces = sample_groups(eng, PROBLEMS[:1], encode, decode, ArithmeticTask.score, group_size=2)
+    traces = sample_groups(eng, PROBLEMS[:1], RENDERER, SCORE, group_size=2)
     assert [(t.policy_version, t.policy_version_max) for t in traces] == [(2, 3), (2, 3)]
 
 
@@ -89,23 +88,22 @@ def test_weight_update_during_generate_spans_versions():
 )
 def test_engine_contract_breaches_raise(groups, match):
     with pytest.raises(Exception, match=match):
-        sample_groups(ScriptedEngine(groups), PROBLEMS[:1], encode, decode, ArithmeticTask.score, group_size=2)
+        sample_groups(ScriptedEngine(groups), PROBLEMS[:1], RENDERER, SCORE, group_size=2)
 
 
 def test_group_size_below_two_is_rejected():
     with pytest.raises(ValueError, match="group_size=1"):
-        sample_groups(ScriptedEngine([]), PROBLEMS, encode, decode, ArithmeticTask.score, group_size=1)
+        sample_groups(ScriptedEngine([]), PROBLEMS, RENDERER, SCORE, group_size=1)
 
 
 def test_with_real_hf_engine(tiny_model_dir):
-    from learner.tiny_model import build_tokenizer
     from rollout.config import RolloutConfig
     from rollout.engine_hf import HFEngine
 
-    tok = build_tokenizer(ARITHMETIC_ALPHABET)
+    tok = RENDERER.tokenizer
     assert tok.convert_tokens_to_ids(list(ARITHMETIC_ALPHABET)) == [CHARS[c] for c in ARITHMETIC_ALPHABET]
     eng = HFEngine(RolloutConfig(engine="hf", max_new_tokens=4), tiny_model_dir)
-    traces = sample_groups(eng, PROBLEMS, encode, decode, ArithmeticTask.score, group_size=3, seed=0)
+    traces = sample_groups(eng, PROBLEMS, RENDERER, SCORE, group_size=3, seed=0)
     assert len(traces) == 6 and len({t.group_id for t in traces}) == 2
     for t in traces:
         validate_trace(t)
@@ -136,8 +134,7 @@ def test_score_batch_scores_everything_in_one_call_and_drops_groups_with_a_faile
     traces = sample_groups(
         TwoTokenEngine(),
         problems,
-        lambda s: [1, 4],
-        lambda ids: "x",
+        RENDERER,
         lambda p, c: 0.0,
         2,
         score_batch=score_batch_simple,
@@ -150,7 +147,7 @@ def test_score_batch_scores_everything_in_one_call_and_drops_groups_with_a_faile
 def test_drop_uniform_groups_keeps_only_groups_with_reward_spread():
     eng = ScriptedEngine([[done("3"), done("4")], [done("25"), done("25")], [done("9"), cut("9")]])
     problems = [*PROBLEMS, Problem("4+5=", "9", "arithmetic+")]
-    traces = sample_groups(eng, problems, encode, decode, ArithmeticTask.score, group_size=2)
+    traces = sample_groups(eng, problems, RENDERER, SCORE, group_size=2)
     kept, dropped = drop_uniform_groups(traces)
     assert dropped == 2  # all-correct "5*5" and all-correct "4+5" (a cut "9" still scores 1)
     assert kept == traces[:2] and {t.reward for t in kept} == {0.0, 1.0}

@@ -27,11 +27,12 @@ def rev(max_digits: int = 3, **kw) -> ArithmeticTask:
     ],
 )
 def test_reversed_padded_hand_computed(n, a, b, prompt, answer):
-    p = rev(n)._make(a, "+", b)
+    task = rev(n)
+    p = task._make(a, "+", b)
     assert (p.prompt, p.answer, p.task) == (prompt, answer, "arithmetic+")
-    assert ArithmeticTask.score(p, answer) == 1.0
-    assert ArithmeticTask.score(p, answer[::-1]) == 0.0 or answer == answer[::-1]
-    assert ArithmeticTask.score(p, str(a + b)) == 0.0 or str(a + b) == answer
+    assert task.score(p, answer) == 1.0 and task.reference_completion(p) == answer
+    assert task.score(p, answer[::-1]) == 0.0 or answer == answer[::-1]
+    assert task.score(p, str(a + b)) == 0.0 or str(a + b) == answer
 
 
 def test_reversed_padded_stream_is_well_formed():

@@ -72,7 +72,7 @@ def test_resume_without_a_checkpoint(tmp_path):
 def test_mismatched_config_names_every_field_that_differs():
     saved = load_config(None, ["rollout.group_size=4"]).model_dump(mode="json")
     with pytest.raises(ConfigError) as err:
-        check_resumable(saved, load_config(None, ["rollout.group_size=8", "model.hidden_size=64"]))
+        check_resumable(saved, load_config(None, ["rollout.group_size=8", "model.hidden_size=256"]))
     msg = str(err.value)
     assert "rollout.group_size: checkpoint has 4, this run has 8" in msg
     assert "model.hidden_size" in msg and "learner.lr" not in msg

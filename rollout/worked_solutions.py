@@ -1,0 +1,53 @@
+"""Worked solutions: step-by-step completions generated for a task's problems, for the SFT cold start.
+
+Contract: `WORKED_SOLUTIONS[name](problem, answer_completion)` returns the text a cold start imitates for
+`problem`: the steps, then `answer_completion` (the verifier's reference completion, e.g.
+`<answer>132</answer>`), so the verifier accepts it exactly when it accepts the reference. A generator
+raises `ValueError` naming what it cannot solve. Registered generators:
+
+- `column_addition`: sums of non-negative integers (`a + b + ...`, read from the problem's
+  `metadata.expression` or its prompt) written column by column, least significant first, each line
+  starting with the carry from the line before: `47 + 85` ->
+  `7+5=12\\n1+4+8=13\\n<answer>132</answer>`. Each line is one-digit arithmetic and the answer is the
+  last line's sum followed by the other lines' last digits in reverse, so a small model can learn the
+  algorithm (cf. Lee et al. 2023, "Teaching Arithmetic to Small Transformers": carries written out).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+
+from rollout.problem import Problem
+
+_SUM = re.compile(r"^\s*\d+(\s*\+\s*\d+)+\s*$")
+
+
+def _terms(problem: Problem) -> list[int]:
+    """The addends of `problem`: from reasoning-gym's `metadata.expression`, else the prompt's `a + b ...`."""
+    expression = json.loads(problem.metadata).get("expression") if problem.metadata else None
+    if expression is None:
+        found = re.search(r"\d+(?:\s*\+\s*\d+)+", problem.prompt)
+        expression = found.group(0) if found else ""
+    if not _SUM.match(expression):
+        raise ValueError(
+            f"column_addition writes sums of non-negative integers, not {expression or problem.prompt!r}; "
+            "use a task of additions only (e.g. reasoning_gym basic_arithmetic with operators ['+'])"
+        )
+    return [int(t) for t in expression.split("+")]
+
+
+def column_addition(problem: Problem, answer_completion: str) -> str:
+    terms = _terms(problem)
+    lines, carry, column = [], 0, 0
+    while column < max(len(str(t)) for t in terms):
+        digits = [t // 10**column % 10 for t in terms if t >= 10**column or column == 0]
+        parts = ([carry] if carry else []) + digits
+        total = sum(parts)
+        lines.append("+".join(map(str, parts)) + f"={total}")
+        carry, column = total // 10, column + 1
+    return "\n".join([*lines, answer_completion])
+
+
+WORKED_SOLUTIONS: dict[str, Callable[[Problem, str], str]] = {"column_addition": column_addition}
