@@ -5,8 +5,9 @@ Contract: as `rollout/engine.py`, plus:
   workers by reference, start-up is seconds, and `shutdown` frees the engine's /dev/shm segment.
 - behaviour logprobs are vLLM's `processed_logprobs` (after temperature and top-p), i.e. the
   sampling distribution's; `teacher_forced_logprobs` uses `prompt_logprobs` at temperature 1.
-- `load_weights` reloads in place, then resets the prefix cache: KV cached under the old weights
-  would otherwise be reused for a repeated prompt (6.7 nats of logprob error, shared/PLATFORM.md).
+- `load_weights` streams the tensors into vLLM's in-place reload (`weights_iterator`: vLLM loads them
+  layer by layer and casts to its dtype), then resets the prefix cache: KV cached under the old weights
+  would otherwise be reused for a repeated prompt (6.7 nats of logprob error in our test).
 - detokenisation is off: the engine speaks token ids only.
 - `step_hook` (None by default): if set, `generate` drives the engine step by step and calls it
   between steps, where it may `load_weights` ("pause" in-flight updates, weight_sync.inflight):
@@ -28,7 +29,7 @@ from rollout.config import RolloutConfig
 
 if TYPE_CHECKING:
     import torch
-from rollout.engine import FINISH_LENGTH, FINISH_STOP, Completion, check_max_model_len, check_prompts, check_weights
+from rollout.engine import FINISH_LENGTH, FINISH_STOP, Completion, check_max_model_len, check_prompts, checked_weights
 
 
 def _set_env(cfg: RolloutConfig) -> None:
@@ -133,10 +134,18 @@ class VLLMEngine:
         return [out.prompt_logprobs[t][ids[t]].logprob for t in range(len(prompt_ids), len(ids))]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> None:
-        weights = [(name, t.detach()) for name, t in named_tensors]
-        # A reload that fails inside vLLM leaves the engine unusable (PLATFORM.md): reject bad input first.
-        check_weights(weights, self._shapes)
+        # Each tensor is checked before vLLM sees it; a reload that fails inside vLLM leaves the engine
+        # unusable until a complete one (the caller then uses `reload_initial_weights`).
+        weights = checked_weights(named_tensors, self._shapes)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self._after_reload(policy_version)
+
+    def reload_initial_weights(self) -> None:
+        """The starting weights from the model directory (after an update that failed midway)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"is_checkpoint_format": True})
+        self._after_reload(0)
+
+    def _after_reload(self, policy_version: int) -> None:
         self.policy_version = policy_version
         if self._generating:  # a pause update: requests are running, reset once they are done
             self._reset_pending = True
