@@ -21,24 +21,35 @@ class ReferenceConfig(BaseModel):
     """The frozen reference policy for `objective.kl_ref_coef > 0` (see `learner.auxiliary.ReferencePolicy`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    path: str | None = None  # a local HF model dir; None = the run's starting weights (cold start / model.path)
-    offload: bool = False  # keep it in CPU memory between forward passes (GPU learners)
+    path: str | None = Field(
+        None, description="a local HF model dir; None = the run's starting weights (cold start / model.path)"
+    )
+    offload: bool = Field(
+        False, description="keep it in CPU memory between forward passes (GPU learners short of memory)"
+    )
 
 
 class LearnerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    device: Literal["cpu", "cuda"] = "cpu"
-    num_ranks: int = Field(1, ge=1)
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = Field(1.0, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    groups_per_step: int = Field(8, ge=1, description="groups per optimiser step, summed over ranks")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cpu: gloo + DeepSpeed's CPU accelerator; cuda: NCCL")
+    num_ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (one Ray actor each)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        1, description="DeepSpeed ZeRO stage; 3 partitions the weights too (publishing then gathers bucket by bucket)"
+    )
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate after warm-up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    grad_clip: float = Field(1.0, gt=0, description="clip the global gradient norm of each update to this")
+    warmup_steps: int = Field(0, ge=0, description="optimiser steps of linear learning-rate warm-up")
+    groups_per_step: int = Field(
+        8,
+        ge=1,
+        description="groups per learner step (one sampled batch), summed over ranks; updates_per_batch optimiser "
+        "steps are taken on it",
+    )
     temperature: float = Field(1.0, gt=0, description="must equal rollout.temperature")
-    num_cpus_per_rank: float = Field(1.0, ge=0)
-    num_gpus_per_rank: float = Field(0.0, ge=0)
+    num_cpus_per_rank: float = Field(1.0, ge=0, description="Ray CPUs reserved per learner rank")
+    num_gpus_per_rank: float = Field(0.0, ge=0, description="Ray GPUs per learner rank (> 0 with device cuda)")
     ray_resources: dict[str, float] = Field(
         default_factory=dict,
         description=(
@@ -111,9 +122,15 @@ class LearnerConfig(BaseModel):
             "uses one. updates_per_batch must be a multiple of it: epochs = updates_per_batch / minibatches"
         ),
     )
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
-    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
-    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    objective: ObjectiveConfig = Field(
+        default_factory=ObjectiveConfig, description="the loss: advantages, policy loss, KL terms, aggregation"
+    )
+    reference: ReferenceConfig = Field(
+        default_factory=ReferenceConfig, description="the frozen reference model (objective.kl_ref_coef > 0)"
+    )
+    weight_sync: WeightSyncConfig = Field(
+        default_factory=WeightSyncConfig, description="how new weights reach the rollout workers"
+    )
 
     @property
     def compute_dtype(self) -> torch.dtype:

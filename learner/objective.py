@@ -5,7 +5,8 @@ Contract:
 - `requires(cfg)` names the optional `ObjectiveInputs` fields the learner must fill for `cfg`.
 - `compute_objective(cfg, x)` returns the loss to minimise (attached to `x.learner_logprobs`, and to
   `x.values` / `x.entropy` when they are used) and `dict[str, float]` diagnostics. It never reads padded
-  positions. Advantages are computed inside the call from the batch's whole groups, without grad.
+  positions. It is `objective_loss(cfg, x, compute_targets(cfg, x))`: the targets (advantages, value
+  targets, loss mask) come from the batch's whole groups, without grad.
 
 Loss = policy term + sum_j beta_j * agg(kl_penalty_j)   [KL terms with `kl_*_in="loss"`]
        - entropy_coef * agg(entropy) + value_coef * agg((V - returns)^2 / 2)   [gae / vtrace only;
@@ -19,13 +20,14 @@ Directions (see `learner.kl`): behaviour defaults to "forward" + k3 = UKL(mu || 
 samples with no importance weight; reference defaults to "reverse" + k3 = UKL(pi || ref), the RLHF
 penalty with RPG's importance weight pi/mu (GRPO's unweighted k3 is "reverse_unweighted").
 
-Data parallelism: each rank calls this on whole groups; the gradient all-reduce averages ranks, so
-"token-mean" is exact only when ranks hold equal token counts (otherwise each rank's tokens weigh
-1/(R * n_rank)); "seq-mean-*" is exact with equal row counts per rank; "seq-mean-token-sum-norm" is a
-constant normaliser and exact with equal row counts. Batch statistics (GRPO/RLOO groups, REINFORCE++
-and GAE whitening) are per rank: whole groups make group baselines exact, whitening is rank-local.
-Diagnostics are per rank: reduce keys ending
-in `_min`/`_max` with min/max and the rest with mean.
+Micro-batches and data parallelism: `compute_targets` runs once on a rank's whole groups (group
+baselines exact; REINFORCE++/GAE whitening is rank-local), then `objective_loss` on any part of them
+with `denominator` = the aggregation denominator (`losses.agg_denominator`) summed over every part of
+the update on every rank. The learner multiplies each part's loss by the world size (DeepSpeed averages
+gradients over ranks), so every `agg` mode gives exactly the whole-batch, all-ranks update: token-mean
+weighs each token 1/N_total, seq modes each row 1/rows_total, "seq-mean-token-sum-norm" divides by
+total rows x agg_norm_tokens. `compute_objective` is both on one part (the whole batch).
+Diagnostics are per rank; `learner.diagnostics` declares how each key reduces across ranks.
 """
 
 from __future__ import annotations

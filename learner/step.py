@@ -13,7 +13,7 @@ the gradients). One `train_step` is one sampled batch:
    accumulate. Every micro-batch's loss is its share of the minibatch loss: divided by the
    aggregation denominator summed over all micro-batches and ranks, times the world size (DeepSpeed
    averages gradients over ranks), so the update equals the whole-batch update for every `agg` mode.
-Ranks agree on the number of micro-batches (ZeRO-2/3 collectives pair up forward/backward passes);
+Under ZeRO-2/3 ranks agree on the number of micro-batches (collectives pair up their passes);
 a rank with fewer rows runs zero-weight passes. Diagnostics are the objective's over each whole
 minibatch (exact, not averaged over micro-batches), reduced over updates by `learner.diagnostics`.
 `grad_norm` is the norm of the update just applied (read after `engine.step()`).
@@ -115,13 +115,13 @@ class LearnerCore:
         pre = self._no_grad_pass(tb, "policy", times) if self._needs_prepass() else None
         logp0, values0 = pre if pre is not None else (None, None)
         targets = compute_targets(self.cfg.objective, self._inputs(tb, logp0, None, values0, ref))
+        minibatches = [
+            rows for _ in range(self.cfg.epochs) for rows in split_minibatches(tb.num_rows, self.cfg.minibatches)
+        ]
         parts: list[dict[str, float]] = []
-        for _ in range(self.cfg.epochs):
-            for rows in split_minibatches(tb.num_rows, self.cfg.minibatches):
-                parts.append(self._update(tb, targets, rows.to(tb.mask.device), ref, pre, times))
-                if parts[-1]["nonfinite_updates"]:
-                    break
-            if parts[-1]["nonfinite_updates"]:
+        for rows in minibatches:
+            parts.append(self._update(tb, targets, rows.to(tb.mask.device), ref, pre, times))
+            if parts[-1]["nonfinite_updates"]:  # the same on every rank: the data of this batch is suspect
                 break
         return self._step_diagnostics(tb, parts, times, t0)
 
@@ -149,11 +149,14 @@ class LearnerCore:
             entropy=entropy,
         )
 
-    def _plan(self, tb: TrainBatch | None) -> list[torch.Tensor]:
-        """Micro-batches of `tb` (rows), as many on every rank."""
+    def _plan(self, tb: TrainBatch | None, training: bool) -> list[torch.Tensor]:
+        """Micro-batches of `tb` (row indices). Where passes hold collectives (ZeRO-3 forwards, ZeRO-2/3
+        backwards) every rank runs as many, padded with empty ones; otherwise the plan is local."""
         lens = tb.lengths() if tb is not None else (torch.zeros(0, dtype=torch.long),) * 2
-        local = len(plan_micro_batches(*lens, self.cfg.micro_batch_tokens)) if tb is not None else 1
-        count = int(self._all_reduce(torch.tensor([float(local)]), "max").item())
+        count = 1
+        if self.cfg.zero_stage >= (2 if training else 3):
+            local = len(plan_micro_batches(*lens, self.cfg.micro_batch_tokens)) if tb is not None else 1
+            count = int(self._all_reduce(torch.tensor([float(local)]), "max").item())
         return [rows.to(self.engine.device) for rows in plan_micro_batches(*lens, self.cfg.micro_batch_tokens, count)]
 
     @torch.no_grad()
@@ -167,7 +170,7 @@ class LearnerCore:
             outputs = [(lp, None) for lp in parts]
         else:
             self.engine.eval()
-            plan = self._plan(tb)
+            plan = self._plan(tb, training=False)
             outputs = [self._forward(tb.select(rows if len(rows) else self._first_row()), "none") for rows in plan]
             outputs = [(lp, v) for lp, _, v in outputs]
         for rows, (lp, v) in zip(plan, outputs):
@@ -197,7 +200,7 @@ class LearnerCore:
         denominator = totals[0].clamp(min=1).to(self.engine.device)
         self.engine.train()
         nonfinite, seen = False, []
-        for mb in self._plan(sub):
+        for mb in self._plan(sub, training=True):
             t_fwd = time.perf_counter()
             if len(mb):
                 loss, part = self._micro_batch_loss(sub, sub_targets, rows, mb, ref, pre, denominator)
@@ -206,9 +209,10 @@ class LearnerCore:
                 logp, _, values = self._forward(tb.select(self._first_row()), "none")
                 loss = (logp.sum() + (values.sum() if values is not None else 0.0)) * 0.0
             times["forward_s"] = times.get("forward_s", 0.0) + time.perf_counter() - t_fwd
-            if not self._all_ranks(math.isfinite(float(loss.detach()))):
+            if not math.isfinite(float(loss.detach())):
                 nonfinite, loss = True, loss * float("nan")  # poisons the gradient: every rank's optimiser skips
             self.engine.backward(loss)
+        nonfinite = not self._all_ranks(not nonfinite)  # one flag for all: was it a loss or a gradient?
         self.engine.step()
         applied = bool(self.engine.was_step_applied())
         grad_norm = self.engine.get_global_grad_norm()
