@@ -230,21 +230,29 @@ class BufferPool:
     loopback 3-8x slower here (0.25-0.5 vs 1.1-2 GB/s for 32 MiB buckets). A buffer counts as free
     when its storage has no users but the pool (tensors a receiver's consumer kept alive pin it),
     so reuse can never overwrite a tensor someone still holds; otherwise a fresh buffer is used.
+    Receivers pass `keep_giants=False`: a lone tensor larger than a bucket (an embedding) gets its own
+    buffer, freed once the engine has copied it, so a rollout worker keeps at most `max_buffers` buckets.
     """
 
-    def __init__(self, bucket_bytes: int, device: torch.device, max_buffers: int = 2):
+    def __init__(self, bucket_bytes: int, device: torch.device, max_buffers: int = 2, keep_giants: bool = True):
         self._capacity, self._device, self._max = bucket_bytes + 64 * 1024, device, max_buffers
+        self._keep_giants = keep_giants  # False: a buffer for a tensor larger than a bucket is freed after use
         self._free_uses = getattr(torch._C, "_storage_Use_Count", None)  # absent: never reuse
         self._pool: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count when unshared)
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         """A uint8 tensor `[nbytes]` that nothing else references."""
+        giant = nbytes > self._capacity
         for i, (buf, idle_uses) in enumerate(self._pool):
             if self._uses(buf) == idle_uses:
                 if buf.numel() >= nbytes:
                     return buf[:nbytes]
+                if giant and not self._keep_giants:
+                    break
                 del self._pool[i]  # too small for this giant tensor: replace it
                 break
+        if giant and not self._keep_giants:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self._device)
         buf = torch.empty(max(nbytes, self._capacity), dtype=torch.uint8, device=self._device)
         if self._free_uses is not None and len(self._pool) < self._max:
             self._pool.append((buf, self._uses(buf)))

@@ -192,7 +192,7 @@ class BroadcastTransport:
         self._store, self._group = store, group
         self._device = group_device(cfg.backend)
         pooled = 2 if self._device.type == "cpu" else 0  # CUDA's caching allocator already recycles
-        self._buffers = BufferPool(cfg.bucket_bytes, self._device, max_buffers=pooled)
+        self._buffers = BufferPool(cfg.bucket_bytes, self._device, max_buffers=pooled, keep_giants=rank == 0)
         self._seq = 0  # updates announced (sender) / taken (receiver)
         self._pending: Iterator | None = None  # receiver: the update being consumed
         self._failed: str | None = None

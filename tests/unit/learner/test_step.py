@@ -224,3 +224,10 @@ def test_nan_loss_in_a_micro_batch_skips_the_whole_update(tiny_model_dir):
     diag = core.train_step(pa.RecordBatch.from_pydict(bad, schema=_batch(seed=7).schema))
     assert diag["skipped_nonfinite"] == 1.0 and diag["nonfinite_in_gradient"] == 0.0
     assert all(torch.equal(before[n], t) for n, t in core.named_weights()) and core.steps == 0
+
+
+def test_activation_checkpointing_and_small_logprob_chunks_give_the_same_gradients(tiny_model_dir):
+    batch = _batch(seed=8)
+    plain = _capture_grads(_core(tiny_model_dir, zero_stage=0), batch)
+    frugal = _core(tiny_model_dir, zero_stage=0, activation_checkpointing=True, logprob_chunk_tokens=3)
+    _assert_grads_equal(_capture_grads(frugal, batch), plain)

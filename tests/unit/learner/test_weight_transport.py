@@ -256,3 +256,15 @@ def test_giants_that_need_a_cast_or_are_strided_or_small_are_packed_instead():
     assert direct_parts([("w", torch.randn(64, 64).t())], None, 4096, cpu) is None  # non-contiguous
     assert direct_parts([("w", torch.randn(8))], None, 4096, cpu) is None  # below the threshold
     assert direct_parts([("a", torch.randn(2048)), ("b", torch.randn(2048))], None, 4096, cpu) is None
+
+
+def test_a_receivers_pool_frees_giant_buffers_and_keeps_bucket_sized_ones():
+    pool = BufferPool(bucket_bytes=1024, device=torch.device("cpu"), max_buffers=2, keep_giants=False)
+    small = pool.acquire(500)
+    small_ptr = small.data_ptr()
+    del small
+    giant = pool.acquire(10**6)
+    assert giant.numel() == 10**6 and giant.data_ptr() != small_ptr
+    del giant
+    assert pool.acquire(500).data_ptr() == small_ptr  # the bucket-sized buffer survived the giant
+    assert all(buf.numel() < 10**6 for buf, _ in pool._pool)  # the giant was not kept
