@@ -8,8 +8,9 @@ Contract:
 - Floating tensors are cast to `wire_dtype` (if set) while packing; integers never are. Unpacking
   yields views into the received buffer in the wire dtype (zero copy: the engine casts as it loads,
   so a receiver never holds an up-cast copy); `restore_dtype=True` casts back to each tensor's own dtype.
-- `pack_update` packs every bucket of an update at once (a snapshot in the wire dtype, on the
-  tensors' device), reusing the previous snapshot's buffers when they fit.
+- `pack_update` / `snapshot_update` pack every bucket of an update at once (a snapshot in the wire
+  dtype, on the tensors' device), reusing the previous snapshot's buffers when they fit; on CUDA the
+  snapshot carries the event its broadcasts must wait for.
 - `BufferPool` hands out receive/pack buffers that are reused only once nothing else views them.
 """
 
@@ -183,6 +184,34 @@ def pack_update(
 
         out.append(PackedBucket(*pack_bucket(bucket, wire_dtype, device, alloc)))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedUpdate:
+    """A snapshot from `BroadcastTransport.pack`: packed buckets, plus (CUDA) the event after the copies."""
+
+    buckets: list[PackedBucket]
+    ready: object | None = None  # torch.cuda.Event recorded after packing, or None on CPU
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.wire.numel() for b in self.buckets)
+
+
+def snapshot_update(
+    buckets: Iterable[list[tuple[str, torch.Tensor]]],
+    wire_dtype: str | None,
+    device: torch.device,
+    reuse: list[PackedBucket] | None = None,
+) -> PackedUpdate:
+    """Pack every bucket now on `device` in the wire dtype (`weight_packing.pack_update`, reusing `reuse`'s
+    buffers); on CUDA also record the event a later `send_packed` orders its broadcasts after."""
+    update = PackedUpdate(pack_update(buckets, wire_dtype, device, reuse=reuse))
+    if device.type == "cuda":
+        ready = torch.cuda.Event()
+        ready.record()
+        update = PackedUpdate(update.buckets, ready)
+    return update
 
 
 def direct_parts(

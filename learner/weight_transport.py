@@ -64,6 +64,7 @@ from learner.weight_packing import (
     KIND_END,
     BufferPool,
     PackedBucket,
+    PackedUpdate,
     TransportClosed,
     WeightSyncError,
     WeightSyncTimeout,
@@ -71,12 +72,13 @@ from learner.weight_packing import (
     direct_parts,
     group_into_buckets,
     pack_bucket,
-    pack_update,
+    snapshot_update,
     unpack_bucket,
     unpack_payload,
 )
 
-__all__ = ["TransportClosed", "WeightSyncError", "WeightSyncTimeout"]  # re-exported: callers catch them here
+# re-exported: callers catch the errors and build snapshots through this module
+__all__ = ["PackedUpdate", "TransportClosed", "WeightSyncError", "WeightSyncTimeout", "snapshot_update"]
 _CLOSE = "close"
 _HEARTBEAT_S = 1.0
 
@@ -139,38 +141,10 @@ class SyncStats:
     wait_ready_s: float = 0.0  # of which waiting for receivers to finish their rollout calls
 
 
-@dataclasses.dataclass(frozen=True)
-class PackedUpdate:
-    """A snapshot from `BroadcastTransport.pack`: packed buckets, plus (CUDA) the event after the copies."""
-
-    buckets: list[PackedBucket]
-    ready: object | None = None  # torch.cuda.Event recorded after packing, or None on CPU
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.wire.numel() for b in self.buckets)
-
-
 class WeightTransport(Protocol):
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> SyncStats: ...
     def receive(self) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]: ...
     def close(self) -> None: ...
-
-
-def snapshot_update(
-    buckets: Iterable[list[tuple[str, torch.Tensor]]],
-    wire_dtype: str | None,
-    device: torch.device,
-    reuse: list[PackedBucket] | None = None,
-) -> PackedUpdate:
-    """Pack every bucket now on `device` in the wire dtype (`weight_packing.pack_update`, reusing `reuse`'s
-    buffers); on CUDA also record the event a later `send_packed` orders its broadcasts after."""
-    update = PackedUpdate(pack_update(buckets, wire_dtype, device, reuse=reuse))
-    if device.type == "cuda":
-        ready = torch.cuda.Event()
-        ready.record()
-        update = PackedUpdate(update.buckets, ready)
-    return update
 
 
 def _done() -> None:
