@@ -1,13 +1,16 @@
-"""`LearnerConfig`: the learner's section of the run config (DeepSpeed group, optimiser, objective, weight sync).
+"""`LearnerConfig`: the learner's section of the run config (DeepSpeed group, optimiser, precision,
+micro-batching, PPO epochs, objective, weight sync).
 
 The device picks everything backend-shaped: `cpu` -> gloo + DeepSpeed's CPU accelerator, `cuda` ->
-NCCL + CUDA. There is no other switch between the CPU and GPU paths.
+NCCL + CUDA. There is no other switch between the CPU and GPU paths. Mixed precision always keeps fp32
+master weights and optimiser state (DeepSpeed's `bf16`/`fp16` sections, or its `torch_autocast`).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from learner.objective import ObjectiveConfig, requires
@@ -18,24 +21,35 @@ class ReferenceConfig(BaseModel):
     """The frozen reference policy for `objective.kl_ref_coef > 0` (see `learner.auxiliary.ReferencePolicy`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    path: str | None = None  # a local HF model dir; None = the run's starting weights (cold start / model.path)
-    offload: bool = False  # keep it in CPU memory between forward passes (GPU learners)
+    path: str | None = Field(
+        None, description="a local HF model dir; None = the run's starting weights (cold start / model.path)"
+    )
+    offload: bool = Field(
+        False, description="keep it in CPU memory between forward passes (GPU learners short of memory)"
+    )
 
 
 class LearnerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    device: Literal["cpu", "cuda"] = "cpu"
-    num_ranks: int = Field(1, ge=1)
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = Field(1.0, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    groups_per_step: int = Field(8, ge=1, description="groups per optimiser step, summed over ranks")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cpu: gloo + DeepSpeed's CPU accelerator; cuda: NCCL")
+    num_ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (one Ray actor each)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        1, description="DeepSpeed ZeRO stage; 3 partitions the weights too (publishing then gathers bucket by bucket)"
+    )
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate after warm-up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    grad_clip: float = Field(1.0, gt=0, description="clip the global gradient norm of each update to this")
+    warmup_steps: int = Field(0, ge=0, description="optimiser steps of linear learning-rate warm-up")
+    groups_per_step: int = Field(
+        8,
+        ge=1,
+        description="groups per learner step (one sampled batch), summed over ranks; updates_per_batch optimiser "
+        "steps are taken on it",
+    )
     temperature: float = Field(1.0, gt=0, description="must equal rollout.temperature")
-    num_cpus_per_rank: float = Field(1.0, ge=0)
-    num_gpus_per_rank: float = Field(0.0, ge=0)
+    num_cpus_per_rank: float = Field(1.0, ge=0, description="Ray CPUs reserved per learner rank")
+    num_gpus_per_rank: float = Field(0.0, ge=0, description="Ray GPUs per learner rank (> 0 with device cuda)")
     ray_resources: dict[str, float] = Field(
         default_factory=dict,
         description=(
@@ -49,9 +63,88 @@ class LearnerConfig(BaseModel):
             "stop the run (with a checkpoint) after this many consecutive steps skipped for a NaN/inf loss or gradient"
         ),
     )
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
-    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
-    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description=(
+            "compute dtype of the policy and the reference model; optimiser state and master weights stay fp32. "
+            "bf16 on GPUs (and CPUs with avx512_bf16) halves weight and activation memory; fp16 adds dynamic loss "
+            "scaling (early steps may be skipped while the scale settles)"
+        ),
+    )
+    mixed_precision: Literal["deepspeed", "autocast"] = Field(
+        "deepspeed",
+        description=(
+            "how a bf16/fp16 `precision` is applied: 'deepspeed' = DeepSpeed's bf16/fp16 section (weights and "
+            "activations in that dtype, fp32 master copy in the optimiser: least memory); 'autocast' = DeepSpeed's "
+            "torch_autocast (fp32 weights, matmuls in that dtype; bf16 only). Ignored at fp32"
+        ),
+    )
+    micro_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "padded tokens (rows x longest prompt+completion) per forward/backward; a rank's share is split into "
+            "micro-batches under this budget and their gradients accumulated into one update equal to the "
+            "whole-batch update. None = one micro-batch. Lower it when activations run out of memory"
+        ),
+    )
+    logprob_chunk_tokens: int = Field(
+        1024,
+        ge=1,
+        description=(
+            "completion tokens per chunk of the LM head + log-softmax; peak logits memory is about "
+            "4 x chunk x vocab x 4 bytes in the backward. Lower it for large vocabularies on small devices"
+        ),
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each decoder layer's activations in the backward (HF gradient checkpointing): "
+        "less memory, ~30% more compute; turn on when long sequences do not fit",
+    )
+    log_entropy: bool = Field(
+        True,
+        description="compute the policy's token entropy in the logprob pass and log it (no gradient unless "
+        "objective.entropy_coef > 0, which always computes it); off saves one softmax over each chunk",
+    )
+    updates_per_batch: int = Field(
+        1,
+        ge=1,
+        description=(
+            "optimiser steps per sampled batch (PPO epochs x minibatches). Above 1 the proximal log-probs of "
+            "decoupled PPO/TIS are the policy's before the first of them, so their clip binds (AReaL)"
+        ),
+    )
+    minibatches: int = Field(
+        1,
+        ge=1,
+        description=(
+            "disjoint minibatches each rank's share is split into (rows shuffled each epoch); each optimiser step "
+            "uses one. updates_per_batch must be a multiple of it: epochs = updates_per_batch / minibatches"
+        ),
+    )
+    objective: ObjectiveConfig = Field(
+        default_factory=ObjectiveConfig, description="the loss: advantages, policy loss, KL terms, aggregation"
+    )
+    reference: ReferenceConfig = Field(
+        default_factory=ReferenceConfig, description="the frozen reference model (objective.kl_ref_coef > 0)"
+    )
+    weight_sync: WeightSyncConfig = Field(
+        default_factory=WeightSyncConfig, description="how new weights reach the rollout workers"
+    )
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    @property
+    def snapshot_weights(self) -> bool:
+        """Publish from a device snapshot (training continues) rather than streaming from the parameters."""
+        mode = self.weight_sync.snapshot
+        return mode == "device" or (mode == "auto" and self.zero_stage != 3)
+
+    @property
+    def epochs(self) -> int:
+        return self.updates_per_batch // self.minibatches
 
     @property
     def dist_backend(self) -> str:
@@ -77,16 +170,43 @@ class LearnerConfig(BaseModel):
             )
         if self.device == "cuda" and self.num_gpus_per_rank <= 0:
             raise ValueError("learner.device='cuda' needs learner.num_gpus_per_rank > 0")
+        if self.updates_per_batch % self.minibatches:
+            raise ValueError(
+                f"learner.updates_per_batch={self.updates_per_batch} is not a multiple of learner.minibatches="
+                f"{self.minibatches}; each epoch takes one step per minibatch, so set updates_per_batch = "
+                "epochs x minibatches"
+            )
+        if self.precision == "bf16" and self.mixed_precision == "deepspeed" and self.zero_stage == 0:
+            raise ValueError(
+                "learner.precision='bf16' with learner.mixed_precision='deepspeed' keeps fp32 master weights only "
+                "under ZeRO (DeepSpeed's ZeRO-0 bf16 path trains the bf16 weights directly); set learner.zero_stage "
+                ">= 1 or learner.mixed_precision='autocast'"
+            )
+        if self.precision == "fp16" and self.mixed_precision == "autocast":
+            raise ValueError(
+                "learner.precision='fp16' with learner.mixed_precision='autocast' has no loss scaling; "
+                "use mixed_precision='deepspeed' for fp16, or precision='bf16'"
+            )
         return self
 
-    def deepspeed_config(self, micro_batch_sequences: int) -> dict:
-        """The DeepSpeed JSON for one optimiser step over `micro_batch_sequences` sequences per rank."""
-        return {
-            "train_micro_batch_size_per_gpu": micro_batch_sequences,
+    def deepspeed_config(self) -> dict:
+        """The DeepSpeed JSON. The learner sizes micro-batches by tokens and calls `step()` once per update
+        (unmanaged gradient accumulation: any number of backward passes before it)."""
+        ds = {
+            "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False,
             "gradient_clipping": self.grad_clip,
             "zero_optimization": {"stage": self.zero_stage},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+        if self.precision == "fp32":
+            return ds
+        if self.mixed_precision == "autocast":
+            return ds | {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+        if self.precision == "bf16":
+            # fp32 gradient accumulation: micro-batch gradients summed in bf16 would lose low-order bits
+            return ds | {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+        return ds | {"fp16": {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2}}

@@ -56,25 +56,34 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _where(m, x).sum() / m.sum().clamp(min=1)
 
 
-def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, agg: AggMode, norm_tokens: int | None = None
-) -> torch.Tensor:
-    """Reduce `per_token [B, T]` to a scalar by `agg` (module docstring)."""
+def agg_denominator(mask: torch.Tensor, agg: AggMode, norm_tokens: int | None = None) -> torch.Tensor:
+    """What `aggregate` divides by for `mask [B, T]`: tokens, rows with >= 1 token, or B * norm_tokens.
+
+    Not clamped (0 when nothing counts), so summed over micro-batches (and ranks) it is the whole batch's
+    denominator: that is how the learner makes a micro-batched update equal the whole-batch one.
+    """
     m = mask.bool()
-    x = _where(m, per_token)
     if agg == "token-mean":
-        return x.sum() / m.sum().clamp(min=1)
-    rows = m.any(dim=-1)
-    n_rows = rows.sum().clamp(min=1)
-    if agg == "seq-mean-token-mean":
-        return (x.sum(-1) / m.sum(-1).clamp(min=1)).sum() / n_rows
-    if agg == "seq-mean-token-sum":
-        return x.sum() / n_rows
+        return m.sum()
+    if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        return m.any(dim=-1).sum()
     if agg == "seq-mean-token-sum-norm":
         if not norm_tokens or norm_tokens < 1:
             raise ValueError("agg='seq-mean-token-sum-norm' needs norm_tokens >= 1 (e.g. the max response length)")
-        return x.sum() / (x.shape[0] * norm_tokens)
+        return torch.tensor(float(m.shape[0] * norm_tokens), device=m.device)
     raise ValueError(f"unknown agg {agg!r}; expected one of {AggMode.__args__}")
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, agg: AggMode, norm_tokens: int | None = None
+) -> torch.Tensor:
+    """Reduce `per_token [B, T]` to a scalar by `agg` (module docstring): a sum over `agg_denominator`."""
+    m = mask.bool()
+    x = _where(m, per_token)
+    denominator = agg_denominator(m, agg, norm_tokens).clamp(min=1)  # no loss token: 0, still attached
+    if agg == "seq-mean-token-mean":
+        return (x.sum(-1) / m.sum(-1).clamp(min=1)).sum() / denominator
+    return x.sum() / denominator
 
 
 def as_floats(d: dict[str, torch.Tensor]) -> dict[str, float]:

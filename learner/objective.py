@@ -5,7 +5,8 @@ Contract:
 - `requires(cfg)` names the optional `ObjectiveInputs` fields the learner must fill for `cfg`.
 - `compute_objective(cfg, x)` returns the loss to minimise (attached to `x.learner_logprobs`, and to
   `x.values` / `x.entropy` when they are used) and `dict[str, float]` diagnostics. It never reads padded
-  positions. Advantages are computed inside the call from the batch's whole groups, without grad.
+  positions. It is `objective_loss(cfg, x, compute_targets(cfg, x))`: the targets (advantages, value
+  targets, loss mask) come from the batch's whole groups, without grad.
 
 Loss = policy term + sum_j beta_j * agg(kl_penalty_j)   [KL terms with `kl_*_in="loss"`]
        - entropy_coef * agg(entropy) + value_coef * agg((V - returns)^2 / 2)   [gae / vtrace only;
@@ -19,13 +20,14 @@ Directions (see `learner.kl`): behaviour defaults to "forward" + k3 = UKL(mu || 
 samples with no importance weight; reference defaults to "reverse" + k3 = UKL(pi || ref), the RLHF
 penalty with RPG's importance weight pi/mu (GRPO's unweighted k3 is "reverse_unweighted").
 
-Data parallelism: each rank calls this on whole groups; the gradient all-reduce averages ranks, so
-"token-mean" is exact only when ranks hold equal token counts (otherwise each rank's tokens weigh
-1/(R * n_rank)); "seq-mean-*" is exact with equal row counts per rank; "seq-mean-token-sum-norm" is a
-constant normaliser and exact with equal row counts. Batch statistics (GRPO/RLOO groups, REINFORCE++
-and GAE whitening) are per rank: whole groups make group baselines exact, whitening is rank-local.
-Diagnostics are per rank: reduce keys ending
-in `_min`/`_max` with min/max and the rest with mean.
+Micro-batches and data parallelism: `compute_targets` runs once on a rank's whole groups (group
+baselines exact; REINFORCE++/GAE whitening is rank-local), then `objective_loss` on any part of them
+with `denominator` = the aggregation denominator (`losses.agg_denominator`) summed over every part of
+the update on every rank. The learner multiplies each part's loss by the world size (DeepSpeed averages
+gradients over ranks), so every `agg` mode gives exactly the whole-batch, all-ranks update: token-mean
+weighs each token 1/N_total, seq modes each row 1/rows_total, "seq-mean-token-sum-norm" divides by
+total rows x agg_norm_tokens. `compute_objective` is both on one part (the whole batch).
+Diagnostics are per rank; `learner.diagnostics` declares how each key reduces across ranks.
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ class ObjectiveInputs:
     entropy: torch.Tensor | None = None  # [B, T], learner's per-token entropy
 
 
-def _check_inputs(cfg: ObjectiveConfig, x: ObjectiveInputs) -> None:
+def _check_inputs(cfg: ObjectiveConfig, x: ObjectiveInputs, needed: set[str] | None = None) -> None:
     shape = tuple(x.learner_logprobs.shape)
     if len(shape) != 2:
         raise ValueError(f"learner_logprobs must be [B, T]; got shape {shape}")
@@ -196,7 +198,7 @@ def _check_inputs(cfg: ObjectiveConfig, x: ObjectiveInputs) -> None:
     for name in ("rewards", "group_ids"):
         if tuple(getattr(x, name).shape) != shape[:1]:
             raise ValueError(f"{name} has shape {tuple(getattr(x, name).shape)}; expected ({shape[0]},)")
-    missing = sorted(n for n in requires(cfg) if getattr(x, n) is None)
+    missing = sorted(n for n in (requires(cfg) if needed is None else needed) if getattr(x, n) is None)
     if missing:
         raise ValueError(
             f"the objective config needs {missing} (see objective.requires(cfg)); compute them "
@@ -285,20 +287,66 @@ def _policy_term(cfg, x, adv, m, kl_coef):
     )
 
 
-def compute_objective(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, float]]:
-    """Scalar loss to minimise and per-rank diagnostics for one batch of whole groups (module docstring)."""
-    _check_inputs(cfg, x)
+@dataclass(frozen=True)
+class Targets:
+    """What the objective derives from a whole rank batch once, before any update (no grad).
+
+    Advantages need whole groups (and batch whitening), so micro- and minibatches take theirs from here.
+    """
+
+    advantages: torch.Tensor  # [B, T]
+    returns: torch.Tensor | None  # [B, T] value targets (gae / vtrace), else None
+    outcome: torch.Tensor  # [B] summed outcome rewards
+    loss_mask: torch.Tensor  # [B, T] bool: response tokens of the groups that are trained on
+
+    def select(self, rows: torch.Tensor, width: int) -> Targets:
+        """The targets of `rows` (long `[b]`), cut to `width` completion columns (`TrainBatch.select`)."""
+        return Targets(
+            self.advantages[rows, :width],
+            None if self.returns is None else self.returns[rows, :width],
+            self.outcome[rows],
+            self.loss_mask[rows, :width],
+        )
+
+
+@torch.no_grad()
+def compute_targets(cfg: ObjectiveConfig, x: ObjectiveInputs) -> Targets:
+    """Advantages, value targets and the loss mask of one rank's whole groups.
+
+    `x.learner_logprobs` / `x.values` are the policy's before this batch's first update (they feed V-trace's
+    rhos, GAE and reward-placed KL terms, as the old policy does in PPO's epochs).
+    """
+    reward_ref = cfg.kl_ref_coef > 0 and cfg.kl_ref_in == "reward"
+    _check_inputs(cfg, x, (requires(cfg) & {"values"}) | ({"ref_logprobs"} if reward_ref else set()))
     x = _upcast(x)
     m = x.mask.bool()
     adv_lib.last_token_index(m)  # every row must have a response token
+    lp, mu = x.learner_logprobs.detach(), x.behaviour_logprobs
+    zeros = torch.zeros(m.shape, dtype=lp.dtype, device=lp.device)
+    reward_kl = sum(
+        (c * kl_penalty(lp, t, mu, est, d, m) for _, c, t, est, d, w in _kl_terms(cfg, x) if w == "reward"), zeros
+    )
+    adv, returns, outcome = _advantages(cfg, x, m, reward_kl)
+    keep = ~adv_lib.zero_variance_groups(outcome, x.group_ids) if cfg.filter_zero_variance_groups else m.any(-1)
+    return Targets(adv, returns, outcome, m & keep[:, None])
+
+
+def objective_loss(
+    cfg: ObjectiveConfig, x: ObjectiveInputs, targets: Targets, denominator: torch.Tensor | float | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of rows `x` given their `targets`, and diagnostics over those rows.
+
+    `denominator`: the aggregation denominator of the whole update (`losses.agg_denominator` summed over
+    its micro-batches and ranks); the loss is then this part's share of the whole-batch loss, so the
+    gradients of the parts add up to the gradient of the whole. None: `x` is the whole update.
+    """
+    _check_inputs(cfg, x)
+    x = _upcast(x)
+    m, lm, adv = x.mask.bool(), targets.loss_mask, targets.advantages
     lp, mu = x.learner_logprobs, x.behaviour_logprobs.detach()
     terms = _kl_terms(cfg, x)
     pens = {n: kl_penalty(lp, t, mu, est, d, m) for n, _, t, est, d, _ in terms}
     zeros = torch.zeros(m.shape, dtype=lp.dtype, device=lp.device)
-    reward_kl = sum((c * pens[n].detach() for n, c, *_, w in terms if w == "reward"), zeros)
-    adv, returns, outcome = _advantages(cfg, x, m, reward_kl)
-    keep = ~adv_lib.zero_variance_groups(outcome, x.group_ids) if cfg.filter_zero_variance_groups else m.any(-1)
-    lm = m & keep[:, None]
     loss_terms = [(n, c, t, est, d) for n, c, t, est, d, w in terms if w == "loss"]
     rpg = cfg.policy_loss == "rpg_reinforce"
     kl_coef = (
@@ -311,11 +359,19 @@ def compute_objective(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[torch.T
     )
     # rpg_reinforce already carries the KL terms in its REINFORCE coefficient: report, don't add.
     loss, extra = (pg if rpg else pg + kl_loss), {"pg_loss": pg.detach(), "kl_loss": kl_loss.detach()}
-    loss, extra = _entropy_and_value(cfg, x, lm, returns, loss, extra)
+    loss, extra = _entropy_and_value(cfg, x, lm, targets.returns, loss, extra)
+    if denominator is not None:
+        share = losses.agg_denominator(lm, cfg.agg, cfg.agg_norm_tokens).to(loss.dtype)
+        loss = loss * (share / torch.as_tensor(denominator, dtype=loss.dtype, device=loss.device))
     extra |= {n: losses.masked_mean(p.detach(), m) for n, p in pens.items()}
-    extra |= _batch_stats(adv, m, lm, outcome)
+    extra |= _batch_stats(adv, m, lm, targets.outcome)
     out = {"loss": float(loss.detach())} | losses.as_floats(extra) | diag
     return loss, out | losses.importance_diagnostics(lp.detach(), mu, m)
+
+
+def compute_objective(cfg: ObjectiveConfig, x: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """Scalar loss to minimise and per-rank diagnostics for one batch of whole groups (module docstring)."""
+    return objective_loss(cfg, x, compute_targets(cfg, x))
 
 
 def _upcast(x: ObjectiveInputs) -> ObjectiveInputs:
@@ -332,7 +388,7 @@ def _upcast(x: ObjectiveInputs) -> ObjectiveInputs:
 def _entropy_and_value(cfg, x, lm, returns, loss, extra):
     if x.entropy is not None:
         extra["entropy"] = losses.masked_mean(x.entropy.detach(), x.mask)
-        if cfg.entropy_coef > 0:
+        if cfg.entropy_coef > 0:  # the bonus needs the entropy's own gradient (the learner computes it with grad)
             loss = loss - cfg.entropy_coef * losses.aggregate(x.entropy, lm, cfg.agg, cfg.agg_norm_tokens)
     if cfg.advantage in CRITIC_ADVANTAGES and cfg.value_coef > 0:
         err = torch.where(lm, x.values - returns.to(x.values.dtype), 0.0)

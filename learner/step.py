@@ -1,16 +1,30 @@
-"""The learner's step on one DeepSpeed rank: recompute logprobs, objective, backward, optimiser step.
+"""The learner's step on one DeepSpeed rank: logprobs, objective, micro-batched backward, optimiser steps.
 
 Contract: `LearnerCore` is created on every rank of an initialised torch.distributed default group
 (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in the environment, as the Ray actor sets them). Each rank
 calls `train_step` with its own whole groups, in lock-step with the others (DeepSpeed all-reduces
-the gradients). `named_weights()` must be called on every rank too (ZeRO-3 gathers collectively);
-it returns full tensors on rank 0 and an empty list elsewhere.
+the gradients). One `train_step` is one sampled batch:
+1. collate (Arrow buffers -> tensors); reference log-probs (no grad) if the objective has a KL to it;
+2. if the targets need the policy's outputs (GAE/V-trace values, reward-placed KL) or several updates
+   follow (decoupled PPO's proximal policy), a no-grad pass records them before any update;
+3. `objective.compute_targets` on the whole batch (advantages need whole groups);
+4. `learner.updates_per_batch` optimiser steps, each over one minibatch (`learner.minibatches`, rows
+   reshuffled every epoch), each as micro-batches under `learner.micro_batch_tokens` whose gradients
+   accumulate. Every micro-batch's loss is its share of the minibatch loss: divided by the
+   aggregation denominator summed over all micro-batches and ranks, times the world size (DeepSpeed
+   averages gradients over ranks), so the update equals the whole-batch update for every `agg` mode.
+Under ZeRO-2/3 ranks agree on the number of micro-batches (collectives pair up their passes);
+a rank with fewer rows runs zero-weight passes. Diagnostics are the objective's over each whole
+minibatch (exact, not averaged over micro-batches), reduced over updates by `learner.diagnostics`.
+`grad_norm` is the norm of the update just applied (read after `engine.step()`).
 
-Non-finite numerics: a step whose loss (on any rank) or global gradient is NaN/inf is skipped on
-every rank — no backward (loss) or no optimiser update (gradient; DeepSpeed ZeRO drops the
-gradients itself, stage 0 is checked here) — and reported as `skipped_nonfinite=1` in the diagnostics.
-`save_state` / `load_state` are collective too: DeepSpeed's per-rank checkpoint (model, optimiser and
-scheduler partitions, no gather) plus this rank's RNG state and step count.
+Non-finite numerics: a micro-batch loss that is NaN/inf on any rank poisons that update's gradient, so
+DeepSpeed (or, at ZeRO-0, `_ClippedAdamW`) skips the update on every rank, and the batch's later updates
+are not taken. A batch with no applied update reports `skipped_nonfinite=1` (`nonfinite_in_gradient`
+tells which); weights, optimiser and scheduler are then untouched.
+`save_state` / `load_state` are collective: DeepSpeed's per-rank checkpoint plus this rank's RNG and step.
+Weights for rollout: `weight_buckets` (collective under ZeRO-3) yields the policy's parameters bucket by
+bucket, on the device, gathering ZeRO-3 partitions one bucket at a time.
 """
 
 from __future__ import annotations
@@ -18,119 +32,274 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 
-from learner.auxiliary import PolicyWithValue, ReferencePolicy
-from learner.batch import collate, completion_logprobs, completion_outputs
+from learner.auxiliary import ReferencePolicy
+from learner.batch import TrainBatch, collate, plan_micro_batches, split_minibatches
 from learner.config import LearnerConfig
-from learner.objective import ObjectiveInputs, compute_objective, requires
+from learner.diagnostics import reduce_diagnostics
+from learner.logprobs import CompletionModel, run_completion_model
+from learner.losses import agg_denominator
+from learner.objective import CRITIC_ADVANTAGES, ObjectiveInputs, Targets, compute_targets, objective_loss, requires
+from learner.weight_packing import group_into_buckets
+
+
+class _ClippedAdamW(torch.optim.AdamW):
+    """AdamW that clips by the global gradient norm and keeps it (ZeRO-0 without DeepSpeed mixed precision,
+    where DeepSpeed clips but drops the norm). DeepSpeed all-reduces gradients before calling `step`, so
+    the norm is global; a non-finite one skips the update and sets `overflow`, which DeepSpeed honours."""
+
+    def __init__(self, params, max_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm, self._global_grad_norm, self.overflow = max_norm, None, False
+
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self._global_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_norm))
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        return None if self.overflow else super().step(closure)
+
+
+def _build_engine(cfg: LearnerConfig, model_dir: str | Path, value_head: bool):
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if cfg.activation_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = CompletionModel(policy, value_head, cfg.logprob_chunk_tokens)
+    kwargs = {"lr": cfg.lr, "betas": cfg.betas, "weight_decay": cfg.weight_decay}
+    ds_config = cfg.deepspeed_config()
+    if cfg.zero_stage == 0 and "bf16" not in ds_config and "fp16" not in ds_config:
+        optimizer = _ClippedAdamW(model.parameters(), cfg.grad_clip, **kwargs)
+        ds_config["gradient_clipping"] = 0.0  # the optimizer clips (and keeps the norm)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), **kwargs)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+    )
+    return engine, optimizer, scheduler
 
 
 class LearnerCore:
     def __init__(self, cfg: LearnerConfig, model_dir: str | Path, rank: int, world_size: int):
         import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.device == "cuda" else "cpu")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         deepspeed.init_distributed(dist_backend=cfg.dist_backend)
         self.pad_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         self.needs = requires(cfg.objective)
-        if "values" in self.needs:  # GAE / V-trace: a value head on the policy's trunk, trained with it
-            model = PolicyWithValue(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=schedule, config=cfg.deepspeed_config(1)
-        )
+        self.engine, self.optimizer, self.scheduler = _build_engine(cfg, model_dir, "values" in self.needs)
+        self.entropy = "grad" if "entropy" in self.needs else ("detached" if cfg.log_entropy else "none")
         self.steps = 0
         self.reference = None
         if "ref_logprobs" in self.needs:
-            self.reference = ReferencePolicy(cfg.reference.path or model_dir, self.engine.device, cfg.reference.offload)
+            path = cfg.reference.path or model_dir
+            dtype, chunk = cfg.compute_dtype, cfg.logprob_chunk_tokens
+            self.reference = ReferencePolicy(path, self.engine.device, cfg.reference.offload, dtype, chunk)
 
+    # ------------------------------------------------------------------ one sampled batch
     def train_step(self, batch: pa.RecordBatch | pa.Table) -> dict[str, float]:
-        """One optimiser step on this rank's groups; returns the objective's diagnostics plus timings."""
+        """`updates_per_batch` optimiser steps on this rank's groups; returns diagnostics plus timings."""
         t0 = time.perf_counter()
-        tb = collate(batch, self.pad_id)
-        device = self.engine.device
-        tb = _to(tb, device)
-        self.engine.train()
-        logp, entropy, values = completion_outputs(self.engine, tb, self.cfg.temperature, with_entropy=True)
-        ref = self.reference.logprobs(tb, self.cfg.temperature) if self.reference is not None else None
-        t_fwd = time.perf_counter()
-        # One optimiser step per sampled batch, so the proximal policy of decoupled PPO (AReaL) is
-        # the learner's weights before this step: its logprobs are the current ones, detached.
-        proximal = logp.detach() if "proximal_logprobs" in self.needs else None
-        inputs = ObjectiveInputs(
-            learner_logprobs=logp,
+        tb = collate(batch, self.pad_id).to(self.engine.device)
+        times = {"collate_s": time.perf_counter() - t0}
+        ref = self._no_grad_pass(tb, "reference", times) if self.reference is not None else None
+        pre = self._no_grad_pass(tb, "policy", times) if self._needs_prepass() else None
+        logp0, values0 = pre if pre is not None else (None, None)
+        targets = compute_targets(self.cfg.objective, self._inputs(tb, logp0, None, values0, ref))
+        minibatches = [
+            rows for _ in range(self.cfg.epochs) for rows in split_minibatches(tb.num_rows, self.cfg.minibatches)
+        ]
+        parts: list[dict[str, float]] = []
+        for rows in minibatches:
+            parts.append(self._update(tb, targets, rows.to(tb.mask.device), ref, pre, times))
+            if parts[-1]["nonfinite_updates"]:  # the same on every rank: the data of this batch is suspect
+                break
+        return self._step_diagnostics(tb, parts, times, t0)
+
+    def _needs_prepass(self) -> bool:
+        obj = self.cfg.objective
+        reward_kl = (obj.kl_behaviour_coef > 0 and obj.kl_behaviour_in == "reward") or (
+            obj.kl_ref_coef > 0 and obj.kl_ref_in == "reward"
+        )
+        proximal = "proximal_logprobs" in self.needs and self.cfg.updates_per_batch > 1
+        return obj.advantage in CRITIC_ADVANTAGES or reward_kl or proximal
+
+    def _inputs(self, tb: TrainBatch, logp, entropy, values, ref, proximal=None) -> ObjectiveInputs:
+        """Objective inputs of `tb`. Without `logp` (targets that never read the policy's log-probs) the
+        behaviour log-probs stand in."""
+        return ObjectiveInputs(
+            learner_logprobs=tb.behaviour_logprobs if logp is None else logp,
             behaviour_logprobs=tb.behaviour_logprobs,
-            proximal_logprobs=proximal,
-            ref_logprobs=ref,
-            values=values,
             mask=tb.mask,
             rewards=tb.rewards,
             group_ids=tb.group_ids,
+            ref_logprobs=ref,
+            proximal_logprobs=proximal,
             token_rewards=tb.token_rewards,
+            values=values,
             entropy=entropy,
         )
-        loss, diag = compute_objective(self.cfg.objective, inputs)
-        if not self._all_ranks(math.isfinite(float(loss.detach()))):
-            return self._skipped(diag, loss, "loss", t0, t_fwd)
-        self.engine.backward(loss)
-        if self.cfg.zero_stage == 0 and not self._all_ranks(_grads_finite(self.engine.module)):
-            self.engine.zero_grad()  # ZeRO stages >= 1 check the global norm in their own step()
-            return self._skipped(diag, loss, "gradient", t0, t_fwd)
-        grad_norm = self.engine.get_global_grad_norm()
+
+    def _plan(self, tb: TrainBatch | None, training: bool) -> list[torch.Tensor]:
+        """Micro-batches of `tb` (row indices). Where passes hold collectives (ZeRO-3 forwards, ZeRO-2/3
+        backwards) every rank runs as many, padded with empty ones; otherwise the plan is local."""
+        lens = tb.lengths() if tb is not None else (torch.zeros(0, dtype=torch.long),) * 2
+        count = 1
+        if self.cfg.zero_stage >= (2 if training else 3):
+            local = len(plan_micro_batches(*lens, self.cfg.micro_batch_tokens)) if tb is not None else 1
+            count = int(self._all_reduce(torch.tensor([float(local)]), "max").item())
+        return [rows.to(self.engine.device) for rows in plan_micro_batches(*lens, self.cfg.micro_batch_tokens, count)]
+
+    @torch.no_grad()
+    def _no_grad_pass(self, tb: TrainBatch, which: str, times: dict):
+        """Per-row outputs `[B, T]` before any update: the reference's log-probs, or the policy's (logp, values)."""
+        t0 = time.perf_counter()
+        logp, values = torch.zeros_like(tb.mask), torch.zeros_like(tb.mask) if "values" in self.needs else None
+        if which == "reference":
+            plan = plan_micro_batches(*tb.lengths(), self.cfg.micro_batch_tokens)  # no collectives: local plan
+            parts = self.reference.logprobs([tb.select(rows).tokens() for rows in plan], self.cfg.temperature)
+            outputs = [(lp, None) for lp in parts]
+        else:
+            self.engine.eval()
+            plan = self._plan(tb, training=False)
+            outputs = [self._forward(tb.select(rows if len(rows) else self._first_row()), "none") for rows in plan]
+            outputs = [(lp, v) for lp, _, v in outputs]
+        for rows, (lp, v) in zip(plan, outputs):
+            if len(rows):
+                logp[rows, : lp.shape[1]] = lp
+                if values is not None and v is not None:
+                    values[rows, : v.shape[1]] = v
+        times["reference_s" if which == "reference" else "prepass_s"] = time.perf_counter() - t0
+        return logp if which == "reference" else (logp, values)
+
+    def _first_row(self) -> torch.Tensor:
+        return torch.zeros(1, dtype=torch.long, device=self.engine.device)
+
+    def _forward(self, tb: TrainBatch, entropy: str):
+        return run_completion_model(self.engine, tb.tokens(), self.cfg.temperature, entropy)
+
+    # ------------------------------------------------------------------ one optimiser step
+    def _update(self, tb: TrainBatch, targets: Targets, rows, ref, pre, times: dict) -> dict[str, float]:
+        """One optimiser step over minibatch `rows` of `tb`, in micro-batches; its diagnostics."""
+        obj = self.cfg.objective
+        sub = tb.select(rows) if len(rows) else None
+        sub_targets = targets.select(rows, sub.mask.shape[1]) if sub is not None else None
+        local = agg_denominator(sub_targets.loss_mask, obj.agg, obj.agg_norm_tokens) if sub is not None else 0.0
+        totals = self._all_reduce(torch.tensor([float(local), float(len(rows))], dtype=torch.float64), "sum")
+        if totals[1] == 0:  # every rank's minibatch is empty (more minibatches than rows): no update
+            return {"tokens": 0.0, "updates_applied": 0.0, "nonfinite_updates": 0.0, "nonfinite_in_gradient": 0.0}
+        denominator = totals[0].clamp(min=1).to(self.engine.device)
+        self.engine.train()
+        nonfinite, seen = False, []
+        for mb in self._plan(sub, training=True):
+            t_fwd = time.perf_counter()
+            if len(mb):
+                loss, part = self._micro_batch_loss(sub, sub_targets, rows, mb, ref, pre, denominator)
+                seen.append(part)
+            else:  # this rank has fewer rows than micro-batches elsewhere: a zero-weight pass
+                logp, _, values = self._forward(tb.select(self._first_row()), "none")
+                loss = (logp.sum() + (values.sum() if values is not None else 0.0)) * 0.0
+            times["forward_s"] = times.get("forward_s", 0.0) + time.perf_counter() - t_fwd
+            if not math.isfinite(float(loss.detach())):
+                nonfinite, loss = True, loss * float("nan")  # poisons the gradient: every rank's optimiser skips
+            self.engine.backward(loss)
+        nonfinite = not self._all_ranks(not nonfinite)  # one flag for all: was it a loss or a gradient?
         self.engine.step()
-        if not getattr(self.engine, "_step_applied", True):  # ZeRO found a NaN/inf gradient norm: no update
-            return self._skipped(diag, loss, "gradient", t0, t_fwd)
-        self.steps += 1
-        t_end = time.perf_counter()
-        diag = dict(diag)
+        applied = bool(self.engine.was_step_applied())
+        grad_norm = self.engine.get_global_grad_norm()
+        diag = self._update_diagnostics(sub, sub_targets, seen, ref, rows) if sub is not None else {"tokens": 0.0}
+        return diag | {
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "updates_applied": float(applied),
+            "nonfinite_updates": float(not applied),
+            "nonfinite_in_gradient": float(not applied and not nonfinite),
+            "micro_batches": float(len(seen)),
+        }
+
+    def _micro_batch_loss(self, sub, targets, rows, mb, ref, pre, denominator):
+        """The loss of micro-batch `mb` of minibatch `sub` (its share of the minibatch loss, times the world
+        size since DeepSpeed averages gradients over ranks) and its detached outputs."""
+        mtb = sub.select(mb)
+        width = mtb.mask.shape[1]
+        logp, entropy, values = self._forward(mtb, self.entropy)
+        proximal = self._proximal(pre, rows, mb, width, logp)
+        ref_mb = None if ref is None else ref[rows][mb, :width]
+        x = self._inputs(mtb, logp, entropy, values, ref_mb, proximal)
+        loss, _ = objective_loss(self.cfg.objective, x, targets.select(mb, width), denominator)
+        detached = {"logp": logp, "entropy": entropy, "values": values, "proximal": proximal}
+        part = {k: None if v is None else v.detach() for k, v in detached.items()}
+        return loss * self.world_size, part | {"rows": mb}
+
+    def _proximal(self, pre, rows, mb, width, logp) -> torch.Tensor | None:
+        """Decoupled PPO's proximal log-probs: the pre-pass (policy before this batch's first update) when
+        several updates follow, else the current policy's, detached (one update: they are the same)."""
+        if "proximal_logprobs" not in self.needs:
+            return None
+        return pre[0][rows][mb, :width] if pre is not None else logp.detach()
+
+    @torch.no_grad()
+    def _update_diagnostics(self, sub: TrainBatch, targets: Targets, seen: list[dict], ref, rows) -> dict[str, float]:
+        """The objective's diagnostics over the whole minibatch, from the micro-batches' detached outputs."""
+
+        def whole(key: str) -> torch.Tensor | None:
+            if not seen or seen[0][key] is None:
+                return None
+            full = torch.zeros_like(sub.mask)
+            for part in seen:
+                full[part["rows"], : part[key].shape[1]] = part[key]
+            return full
+
+        x = self._inputs(
+            sub, whole("logp"), whole("entropy"), whole("values"), None if ref is None else ref[rows], whole("proximal")
+        )
+        _, diag = objective_loss(self.cfg.objective, x, targets)
+        return diag | {"tokens": float(sub.mask.sum()), "sequences": float(sub.num_rows)}
+
+    def _step_diagnostics(self, tb: TrainBatch, parts: list[dict], times: dict, t0: float) -> dict[str, float]:
+        diag = reduce_diagnostics(parts)
+        applied = diag.get("updates_applied", 0.0)
+        if applied:
+            self.steps += 1
+        diag.update(times)
         diag.update(
-            skipped_nonfinite=0.0,
-            loss=float(loss.detach()),
-            grad_norm=float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else float("nan"),
-            lr=float(self.optimizer.param_groups[0]["lr"]),
-            sequences=float(tb.mask.shape[0]),
+            skipped_nonfinite=float(applied == 0),
+            nonfinite_in_gradient=float(applied == 0 and parts[-1]["nonfinite_in_gradient"] > 0),
+            sequences=float(tb.num_rows),
             tokens=float(tb.num_tokens),
             reward_mean=float(tb.rewards.mean()),
-            forward_s=t_fwd - t0,
-            step_s=t_end - t0,
+            step_s=time.perf_counter() - t0,
         )
         return diag
 
-    @property
-    def policy_module(self) -> torch.nn.Module:
-        """The HF policy inside the DeepSpeed engine (without the value head, if any): what rollout serves."""
-        module = self.engine.module
-        return module.policy if isinstance(module, PolicyWithValue) else module
+    # ------------------------------------------------------------------ collectives
+    def _all_reduce(self, value: torch.Tensor, op: str) -> torch.Tensor:
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        out = value.to(self.engine.device, torch.float64 if value.is_floating_point() else value.dtype).clone()
+        dist.all_reduce(out, op={"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op])
+        return out.cpu()
 
     def _all_ranks(self, ok: bool) -> bool:
         """True iff `ok` on every rank (one tiny all-reduce), so every rank takes the same branch."""
-        if self.world_size == 1:
-            return ok
-        import torch.distributed as dist
+        return bool(self._all_reduce(torch.tensor([0.0 if ok else 1.0]), "max").item() == 0.0)
 
-        flag = torch.tensor([0.0 if ok else 1.0], device=self.engine.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() == 0.0)
-
-    def _skipped(self, diag: dict, loss: torch.Tensor, where: str, t0: float, t_fwd: float) -> dict[str, float]:
-        """Diagnostics of a step skipped for non-finite numerics: weights and optimiser state unchanged."""
-        out = {k: float(v) for k, v in diag.items()}
-        out.update(
-            skipped_nonfinite=1.0,
-            nonfinite_in_gradient=float(where == "gradient"),
-            loss=float(loss.detach()),
-            forward_s=t_fwd - t0,
-            step_s=time.perf_counter() - t0,
-        )
-        return out
+    # ------------------------------------------------------------------ state and weights
+    @property
+    def policy_module(self) -> torch.nn.Module:
+        """The HF policy inside the DeepSpeed engine (without the value head): what rollout serves."""
+        return self.engine.module.policy
 
     def save_state(self, out_dir: str | Path) -> None:
         """Write this rank's share of the training state under `out_dir` (every rank calls; no gather)."""
@@ -155,28 +324,40 @@ class LearnerCore:
         self.steps = own["steps"]
         return self.steps
 
+    def weight_buckets(
+        self, bucket_bytes: int, wire_dtype: str | None = None
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """The policy's parameters as (HF name, device tensor) buckets of <= `bucket_bytes` wire bytes.
+
+        Rank 0 gets the tensors; other ranks get empty buckets (under ZeRO-3 they must still iterate, in
+        step, since each bucket is one collective gather). A bucket's tensors are valid until the next
+        bucket is requested (ZeRO-3 releases the gather then): read or copy them before that.
+        """
+        named = list(self.policy_module.named_parameters())
+        if self.cfg.zero_stage != 3:
+            if self.rank == 0:
+                yield from group_into_buckets(((n, p.detach()) for n, p in named), bucket_bytes, wire_dtype)
+            return
+        import deepspeed
+
+        sized = [(n, torch.empty(p.ds_shape, dtype=p.dtype, device="meta")) for n, p in named]
+        params = dict(named)
+        for bucket in group_into_buckets(sized, bucket_bytes, wire_dtype):
+            group = [params[n] for n, _ in bucket]
+            with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
+                yield [(n, p.detach()) for (n, _), p in zip(bucket, group)] if self.rank == 0 else []
+
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """Full parameters as (HF name, CPU tensor) on rank 0; [] on other ranks. Collective under ZeRO-3."""
-        module = self.policy_module
-        if self.cfg.zero_stage == 3:
-            import deepspeed
-
-            out = []
-            for name, param in module.named_parameters():
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    if self.rank == 0:
-                        out.append((name, param.detach().to("cpu", copy=True)))
-            return out
-        if self.rank != 0:
-            return []
-        return [(name, p.detach().to("cpu", copy=True)) for name, p in module.named_parameters()]
+        out = []
+        for bucket in self.weight_buckets(256 * 2**20):
+            out += [(n, t.to("cpu", copy=True)) for n, t in bucket]
+        return out
 
     def logprobs(self, batch: pa.RecordBatch | pa.Table) -> torch.Tensor:
         """Learner log-probs `[B, T]` of the batch's completions (no grad), e.g. to check engine agreement."""
-        tb = _to(collate(batch, self.pad_id), self.engine.device)
-        self.engine.eval()
-        with torch.no_grad():
-            logp, _ = completion_logprobs(self.engine, tb, self.cfg.temperature)
+        tb = collate(batch, self.pad_id).to(self.engine.device)
+        logp, _ = self._no_grad_pass(tb, "policy", {})
         return (logp * tb.mask).cpu()
 
     def save(self, out_dir: str | Path, tokenizer_dir: str | Path) -> Path | None:
@@ -190,20 +371,3 @@ class LearnerCore:
         self.policy_module.save_pretrained(out, state_dict=weights, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
         return out
-
-
-def _grads_finite(module: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p.grad).all()) for p in module.parameters() if p.grad is not None)
-
-
-def _to(tb, device):
-    import dataclasses
-
-    return dataclasses.replace(
-        tb,
-        **{
-            f.name: getattr(tb, f.name).to(device)
-            for f in dataclasses.fields(tb)
-            if isinstance(getattr(tb, f.name), torch.Tensor)
-        },
-    )

@@ -13,15 +13,18 @@ tests/integration/test_engine_vllm.py):
   `log_softmax(logits)[token]`.
 - `greedy` returns argmax completions under the same stop conditions, the stop token included when reached.
 - `teacher_forced_logprobs` is at temperature 1 and never reads KV computed under older weights.
-- `load_weights` takes HF checkpoint names (as in `model.state_dict()`), full tensors, updates the
-  live engine in place and sets `policy_version`.
+- `load_weights` takes HF checkpoint names (as in `model.state_dict()`), full tensors in any floating
+  dtype (cast on load, so a bf16 wire needs no up-cast copy), and updates the live engine in place as
+  they stream in (never holding the whole update), then sets `policy_version`. Each tensor's name and
+  shape are checked before it is applied; if the stream fails midway the engine holds a mix, so
+  `reload_initial_weights` puts the starting weights (and `policy_version` 0) back.
 
 `import rollout.engine` imports neither vllm nor transformers; `make_engine` imports lazily.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -53,6 +56,8 @@ class Engine(Protocol):
     def teacher_forced_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]: ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> None: ...
+
+    def reload_initial_weights(self) -> None: ...
 
     def shutdown(self) -> None: ...
 
@@ -102,6 +107,15 @@ def default_stop(model_dir: str | Path) -> StopConditions:
     if not eos:
         raise ValueError(f"{model_dir}: the model config has no eos_token_id; set it, or pass stop conditions")
     return StopConditions(frozenset(eos))
+
+
+def checked_weights(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], shapes: dict[str, tuple[int, ...]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`named_tensors`, lazily, each checked (`check_weights`) before it is handed on."""
+    for name, tensor in named_tensors:
+        check_weights([(name, tensor)], shapes)
+        yield name, tensor.detach()
 
 
 def make_engine(cfg: RolloutConfig, model_dir: str | Path, stop: StopConditions | None = None) -> Engine:

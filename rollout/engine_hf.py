@@ -24,7 +24,7 @@ from rollout.engine import (
     Completion,
     check_max_model_len,
     check_prompts,
-    check_weights,
+    checked_weights,
     default_stop,
 )
 from rollout.evaluation import left_pad
@@ -53,7 +53,7 @@ class HFEngine:
     def __init__(self, cfg: RolloutConfig, model_dir: str | Path, stop: StopConditions | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.cfg = cfg
+        self.cfg, self.model_dir = cfg, Path(model_dir)
         self.device = torch.device(cfg.device)
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[cfg.dtype])
         self.model.to(self.device).eval()
@@ -90,12 +90,19 @@ class HFEngine:
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> None:
+        """Copy each tensor into the live weights as it arrives (cast to the engine's dtype, checked first)."""
         params = self.model.state_dict()
-        weights = list(named_tensors)
-        check_weights(weights, {k: tuple(v.shape) for k, v in params.items()})  # all-or-nothing
-        for name, tensor in weights:
+        for name, tensor in checked_weights(named_tensors, {k: tuple(v.shape) for k, v in params.items()}):
             params[name].copy_(tensor)
         self.policy_version = policy_version
+
+    def reload_initial_weights(self) -> None:
+        """The starting weights from the model directory (after an update that failed midway)."""
+        from safetensors.torch import load_file
+
+        for path in sorted(self.model_dir.glob("*.safetensors")):
+            self.load_weights(load_file(str(path)).items(), 0)
+        self.policy_version = 0
 
     def shutdown(self) -> None:
         self.model = None

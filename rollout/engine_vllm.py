@@ -5,8 +5,9 @@ Contract: as `rollout/engine.py`, plus:
   workers by reference, start-up is seconds, and `shutdown` frees the engine's /dev/shm segment.
 - behaviour logprobs are vLLM's `processed_logprobs` (after temperature and top-p), i.e. the
   sampling distribution's; `teacher_forced_logprobs` uses `prompt_logprobs` at temperature 1.
-- `load_weights` reloads in place, then resets the prefix cache: KV cached under the old weights
-  would otherwise be reused for a repeated prompt (6.7 nats of logprob error, shared/PLATFORM.md).
+- `load_weights` streams the tensors into vLLM's in-place reload (`weights_iterator`: vLLM loads them
+  layer by layer and casts to its dtype), then resets the prefix cache: KV cached under the old weights
+  would otherwise be reused for a repeated prompt (6.7 nats of logprob error in our test).
 - stop conditions: `stop_token_ids` = `stop.token_ids` (vLLM's own eos rule is off, `ignore_eos`, so the
   set is exactly the caller's), `stop` = `stop.strings`; detokenisation is on only when there are stop
   strings (vLLM matches them on the incrementally decoded text). Either way the completion's token ids
@@ -37,7 +38,7 @@ from rollout.engine import (
     Completion,
     check_max_model_len,
     check_prompts,
-    check_weights,
+    checked_weights,
     default_stop,
 )
 from rollout.render import StopConditions
@@ -160,10 +161,18 @@ class VLLMEngine:
         return [out.prompt_logprobs[t][ids[t]].logprob for t in range(len(prompt_ids), len(ids))]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> None:
-        weights = [(name, t.detach()) for name, t in named_tensors]
-        # A reload that fails inside vLLM leaves the engine unusable (PLATFORM.md): reject bad input first.
-        check_weights(weights, self._shapes)
+        # Each tensor is checked before vLLM sees it; a reload that fails inside vLLM leaves the engine
+        # unusable until a complete one (the caller then uses `reload_initial_weights`).
+        weights = checked_weights(named_tensors, self._shapes)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self._after_reload(policy_version)
+
+    def reload_initial_weights(self) -> None:
+        """The starting weights from the model directory (after an update that failed midway)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"is_checkpoint_format": True})
+        self._after_reload(0)
+
+    def _after_reload(self, policy_version: int) -> None:
         if self._tied_embeddings:
             self.llm.collective_rpc(_refresh_tied_lm_head)
         self.policy_version = policy_version

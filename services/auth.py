@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-RUN_SECRET_ENV = "FLYWHEEL_RUN_SECRET"  # the name learner/weight_transport.py reads too
+RUN_SECRET_ENV = "FLYWHEEL_RUN_SECRET"  # the name learner/weight_auth.py reads too
 SECRET_FILE = "run_secret"
 MAX_SKEW_S = 300.0
 

@@ -1,12 +1,18 @@
 """`LearnerRank`: one DeepSpeed rank as a Ray actor, a thin shell over `learner.step.LearnerCore`.
 
-Rank 0 also owns the sending end of the weight broadcast. `publish` snapshots the weights (a
-collective under ZeRO-3, so every rank calls it) and sends them from a background thread, so the
-next training steps overlap the broadcast; a new publish first waits for the previous send.
-`publish(v, group)` first re-forms the weight group (services/worker_pool.py: membership changed)
-on the background thread, so joining members never block training. A broadcast that fails with
-`WeightSyncError` (a member died or did not ack within timeout_s) is not raised: `publish` returns
-it as the previous send's `SendOutcome`, and the owner re-forms the group with the survivors.
+Rank 0 also owns the sending end of the weight broadcast. Every rank calls `publish` (under ZeRO-3 the
+weights are gathered bucket by bucket, a collective). Two modes (`learner.weight_sync.snapshot`):
+- snapshot (default unless ZeRO-3): rank 0 packs the weights into wire-dtype buckets on its device
+  (buffers reused across publishes) and sends them from a background thread, so the next training steps
+  overlap the broadcast; a new publish first waits for the previous send. `publish(v, group)` re-forms
+  the weight group (services/worker_pool.py: membership changed) on that thread too, so joining members
+  never block training.
+- stream: buckets go straight from the parameters (ZeRO-3: gathered one bucket at a time, never the
+  whole model on rank 0) while training waits for the send, regrouping included.
+A broadcast that fails with `WeightSyncError` (a member died, or did not get ready / ack within
+timeout_s) is not raised: `publish` returns it as the previous send's `SendOutcome`, and the owner
+re-forms the group with the survivors. `abandon_weight_group` drops the group at once when the owner
+learns a member died, so a broadcast waiting for that member fails now instead of after timeout_s.
 """
 
 from __future__ import annotations
@@ -20,7 +26,16 @@ from pathlib import Path
 import ray
 
 from learner.config import LearnerConfig
-from learner.weight_transport import BroadcastTransport, SyncStats, WeightGroup, WeightSyncConfig, WeightSyncError
+from learner.weight_packing import PackedBucket
+from learner.weight_transport import (
+    BroadcastTransport,
+    SyncStats,
+    WeightGroup,
+    WeightSyncConfig,
+    WeightSyncError,
+    WeightSyncTimeout,
+    snapshot_update,
+)
 from services import metrics
 
 
@@ -42,6 +57,7 @@ class LearnerRank:
         self._last: SyncStats | None = None
         self._outcome: SendOutcome | None = None
         self._error: BaseException | None = None
+        self._snapshot: list[PackedBucket] | None = None  # rank 0: snapshot buffers, reused by every publish
 
     def node_address(self) -> tuple[str, int]:
         """This actor's node IP and a free port on it (rank 0's become the group's rendezvous)."""
@@ -75,30 +91,48 @@ class LearnerRank:
         return 0
 
     def publish(self, policy_version: int, group: WeightGroup | None = None) -> SendOutcome | None:
-        """Snapshot weights now and broadcast them in the background as `policy_version`.
+        """Broadcast the current weights as `policy_version` (module docstring: snapshot or stream).
 
         With `group`, rank 0 first re-forms the weight group there (members changed). Returns how the
         previous broadcast ended (None if there was none, or on ranks > 0)."""
         previous = self.wait_published()
-        weights = self.core.named_weights()
+        ws = self.cfg.weight_sync
+        buckets = self.core.weight_buckets(ws.bucket_bytes, ws.wire_dtype)
         if self.rank != 0:
+            for _ in buckets:  # ZeRO-3: each bucket is a gather every rank joins
+                pass
             return None
+        t0 = time.perf_counter()
         metrics.record_published(policy_version)
-        self._sender = threading.Thread(target=self._send, args=(weights, policy_version, group), daemon=True)
-        self._sender.start()
+        if self.cfg.snapshot_weights:
+            update = snapshot_update(buckets, ws.wire_dtype, self.core.engine.device, self._snapshot)
+            self._snapshot = update.buckets
+
+            def send(transport: BroadcastTransport) -> SyncStats:
+                return transport.send_packed(update, policy_version)
+
+            self._sender = threading.Thread(target=self._send, args=(send, policy_version, group), daemon=True)
+            self._sender.start()
+        else:
+            self._send(lambda transport: transport.send_buckets(buckets, policy_version), policy_version, group)
+            for _ in buckets:  # a send that stopped early (no receivers, failure) leaves ZeRO-3 gathers to finish
+                pass
+        metrics.record_publish_blocked(time.perf_counter() - t0)
         return previous
 
-    def _send(self, weights, policy_version: int, group: WeightGroup | None) -> None:
+    def _send(self, send, policy_version: int, group: WeightGroup | None) -> None:
         try:
             if group is not None:
                 self._regroup(group)
             if self.transport is None:  # no receivers right now
                 self._outcome = SendOutcome(policy_version, "no rollout worker in the weight group")
                 return
-            self._last = self.transport.send(weights, policy_version)
+            self._last = send(self.transport)
             self._outcome = SendOutcome(policy_version)
             metrics.record_sent(self._last.seconds, self._last.bytes)
         except WeightSyncError as e:  # a member died or timed out: the owner re-forms the group
+            if isinstance(e, WeightSyncTimeout):
+                metrics.record_sync_timeout("sender")
             # Drop the group now: the survivors blocked in this broadcast see their sender go and
             # fail at once, instead of each waiting out timeout_s.
             if self.transport is not None:
@@ -117,6 +151,11 @@ class LearnerRank:
             self.transport = BroadcastTransport.create(
                 group.cfg, group.master_addr, group.master_port, 0, group.world_size
             )
+
+    def abandon_weight_group(self) -> None:
+        """A member died: drop the group now, so a broadcast waiting for it fails at once (the owner re-forms it)."""
+        if self.transport is not None:
+            self.transport.abandon()
 
     def wait_published(self) -> SendOutcome | None:
         """Block until the broadcast in flight (if any) ended; return how it ended, re-raise a bug."""

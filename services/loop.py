@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from learner.diagnostics import reduce_diagnostics
 from services import faults
 from services.checkpoint import Checkpointer, ResumePoint
 from services.config import RunConfig
@@ -175,7 +176,7 @@ class ActorLearnerLoop:
         s.traces_consumed += self._batch_rows
         s.groups_consumed += len(self._staleness)
         s.max_staleness_seen = max(s.max_staleness_seen, max(self._staleness))
-        merged = {k: sum(d[k] for d in diags) / len(diags) for k in diags[0]}
+        merged = reduce_diagnostics(diags)  # each key by its declared reduction (mean by tokens, sum, min, max)
         rec = self.log.write(
             "learner_step",
             learner_step=s.steps,

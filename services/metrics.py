@@ -166,6 +166,15 @@ METRICS: tuple[MetricSpec, ...] = (
     _spec("weight_sync_bytes", "counter", "weight payload bytes broadcast"),
     _spec("weight_sync_errors", "counter", "broadcasts that failed"),
     _spec(
+        "weight_sync_timeouts", "counter", "weight-sync collectives or receivers that timed out (group aborted)", "role"
+    ),
+    _spec(
+        "weight_sync_blocked_seconds",
+        "histogram",
+        "seconds a publish held learner training (snapshot copy, or the whole send when not snapshotting)",
+        boundaries=_SECONDS,
+    ),
+    _spec(
         "weight_sync_version_lag",
         "gauge",
         "latest published policy_version minus the worker's, at its last receive",
@@ -524,6 +533,14 @@ def record_sent(seconds: float, nbytes: int) -> None:
 
 def record_send_failed() -> None:
     emit("weight_sync_errors", 1)
+
+
+def record_sync_timeout(role: str = "receiver") -> None:
+    emit("weight_sync_timeouts", 1, role=role)
+
+
+def record_publish_blocked(seconds: float) -> None:
+    emit("weight_sync_blocked_seconds", seconds)
 
 
 def record_version_lag(worker_id: int, worker_policy_version: int, latest_policy_version: int) -> None:

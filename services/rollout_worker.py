@@ -7,7 +7,11 @@ trace of a batch comes from one `policy_version`.
 
 Membership (services/worker_pool.py): the loop may hand a call its exact `problems` (so a dead
 worker's prompts can be re-issued elsewhere) and may move the worker to a new weight group inside
-`receive_weights(group, rank)`; a receive waits at most `weight_sync.timeout_s` for the update.
+`receive_weights(group, rank)`. A receive runs between rollout calls (the actor is sequential) and the
+sender starts the broadcast only once every receiver is there, so a long generation delays an update
+instead of timing it out. The update streams into the engine bucket by bucket in the wire dtype; if it
+fails midway the engine goes back to its starting weights (policy_version 0, so its traces say so and
+the pool re-sends the current weights) rather than serving a mix.
 With `weight_sync.inflight: pause` a vLLM worker also takes an announced update between engine steps
 of a running rollout; the receive queued for that version then returns at once.
 """
@@ -23,7 +27,13 @@ from pathlib import Path
 
 import ray
 
-from learner.weight_transport import BroadcastTransport, WeightGroup, WeightSyncConfig, WeightSyncError
+from learner.weight_transport import (
+    BroadcastTransport,
+    WeightGroup,
+    WeightSyncConfig,
+    WeightSyncError,
+    WeightSyncTimeout,
+)
 from replay.schema import traces_to_batch
 from replay.table import InsertResult
 from rollout.config import RolloutConfig
@@ -189,11 +199,26 @@ class RolloutWorker:
         t0 = time.perf_counter()
         try:
             version, tensors = self.transport.receive(wait_s=self.transport.cfg.timeout_s)
-            self.engine.load_weights(tensors, version)
+            self._load(tensors, version)
         except WeightSyncError as e:  # the group broke: generation goes on; the queued receive reports it
             log.warning(f"rollout worker {self.worker_id}: in-flight weight update failed: {e}")
             return
         metrics.record_weights_received(self.worker_id, time.perf_counter() - t0, version)
+
+    def _load(self, tensors, version: int) -> None:
+        """Stream an update into the engine; if it breaks midway, restore the starting weights and re-raise."""
+        try:
+            self.engine.load_weights(tensors, version)
+        except BaseException as err:
+            log.warning(
+                f"rollout worker {self.worker_id}: update {version} failed midway ({err}); "
+                "reloading the starting weights until the next complete update"
+            )
+            self.engine.reload_initial_weights()
+            metrics.record_engine_version(self.worker_id, self.engine.policy_version)
+            if isinstance(err, WeightSyncTimeout):
+                metrics.record_sync_timeout()
+            raise
 
     def receive_weights(
         self, group: WeightGroup | None = None, rank: int | None = None, policy_version: int | None = None
@@ -223,7 +248,7 @@ class RolloutWorker:
             for _ in tensors:
                 pass
         else:
-            self.engine.load_weights(tensors, version)
+            self._load(tensors, version)
         metrics.record_weights_received(self.worker_id, time.perf_counter() - t0, version)
         return version
 

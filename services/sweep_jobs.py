@@ -66,8 +66,17 @@ class JobExecutor:
 
         self.client = JobSubmissionClient(address)
 
-    def submit(self, entrypoint: str, runtime_env: dict, job_id: str) -> str:
-        return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
+    def submit(self, entrypoint: str, runtime_env: dict, job_id: str, agent_wait_s: float = 300.0) -> str:
+        """Submit; a head whose job agent is not up yet (it starts after the dashboard) is retried for a while."""
+        deadline = time.monotonic() + agent_wait_s
+        while True:
+            try:
+                return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                log.info("the Ray head's job agent is not up yet; retrying the submission")
+                time.sleep(3)
 
     def status(self, job_id: str) -> str | None:
         """PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED, or None for a job this head does not know."""

@@ -15,7 +15,9 @@ rules live in the pure `services.membership.Membership`.
 
 Weight-group membership. A gloo/NCCL group cannot grow or drop a member, so the pool re-forms the
 broadcast group at a version boundary whenever its membership changed (a join, a death, a missed
-broadcast, a drain): `begin_broadcast` picks a fresh port on learner rank 0, and every member
+broadcast, a drain; a death also makes rank 0 drop the current group at once, so a broadcast
+waiting for the dead member to get ready fails now): `begin_broadcast` picks a fresh port on learner
+rank 0, and every member
 calls `receive_weights(group, rank)`, which joins the new group and takes its first broadcast —
 the current weights, so a joiner starts on the current policy_version. A member that does not join
 or ack within `weight_sync.timeout_s` fails that broadcast for the group (gloo cannot finish it
@@ -255,6 +257,10 @@ class WorkerPool:
         if not isinstance(err, ray.exceptions.RayActorError):
             ray.kill(self.handles[wid], no_restart=True)
         had_call = self.m.members[wid].in_flight is not None
+        if self.m.members[wid].in_group:
+            # A broadcast may be waiting for this member to get ready: fail it now, not after timeout_s
+            # (the group is re-formed at the next boundary anyway).
+            self.rank0.abandon_weight_group.remote()
         reissued = self.m.on_dead(wid)
         if had_call:
             self.reissue_origins.append(self.call_origin[wid])

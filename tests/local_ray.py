@@ -62,8 +62,16 @@ def submit_driver(
             break
         time.sleep(3)
     if sub.returncode != 0:
-        raise RuntimeError(f"ray job submit failed:\n{sub.stdout}\n{sub.stderr}")
+        raise RuntimeError(f"ray job submit failed:\n{sub.stdout}\n{sub.stderr}\n{_agent_logs()}")
     return job_id
+
+
+def _agent_logs() -> str:
+    """The tail of every local head's dashboard-agent log, so a head whose job agent never came up is diagnosable."""
+    tails = []
+    for log in sorted(Path("/tmp").glob("fwhead-*/session_latest/logs/dashboard_agent*.log")):
+        tails.append(f"--- {log} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+    return "\n".join(tails) or "(no dashboard-agent log found under /tmp/fwhead-*)"
 
 
 def wait_job(env: dict, address: str, job_id: str, timeout_s: float) -> str:

@@ -1,7 +1,9 @@
 """Benchmark: weight sync from learner rank 0 to one rollout receiver, bucketed vs naive vs memcpy.
 
 Run: `python tests/bench/weight_sync.py [--sizes 10M,100M,500M]`. Prints a table and writes
-`tests/bench/results/weight_sync.json`. Two processes on this host over gloo/loopback: the sender
+`tests/bench/results/weight_sync.json`. `--publish 10M,100M` instead measures the whole publish path into a
+live vLLM engine, old vs new (`tests/bench/publish.py`), and merges it there under `publish`.
+Two processes on this host over gloo/loopback: the sender
 (this process) and one spawned receiver. Per model size (Llama-shaped fp32 tensor lists) it times:
 - `naive`: what a competent engineer writes without bucketing (the common OpenRLHF-style loop): both
   sides know the layout, the sender broadcasts each parameter in place (no copy), the receiver
@@ -211,7 +213,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated subset of {list(SIZES)}")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "weight_sync.json"))
+    parser.add_argument(
+        "--publish",
+        metavar="SIZES",
+        help="run only the whole publish path into vLLM, old vs new (tests/bench/publish.py), for these sizes "
+        "(e.g. 10M,100M), and merge it into the JSON under 'publish'",
+    )
     args = parser.parse_args()
+    if args.publish:
+        _publish(args.publish.split(","), Path(args.out))
+        return
     sizes = args.sizes.split(",")
     if unknown := set(sizes) - set(SIZES):
         raise SystemExit(f"unknown --sizes {sorted(unknown)}; choose from {list(SIZES)}")
@@ -246,6 +257,18 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({**headline(results), "meta": meta, "sizes": results}, indent=2))
     print(f"wrote {args.out}")
+
+
+def _publish(sizes: list[str], out: Path) -> None:
+    from tests.bench import publish
+
+    report = publish.run(sizes, ["float32", "bfloat16"])
+    publish.print_table(report)
+    data = json.loads(out.read_text()) if out.exists() else {}
+    data["publish"] = report
+    data["receiver_peak_over_model_bytes"] = report["receiver_peak_over_model_bytes"]
+    out.write_text(json.dumps(data, indent=2))
+    print(f"wrote {out} (publish)")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,12 @@ def test_vllm_sampled_logprobs_match_the_learner_after_a_broadcast():
         before = ray.get(rank.logprobs.remote(first.batch))
         assert _gap(before, first.batch) < 1e-4  # version 0: same weights on both sides
         assert all(ids[0] != 0 for ids in first.batch.column("prompt_ids").to_pylist())  # no BOS/pad in front
-        ray.get(rank.train_step.remote(pa.Table.from_batches([first.batch])))
+        # A near-random cold start usually scores every completion 0, which makes every advantage 0 and the
+        # step a no-op; alternate the rewards so the step must move the weights.
+        table = pa.Table.from_batches([first.batch])
+        rewards = pa.array([float(i % 2) for i in range(table.num_rows)], pa.float32())
+        table = table.set_column(table.schema.get_field_index("reward"), "reward", rewards)
+        ray.get(rank.train_step.remote(table))
         ray.get([rank.publish.remote(1), worker.receive_weights.remote()])
         assert _gap(ray.get(rank.logprobs.remote(first.batch)), first.batch) > 1e-3, "the step changed nothing"
         ray.get(worker.rollout.remote(4))

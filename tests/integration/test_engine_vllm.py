@@ -170,15 +170,31 @@ def test_teacher_forced_needs_one_spare_position(engine, hf_model):
         engine.teacher_forced_logprobs(fits + [3], completion)
 
 
-def test_bad_weight_update_is_rejected_before_reaching_vllm(engine, hf_model):
+def test_bad_tensor_is_rejected_before_vllm_applies_it_and_the_starting_weights_come_back(engine, hf_model):
     version = engine.policy_version
     with pytest.raises(KeyError, match="not a parameter"):
         engine.load_weights([("model.nope.weight", torch.zeros(1))], policy_version=version + 1)
     with pytest.raises(ValueError, match="shape"):
         engine.load_weights([("lm_head.weight", torch.zeros(3, 3))], policy_version=version + 1)
     assert engine.policy_version == version
-    completion = [5, 9, 11, 2]  # the engine still serves the old weights
+    engine.reload_initial_weights()  # a streamed reload that failed midway leaves vLLM unusable until a full one
+    assert engine.policy_version == 0
+    completion = [5, 9, 11, 2]  # the starting weights (hf_model's) are served again
     assert (
         max_err(engine.teacher_forced_logprobs(PROMPTS[1], completion), hf_logprobs(hf_model, PROMPTS[1], completion))
         < 1e-4
     )
+
+
+def test_bf16_wire_tensors_stream_into_an_fp32_engine(engine, hf_model):
+    original = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    wire = {k: v.bfloat16() for k, v in _perturbed(hf_model, seed=4).items()}
+    completion = [5, 9, 11, 2]
+    try:
+        engine.load_weights(iter(wire.items()), policy_version=5)  # a one-pass stream, as from the transport
+        hf_model.load_state_dict({k: v.float() for k, v in wire.items()})
+        got = engine.teacher_forced_logprobs(PROMPTS[0], completion)
+        assert max_err(got, hf_logprobs(hf_model, PROMPTS[0], completion)) < 1e-4
+    finally:
+        hf_model.load_state_dict(original)
+        engine.load_weights(original.items(), policy_version=6)

@@ -30,7 +30,13 @@ PROM_DIR = REPO / "deploy/prometheus"
 pytestmark = [pytest.mark.prometheus, pytest.mark.integration]
 WINDOW = "[20m]"
 # Dashboard expressions that only show rare events or driver-recorded values (not wired in e2e_small).
-MAY_BE_EMPTY = ("rejected_traces", "nonfinite_loss", "weight_sync_errors", "weight_sync_version_lag")
+MAY_BE_EMPTY = (
+    "rejected_traces",
+    "nonfinite_loss",
+    "weight_sync_errors",
+    "weight_sync_timeouts",
+    "weight_sync_version_lag",
+)
 
 
 def _tool(name: str) -> str:

@@ -52,7 +52,11 @@ def test_engine_matches_learner_after_broadcast(tmp_path):
         ray.get(worker.rollout.remote(4))
         sample = replay.sample(4, 0, timeout_s=5.0)
         assert sample is not None
-        ray.get(rank.train_step.remote(pa.Table.from_batches([sample.batch])))
+        # Rewards alternate within each group so GRPO has a gradient: the sampled ones after a short cold
+        # start are often all 0, leaving only the k3 KL (gradient ~1e-9 at ratio 1), i.e. a step of noise.
+        spread = pa.array([float(i % 2) for i in range(sample.batch.num_rows)], pa.float32())
+        batch = sample.batch.set_column(sample.batch.schema.get_field_index("reward"), "reward", spread)
+        ray.get(rank.train_step.remote(pa.Table.from_batches([batch])))
         ray.get([rank.publish.remote(1), worker.receive_weights.remote()])
         assert ray.get(worker.policy_version.remote()) == 1
         learner = ray.get(rank.logprobs.remote(fixed))[0].tolist()

@@ -230,3 +230,128 @@ def test_abort_mid_stream_and_an_abandoned_iterator_leave_the_group_usable():
     assert got["aborted"][0] == 5 and "aborted update policy_version=5" in got["aborted"][1]
     assert got["last"] == (7, _digest(_weights(7)))
     assert got["closed"]
+
+
+def _pair(cfg, receiver_fn, port=None):
+    """A sender transport in this thread and one receiver thread running `receiver_fn(transport)`."""
+    import threading
+
+    from learner.weight_transport import BroadcastTransport
+
+    port, got = port or free_port(), {}
+
+    def run():
+        transport = BroadcastTransport.create(cfg, ADDR, port, 1, 2)
+        try:
+            got["result"] = receiver_fn(transport)
+        except Exception as err:  # noqa: BLE001 -- the test asserts on it
+            got["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return BroadcastTransport.create(cfg, ADDR, port, 0, 2), thread, got
+
+
+def test_a_receiver_busy_longer_than_timeout_s_delays_the_update_instead_of_failing_it():
+    # the receiver is "generating" for 3x timeout_s before it calls receive; its heartbeat keeps it alive
+    cfg = WeightSyncConfig(timeout_s=1.0, bucket_bytes=4096)
+
+    def busy_then_receive(transport):
+        time.sleep(3.0)
+        version, tensors = transport.receive(wait_s=10)
+        return version, _digest(tensors)
+
+    sender, thread, got = _pair(cfg, busy_then_receive)
+    stats = sender.send(_weights(4), 4)
+    thread.join(20)
+    assert got.get("result") == (4, _digest(_weights(4))), got
+    assert stats.wait_ready_s >= 2.5 and sender.timeouts == 0
+    sender.close()
+
+
+def test_a_silent_receiver_fails_the_update_within_timeout_s_and_is_counted():
+    from learner.weight_transport import WeightSyncTimeout
+
+    cfg = WeightSyncConfig(timeout_s=1.0)
+
+    def go_silent(transport):
+        transport.abandon()  # stops its heartbeat, as a killed process would
+        time.sleep(4.0)
+
+    sender, thread, _ = _pair(cfg, go_silent)
+    start = time.monotonic()
+    with pytest.raises(WeightSyncTimeout, match="stopped heartbeating"):
+        sender.send(_weights(0), 0)
+    assert time.monotonic() - start < cfg.timeout_s + 2.0 and sender.timeouts == 1
+    thread.join(10)
+
+
+def test_abandon_from_another_thread_fails_a_send_waiting_for_receivers_at_once():
+    import threading
+
+    from learner.weight_transport import WeightSyncError
+
+    cfg = WeightSyncConfig(timeout_s=30.0)
+    sender, thread, got = _pair(cfg, lambda transport: time.sleep(3.0))
+    threading.Timer(0.5, sender.abandon).start()
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError, match="abandoned"):
+        sender.send(_weights(0), 0)
+    assert time.monotonic() - start < 3.0
+    thread.join(10)
+
+
+def test_a_packed_snapshot_is_what_arrives_even_if_the_weights_change_meanwhile_and_keeps_the_wire_dtype():
+    from learner.weight_packing import group_into_buckets
+
+    cfg = WeightSyncConfig(bucket_bytes=4096, wire_dtype="bfloat16")
+
+    def receive(transport):
+        version, tensors = transport.receive(wait_s=20)
+        return version, [(n, t.dtype, t.clone()) for n, t in tensors]
+
+    sender, thread, got = _pair(cfg, receive)
+    live = _weights(2)
+    update = sender.pack(group_into_buckets(live, cfg.bucket_bytes, cfg.wire_dtype))
+    for _, t in live:
+        if t.is_floating_point():
+            t.add_(1.0)  # the optimiser keeps going while the snapshot is sent
+    sender.send_packed(update, 2)
+    thread.join(20)
+    version, received = got["result"]
+    assert version == 2
+    for (name, tensor), (got_name, dtype, value) in zip(_weights(2), received):
+        assert name == got_name
+        if tensor.is_floating_point():  # the pre-change values, cast once to bf16 and kept so
+            assert dtype == torch.bfloat16
+            assert torch.allclose(value.float(), tensor.bfloat16().float(), equal_nan=True)
+        else:
+            assert torch.equal(value, tensor)
+    sender.close()
+
+
+def test_streamed_buckets_may_be_released_when_the_next_is_requested():
+    # a ZeRO-3-like source: asking for bucket i+1 overwrites bucket i's tensors (the gather is released)
+    from learner.weight_packing import group_into_buckets
+
+    cfg = WeightSyncConfig(bucket_bytes=16 * 1024)  # the 64 KiB embedding goes in place (DIRECT)
+    want = _weights(3)
+
+    def releasing_source():
+        previous = None
+        for bucket in group_into_buckets([(n, t.clone()) for n, t in want], cfg.bucket_bytes):
+            if previous is not None:
+                for _, t in previous:
+                    t.zero_()
+            yield bucket
+            previous = bucket
+
+    def receive(transport):
+        version, tensors = transport.receive(wait_s=20)
+        return _digest(tensors)
+
+    sender, thread, got = _pair(cfg, receive)
+    stats = sender.send_buckets(releasing_source(), 3)
+    thread.join(20)
+    assert got["result"] == _digest(want) and stats.buckets >= 3
+    sender.close()

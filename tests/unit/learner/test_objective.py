@@ -320,3 +320,62 @@ def test_random_masks_padding_never_read(seed, kwargs):
         loss.backward()
         outs.append((loss.detach(), x.learner_logprobs.grad, d))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]) and outs[0][2] == outs[1][2]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(agg="token-mean"),
+        dict(agg="seq-mean-token-mean"),
+        dict(agg="seq-mean-token-sum", entropy_coef=0.05),
+        dict(agg="seq-mean-token-sum-norm", agg_norm_tokens=7, advantage="dr_grpo"),
+        dict(agg="token-mean", advantage="gae", policy_loss="decoupled_ppo", kl_ref_coef=0.1),
+        dict(agg="seq-mean-token-mean", filter_zero_variance_groups=True),
+    ],
+)
+def test_parts_with_the_whole_denominator_add_up_to_the_whole_batch_gradient(kwargs):
+    # what the learner's micro-batches do: targets from the whole batch, each part's loss over the summed
+    # denominator; the parts' gradients must add up to the whole batch's (float64, atol 1e-12)
+    from learner.losses import agg_denominator
+    from learner.objective import compute_targets, objective_loss
+
+    cfg = ObjectiveConfig(**kwargs)
+    g = torch.Generator().manual_seed(3)
+    extra = dict(
+        ref_logprobs=-torch.rand(6, 5, generator=g, dtype=F64),
+        proximal_logprobs=-torch.rand(6, 5, generator=g, dtype=F64),
+        entropy=torch.rand(6, 5, generator=g, dtype=F64).requires_grad_(),
+        values=torch.rand(6, 5, generator=g, dtype=F64).requires_grad_(),
+    )
+    whole = _batch(drift=0.3, **extra)
+    whole.rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0], dtype=F64)  # group 7 has no spread
+    loss, _ = compute_objective(cfg, whole)
+    want = torch.autograd.grad(loss, [whole.learner_logprobs, whole.entropy, whole.values], allow_unused=True)
+
+    targets = compute_targets(cfg, whole)
+    parts = [torch.tensor([0, 4]), torch.tensor([1]), torch.tensor([2, 3, 5])]
+    denominator = sum(agg_denominator(targets.select(r, 5).loss_mask, cfg.agg, cfg.agg_norm_tokens) for r in parts)
+    leaves = [whole.learner_logprobs, whole.entropy, whole.values]
+    got = [torch.zeros_like(t) for t in leaves]
+    for rows in parts:
+        part = ObjectiveInputs(
+            **{
+                f.name: (getattr(whole, f.name)[rows] if getattr(whole, f.name) is not None else None)
+                for f in dataclasses.fields(whole)
+            }
+        )
+        part_loss, _ = objective_loss(cfg, part, targets.select(rows, 5), denominator)
+        for acc, g_part in zip(got, torch.autograd.grad(part_loss, leaves, allow_unused=True)):
+            if g_part is not None:
+                acc += g_part
+    for w, g_sum in zip(want, got):
+        torch.testing.assert_close(g_sum, torch.zeros_like(g_sum) if w is None else w, atol=1e-12, rtol=0)
+
+
+def test_entropy_bonus_gradient_is_minus_coef_times_the_aggregated_entropy_gradient():
+    entropy = torch.rand(6, 5, dtype=F64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    x = _batch(entropy=entropy)
+    loss_with, _ = compute_objective(ObjectiveConfig(entropy_coef=0.2), x)
+    (g,) = torch.autograd.grad(loss_with, [entropy])
+    m = x.mask.bool()
+    torch.testing.assert_close(g, torch.where(m, -0.2 / m.sum(), 0.0).to(F64))

@@ -1,4 +1,4 @@
-"""Packing/bucketing of `learner.weight_transport` (pure, no process group) and config validation."""
+"""Packing/bucketing (`learner.weight_packing`, pure, no process group), the sender's snapshot and config validation."""
 
 from __future__ import annotations
 
@@ -10,29 +10,34 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from learner.weight_transport import (
-    AsyncSender,
-    BroadcastTransport,
+from learner.weight_packing import (
     BufferPool,
-    SyncStats,
-    WeightSyncConfig,
-    WeightSyncError,
     decode_header,
     direct_parts,
-    free_port,
     group_into_buckets,
     pack_bucket,
+    pack_update,
     unpack_bucket,
     unpack_payload,
 )
+from learner.weight_transport import (
+    AsyncSender,
+    BroadcastTransport,
+    PackedUpdate,
+    SyncStats,
+    WeightSyncConfig,
+    WeightSyncError,
+    free_port,
+)
 
 
-def _round_trip(named, bucket_bytes, wire_dtype=None):
+def _round_trip(named, bucket_bytes, wire_dtype=None, restore_dtype=False):
     out, n_buckets = [], 0
     for bucket in group_into_buckets(named, bucket_bytes, wire_dtype):
         wire, header_nbytes = pack_bucket(bucket, wire_dtype)
         assert wire.dtype == torch.uint8 and header_nbytes % 64 == 0
-        out += unpack_bucket(wire.clone(), header_nbytes)  # clone: unpack must not rely on the sender's buffer
+        # clone: unpack must not rely on the sender's buffer
+        out += unpack_bucket(wire.clone(), header_nbytes, restore_dtype=restore_dtype)
         n_buckets += 1
     return out, n_buckets
 
@@ -51,9 +56,13 @@ def test_fp32_round_trip_is_bit_exact_including_nan_inf_and_negative_zero():
         assert torch.equal(_bits(a), _bits(b))
 
 
-def test_bf16_wire_cast_is_within_bf16_rounding_and_restores_dtype():
+def test_bf16_wire_cast_arrives_in_bf16_and_restores_on_request():
     x = torch.randn(1000) * 10
-    out, _ = _round_trip([("w", x), ("steps", torch.arange(5))], bucket_bytes=2**20, wire_dtype="bfloat16")
+    named = [("w", x), ("steps", torch.arange(5))]
+    out, _ = _round_trip(named, bucket_bytes=2**20, wire_dtype="bfloat16")
+    assert out[0][1].dtype == torch.bfloat16  # receivers keep the wire dtype: no up-cast copy
+    assert torch.equal(out[0][1], x.bfloat16())
+    out, _ = _round_trip(named, bucket_bytes=2**20, wire_dtype="bfloat16", restore_dtype=True)
     w, steps = out[0][1], out[1][1]
     assert w.dtype == torch.float32
     assert torch.equal(w, x.bfloat16().float())  # exactly what one round-to-nearest bf16 cast gives
@@ -106,9 +115,11 @@ def test_mixed_dtypes_and_non_contiguous_inputs_round_trip():
         assert torch.equal(a, b), name
 
 
-def test_fp16_wire_keeps_bf16_and_fp64_tensors_in_their_own_dtype_after_arrival():
+def test_fp16_wire_restores_bf16_and_fp64_tensors_to_their_own_dtype_on_request():
     x64, xbf = torch.randn(4, dtype=torch.float64), torch.randn(4).bfloat16()
     out, _ = _round_trip([("d", x64), ("b", xbf)], 2**20, wire_dtype="float16")
+    assert out[0][1].dtype == out[1][1].dtype == torch.float16
+    out, _ = _round_trip([("d", x64), ("b", xbf)], 2**20, wire_dtype="float16", restore_dtype=True)
     assert out[0][1].dtype == torch.float64 and torch.allclose(out[0][1], x64, rtol=1e-3)
     assert out[1][1].dtype == torch.bfloat16
 
@@ -152,21 +163,21 @@ def test_create_rejects_bad_rank_and_world_size_before_touching_the_network():
 
 
 class _RecordingTransport:
-    """Fake sender: blocks in `send` until released, records the bytes it was given."""
+    """Fake sender: real `pack`, then blocks in `send_packed` until released and records what it got."""
+
+    cfg = WeightSyncConfig()
 
     def __init__(self):
         self.release, self.sent = threading.Event(), []
 
-    def send(self, named_tensors, policy_version):
+    def pack(self, buckets):
+        return PackedUpdate(pack_update(buckets, None, torch.device("cpu")))
+
+    def send_packed(self, update, policy_version):
         self.release.wait(5)
-        self.sent.append((policy_version, [(n, t.clone()) for n, t in named_tensors]))
+        got = [t.clone() for b in update.buckets for _, t in unpack_bucket(b.wire, b.header_nbytes)]
+        self.sent.append((policy_version, got))
         return SyncStats(policy_version, 0, 0.0, 0)
-
-    def receive(self):
-        raise NotImplementedError
-
-    def close(self):
-        pass
 
 
 def test_async_sender_snapshots_before_returning_so_training_can_mutate_weights():
@@ -176,13 +187,13 @@ def test_async_sender_snapshots_before_returning_so_training_can_mutate_weights(
     w.add_(1.0)  # the optimizer steps while the send is still in flight
     transport.release.set()
     assert future.result(5).policy_version == 3
-    assert torch.equal(transport.sent[0][1][0][1], torch.zeros(4))
+    assert torch.equal(transport.sent[0][1][0], torch.zeros(4))
     sender.close()
 
 
 def test_async_sender_reraises_a_failed_send_on_the_next_submit():
     class Failing(_RecordingTransport):
-        def send(self, named_tensors, policy_version):
+        def send_packed(self, update, policy_version):
             raise WeightSyncError("receiver 2 timed out")
 
     sender = AsyncSender(Failing())
@@ -245,3 +256,15 @@ def test_giants_that_need_a_cast_or_are_strided_or_small_are_packed_instead():
     assert direct_parts([("w", torch.randn(64, 64).t())], None, 4096, cpu) is None  # non-contiguous
     assert direct_parts([("w", torch.randn(8))], None, 4096, cpu) is None  # below the threshold
     assert direct_parts([("a", torch.randn(2048)), ("b", torch.randn(2048))], None, 4096, cpu) is None
+
+
+def test_a_receivers_pool_frees_giant_buffers_and_keeps_bucket_sized_ones():
+    pool = BufferPool(bucket_bytes=1024, device=torch.device("cpu"), max_buffers=2, keep_giants=False)
+    small = pool.acquire(500)
+    small_ptr = small.data_ptr()
+    del small
+    giant = pool.acquire(10**6)
+    assert giant.numel() == 10**6 and giant.data_ptr() != small_ptr
+    del giant
+    assert pool.acquire(500).data_ptr() == small_ptr  # the bucket-sized buffer survived the giant
+    assert all(buf.numel() < 10**6 for buf, _ in pool._pool)  # the giant was not kept

@@ -10,14 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from learner.weight_transport import (
-    RUN_SECRET_ENV,
-    BroadcastTransport,
-    WeightSyncConfig,
-    WeightSyncError,
-    _store_prefix,
-    free_port,
-)
+from learner.weight_auth import RUN_SECRET_ENV, store_prefix
+from learner.weight_transport import BroadcastTransport, WeightSyncConfig, WeightSyncError, free_port
 
 ADDR = "127.0.0.1"
 
@@ -40,9 +34,9 @@ def test_members_with_the_secret_form_a_group_and_an_outsider_sees_no_key():
     outsider = dist.TCPStore(ADDR, port, is_master=False, timeout=timedelta(seconds=5))
     for key in ("auth/nonce", "auth/0", "sync/1", "flywheel/weights/0"):
         assert not outsider.check([key])
-    insider = dist.PrefixStore(_store_prefix(b"run-secret", ADDR, port, 2), outsider)
+    insider = dist.PrefixStore(store_prefix(b"run-secret", ADDR, port, 2), outsider)
     assert insider.check(["auth/nonce", "auth/0", "auth/1"])  # they exist under the secret's prefix
-    assert _store_prefix(b"other-secret", ADDR, port, 2) != _store_prefix(b"run-secret", ADDR, port, 2)
+    assert store_prefix(b"other-secret", ADDR, port, 2) != store_prefix(b"run-secret", ADDR, port, 2)
     sender.send([("w", torch.arange(4.0))], 3)
     thread.join(20)
     assert out["got"][0] == 3 and torch.equal(out["got"][1]["w"], torch.arange(4.0))
@@ -66,7 +60,7 @@ def test_a_forged_answer_under_the_right_prefix_is_refused():
 
     def attacker():  # takes rank 1's place: the store counts any client that says world_size=2
         store = dist.TCPStore(ADDR, port, 2, is_master=False, timeout=timedelta(seconds=5))
-        scoped = dist.PrefixStore(_store_prefix(b"run-secret", ADDR, port, 2), store)
+        scoped = dist.PrefixStore(store_prefix(b"run-secret", ADDR, port, 2), store)
         scoped.wait(["auth/nonce"])
         scoped.set("auth/1", "0" * 64)  # cannot compute HMAC(secret, nonce) without the secret
 

@@ -106,14 +106,37 @@ def test_load_weights_changes_outputs_and_policy_version(tiny_model_dir):
     assert all(torch.equal(v, new[k]) for k, v in eng.model.state_dict().items())
 
 
-def test_load_weights_rejects_unknown_names_and_shapes(engine):
+def test_load_weights_rejects_unknown_names_and_shapes_and_recovers_the_starting_weights(tiny_model_dir):
+    engine = HFEngine(CFG, tiny_model_dir)
+    start = {k: v.clone() for k, v in engine.model.state_dict().items()}
     with pytest.raises(KeyError, match="not a parameter"):
         engine.load_weights([("model.nope.weight", torch.zeros(1))], policy_version=1)
-    head = engine.model.state_dict()["lm_head.weight"].clone()
-    with pytest.raises(ValueError, match="shape"):
+    head = start["lm_head.weight"]
+    norm = start["model.norm.weight"]
+    with pytest.raises(ValueError, match="shape"):  # streamed: the head went in before the bad norm arrived
         engine.load_weights([("lm_head.weight", torch.zeros_like(head)), ("model.norm.weight", torch.zeros(3))], 1)
     assert engine.policy_version == 0
-    assert torch.equal(engine.model.state_dict()["lm_head.weight"], head)  # nothing applied
+    assert torch.equal(engine.model.state_dict()["model.norm.weight"], norm)  # the bad tensor was never applied
+    engine.reload_initial_weights()  # what the rollout worker does after an update failed midway
+    assert engine.policy_version == 0
+    assert all(torch.equal(v, start[k]) for k, v in engine.model.state_dict().items())
+
+
+def test_load_weights_streams_wire_dtype_tensors_and_casts_them_on_load(tiny_model_dir):
+    engine = HFEngine(CFG, tiny_model_dir)
+    g = torch.Generator().manual_seed(1)
+    new = {k: (v + 0.01 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in engine.model.state_dict().items()}
+    pulled = []
+
+    def stream():  # one tensor at a time, as buckets arrive; the engine must not need them all at once
+        for item in new.items():
+            pulled.append(item[0])
+            yield item
+
+    engine.load_weights(stream(), policy_version=3)
+    assert engine.policy_version == 3 and len(pulled) == len(new)
+    for k, v in engine.model.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, new[k].float())
 
 
 @pytest.mark.parametrize(
