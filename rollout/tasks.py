@@ -70,7 +70,7 @@ class TaskConfig(BaseModel):
     # least-significant digit first, `012+345=` -> `7530`, so each answer digit depends on one column + carry.
     answer_format: Literal["plain", "reversed_padded"] = Field(
         "plain",
-        description="`plain` answers as written; `reversed_padded` zero-pads and reverses digits (easier for tiny models)",
+        description="`plain` answers as written; `reversed_padded` zero-pads and reverses the digits (tiny models)",
     )
     verifier: VerifierConfig = Field(
         default_factory=ExactConfig,
