@@ -7,7 +7,8 @@ Contract (pure Python + pyarrow, no ray; not thread-safe — `services/replay_sh
   with a reason; every other group of the batch is kept. Groups are stored as slices of one compacted
   Arrow chunk per insert, so memory is the Arrow bytes plus a small per-group index.
 - `sample(n_groups, policy_version)` first applies staleness (evict or down-weight groups whose
-  `policy_version - min(group policy_version) > max_staleness`), then returns every trace of
+  `policy_version - min(group policy_version) > max_staleness`; down-weighted groups are still evicted
+  past `cfg.eviction_staleness`), then returns every trace of
   `n_groups` distinct groups, or None if fewer are eligible or the rate limiter says no.
   A group leaves after `max_times_sampled` samples, or when evicted (oldest first) to make room.
 - With `cfg.segment_dir` set, every accepted chunk and every removal is appended to disk before the
@@ -209,7 +210,7 @@ class ReplayTable:
 
     @property
     def _evicts_stale(self) -> bool:
-        return self.cfg.max_staleness is not None and self.cfg.stale_policy == "evict"
+        return self.cfg.eviction_staleness is not None
 
     def _push_stale(self, g: Group) -> None:
         heap = self._stale_heap
@@ -289,7 +290,7 @@ class ReplayTable:
     def _evict_stale(self, policy_version: int) -> None:
         if not self._evicts_stale:
             return
-        oldest_ok = policy_version - self.cfg.max_staleness
+        oldest_ok = policy_version - self.cfg.eviction_staleness
         heap = self._stale_heap
         while heap and heap[0][0] < oldest_ok:
             _, seq, gid = heapq.heappop(heap)
