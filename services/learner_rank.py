@@ -57,6 +57,7 @@ class RankStepResult:
     diagnostics: dict[str, float]
     group_ids: tuple[str, ...]
     priorities: tuple[float, ...]
+    skipped_trace_ids: tuple[str, ...] = ()  # only when the step was skipped for NaN/inf (logged by the loop)
 
 
 @ray.remote
@@ -98,12 +99,14 @@ class LearnerRank:
         here straight from the shards' object stores), or a plain TRACE_SCHEMA table (weights 1)."""
         if all(isinstance(p, RankPart) for p in parts):
             part = join_parts(list(parts))
-            diag = self.core.train_step(part.traces, part.group_weights)
+            traces, diag = part.traces, self.core.train_step(part.traces, part.group_weights)
         else:
-            diag = self.core.train_step(parts[0] if len(parts) == 1 else pa.concat_tables(parts))
+            traces = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+            diag = self.core.train_step(traces)
         metrics.record_learner_step(self.rank, diag)
         gids, priorities = self.core.last_priorities
-        return RankStepResult(diag, gids, priorities)
+        skipped = tuple(traces.column("trace_id").to_pylist()) if diag.get("skipped_nonfinite") else ()
+        return RankStepResult(diag, gids, priorities, skipped)
 
     def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, world_size: int) -> int:
         self.transport = BroadcastTransport.create(cfg, master_addr, master_port, 0, world_size)

@@ -24,8 +24,6 @@ import math
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from learner.diagnostics import reduce_diagnostics
@@ -36,6 +34,7 @@ from services.control import ControlClient, start_control
 from services.loggers import make_loggers
 from services.placement import start_actors
 from services.report import MetricsLog, draw_report, format_summary
+from services.train_flow import TrainFlow
 from services.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -83,7 +82,16 @@ class ActorLearnerLoop:
             self.pool.fetch_pids()
         self.eval_problems = self.pool.task.eval_set()
         self.s = LoopState()
-        self.train_refs: list = []
+        lc = cfg.learner
+        self.train = TrainFlow(
+            self.replay,
+            self.ranks,
+            lc.groups_per_step,
+            cfg.replay.max_staleness,
+            prefetch=not cfg.synchronous,
+            feed_priorities=cfg.replay.sampler == "prioritized",
+        )
+        self.held_groups = 0  # replay's last reported count plus groups accepted since (no per-tick stats() RPCs)
         self.publish_due = False
         self.eval_owed = False
         self.side_refs: dict = {}  # ref -> what (publish/receive/eval)
@@ -131,7 +139,7 @@ class ActorLearnerLoop:
         if self.cfg.synchronous:
             need = lc.groups_per_step * lc.weight_sync.sync_every_steps
             return self.s.produced_at.get(self.s.version, 0) + inflight < need
-        held = sum(st.groups for st in self.replay.stats())
+        held = self.held_groups + self.train.prefetched_groups()
         return held + inflight < self.cfg.run.max_buffered_steps * lc.groups_per_step
 
     def _dispatch_rollouts(self) -> None:
@@ -142,6 +150,7 @@ class ActorLearnerLoop:
 
     def _on_rollout(self, st) -> None:
         self.s.produced_at[st.policy_version] = self.s.produced_at.get(st.policy_version, 0) + st.accepted_groups
+        self.held_groups += st.accepted_groups
         drawn = self.pool.drawn.get(st.worker_id, 0)  # the worker's prompt cursor (its stream lives in the pool)
         self.s.cursors[st.worker_id] = (drawn, st.batches)
         for key in self.s.reward_failures:
@@ -150,40 +159,55 @@ class ActorLearnerLoop:
 
     # -- learner ----------------------------------------------------------------------------------
     def _try_train(self) -> None:
-        if self.train_refs:
+        if self.train.busy:
             return
-        res = self.replay.sample(self.cfg.learner.groups_per_step, self.s.version, timeout_s=0.0)
-        if res is None:
+        meta = self.train.start(self.s.version)
+        self.held_groups = self.replay.groups_known()  # the draw just refreshed the shards' counts
+        if meta is None:
             return
-        self._staleness = list(res.staleness)
-        self._batch_rows = res.batch.num_rows
-        self._trace_ids = res.batch.column("trace_id")
-        self._trace_versions = sorted(pc.unique(res.batch.column("policy_version")).to_pylist())
-        self.s.versions_consumed.update(self._trace_versions)
-        self.train_refs = [
-            rank.train_step.remote(part) for rank, part in zip(self.ranks, _split_groups(res.batch, len(self.ranks)))
-        ]
+        self.s.versions_consumed.update(meta.policy_versions)
+        self._prefetch()
+
+    def _prefetch(self) -> None:
+        """Draw the next step's sample while this one trains, for the version the learner will then hold.
+
+        Not when the next step will not run here (the run's last step) or a checkpoint follows this step:
+        a checkpoint must not miss groups that left replay but were not trained on."""
+        s, every = self.s, self.cfg.learner.weight_sync.sync_every_steps
+        after = s.steps + 1
+        publishes = after % every == 0
+        if after >= self.cfg.run.max_learner_steps or (publishes and self.ckpt.due_at(after)):
+            return
+        self.train.prefetch(s.version + int(publishes))
 
     def _on_train_done(self) -> None:
-        diags = ray.get(self.train_refs)
-        self.train_refs = []
+        done = self.train.finish()
+        diags = [r.diagnostics for r in done.results]
         if any(d.get("skipped_nonfinite") for d in diags):
-            self._on_nonfinite(diags)
-            return
-        s = self.s
+            self._on_nonfinite(diags, [t for r in done.results for t in r.skipped_trace_ids])
+        else:
+            self._on_step(done, diags)
+        if not self._done():
+            self._try_train()  # the prefetched sample goes out at once: the ranks do not wait on the driver
+
+    def _on_step(self, done, diags: list[dict]) -> None:
+        s, meta = self.s, done.meta
         s.consecutive_nonfinite = 0
         s.steps += 1
-        s.traces_consumed += self._batch_rows
-        s.groups_consumed += len(self._staleness)
-        s.max_staleness_seen = max(s.max_staleness_seen, max(self._staleness))
+        s.traces_consumed += sum(meta.traces)
+        s.groups_consumed += meta.num_groups
+        s.max_staleness_seen = max(s.max_staleness_seen, max(meta.staleness))
         merged = reduce_diagnostics(diags)  # each key by its declared reduction (mean by tokens, sum, min, max)
         rec = self.log.write(
             "learner_step",
             learner_step=s.steps,
             policy_version=s.version,
-            staleness_mean=sum(self._staleness) / len(self._staleness),
-            staleness_max=max(self._staleness),
-            trace_versions=self._trace_versions,
+            staleness_mean=sum(meta.staleness) / len(meta.staleness),
+            staleness_max=max(meta.staleness),
+            trace_versions=list(meta.policy_versions),
+            replay_weight_mean=sum(meta.group_weights) / len(meta.group_weights),
+            rank_tokens=list(meta.tokens),
+            driver_bytes=done.driver_bytes,
             **merged,
         )
         self._progress_update(rec)
@@ -191,11 +215,11 @@ class ActorLearnerLoop:
             self.publish_due = True
             self._maybe_publish()
 
-    def _on_nonfinite(self, diags: list[dict]) -> None:
+    def _on_nonfinite(self, diags: list[dict], trace_ids: list[str]) -> None:
         s, limit = self.s, self.cfg.learner.max_consecutive_nonfinite
         s.nonfinite_skipped += 1
         s.consecutive_nonfinite += 1
-        s.traces_skipped_nonfinite += self._batch_rows
+        s.traces_skipped_nonfinite += len(trace_ids)
         self.log.write(
             "nonfinite_step",
             learner_step=s.steps,
@@ -203,7 +227,7 @@ class ActorLearnerLoop:
             consecutive=s.consecutive_nonfinite,
             in_gradient=any(d.get("nonfinite_in_gradient") for d in diags),
             loss=[d.get("loss") for d in diags],
-            trace_ids=self._trace_ids.to_pylist(),
+            trace_ids=trace_ids,
         )
         if s.consecutive_nonfinite >= limit:
             self.stop_reason = "nonfinite"
@@ -272,7 +296,7 @@ class ActorLearnerLoop:
         if self.eval_owed and self.pool.eval_worker() is not None:
             self._eval_async()
         self._maybe_publish()
-        if not (self.publish_due or self.train_refs or self.pool.receiving()) and self.pool.m.wants_weights(
+        if not (self.publish_due or self.train.busy or self.pool.receiving()) and self.pool.m.wants_weights(
             self.s.version
         ):
             if self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # unpublished steps: a new version
@@ -298,7 +322,7 @@ class ActorLearnerLoop:
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _collect(self, timeout_s: float) -> None:
-        refs = self.pool.refs() + self.train_refs + list(self.side_refs)
+        refs = self.pool.refs() + self.train.refs() + list(self.side_refs)
         if not refs:
             time.sleep(timeout_s)
             return
@@ -308,11 +332,11 @@ class ActorLearnerLoop:
             self._on_rollout(st)
         for ref in [r for r in self.side_refs if r in ready]:
             self._on_side(ref)
-        if self.train_refs and all(r in ready for r in self.train_refs):
+        if self.train.busy and all(r in ready for r in self.train.refs()):
             self._on_train_done()
 
     def _drain_and_publish_final(self) -> None:
-        while self.train_refs or (self.publish_due and self.pool.publish_must_wait()):
+        while self.train.busy or (self.publish_due and self.pool.publish_must_wait()):
             self._collect(timeout_s=1.0)
         last_eval = max((v for v, _, _ in self.s.evals), default=0)
         if (
@@ -383,6 +407,8 @@ class ActorLearnerLoop:
             "replay_groups_held_at_end": sum(st.groups for st in stats),
             # corrupt journal records / segment files a shard skipped on (re)open, copied to <shard>/quarantine/
             "replay_quarantined": sum(st.quarantined for st in stats),
+            # prefetched samples dropped because the learner's version moved past the prediction (groups lost)
+            "prefetch_dropped": self.train.dropped_prefetches,
         }
 
     def _shutdown(self) -> None:
@@ -420,14 +446,3 @@ class ActorLearnerLoop:
 
     def _progress_close(self) -> None:
         self.bar.close()
-
-
-def _split_groups(batch: pa.RecordBatch, parts: int) -> list[pa.Table]:
-    """Split a batch of whole groups into `parts` tables of whole groups (round-robin by group)."""
-    table = pa.Table.from_batches([batch])
-    if parts == 1:
-        return [table]
-    groups = pc.unique(table.column("group_id")).to_pylist()
-    return [
-        table.filter(pc.is_in(table.column("group_id"), value_set=pa.array(groups[i::parts]))) for i in range(parts)
-    ]

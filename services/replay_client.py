@@ -33,7 +33,7 @@ from ray.actor import ActorHandle
 
 from replay.config import ReplayConfig
 from replay.parts import SampleMeta, merge_metas
-from replay.sharding import allocate, merge_inserts, merge_samples, split_by_shard
+from replay.sharding import allocate, merge_inserts, merge_samples, shard_of, split_by_shard
 from replay.table import InsertResult, ReplayStats, SampleResult
 from services import metrics
 from services.replay_shard import MAX_CONCURRENCY, ReplayShard
@@ -280,6 +280,11 @@ class ReplayClient:
             return None
         return RoutedSample(merge_metas(kept), parts)
 
+    def groups_known(self) -> int:
+        """Groups the shards could give, by their last reports (draws and probes; no RPC)."""
+        with self._lock:
+            return sum(a for a, _ in self._known.values())
+
     # ---- the rest -------------------------------------------------------------------------------
     def stats(self) -> list[ReplayStats]:
         """One entry per live shard (a shard that is down or restarting is left out)."""
@@ -287,6 +292,16 @@ class ReplayClient:
 
     def checkpoint(self) -> list[str]:
         return _gather([s.checkpoint.remote() for s in self.shards])
+
+    def update_priorities_async(self, group_ids: list[str], priorities: list[float]) -> None:
+        """Send each group's priority to its shard (`shard_of`) without waiting; a group already gone is ignored."""
+        by_shard: dict[int, tuple[list, list]] = {}
+        for gid, p in zip(group_ids, priorities, strict=True):
+            ids, ps = by_shard.setdefault(shard_of(gid, len(self.shards)), ([], []))
+            ids.append(gid)
+            ps.append(float(p))
+        for k, (ids, ps) in by_shard.items():
+            self.shards[k].update_priorities.remote(ids, ps)
 
     def update_priorities(self, group_ids: list[str], priorities: list[float]) -> int:
         hits = _gather([s.update_priorities.remote(group_ids, priorities) for s in self.shards])
