@@ -60,4 +60,5 @@ def merge_inserts(results: list[InsertResult]) -> InsertResult:
         accepted_groups=sum(r.accepted_groups for r in results),
         accepted_traces=sum(r.accepted_traces for r in results),
         rejected=tuple(x for r in results for x in r.rejected),
+        reasons=tuple(x for r in results for x in r.reasons),
     )

@@ -39,6 +39,7 @@ from services.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
+CONTROL_POLL_S = 0.25  # longest wait for a ref before polling control (scale, dead workers); refs wake it sooner
 TARGET_GAIN = 0.20  # the headline figure: RL seconds to +20 points of held-out accuracy
 
 
@@ -115,7 +116,7 @@ class ActorLearnerLoop:
                 self._membership_tick()
                 self._dispatch_rollouts()
                 self._try_train()
-                self._collect(timeout_s=0.05)
+                self._collect(timeout_s=CONTROL_POLL_S)
             self._drain_and_publish_final()
             summary = self._finish(job_started, cold_start_s)
         finally:
@@ -322,12 +323,17 @@ class ActorLearnerLoop:
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _collect(self, timeout_s: float) -> None:
+        """Wake on the first finished ref (rollout, train step, publish, eval) or after `timeout_s`, the
+        control-polling interval (scale requests, dead workers); then handle everything already done."""
         refs = self.pool.refs() + self.train.refs() + list(self.side_refs)
         if not refs:
             time.sleep(timeout_s)
             return
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=False)
-        ready = set(ready)
+        first, _ = ray.wait(refs, num_returns=1, timeout=timeout_s, fetch_local=False)
+        if not first:
+            return
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        ready = set(ready) | set(first)
         for st in self.pool.process(ready):
             self._on_rollout(st)
         for ref in [r for r in self.side_refs if r in ready]:

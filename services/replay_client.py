@@ -33,6 +33,7 @@ from ray.actor import ActorHandle
 
 from replay.config import ReplayConfig
 from replay.parts import SampleMeta, merge_metas
+from replay.rejections import RejectReason
 from replay.sharding import allocate, merge_inserts, merge_samples, shard_of, split_by_shard
 from replay.table import InsertResult, ReplayStats, SampleResult
 from services import metrics
@@ -311,7 +312,8 @@ class ReplayClient:
 def _shard_failed(k: int, part: pa.RecordBatch, error: Exception) -> InsertResult:
     first_line = str(error).splitlines()[0] if str(error) else ""
     why = f"replay shard {k} is down ({type(error).__name__}: {first_line}); retry the insert"
-    return InsertResult(0, 0, tuple((g, why) for g in sorted(set(part["group_id"].to_pylist()))))
+    gids = sorted(set(part["group_id"].to_pylist()))
+    return InsertResult(0, 0, tuple((g, why) for g in gids), (RejectReason.SHARD_DOWN,) * len(gids))
 
 
 def create_replay(cfg: ReplayConfig, max_restarts: int = -1) -> ReplayClient:

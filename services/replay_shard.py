@@ -68,7 +68,7 @@ class ReplayShard:
                 self._meter.on_insert_blocked(blocked_s)
             self._meter.update(stats)
         if result.rejected:
-            metrics.record_rejected(self._table.shard_id, result.rejected, _traces_per_group(batch))
+            metrics.record_rejected(self._table.shard_id, result, _traces_per_group(batch))
         return result
 
     def sample(self, n_groups: int, policy_version: int, timeout_s: float = 0.0) -> SampleResult | None:
