@@ -17,9 +17,8 @@ import zlib
 import numpy as np
 import pyarrow as pa
 
-from replay.schema import TraceError
+from replay.schema import TraceError, schema_problem
 from replay.table import InsertResult, SampleResult
-from replay.validation import schema_problem
 
 
 def shard_of(group_id: str, num_shards: int) -> int:

@@ -2,7 +2,7 @@
 
 Contract (pure Python + pyarrow, no ray; not thread-safe — `services/replay_shard.py` serialises calls):
 - `insert(batch)` takes a `TRACE_SCHEMA` RecordBatch of whole groups. A group with any invalid trace
-  (`replay.validation`), a group_id already held or seen recently, or a group that does not fit
+  (`replay.schema.invalid_rows`), a group_id already held or seen recently, or a group that does not fit
   (capacity with on_full="block", the rate limiter, or larger than the whole capacity) is rejected
   with a reason; every other group of the batch is kept. Groups are stored as slices of one compacted
   Arrow chunk per insert, so memory is the Arrow bytes plus a small per-group index.
@@ -30,9 +30,8 @@ from replay.group_index import Chunk, Group, compact, split_groups
 from replay.rate_limiter import RateLimiter
 from replay.rejections import RejectReason
 from replay.samplers import select
-from replay.schema import TraceError
+from replay.schema import TraceError, invalid_rows, schema_problem
 from replay.segments import Restored, SegmentStore
-from replay.validation import invalid_rows, schema_problem
 
 _RECENT_GROUP_IDS = 1 << 16  # group_ids remembered after removal, to catch a group spread over inserts
 

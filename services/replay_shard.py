@@ -20,8 +20,8 @@ import ray
 
 from replay.config import ReplayConfig
 from replay.parts import empty_meta, split_for_ranks
+from replay.schema import schema_problem
 from replay.table import InsertResult, ReplayStats, ReplayTable, SampleResult
-from replay.validation import schema_problem
 from services import metrics
 
 MAX_CONCURRENCY = 16
