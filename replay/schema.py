@@ -6,6 +6,9 @@ Invariants (checked by `invalid_rows` on a batch, `validate_trace` on one trace 
 - `policy_version <= policy_version_max`: `policy_version` is the oldest weights that produced any
   token of the completion (staleness is measured from it), `policy_version_max` the newest.
 - every trace of a group shares `group_id`; a group is the unit of insert, sample and eviction.
+- a group's traces share one prompt, held once per group (`prompt_once`): the group's first trace in a
+  batch carries `prompt_ids`, the others may carry an empty list (meaning "the group's prompt").
+  A batch with the prompt on every trace is valid too; `expand_prompts` gives every trace its prompt.
 
 `schema_problem(batch)` names what differs from `TRACE_SCHEMA`; `invalid_rows(batch)` maps each broken
 row to its first broken invariant. This module imports nothing of ours; everything else imports it.
@@ -158,7 +161,14 @@ def _checks(batch: pa.RecordBatch) -> list[tuple[np.ndarray, str]]:
     tr = batch["token_rewards"]
     n_tr = np.where(_np(tr.is_valid(), False), _list_len(batch, "token_rewards"), n)
     pv, pv_max = _np(batch["policy_version"], 0), _np(batch["policy_version_max"], 0)
+    prompt_len = _list_len(batch, "prompt_ids")
+    no_prompt = (prompt_len == 0) & (prompt_len[group_first_rows(batch)] == 0)
     return _null_rows(batch) + [
+        (
+            no_prompt,
+            "prompt_ids is empty and so is its group's first trace's; the first trace of each group carries "
+            "the group's prompt (replay.schema.prompt_once)",
+        ),
         (n == 0, "completion_ids is empty; a trace needs at least one sampled token"),
         (
             n_lp != n,
@@ -173,6 +183,35 @@ def _checks(batch: pa.RecordBatch) -> list[tuple[np.ndarray, str]]:
         (_bad_logprob_rows(batch), "behaviour_logprobs must be finite log-probabilities <= 0"),
         ((pv < 0) | (pv_max < pv), "need 0 <= policy_version <= policy_version_max"),
     ]
+
+
+def group_first_rows(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
+    """For each row `[B]`, the row index of the first trace of its group in `batch`."""
+    gid = batch["group_id"]
+    codes = pc.index_in(gid, value_set=pc.unique(gid)).to_numpy(zero_copy_only=False)
+    _, first = np.unique(codes, return_index=True)  # unique codes are 0..G-1, in that order
+    return first[codes].astype(np.int64)
+
+
+def prompt_once(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The same traces with `prompt_ids` kept only on each group's first trace (others: empty list)."""
+    prompts = batch["prompt_ids"]
+    first = group_first_rows(batch) == np.arange(batch.num_rows)
+    lengths = np.where(first, _list_len(batch, "prompt_ids"), 0)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    values = pc.list_flatten(prompts.filter(pa.array(first)))
+    column = pa.ListArray.from_arrays(offsets, values, type=prompts.type)
+    return batch.set_column(batch.schema.get_field_index("prompt_ids"), TRACE_SCHEMA.field("prompt_ids"), column)
+
+
+def expand_prompts(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The same traces with every trace's `prompt_ids` filled in from its group's first trace."""
+    empty = _list_len(batch, "prompt_ids") == 0
+    if not empty.any():
+        return batch
+    src = np.where(empty, group_first_rows(batch), np.arange(batch.num_rows))
+    column = batch["prompt_ids"].take(pa.array(src))
+    return batch.set_column(batch.schema.get_field_index("prompt_ids"), TRACE_SCHEMA.field("prompt_ids"), column)
 
 
 def invalid_rows(batch: pa.RecordBatch) -> dict[int, str]:

@@ -4,8 +4,10 @@
 
 Setup (one Ray cluster, in this run): 2 `ReplayShard`s, 2 `LearnerRank`s (DeepSpeed ZeRO-1 over gloo,
 fp32) on the built-in byte-level BPE Qwen2 model (hidden 256, 4 layers, vocab ~2k, ~4M parameters,
-built locally), replay filled with synthetic groups of `--group-size` traces (prompt 48, completion
-32..64 tokens, ids inside the vocabulary).
+built locally). Before each route runs, replay gets the synthetic groups it will train on
+(`--group-size` traces sharing a 48-token prompt, completions of 32..64 tokens, ids inside the
+vocabulary): with the prompt on every trace for the driver route (as before), held once per group
+for the direct route (as rollout workers now insert them).
 Routes, interleaved over `--rounds` so load from other jobs hits both alike:
 - driver (a faithful re-creation of the previous loop): `ReplayClient.sample` returns the batch to the
   driver, which splits it round-robin by group and ships one Arrow table to each rank, then waits for
@@ -16,8 +18,9 @@ Routes, interleaved over `--rounds` so load from other jobs hits both alike:
 Per step: payload bytes through the driver (Arrow trace data it received or sent), control bytes it
 received (metas, ids, diagnostics, as pickled), learner idle fraction = 1 - (time inside
 `LearnerCore.train_step`, mean over ranks) / (wall time of the steps), and learner samples (traces)/s
-end to end. Also `collate` (Arrow buffers) against the `to_pydict` collate it replaced, on one
-rank's share of a step. Writes tests/bench/results/dataflow.json. Numbers on a shared 2-core box.
+end to end. Also `collate` (Arrow buffers, prompt-once layout) against the `to_pydict` collate it
+replaced (full layout), on one rank's share of a step; the JSON also has the Arrow collate on the full
+layout. Writes tests/bench/results/dataflow.json. Numbers on a shared 2-core box.
 """
 
 from __future__ import annotations
@@ -60,10 +63,11 @@ def make_groups(n_groups: int, group_size: int, vocab: int, seed: int, tag: str)
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
     p_len = np.full(n, PROMPT)
+    group_prompts = rng.integers(3, vocab, (n_groups, PROMPT), dtype=np.int32)  # one prompt per group
     cols = {
         "trace_id": [f"{tag}{i // group_size}/{i % group_size}" for i in range(n)],
         "group_id": [f"{tag}{i // group_size}" for i in range(n)],
-        "prompt_ids": lists(p_len, rng.integers(3, vocab, p_len.sum(), dtype=np.int32)),
+        "prompt_ids": lists(p_len, np.repeat(group_prompts, group_size, axis=0).ravel()),
         "completion_ids": lists(c_len, rng.integers(3, vocab, c_len.sum(), dtype=np.int32)),
         "behaviour_logprobs": lists(c_len, (-rng.exponential(2.0, c_len.sum())).astype(np.float32)),
         "reward": rng.integers(0, 2, n).astype(np.float32),
@@ -153,15 +157,23 @@ def _summary(route, steps, traces_per_step, wall, busy, payload, control) -> dic
 
 
 def collate_bench(batch, repeats: int = 20) -> dict:
+    """Seconds per collate: the to_pydict collate on the full layout (before) against the Arrow collate on
+    the prompt-once layout the learner now receives, and on the full layout."""
     from learner.batch import collate
+    from replay.schema import prompt_once
     from tests.unit.learner.test_batch import reference_collate
 
     out = {}
-    for name, fn in (("to_pydict", reference_collate), ("arrow", collate)):
-        fn(batch, 0)
+    cases = (
+        ("to_pydict", reference_collate, batch),
+        ("arrow", collate, prompt_once(batch)),
+        ("arrow_full", collate, batch),
+    )
+    for name, fn, data in cases:
+        fn(data, 0)
         t0 = time.perf_counter()
         for _ in range(repeats):
-            fn(batch, 0)
+            fn(data, 0)
         out[name] = (time.perf_counter() - t0) / repeats
     return out
 
@@ -193,20 +205,30 @@ def main() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     import ray
 
+    import learner.batch  # noqa: F401  (imported up front: the measured code is the code at start)
+    from replay.schema import prompt_once
+
     model_dir = build_model(REPO / ".cache" / "bench_dataflow_model")
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     try:
         replay, ranks = start(model_dir, args.groups)
-        per_round = args.steps * args.groups
-        total = 2 * args.rounds * per_round + 2 * args.groups  # + one warm-up step per route
-        replay.insert(make_groups(total, args.group_size, vocab, seed=0, tag="g"))
         g, gs = args.groups, args.group_size
+        seq = iter(range(10**6))
+
+        def fill(steps: int, once: bool) -> None:  # fifo: each route trains on the groups inserted for it
+            batch = make_groups(steps * g, gs, vocab, seed=next(seq), tag=f"r{next(seq)}-")
+            replay.insert(prompt_once(batch) if once else batch)  # the direct route stores prompts once
+
+        fill(1, False)
         run_driver_route(replay, ranks, 1, g, gs)  # warm-up: DeepSpeed's first step, Ray workers
+        fill(1, True)
         run_direct_route(replay, ranks, 1, g, gs)
         rows = []
         for _ in range(args.rounds):
+            fill(args.steps, False)
             rows.append(run_driver_route(replay, ranks, args.steps, g, gs))
+            fill(args.steps, True)
             rows.append(run_direct_route(replay, ranks, args.steps, g, gs))
         one_rank = make_groups(args.groups // 2, args.group_size, vocab, seed=1, tag="c")
         collate_s = collate_bench(one_rank)
@@ -246,6 +268,7 @@ def report(rows: list[dict], collate_s: dict, args) -> None:
         "learner_idle_fraction_baseline": _mean(rows, "driver", "learner_idle_fraction"),
         "collate_speedup": speedup,
         "collate_s": collate_s,
+        "collate_speedup_full_layout": collate_s["to_pydict"] / collate_s["arrow_full"],
         "learner_samples_per_s": _mean(rows, "direct", "samples_per_s"),
         "learner_samples_per_s_baseline": _mean(rows, "driver", "samples_per_s"),
         "samples_per_s_ratio": _mean(rows, "direct", "samples_per_s") / _mean(rows, "driver", "samples_per_s"),
