@@ -78,9 +78,7 @@ class ActorLearnerLoop:
         self.control = ControlClient(start_control(cfg.run.name, cfg.rollout.num_workers))
         self.replay, self.ranks, workers = start_actors(cfg, model_dir, cache_dir)
         self.pool = WorkerPool(cfg, workers, self.replay, self.ranks[0], model_dir, cache_dir, self.log)
-        self.faults = faults.from_env()
-        if self.faults:
-            self.pool.fetch_pids()
+        self.fault_hook = faults.hook(self.pool)  # test hook (services/faults.py); production: a no-op
         self.eval_problems = self.pool.task.eval_set()
         self.s = LoopState()
         lc = cfg.learner
@@ -306,20 +304,7 @@ class ActorLearnerLoop:
                 self._broadcast(self.s.version)
 
     def _inject_fault(self, at: str, wid: int | None) -> None:
-        """Test hook (services/faults.py): kill -9 a worker at a chosen moment. No faults: one falsy check."""
-        for f in self.faults:
-            member = self.pool.m.members.get(f.worker)
-            if (
-                f.at == at
-                and self.s.steps >= f.after_step
-                and wid in (None, f.worker)
-                and member is not None
-                and member.state == ("joining" if at == "join" else "active")
-                and (at != "join" or member.in_group)
-            ):
-                self.faults.remove(f)
-                self.pool.kill(f.worker)
-                return
+        self.fault_hook(at, wid, self.s.steps)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _collect(self, timeout_s: float) -> None:
