@@ -223,9 +223,8 @@ class Checkpointer:
         restore_driver_rng(point.state["driver_rng"])
         self._restore_cursors()
         version = loop.s.version
-        loop._broadcast(version)  # the checkpoint's weights, as its version, over a freshly formed group
-        while loop.side_refs or loop.pool.receiving():
-            loop._collect(timeout_s=0.5)
+        loop.broadcast(version)  # the checkpoint's weights, as its version, over a freshly formed group
+        loop.settle_weights()
         got = ray.get([h.policy_version.remote() for h in loop.pool.handles.values()])
         loop.log.write(
             "resume",

@@ -1,6 +1,13 @@
 """The actor-learner loop the driver runs: dispatch, sample, train, publish, evaluate — as named steps.
 
+Components: `TrainFlow` (services/train_flow.py: sample -> ranks -> results, next sample prefetched),
+`WorkerPool` (dispatch and membership), `Checkpointer` (public `broadcast` / `settle_weights` on resume),
+the fault hook (services/faults.py, a no-op in production). The loop waits on their refs with
+`ray.wait(num_returns=1)` and polls control at most every `CONTROL_POLL_S`.
+
 Invariants:
+- trace payloads never pass through the driver: replay hands each rank its token-balanced part as a ref;
+  the driver sees ids, counts, staleness and weights (replay/parts.py `SampleMeta`);
 - at most one learner step is in flight; every rank trains on its own whole groups of one sample;
 - `policy_version` is published in order 1, 2, ...; a weight receive is queued on every worker
   right after a publish, so any rollout dispatched later runs on the new weights;
@@ -240,7 +247,8 @@ class ActorLearnerLoop:
         if self.publish_due and not self.pool.publish_must_wait():
             self._publish()
 
-    def _broadcast(self, version: int) -> None:
+    def broadcast(self, version: int) -> None:
+        """Send the learner's weights as `version` to every worker (over a re-formed group if members changed)."""
         group = self.pool.begin_broadcast(version)
         for rank in self.ranks:
             self.side_refs[rank.publish.remote(version, group)] = ("publish", version)
@@ -253,7 +261,7 @@ class ActorLearnerLoop:
         self.publish_due = False
         s.version += 1
         s.publish_t[s.version] = self.log.now()
-        self._broadcast(s.version)
+        self.broadcast(s.version)
         if s.steps % self.cfg.run.eval_every_steps == 0 or self._done():
             self._eval_async()
         if self.ckpt.due():
@@ -301,7 +309,7 @@ class ActorLearnerLoop:
             if self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # unpublished steps: a new version
                 self._publish()
             else:  # the learner holds exactly policy_version: send it again over the re-formed group
-                self._broadcast(self.s.version)
+                self.broadcast(self.s.version)
 
     def _inject_fault(self, at: str, wid: int | None) -> None:
         self.fault_hook(at, wid, self.s.steps)
@@ -325,6 +333,11 @@ class ActorLearnerLoop:
             self._on_side(ref)
         if self.train.busy and all(r in ready for r in self.train.refs()):
             self._on_train_done()
+
+    def settle_weights(self) -> None:
+        """Block until every publish in flight ended and every worker finished receiving (resume uses it)."""
+        while self.side_refs or self.pool.receiving():
+            self._collect(timeout_s=0.5)
 
     def _drain_and_publish_final(self) -> None:
         while self.train.busy or (self.publish_due and self.pool.publish_must_wait()):
