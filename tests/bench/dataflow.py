@@ -157,12 +157,17 @@ def _summary(route, steps, traces_per_step, wall, busy, payload, control) -> dic
 
 
 def collate_bench(batch, repeats: int = 20) -> dict:
-    """Seconds per collate: the to_pydict collate on the full layout (before) against the Arrow collate on
-    the prompt-once layout the learner now receives, and on the full layout."""
+    """Seconds per collate (fastest of `repeats`: the least disturbed by other jobs): the to_pydict collate on
+    the full layout (before) against the Arrow collate on the prompt-once layout the learner now receives,
+    and on the full layout. One torch thread, as in a learner rank (Ray sets OMP_NUM_THREADS=1 in actors)."""
+    import torch
+
     from learner.batch import collate
     from replay.schema import prompt_once
     from tests.unit.learner.test_batch import reference_collate
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     out = {}
     cases = (
         ("to_pydict", reference_collate, batch),
@@ -171,10 +176,13 @@ def collate_bench(batch, repeats: int = 20) -> dict:
     )
     for name, fn, data in cases:
         fn(data, 0)
-        t0 = time.perf_counter()
+        times = []
         for _ in range(repeats):
+            t0 = time.perf_counter()
             fn(data, 0)
-        out[name] = (time.perf_counter() - t0) / repeats
+            times.append(time.perf_counter() - t0)
+        out[name] = min(times)
+    torch.set_num_threads(threads)
     return out
 
 
@@ -200,7 +208,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--collate-only", action="store_true", help="re-measure collate; keep the JSON's route rows")
     args = ap.parse_args()
+    if args.collate_only:
+        old = json.loads(RESULTS.read_text())
+        report(old["rows"], collate_sizes(args, 2048), args)
+        return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     import ray
@@ -230,13 +243,18 @@ def main() -> None:
             rows.append(run_driver_route(replay, ranks, args.steps, g, gs))
             fill(args.steps, True)
             rows.append(run_direct_route(replay, ranks, args.steps, g, gs))
-        one_rank = make_groups(args.groups // 2, args.group_size, vocab, seed=1, tag="c")
-        collate_s = collate_bench(one_rank)
         for r in ranks:
             ray.get(r.shutdown.remote())
     finally:
         ray.shutdown()
-    report(rows, collate_s, args)
+    report(rows, collate_sizes(args, vocab), args)
+
+
+def collate_sizes(args, vocab: int) -> dict:
+    """Collate timings on this bench's rank share and on a production-sized one (32 groups of 8 per rank)."""
+    small = make_groups(args.groups // 2, args.group_size, vocab, seed=1, tag="c")
+    large = make_groups(32, 8, vocab, seed=2, tag="C")
+    return {"rank_share": collate_bench(small), "rank_share_256": collate_bench(large)}
 
 
 def _mean(rows, route, key):
@@ -255,11 +273,14 @@ def report(rows: list[dict], collate_s: dict, args) -> None:
             f"{r['driver_payload_bytes_per_step']:>15,.0f} {r['driver_control_bytes_per_step']:>15,.0f} "
             f"{r['samples_per_s']:>10.1f}"
         )
-    speedup = collate_s["to_pydict"] / collate_s["arrow"]
-    print(
-        f"collate: to_pydict {collate_s['to_pydict'] * 1e3:.2f} ms, "
-        f"arrow {collate_s['arrow'] * 1e3:.2f} ms, {speedup:.1f}x"
-    )
+    small, large = collate_s["rank_share"], collate_s["rank_share_256"]
+    speedup = large["to_pydict"] / large["arrow"]
+    for name, c in (("this step's rank share", small), ("256 traces per rank", large)):
+        print(
+            f"collate ({name}): to_pydict {c['to_pydict'] * 1e3:.2f} ms, arrow (prompt once) "
+            f"{c['arrow'] * 1e3:.2f} ms = {c['to_pydict'] / c['arrow']:.1f}x, "
+            f"arrow (full) {c['arrow_full'] * 1e3:.2f} ms"
+        )
     out = {
         "driver_payload_bytes_per_step": _mean(rows, "direct", "driver_payload_bytes_per_step"),
         "driver_payload_bytes_per_step_baseline": _mean(rows, "driver", "driver_payload_bytes_per_step"),
@@ -268,7 +289,8 @@ def report(rows: list[dict], collate_s: dict, args) -> None:
         "learner_idle_fraction_baseline": _mean(rows, "driver", "learner_idle_fraction"),
         "collate_speedup": speedup,
         "collate_s": collate_s,
-        "collate_speedup_full_layout": collate_s["to_pydict"] / collate_s["arrow_full"],
+        "collate_speedup_full_layout": large["to_pydict"] / large["arrow_full"],
+        "collate_speedup_this_step": small["to_pydict"] / small["arrow"],
         "learner_samples_per_s": _mean(rows, "direct", "samples_per_s"),
         "learner_samples_per_s_baseline": _mean(rows, "driver", "samples_per_s"),
         "samples_per_s_ratio": _mean(rows, "direct", "samples_per_s") / _mean(rows, "driver", "samples_per_s"),
