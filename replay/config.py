@@ -65,6 +65,13 @@ class ReplayConfig(BaseModel):
     stale_weight_decay: float = Field(
         0.5, gt=0.0, le=1.0, description="stale_policy=downweight: weight decay ** (versions past max_staleness)"
     )
+    hard_max_staleness: int | None = Field(
+        None,
+        ge=0,
+        description="stale_policy=downweight only: a group more than this many policy versions stale is evicted "
+        "(down-weighting alone never bounds how old the data gets). None = 2 * max_staleness. Raise it to keep "
+        "down-weighted data longer; it must be >= max_staleness",
+    )
     # Prioritized sampling (Schaul et al., PER): P(i) ∝ p_i^priority_exponent, weight (N P(i))^-importance_exponent.
     priority_exponent: float = Field(1.0, ge=0.0, description="sampler=prioritized: P(i) ∝ priority^this (0 = uniform)")
     importance_exponent: float = Field(
@@ -105,3 +112,29 @@ class ReplayConfig(BaseModel):
                 "sampling could never start: lower min_size_to_sample or raise capacity_groups"
             )
         return self
+
+    @model_validator(mode="after")
+    def _hard_bound(self) -> ReplayConfig:
+        h = self.hard_max_staleness
+        if h is None:
+            return self
+        if self.stale_policy != "downweight" or self.max_staleness is None:
+            raise ValueError(
+                f"replay.hard_max_staleness={h} applies only with stale_policy='downweight' and a max_staleness; "
+                "with 'evict' max_staleness is already the hard bound: remove hard_max_staleness"
+            )
+        if h < self.max_staleness:
+            raise ValueError(
+                f"replay.hard_max_staleness={h} < max_staleness={self.max_staleness}: groups would be evicted before "
+                "they are ever down-weighted; set hard_max_staleness >= max_staleness"
+            )
+        return self
+
+    @property
+    def eviction_staleness(self) -> int | None:
+        """Staleness past which a group is evicted: max_staleness (evict) or the hard bound (downweight)."""
+        if self.max_staleness is None:
+            return None
+        if self.stale_policy == "evict":
+            return self.max_staleness
+        return self.hard_max_staleness if self.hard_max_staleness is not None else 2 * self.max_staleness
