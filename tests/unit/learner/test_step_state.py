@@ -4,9 +4,7 @@ the optimiser, and `save_state` / `load_state` restore weights, optimiser, sched
 from __future__ import annotations
 
 import math
-import os
 import random
-import socket
 
 import pytest
 import torch
@@ -14,24 +12,7 @@ import torch
 from learner.config import LearnerConfig
 from replay.schema import Trace, traces_to_batch
 
-pytestmark = [pytest.mark.slow]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def dist_env():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-        DS_ACCELERATOR="cpu",
-    )
-    yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("dist_env")]
 
 
 def _batch(reward: float = 1.0, seed: int = 0):
