@@ -60,7 +60,10 @@ class RankStepResult:
     skipped_trace_ids: tuple[str, ...] = ()  # only when the step was skipped for NaN/inf (logged by the loop)
 
 
-@ray.remote
+# `abandon_weight_group` runs on its own thread: the owner calls it when a member died, typically while
+# rank 0 is blocked in `publish` waiting for the previous send to that member (a one-thread actor would
+# queue the abandon behind it and stall training for the whole weight_sync.timeout_s).
+@ray.remote(concurrency_groups={"control": 1})
 class LearnerRank:
     def __init__(self, cfg: LearnerConfig, model_dir: str, rank: int, world_size: int):
         self.cfg, self.model_dir, self.rank, self.world_size = cfg, model_dir, rank, world_size
@@ -174,6 +177,7 @@ class LearnerRank:
                 group.cfg, group.master_addr, group.master_port, 0, group.world_size
             )
 
+    @ray.method(concurrency_group="control")
     def abandon_weight_group(self) -> None:
         """A member died: drop the group now, so a broadcast waiting for it fails at once (the owner re-forms it)."""
         if self.transport is not None:
