@@ -45,6 +45,13 @@ def test_defaults_validate():
             "rollout:\n  group_size: 4\nlearner:\n  objective:\n    advantage: pass_at_k\n    pass_k: 8\n",
             "learner.objective.pass_k",
         ),
+        # a bounded prompt source whose longest prompt plus the longest completion does not fit the engine
+        (
+            "model:\n  builtin: bpe_qwen2\n"
+            "task:\n  kind: reasoning_gym\n  name: basic_arithmetic\n  max_prompt_tokens: 60\n"
+            "rollout:\n  max_new_tokens: 8\n  max_model_len: 64\n",
+            "task.max_prompt_tokens",
+        ),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, yaml_text, field):
