@@ -173,6 +173,39 @@ def learner() -> str:
     )
 
 
+def dataflow() -> str:
+    d = _load("dataflow")
+    rows = [
+        [
+            "trace payload through the driver (B/step)",
+            _f(d["driver_payload_bytes_per_step"], 0),
+            _f(d["driver_payload_bytes_per_step_baseline"], 0),
+        ],
+        ["control bytes the driver received (B/step)", _f(d["driver_control_bytes_per_step"], 0), "-"],
+        ["learner idle fraction", _f(d["learner_idle_fraction"]), _f(d["learner_idle_fraction_baseline"])],
+        ["traces trained per second", _f(d["learner_samples_per_s"], 2), _f(d["learner_samples_per_s_baseline"], 2)],
+    ]
+    out = _rows(["", "direct (replay -> ranks)", "driver relays (baseline)"], rows)
+    c = d["collate_s"]
+    out += "\n" + _rows(
+        ["collate (fastest of 20, s)", "to_pydict", "Arrow", "Arrow, full layout", "speedup"],
+        [
+            [
+                f"{label} traces per rank",
+                _f(c[key]["to_pydict"], 5),
+                _f(c[key]["arrow"], 5),
+                _f(c[key]["arrow_full"], 5),
+                f"{d[speedup]:.1f}x",
+            ]
+            for label, key, speedup in (
+                ("16", "rank_share", "collate_speedup_this_step"),
+                ("256", "rank_share_256", "collate_speedup"),
+            )
+        ],
+    )
+    return out + f"\n{d['note']}\n"
+
+
 def passk(name: str) -> Callable[[], str]:
     def table() -> str:
         d = _load(f"passk_{name}")
@@ -200,6 +233,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "replay_durability": replay_durability,
     "weight_sync": weight_sync,
     "learner": learner,
+    "dataflow": dataflow,
 }
 for _name in ("tiny", "reasoning"):
     if (RESULTS / f"passk_{_name}.json").exists():
