@@ -119,6 +119,16 @@ class LoopConfig(BaseModel):
         "never", description="auto = continue from runs/<name>/checkpoints/latest when it exists"
     )
     max_buffered_steps: int = Field(2, ge=1, description="rollout runs at most this many learner steps of groups ahead")
+    eval_worker: Literal["rollout", "dedicated"] = Field(
+        "rollout",
+        description=(
+            "who runs the in-run evaluation: `rollout` = the lowest-numbered rollout worker, between its rollout "
+            "calls (no extra actor; its generation, and so every weight update, waits while it evaluates); "
+            "`dedicated` = one more worker with the rollout resources that only evaluates, on learner rank 0's "
+            "snapshot of the published weights (one model of bytes through the object store per evaluation); "
+            "use it when evaluation is long, e.g. big eval sets or long reasoning completions"
+        ),
+    )
     max_worker_replacements: int = Field(
         16, ge=0, description="rollout workers that may die and be replaced before the run fails"
     )
@@ -193,6 +203,12 @@ class RunConfig(BaseModel):
                 "learner.weight_sync.inflight='pause' swaps weights between engine steps, which only the vLLM "
                 "engine does; "
                 f"rollout.engine={self.rollout.engine!r}: set rollout.engine=vllm or weight_sync.inflight=drain"
+            )
+        if self.run.eval_worker == "dedicated" and not self.learner.snapshot_weights:
+            raise ValueError(
+                "run.eval_worker='dedicated' loads learner rank 0's weight snapshot, which "
+                f"learner.weight_sync.snapshot={self.learner.weight_sync.snapshot!r} (zero_stage="
+                f"{self.learner.zero_stage}) does not keep: set weight_sync.snapshot=device or run.eval_worker=rollout"
             )
         if self.rollout.device != self.learner.device:
             raise ValueError(

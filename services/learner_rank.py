@@ -74,6 +74,7 @@ class LearnerRank:
         self._outcome: SendOutcome | None = None
         self._error: BaseException | None = None
         self._snapshot: list[PackedBucket] | None = None  # rank 0: snapshot buffers, reused by every publish
+        self._snapshot_version = 0
 
     def node_address(self) -> tuple[str, int]:
         """This actor's node IP and a free port on it (rank 0's become the group's rendezvous)."""
@@ -131,7 +132,7 @@ class LearnerRank:
         metrics.record_published(policy_version)
         if self.cfg.snapshot_weights:
             update = snapshot_update(buckets, ws.wire_dtype, self.core.engine.device, self._snapshot)
-            self._snapshot = update.buckets
+            self._snapshot, self._snapshot_version = update.buckets, policy_version
 
             def send(transport: BroadcastTransport) -> SyncStats:
                 return transport.send_packed(update, policy_version)
@@ -176,6 +177,15 @@ class LearnerRank:
             self.transport = BroadcastTransport.create(
                 group.cfg, group.master_addr, group.master_port, 0, group.world_size
             )
+
+    def published_weights(self) -> tuple[int, list[PackedBucket]] | None:
+        """Rank 0, snapshot mode: (the last published version, its packed snapshot on the CPU) for the dedicated
+        eval worker, which gets it from the object store; None before the first publish. One model of wire
+        bytes per call, so call it per evaluation, not per update. Runs between publishes (this actor's
+        calls are sequential), so the snapshot is not being repacked meanwhile."""
+        if self._snapshot is None:
+            return None
+        return self._snapshot_version, [PackedBucket(b.wire.cpu(), b.header_nbytes) for b in self._snapshot]
 
     @ray.method(concurrency_group="control")
     def abandon_weight_group(self) -> None:

@@ -113,7 +113,7 @@ class ActorLearnerLoop:
                 self.ckpt.restore()
                 self.s.resumes += 1
             else:
-                _, self.initial_accuracy = ray.get(self.pool.handles[0].evaluate.remote(self.eval_problems))
+                _, self.initial_accuracy = ray.get(self.pool.eval_worker()[1].evaluate.remote(self.eval_problems))
                 self.log.restart_clock()
                 self.log.write("eval", policy_version=0, accuracy=self.initial_accuracy, t_published=0.0)
             self._progress_start()
@@ -271,7 +271,12 @@ class ActorLearnerLoop:
         target = self.pool.eval_worker()
         self.eval_owed = target is None  # no active worker now: evaluate once one is back
         if target is not None:
-            self.side_refs[target[1].evaluate.remote(self.eval_problems)] = ("eval", target[0])
+            wid, worker = target
+            if self.pool.m.eval_target:  # dedicated: rank 0's snapshot goes to it through the object store
+                ref = worker.evaluate_published.remote(self.ranks[0].published_weights.remote(), self.eval_problems)
+            else:
+                ref = worker.evaluate.remote(self.eval_problems)
+            self.side_refs[ref] = ("eval", wid)
 
     def _on_side(self, ref) -> None:
         what, arg = self.side_refs.pop(ref)
@@ -289,7 +294,7 @@ class ActorLearnerLoop:
             version, acc = value
             t_pub = self.s.publish_t[version]
             self.s.evals.append((version, t_pub, acc))
-            self.log.write("eval", policy_version=version, accuracy=acc, t_published=t_pub)
+            self.log.write("eval", policy_version=version, accuracy=acc, t_published=t_pub, worker=arg)
             if self.s.seconds_to_target is None and acc >= self.initial_accuracy + TARGET_GAIN - 1e-9:
                 self.s.seconds_to_target = t_pub
 

@@ -7,8 +7,13 @@ A member's life (`MemberState`):
     starting --constructed--> joining --first receive in a group that holds it--> active
     active --scale down--> draining --its in-flight call done, no receive pending--> removed
     any --actor died or its call failed--> dead (replaced while the pool is below its target)
+Roles: a `rollout` member takes rollout calls and is in the weight group; an `eval` member
+(`run.eval_worker: dedicated`) only evaluates, on weights it is handed per evaluation (not through the
+group, whose broadcasts wait for every member: an evaluating member would hold up everyone's update).
+It is active once constructed. The target counts rollout members; the eval member is kept at one
+(replaced like any other when it dies).
 Invariants:
-- only `active` members get rollout calls; a joining member produces nothing before it holds the
+- only `active` rollout members get rollout calls; a joining member produces nothing before it holds the
   weights of the group's first broadcast (the current policy_version).
 - the weight group is re-formed (`group_dirty`) whenever its membership would change: a member
   died or missed a broadcast, joined, or started draining. Until then nobody leaves it silently.
@@ -26,6 +31,7 @@ from typing import Literal
 from rollout.tasks import Problem
 
 MemberState = Literal["starting", "joining", "active", "draining", "dead", "removed"]
+Role = Literal["rollout", "eval"]
 _SERVING = ("starting", "joining", "active")  # count toward the target
 
 
@@ -37,6 +43,7 @@ class TooManyFailures(RuntimeError):
 class Member:
     worker_id: int
     state: MemberState = "starting"
+    role: Role = "rollout"
     policy_version: int = 0  # weights in its engine, as last reported (a fresh engine holds version 0)
     in_group: bool = False  # a member of the weight group as last formed
     in_flight: tuple[Problem, ...] | None = None  # problems of its unfinished rollout call
@@ -49,6 +56,7 @@ class MemberView:
     worker_id: int
     state: MemberState
     policy_version: int
+    role: Role = "rollout"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,20 +69,25 @@ class MembershipReport:
 
     @property
     def active(self) -> int:
-        return sum(m.state == "active" for m in self.members)
+        """Active rollout workers (what the target counts)."""
+        return sum(m.state == "active" and m.role == "rollout" for m in self.members)
 
     def format(self) -> str:
-        rows = ", ".join(f"worker {m.worker_id}: {m.state} (policy_version {m.policy_version})" for m in self.members)
+        tag = {"rollout": "", "eval": " (eval)"}
+        rows = ", ".join(
+            f"worker {m.worker_id}{tag[m.role]}: {m.state} (policy_version {m.policy_version})" for m in self.members
+        )
         members = rows or "no members"
         return f"run {self.run_name!r}: target {self.target} rollout worker(s), {self.active} active; {members}"
 
 
 class Membership:
-    def __init__(self, target: int, max_replacements: int):
+    def __init__(self, target: int, max_replacements: int, eval_members: int = 0):
         if target < 1:
             raise ValueError(f"rollout worker target={target}; a run needs at least 1 rollout worker")
         self.members: dict[int, Member] = {}
         self.target = target
+        self.eval_target = eval_members
         self.max_replacements = max_replacements
         self.next_id = 0
         self.group_dirty = False
@@ -93,9 +106,9 @@ class Membership:
         )
 
     # -- who is here ------------------------------------------------------------------------------
-    def add_initial(self, n: int) -> list[int]:
+    def add_initial(self, n: int, role: Role = "rollout") -> list[int]:
         """`n` workers already constructed and in the weight group formed at start-up."""
-        return [self._new(state="active", in_group=True) for _ in range(n)]
+        return [self._new(state="active", in_group=role == "rollout", role=role) for _ in range(n)]
 
     def _new(self, **fields) -> int:
         wid, self.next_id = self.next_id, self.next_id + 1
@@ -105,18 +118,23 @@ class Membership:
     def live(self) -> list[Member]:
         return [m for m in self.members.values() if m.state not in ("dead", "removed")]
 
-    def serving(self) -> list[Member]:
-        return [m for m in self.members.values() if m.state in _SERVING]
+    def serving(self, role: Role = "rollout") -> list[Member]:
+        return [m for m in self.members.values() if m.state in _SERVING and m.role == role]
+
+    def active(self, role: Role) -> list[int]:
+        return sorted(m.worker_id for m in self.members.values() if m.state == "active" and m.role == role)
 
     def idle_active(self) -> list[int]:
-        """Active workers with no call in flight, least recently dispatched first: when the replay
+        """Active rollout workers with no call in flight, least recently dispatched first: when the replay
         backlog frees room for one call at a time, a fast worker must not starve the others."""
-        idle = [m for m in self.members.values() if m.state == "active" and m.in_flight is None]
+        idle = [m for m in self.members.values() if m.state == "active" and m.role == "rollout" and m.in_flight is None]
         return [m.worker_id for m in sorted(idle, key=lambda m: m.last_dispatch)]
 
     def report(self, run_name: str) -> MembershipReport:
         return MembershipReport(
-            run_name, self.target, tuple(MemberView(m.worker_id, m.state, m.policy_version) for m in self.live())
+            run_name,
+            self.target,
+            tuple(MemberView(m.worker_id, m.state, m.policy_version, m.role) for m in self.live()),
         )
 
     # -- scaling ----------------------------------------------------------------------------------
@@ -126,19 +144,23 @@ class Membership:
         self.target = n
 
     def reconcile(self) -> tuple[list[int], list[int]]:
-        """Bring the serving count to the target: (ids to start, ids to drain). Drains the newest first."""
+        """Bring the serving count to the target: (ids to start, ids to drain). Drains the newest first.
+        An eval member that died is replaced here too (its id is among those to start)."""
+        to_start = [self._new(role="eval") for _ in range(self.eval_target - len(self.serving("eval")))]
         serving = self.serving()
         if len(serving) < self.target:
-            return [self._new() for _ in range(self.target - len(serving))], []
+            return to_start + [self._new() for _ in range(self.target - len(serving))], []
         surplus = sorted(serving, key=lambda m: (m.state == "active", -m.worker_id))[: len(serving) - self.target]
         for m in surplus:
             m.state = "draining"
             self.group_dirty = True
-        return [], [m.worker_id for m in surplus]
+        return to_start, [m.worker_id for m in surplus]
 
     def on_started(self, wid: int) -> None:
         m = self.members[wid]
-        if m.state == "starting":
+        if m.state == "starting" and m.role == "eval":  # no weight group to join
+            m.state = "active"
+        elif m.state == "starting":
             m.state = "joining"
             self.group_dirty = True
 
@@ -193,7 +215,7 @@ class Membership:
     # -- the weight group -------------------------------------------------------------------------
     def plan_group(self) -> list[int]:
         """Members of the next weight group, in rank order (rank i + 1): the constructed serving ones."""
-        return [m.worker_id for m in self.members.values() if m.state in ("joining", "active")]
+        return [m.worker_id for m in self.members.values() if m.state in ("joining", "active") and m.role == "rollout"]
 
     def on_group_formed(self, plan: list[int]) -> None:
         for m in self.members.values():
@@ -227,4 +249,5 @@ class Membership:
         return self.group_dirty and any(
             m.state == "joining" or (m.state == "active" and m.policy_version < policy_version)
             for m in self.members.values()
+            if m.role == "rollout"
         )

@@ -52,6 +52,17 @@ def plan(cfg: RunConfig) -> list[ActorSpec]:
         )
         for w in range(rc.num_workers)
     ]
+    if cfg.run.eval_worker == "dedicated":  # the last worker id: rollout workers keep ids (and seeds) 0..n-1
+        specs.append(
+            ActorSpec(
+                "eval_worker",
+                rc.num_workers,
+                rc.num_cpus_per_worker,
+                rc.num_gpus_per_worker,
+                f"{rc.engine} on {rc.device}, evaluates every published version",
+                tuple(rc.ray_resources.items()),
+            )
+        )
     return specs
 
 
@@ -107,7 +118,8 @@ def start_rollout_worker(cfg: RunConfig, model_dir: Path, cache_dir: Path, worke
 def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
     """Create replay, the DeepSpeed group and the rollout workers, and wire the weight group.
 
-    Returns (replay_client, learner_ranks, rollout_workers). Blocks until every actor is ready.
+    Returns (replay_client, learner_ranks, rollout_workers), the dedicated eval worker (`run.eval_worker`)
+    last among the workers. Blocks until every actor is ready.
     """
     import ray
 
@@ -138,4 +150,7 @@ def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
         for i, w in enumerate(workers)
     ]
     ray.get(joins)
+    if cfg.run.eval_worker == "dedicated":  # outside the weight group (services/membership.py: roles)
+        workers.append(start_rollout_worker(cfg, model_dir, cache_dir, len(workers), replay))
+        ray.get(workers[-1].pid.remote())
     return replay, ranks, workers

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import ray
 
+from learner.weight_packing import unpack_bucket
 from learner.weight_transport import (
     BroadcastTransport,
     WeightGroup,
@@ -266,6 +267,15 @@ class RolloutWorker:
         accuracy = correct / max(1, len(problems))
         metrics.record_eval(self.engine.policy_version, accuracy)
         return self.engine.policy_version, accuracy
+
+    def evaluate_published(self, published: tuple[int, list] | None, problems: list[Problem]) -> tuple[int, float]:
+        """Dedicated eval worker: load learner rank 0's snapshot (`LearnerRank.published_weights`, resolved
+        from the object store; None = keep the current weights) unless the engine holds that version, then
+        `evaluate`."""
+        if published is not None and published[0] != self.engine.policy_version:
+            version, buckets = published
+            self._load((t for b in buckets for t in unpack_bucket(b.wire, b.header_nbytes)), version)
+        return self.evaluate(problems)
 
     def teacher_forced_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
         return self.engine.teacher_forced_logprobs(prompt_ids, completion_ids)

@@ -12,6 +12,10 @@ rules live in the pure `services.membership.Membership`.
   current weights.
 - Scaling: `set_target(n)`; `reconcile()` starts workers or drains the newest ones (no new calls;
   removed once their call is back).
+- Evaluation: with `run.eval_worker: dedicated` one more member (the last at start-up) has the `eval`
+  role: never a rollout call, not in the weight group; each evaluation hands it learner rank 0's
+  snapshot of the published weights through the object store (`evaluate_published`). Otherwise the
+  lowest-numbered active rollout worker evaluates between its rollout calls.
 
 Weight-group membership. A gloo/NCCL group cannot grow or drop a member, so the pool re-forms the
 broadcast group at a version boundary whenever its membership changed (a join, a death, a missed
@@ -64,6 +68,7 @@ def _brief(err: BaseException) -> str:
 
 class WorkerPool:
     def __init__(self, cfg: RunConfig, workers: list, replay, rank0, model_dir: Path, cache_dir: Path, log: MetricsLog):
+        """`workers`: the actors started with the run, the dedicated eval worker last if the config has one."""
         from rollout.render import Renderer
         from rollout.tasks import make_task
 
@@ -71,10 +76,11 @@ class WorkerPool:
         self.model_dir, self.cache_dir = model_dir, cache_dir
         # The pool draws every worker's problems, so its task skips (and counts) over-long rendered prompts.
         self.task = make_task(cfg.task, Renderer.from_pretrained(cfg.render, model_dir))
-        self.m = Membership(len(workers), cfg.run.max_worker_replacements)
-        ids = self.m.add_initial(len(workers))
-        self.handles = dict(zip(ids, workers))
-        self.streams = {wid: self._stream(wid) for wid in ids}
+        n_eval = int(cfg.run.eval_worker == "dedicated")
+        self.m = Membership(len(workers) - n_eval, cfg.run.max_worker_replacements, eval_members=n_eval)
+        ids = self.m.add_initial(len(workers) - n_eval)
+        self.handles = dict(zip(ids + self.m.add_initial(n_eval, role="eval"), workers))
+        self.streams = {wid: self._stream(wid) for wid in ids}  # rollout members only: eval draws nothing
         self.drawn: dict[int, int] = {}  # worker id -> problems drawn from its stream (the resume cursor)
         self.call_origin: dict[int, tuple[int, int]] = {}  # worker id -> (stream, drawn after) of its call
         self.reissue_origins: collections.deque[tuple[int, int]] = collections.deque()  # beside m.reissue
@@ -168,7 +174,8 @@ class WorkerPool:
             from services.placement import start_rollout_worker
 
             self.handles[wid] = start_rollout_worker(self.cfg, self.model_dir, self.cache_dir, wid, self.replay)
-            self.streams[wid] = self._stream(wid)
+            if self.m.members[wid].role == "rollout":
+                self.streams[wid] = self._stream(wid)
             self.starts[self.handles[wid].pid.remote()] = wid
             self._event("starting", wid)
         for wid in to_drain:
@@ -268,15 +275,16 @@ class WorkerPool:
 
     # -- reporting and the end ----------------------------------------------------------------------
     def eval_worker(self) -> tuple[int, object] | None:
-        """(worker id, handle) of the lowest-numbered active worker, or None."""
-        active = sorted(m.worker_id for m in self.m.live() if m.state == "active")
+        """(worker id, handle) of the worker that evaluates now: the dedicated eval member when the config
+        has one (None while it is replaced or joining), else the lowest-numbered active rollout worker."""
+        active = self.m.active("eval" if self.m.eval_target else "rollout")
         return (active[0], self.handles[active[0]]) if active else None
 
     def report(self) -> MembershipReport:
         return self.m.report(self.cfg.run.name)
 
     def summary(self) -> dict:
-        return {**self.m.counters, "rollout_workers_final": sum(m.state == "active" for m in self.m.live())}
+        return {**self.m.counters, "rollout_workers_final": len(self.m.active("rollout"))}
 
     def _event(self, event: str, wid: int | None, **fields) -> None:
         members = [[m.worker_id, m.state] for m in self.m.live()]

@@ -90,3 +90,28 @@ def test_hanging_and_raising_reward_functions_do_not_stall_the_run(tmp_path):
     assert summary["learner_steps"] == 4
     assert summary["reward_timeouts"] > 0 and summary["reward_errors"] > 0, summary
     assert summary["dropped_groups"] == 0  # on_failure=zero scores failures as 0 and keeps the group
+
+
+def test_a_dedicated_eval_worker_evaluates_the_published_weights_and_takes_no_rollout_call(tmp_path):
+    from rollout.config import RolloutConfig
+    from rollout.sampled_eval import BatchEvaluator, make_batches
+    from services.config import load_config
+
+    overrides = ["run.eval_worker=dedicated", "rollout.engine=hf", "run.max_learner_steps=6", "run.eval_every_steps=2"]
+    overrides += ["task.max_digits=1", "cold_start.steps=150"]  # accuracy well above 0: a wrong load shows
+    run = _run(tmp_path, *overrides)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval" and r["policy_version"] > 0]
+    summary = json.loads((run / "summary.json").read_text())
+    eval_worker = 1  # e2e_small has one rollout worker (id 0); the eval worker comes last
+    assert evals and {r["worker"] for r in evals} == {eval_worker}
+    assert {r["worker_id"] for r in records if r["kind"] == "rollout"} == {0}
+    assert max(r["policy_version"] for r in evals) == summary["policy_versions_published"]
+    # The last evaluation scored the final weights: a fresh engine on final_model gives the same accuracy.
+    cfg = load_config(REPO / "deploy/configs/e2e_small.yaml", overrides)
+    rollout_cfg = RolloutConfig(**{**cfg.rollout.model_dump(), "engine": "hf"})
+    evaluator = BatchEvaluator(rollout_cfg, cfg.task, run / "final_model", cfg.render)
+    problems = evaluator.task.eval_set()
+    outcomes = [o for b in make_batches(problems, 1, len(problems), seed=0) for o in evaluator.evaluate(b)]
+    fresh = sum(o.greedy_score >= 1.0 for o in outcomes) / len(problems)
+    assert summary["eval_accuracy_final"] == fresh, (summary["eval_accuracy_final"], fresh)

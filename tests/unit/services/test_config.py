@@ -45,6 +45,8 @@ def test_defaults_validate():
             "rollout:\n  group_size: 4\nlearner:\n  objective:\n    advantage: pass_at_k\n    pass_k: 8\n",
             "learner.objective.pass_k",
         ),
+        # the dedicated eval worker loads rank 0's snapshot, which ZeRO-3's streamed publish does not keep
+        ("run:\n  eval_worker: dedicated\nlearner:\n  zero_stage: 3\n", "run.eval_worker"),
         # a bounded prompt source whose longest prompt plus the longest completion does not fit the engine
         (
             "model:\n  builtin: bpe_qwen2\n"
@@ -124,3 +126,10 @@ def test_inflight_pause_needs_the_vllm_engine():
         ).learner.weight_sync.inflight
         == "pause"
     )
+
+
+def test_the_plan_lists_the_dedicated_eval_worker_after_the_rollout_workers():
+    cfg = load_config(REPO / "deploy/configs/e2e_small.yaml", ["run.eval_worker=dedicated", "rollout.num_workers=2"])
+    specs = [s for s in plan(cfg) if s.role in ("rollout_worker", "eval_worker")]
+    assert [(s.role, s.index) for s in specs] == [("rollout_worker", 0), ("rollout_worker", 1), ("eval_worker", 2)]
+    assert specs[2].num_cpus == cfg.rollout.num_cpus_per_worker

@@ -108,3 +108,32 @@ def test_idle_workers_are_offered_least_recently_dispatched_first():
         m.on_dispatch(first, ())
         m.on_rollout_done(first, 0)
         assert m.idle_active()[0] != first
+
+
+def _with_eval(n: int = 2) -> Membership:
+    m = Membership(n, max_replacements=4, eval_members=1)
+    m.add_initial(n)
+    m.add_initial(1, role="eval")
+    return m
+
+
+def test_the_eval_member_takes_no_rollout_call_is_outside_the_group_and_not_counted_by_the_target():
+    m = _with_eval()
+    assert m.idle_active() == [0, 1] and m.active("eval") == [2]
+    assert m.plan_group() == [0, 1] and m.broadcast_to() == [0, 1]
+    assert m.reconcile() == ([], [])  # 2 rollout + 1 eval is the target
+    report = m.report("r")
+    assert report.active == 2 and "worker 2 (eval): active" in report.format()
+    m.set_target(1)
+    assert m.reconcile() == ([], [1])  # scaling drains rollout workers, never the eval worker
+
+
+def test_a_dead_eval_member_is_replaced_by_an_eval_member_that_is_active_once_started():
+    m = _with_eval()
+    assert m.on_dead(2) == 0 and not m.group_dirty  # it was in no group: nobody's broadcast waits for it
+    assert m.active("eval") == [] and m.counters["worker_replacements"] == 1
+    started, drained = m.reconcile()
+    assert started == [3] and drained == [] and m.members[3].role == "eval"
+    m.on_started(3)
+    assert m.active("eval") == [3] and not m.group_dirty and m.plan_group() == [0, 1]
+    assert not m.wants_weights(policy_version=5)  # it is handed weights per evaluation, not by the group
