@@ -46,6 +46,12 @@ class Completion:
     finish_reason: str  # FINISH_STOP | FINISH_LENGTH
 
 
+class EngineNeedsWeights(RuntimeError):
+    """A weight update broke midway and the engine went back to its starting weights: it must not generate
+    until a complete update arrives (its traces would be labelled with a policy_version older than ones it
+    already produced)."""
+
+
 class Engine(Protocol):
     policy_version: int
 

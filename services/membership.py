@@ -14,7 +14,9 @@ It is active once constructed. The target counts rollout members; the eval membe
 (replaced like any other when it dies).
 Invariants:
 - only `active` rollout members get rollout calls; a joining member produces nothing before it holds the
-  weights of the group's first broadcast (the current policy_version).
+  weights of the group's first broadcast (the current policy_version), nor does a member that missed a
+  broadcast (an update that broke midway leaves its engine on the starting weights): an engine's
+  policy_version never goes back in what it generates.
 - the weight group is re-formed (`group_dirty`) whenever its membership would change: a member
   died or missed a broadcast, joined, or started draining. Until then nobody leaves it silently.
 - a dead member's unfinished call's problems go to `reissue` and are given to the next call;
@@ -48,6 +50,7 @@ class Member:
     in_group: bool = False  # a member of the weight group as last formed
     in_flight: tuple[Problem, ...] | None = None  # problems of its unfinished rollout call
     receiving: bool = False  # a receive_weights call is pending
+    needs_weights: bool = False  # missed a broadcast: no rollout call until a receive succeeds
     last_dispatch: int = 0  # sequence number of its latest rollout call (0 = none yet)
 
 
@@ -127,7 +130,11 @@ class Membership:
     def idle_active(self) -> list[int]:
         """Active rollout workers with no call in flight, least recently dispatched first: when the replay
         backlog frees room for one call at a time, a fast worker must not starve the others."""
-        idle = [m for m in self.members.values() if m.state == "active" and m.role == "rollout" and m.in_flight is None]
+        idle = [
+            m
+            for m in self.members.values()
+            if m.state == "active" and m.role == "rollout" and m.in_flight is None and not m.needs_weights
+        ]
         return [m.worker_id for m in sorted(idle, key=lambda m: m.last_dispatch)]
 
     def report(self, run_name: str) -> MembershipReport:
@@ -184,6 +191,17 @@ class Membership:
         m.in_flight = None
         m.policy_version = max(m.policy_version, policy_version)
 
+    def on_refused(self, wid: int) -> int:
+        """The member refused its call (an update broke midway; its engine is back on the starting weights):
+        queue the call's problems again, re-send it the weights; return how many prompts were re-issued."""
+        m = self.members[wid]
+        problems, m.in_flight = m.in_flight or (), None
+        m.needs_weights = self.group_dirty = True
+        if problems:
+            self.reissue.append(problems)
+            self.counters["reissued_prompts"] += len(problems)
+        return len(problems)
+
     def on_dead(self, wid: int) -> int:
         """The member's actor is gone. Queue its unfinished problems; return how many were re-issued."""
         m = self.members[wid]
@@ -229,7 +247,7 @@ class Membership:
     def on_received(self, wid: int, policy_version: int) -> bool:
         """A receive succeeded; True if this made a joining member active."""
         m = self.members[wid]
-        m.receiving = False
+        m.receiving = m.needs_weights = False
         m.policy_version = policy_version
         if m.state == "joining":
             m.state = "active"
@@ -238,16 +256,17 @@ class Membership:
         return False
 
     def on_missed(self, wid: int) -> None:
-        """An alive member did not get a broadcast (timeout, broken group): re-form the group with it."""
+        """An alive member did not get a broadcast (timeout, broken group): re-form the group with it; it
+        generates nothing until it holds the current weights again."""
         m = self.members[wid]
-        m.receiving = False
+        m.receiving, m.needs_weights = False, True
         self.counters["broadcast_drops"] += 1
         self.group_dirty = True
 
     def wants_weights(self, policy_version: int) -> bool:
         """A re-formed group would bring someone the current weights: a joiner, or a member behind."""
         return self.group_dirty and any(
-            m.state == "joining" or (m.state == "active" and m.policy_version < policy_version)
+            m.state == "joining" or m.needs_weights or (m.state == "active" and m.policy_version < policy_version)
             for m in self.members.values()
             if m.role == "rollout"
         )

@@ -38,6 +38,7 @@ from learner.weight_transport import (
 from replay.schema import prompt_once, traces_to_batch
 from replay.table import InsertResult
 from rollout.config import RolloutConfig
+from rollout.engine import EngineNeedsWeights
 from rollout.render import RenderConfig, Renderer
 from rollout.rewards import RewardConfig, RewardScorer, ScoreBatchResult, load_reward_function
 from rollout.tasks import Problem, TaskConfig, make_task
@@ -98,6 +99,7 @@ class RolloutWorker:
         self._failures = ScoreBatchResult(rewards=[])
         self.transport = None
         self.batches = 0
+        self.needs_weights = False  # an update broke midway: no rollout until a complete one (`_load`)
         metrics.record_engine_version(worker_id, self.engine.policy_version)
 
     def _score_batch(self, items):
@@ -124,6 +126,11 @@ class RolloutWorker:
         from rollout.sampling import drop_uniform_groups, sample_groups
 
         t0 = time.perf_counter()
+        if self.needs_weights:  # the pool re-issues these prompts and re-sends the weights
+            raise EngineNeedsWeights(
+                f"rollout worker {self.worker_id}: its last weight update broke midway and the engine is back on "
+                "the starting weights; it generates again once it receives a complete update"
+            )
         if problems is not None and len(problems) != num_prompts:
             raise ValueError(
                 f"rollout got {len(problems)} problems for num_prompts={num_prompts}; pass exactly num_prompts"
@@ -211,7 +218,9 @@ class RolloutWorker:
         """Stream an update into the engine; if it breaks midway, restore the starting weights and re-raise."""
         try:
             self.engine.load_weights(tensors, version)
+            self.needs_weights = False
         except BaseException as err:
+            self.needs_weights = True
             log.warning(
                 f"rollout worker {self.worker_id}: update {version} failed midway ({err}); "
                 "reloading the starting weights until the next complete update"

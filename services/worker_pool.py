@@ -46,6 +46,7 @@ from pathlib import Path
 import ray
 
 from learner.weight_transport import WeightGroup, WeightSyncError
+from rollout.engine import EngineNeedsWeights
 from services import metrics
 from services.config import RunConfig
 from services.membership import Membership, MembershipReport
@@ -213,7 +214,11 @@ class WorkerPool:
         try:
             st = ray.get(ref)
         except Exception as e:  # noqa: BLE001 -- dead actor or crashed engine: replace the worker
-            self.on_failed(wid, e, "rollout")
+            if isinstance(_cause(e), EngineNeedsWeights):  # alive, on its starting weights after a broken update
+                self.reissue_origins.append(self.call_origin[wid])
+                self._event("refused", wid, reissued_prompts=self.m.on_refused(wid), error=_brief(_cause(e)))
+            else:
+                self.on_failed(wid, e, "rollout")
             return None
         self.m.on_rollout_done(wid, st.policy_version)
         return st

@@ -70,8 +70,10 @@ def test_missed_broadcast_keeps_the_member_and_re_forms_the_group():
     m.members[1].receiving = True
     m.on_missed(1)
     assert m.group_dirty and m.members[1].state == "active" and m.counters["broadcast_drops"] == 1
-    assert m.plan_group() == [0, 1] and m.wants_weights(policy_version=1)
-    assert not m.wants_weights(policy_version=0)  # nobody is behind or joining: no extra broadcast
+    assert m.plan_group() == [0, 1] and m.wants_weights(policy_version=0)  # its weights are unknown now
+    assert m.idle_active() == [0]  # an update that broke midway left it on the starting weights: no rollout
+    m.on_group_formed([0, 1])
+    assert not m.on_received(1, 3) and m.idle_active() == [0, 1] and not m.wants_weights(policy_version=3)
 
 
 def test_too_many_deaths_stop_the_run_with_the_limit_named():
@@ -137,3 +139,15 @@ def test_a_dead_eval_member_is_replaced_by_an_eval_member_that_is_active_once_st
     m.on_started(3)
     assert m.active("eval") == [3] and not m.group_dirty and m.plan_group() == [0, 1]
     assert not m.wants_weights(policy_version=5)  # it is handed weights per evaluation, not by the group
+
+
+def test_a_refused_call_is_reissued_and_the_member_waits_for_the_weights_alive():
+    m = _pool()
+    m.on_dispatch(1, P)
+    assert m.on_refused(1) == 3
+    assert list(m.reissue) == [P] and m.counters["reissued_prompts"] == 3 and m.counters["worker_deaths"] == 0
+    assert m.members[1].state == "active" and m.members[1].in_flight is None
+    assert m.group_dirty and m.wants_weights(policy_version=0) and m.idle_active() == [0]
+    m.on_group_formed(m.plan_group())
+    m.on_received(1, 4)
+    assert m.idle_active() == [0, 1]
