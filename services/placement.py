@@ -142,6 +142,9 @@ def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
     setups = [rank.setup.remote(addr, port) for rank in ranks]
     workers = [start_rollout_worker(cfg, model_dir, cache_dir, w, replay) for w in range(cfg.rollout.num_workers)]
     ray.get(setups)
+    # Engines built first: the rendezvous below gives members weight_sync.timeout_s to arrive, which a
+    # worker still loading its model on a busy node would spend before it even calls join.
+    ray.get([w.pid.remote() for w in workers])
     _, wport = ray.get(ranks[0].node_address.remote())
     world = 1 + len(workers)
     joins = [ranks[0].join_weight_group.remote(lc.weight_sync, addr, lc.weight_sync.master_port or wport, world)]
