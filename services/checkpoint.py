@@ -16,8 +16,9 @@ rewound the replay segments to the checkpoint's snapshots (`rewind_replay`), so 
 groups that were in it at the checkpoint plus every group acknowledged after it; each learner rank
 loads its DeepSpeed state and RNG; the loop state and RL clock continue; each prompt stream skips
 what it had given out by the checkpoint (loop.json) and, past that, every prompt whose traces reached
-replay after it (`replay_cursors`, from the origin stamped in trace metadata; nothing is read from
-metrics.jsonl), so a prompt is trained on once or re-drawn, never both; workers receive the
+replay (`replay_cursors`, from the origin stamped in trace metadata, those that went in while the
+checkpoint was taken included; nothing is read from metrics.jsonl), so a prompt is trained on once or
+re-drawn, never both; workers receive the
 checkpoint's weights as `policy_version` before any rollout. Learner steps after the checkpoint are
 redone (their samples were rolled back with the replay).
 Requires `run_dir` on storage every learner rank can write (one machine, or a shared filesystem).

@@ -15,8 +15,8 @@ fsync the parent; (4) only then delete what is no longer kept: checkpoints beyon
 checkpoint needs its replay snapshot and every journal segment after it; `replay.segments.prune`).
 A crash between any two steps leaves `latest` on a complete checkpoint, the old or the new one.
 
-`replay_cursors` reads back, from the replay segments written after a checkpoint's snapshots, how far
-each prompt stream got into replay (the "origin" rollout workers stamp into trace metadata): with
+`replay_cursors` reads back, from the replay segments of a checkpoint's shards, how far each prompt
+stream got into replay (the "origin" rollout workers stamp into trace metadata): with
 the cursors saved in loop.json this is the whole resume state of the prompt streams.
 """
 
@@ -143,15 +143,20 @@ class CheckpointStore:
 
 
 def replay_cursors(snapshots: list[str]) -> tuple[dict[int, int], dict[int, int]]:
-    """From the traces acknowledged after these replay snapshots: (stream -> problems drawn, worker ->
-    batches) of the last rollout call of each that reached replay (the "origin" in trace metadata)."""
+    """From every trace the shards of these snapshots hold on disk: (stream -> problems drawn, worker ->
+    batches) of the last rollout call of each that reached replay (the "origin" in trace metadata).
+
+    Segments before the snapshot are read too: a call whose traces went in while the checkpoint was
+    being taken is in the snapshot, but the loop had not yet seen it return when it saved its cursors,
+    so loop.json alone would draw its prompts again (and a re-issued call only ever moves its own
+    stream's cursor here). With `replay.prune_traces`, segments older than the oldest kept snapshot are
+    gone; the loop had long seen those calls return, so loop.json covers them."""
     drawn: dict[int, int] = defaultdict(int)
     batches: dict[int, int] = defaultdict(int)
-    for snap in snapshots:
-        root, k = Path(snap).parent, snapshot_index(snap)
+    for root in {Path(snap).parent for snap in snapshots}:
         for path in sorted(root.glob("traces-*")):
             m = re.match(r"traces-(\d+)\.(log|parquet)$", path.name)
-            if not m or int(m.group(1)) <= k:
+            if not m:
                 continue
             rows = read_journal(path, TRACE_SCHEMA).batches if m.group(2) == "log" else read_sealed(path)
             for b in rows:

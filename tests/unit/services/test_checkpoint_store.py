@@ -146,17 +146,28 @@ def _stamped(tag: str, stream: int, drawn: int, worker: int, batch: int):
     return traces_to_batch([t.__class__(**{**t.__dict__, "metadata": json.dumps({"origin": origin})}) for t in traces])
 
 
-def test_resume_cursors_are_the_checkpoints_plus_what_reached_replay_after_it(tmp_path):
+def test_resume_cursors_are_the_last_call_of_each_stream_that_reached_replay(tmp_path):
     table = ReplayTable(_cfg(tmp_path))
-    table.insert(_stamped("before", stream=0, drawn=99, worker=0, batch=50))  # covered by loop.json's cursors
-    snap = table.checkpoint()
     table.insert(_stamped("a", stream=0, drawn=12, worker=0, batch=3))
     table.insert(_stamped("b", stream=1, drawn=8, worker=1, batch=2))
+    snap = table.checkpoint()
     table.insert(_stamped("c", stream=1, drawn=4, worker=0, batch=4))  # stream 1 re-issued on worker 0
     table.insert(group_batch(["unstamped"], seed=1))
     assert replay_cursors([snap]) == ({0: 12, 1: 8}, {0: 4, 1: 2})
     table.close()  # sealed segments read the same
     assert replay_cursors([snap]) == ({0: 12, 1: 8}, {0: 4, 1: 2})
+
+
+def test_a_call_inserted_while_the_checkpoint_is_taken_is_not_drawn_again(tmp_path):
+    """The loop saves its cursors from the calls it has seen return; a call that inserted just before the
+    replay snapshot but had not returned yet is in the snapshot. Reading only the segments after the
+    snapshot, the resume drew its prompts again and inserted them twice."""
+    table = ReplayTable(_cfg(tmp_path))
+    table.insert(_stamped("seen", stream=0, drawn=4, worker=0, batch=1))  # loop.json: stream 0 at 4
+    table.insert(_stamped("racing", stream=0, drawn=8, worker=0, batch=2))  # returned after the save
+    snap = table.checkpoint()
+    table.insert(_stamped("after", stream=1, drawn=4, worker=1, batch=1))
+    assert replay_cursors([snap]) == ({0: 8, 1: 4}, {0: 2, 1: 1})
 
 
 def test_latest_naming_a_missing_checkpoint_is_a_clear_error(tmp_path):
