@@ -233,17 +233,14 @@ class Checkpointer:
         )
 
     def _restore_cursors(self) -> None:
-        import ray
-
         loop = self.loop
         cursors = {int(k): tuple(v) for k, v in loop.s.cursors.items()}  # at the checkpoint (loop.json)
-        drawn, batches = replay_cursors(self.resume.state["replay_snapshots"])  # reached replay after it
+        drawn, batches = replay_cursors(self.resume.state["replay_snapshots"])  # reached replay
         for i in {*drawn, *batches}:
             cur = cursors.get(i, (0, 0))
             cursors[i] = (max(cur[0], drawn.get(i, 0)), max(cur[1], batches.get(i, 0)))
         loop.s.cursors = cursors
-        loop.pool.restore_cursors({i: cur[0] for i, cur in cursors.items()})
-        ray.get([h.restore_batches.remote(cursors[i][1]) for i, h in loop.pool.handles.items() if i in cursors])
+        loop.pool.restore_cursors(cursors)
 
 
 def _replay_snapshots(replay, timeout_s: float = 60.0) -> list[str]:

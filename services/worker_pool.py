@@ -76,6 +76,7 @@ class WorkerPool:
         self.handles = dict(zip(ids, workers))
         self.streams = {wid: self._stream(wid) for wid in ids}
         self.drawn: dict[int, int] = {}  # worker id -> problems drawn from its stream (the resume cursor)
+        self.cursors: dict[int, tuple[int, int]] = {}  # worker id -> (drawn, batches) a resume continues from
         self.call_origin: dict[int, tuple[int, int]] = {}  # worker id -> (stream, drawn after) of its call
         self.reissue_origins: collections.deque[tuple[int, int]] = collections.deque()  # beside m.reissue
         self.pids: dict[int, int] = {}
@@ -114,14 +115,24 @@ class WorkerPool:
         if reissued:
             self._event("reissued", wid, prompts=len(problems))
 
-    def restore_cursors(self, drawn: dict[int, int]) -> None:
-        """Resume: skip the problems each worker's stream already gave out (streams are seeded, so the
-        next ones are new). Workers that do not exist in this run (replaced ones) are ignored."""
-        for wid, n in drawn.items():
-            if wid in self.streams:
-                for _ in range(n - self.drawn.get(wid, 0)):
-                    next(self.streams[wid])
-                self.drawn[wid] = max(self.drawn.get(wid, 0), n)
+    def restore_cursors(self, cursors: dict[int, tuple[int, int]]) -> None:
+        """Resume: each stream skips the problems it already gave out (streams are seeded, so the next
+        ones are new) and each worker continues its batch numbers (its sampling seeds), from
+        worker id -> (problems drawn, batches).
+
+        Cursors of ids with no worker now (workers replaced before the kill) are kept: ids restart at 0
+        in a resumed run, so a replacement started later gets such an id and must continue its stream,
+        not draw that stream's first prompts (already trained on) again."""
+        self.cursors = dict(cursors)
+        for wid in self.streams:
+            self._skip_drawn(wid)
+        ray.get([h.restore_batches.remote(self.cursors[wid][1]) for wid, h in self.handles.items() if wid in cursors])
+
+    def _skip_drawn(self, wid: int) -> None:
+        n = self.cursors.get(wid, (0, 0))[0]
+        for _ in range(n - self.drawn.get(wid, 0)):
+            next(self.streams[wid])
+        self.drawn[wid] = max(self.drawn.get(wid, 0), n)
 
     # -- the weight group ---------------------------------------------------------------------------
     def begin_broadcast(self, policy_version: int) -> WeightGroup | None:
@@ -169,6 +180,9 @@ class WorkerPool:
 
             self.handles[wid] = start_rollout_worker(self.cfg, self.model_dir, self.cache_dir, wid, self.replay)
             self.streams[wid] = self._stream(wid)
+            self._skip_drawn(wid)
+            if wid in self.cursors:  # an actor runs its calls in order: this lands before any rollout
+                self.handles[wid].restore_batches.remote(self.cursors[wid][1])
             self.starts[self.handles[wid].pid.remote()] = wid
             self._event("starting", wid)
         for wid in to_drain:
