@@ -27,7 +27,8 @@ from replay.segments import read_dataset
 REPO = Path(__file__).resolve().parents[2]
 
 
-def driver_cmd(tmp_path: Path, *overrides: str) -> list[str]:
+def driver_cmd(tmp_path: Path, *overrides: str, name: str = "ft") -> list[str]:
+    """The driver on e2e_small as run `name` under `tmp_path`, with config `overrides` (key=value)."""
     return [
         sys.executable,
         "-m",
@@ -35,7 +36,7 @@ def driver_cmd(tmp_path: Path, *overrides: str) -> list[str]:
         "--config",
         "deploy/configs/e2e_small.yaml",
         f"run.runs_dir={tmp_path}",
-        "run.name=ft",
+        f"run.name={name}",
         *overrides,
     ]
 
