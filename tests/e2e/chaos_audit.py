@@ -1,0 +1,131 @@
+"""The chaos test's audit of one run, from what it leaves on disk (metrics.jsonl, checkpoints, replay).
+
+- `audit_prompts`: every prompt drawn was inserted exactly once. Each trace's metadata carries the
+  "origin" of its rollout call {stream, drawn, worker, batch} (services/rollout_worker.py): `drawn` is
+  the stream's cursor once the call's `prompts_per_step` problems are taken, so the call covers prompt
+  positions [drawn - prompts_per_step, drawn) of that stream, and a dead worker's call is re-issued with
+  its original origin. Per stream, the acknowledged calls must tile [0, final cursor): a missing call is
+  a lost prompt, two calls with one origin (or more groups than prompts) a prompt inserted twice. What
+  may legitimately be missing is named and counted: groups replay rejected, groups dropped for failed
+  scores or uniform rewards (the `rollout` records of metrics.jsonl), and re-issues still queued when
+  the run stopped (the `membership` records: prompts of dead workers minus prompts re-issued). Prompts
+  a killed driver had dispatched that never reached replay are not "drawn": the resume rewinds the
+  stream's cursor to what reached replay and draws them again (counted as re-drawn).
+- `audit_versions`: learner steps 1..N each once along the run as resumed (steps a killed driver took
+  after its last checkpoint are redone and superseded), `policy_version` non-decreasing over them, no
+  step trained on a trace newer than its own version, no rollout call at a version the learner had
+  not yet made, and no acknowledged trace newer than the last published version.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+from replay.segments import read_dataset
+
+
+def sessions(recs: list[dict]) -> list[list[dict]]:
+    """metrics.jsonl split at each `resume` record (a resumed session starts with it)."""
+    out: list[list[dict]] = [[]]
+    for r in recs:
+        if r["kind"] == "resume":
+            out.append([])
+        out[-1].append(r)
+    return out
+
+
+def _calls(run: Path) -> dict[int, dict[int, dict]]:
+    """stream -> drawn -> {"groups": group ids, "callers": (worker, batch) pairs, "versions": set}."""
+    table = read_dataset(str(run / "replay")).select(["group_id", "metadata", "policy_version"])
+    calls: dict[int, dict[int, dict]] = collections.defaultdict(dict)
+    seen = set()
+    for gid, meta, version in zip(*(table[c].to_pylist() for c in ("group_id", "metadata", "policy_version"))):
+        if (gid, meta) in seen:
+            continue
+        seen.add((gid, meta))
+        o = json.loads(meta)["origin"]
+        call = calls[o["stream"]].setdefault(o["drawn"], {"groups": set(), "callers": set(), "versions": set()})
+        call["groups"].add(gid)
+        call["callers"].add((o["worker"], o["batch"]))
+        call["versions"].add(version)
+    return calls
+
+
+def final_cursors(run: Path) -> dict[int, int]:
+    """stream -> problems drawn, from the loop state of the checkpoint the run stopped with."""
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((run / "checkpoints" / latest / "loop.json").read_text())["loop_state"]["cursors"]
+    items = state["__items__"] if "__items__" in state else [[int(k), v] for k, v in state.items()]
+    return {int(k): v[0] for k, v in items}
+
+
+def audit_prompts(run: Path, recs: list[dict], prompts_per_call: int) -> dict[str, int]:
+    calls = _calls(run)
+    rollouts = [r for r in recs if r["kind"] == "rollout"]
+    excused = sum(r["rejected_groups"] + r["dropped_groups"] + r["uniform_groups"] for r in rollouts)
+    missing, twice, drawn = 0, [], 0
+    for stream, by_drawn in sorted(calls.items()):
+        ends = sorted(by_drawn)
+        assert all(d % prompts_per_call == 0 for d in ends), (stream, ends)
+        gaps = sorted(set(range(prompts_per_call, ends[-1] + 1, prompts_per_call)) - set(ends))
+        missing += len(gaps) * prompts_per_call
+        for d, call in by_drawn.items():
+            if len(call["callers"]) > 1 or len(call["groups"]) > prompts_per_call:
+                twice.append((stream, d, sorted(call["callers"]), len(call["groups"])))
+            missing += max(0, prompts_per_call - len(call["groups"]))
+        drawn += ends[-1]
+    assert not twice, f"prompts inserted twice (stream, drawn, callers, groups): {twice[:5]}"
+    assert missing == excused, (
+        f"{missing} drawn prompt(s) never reached replay, but only {excused} were rejected or dropped "
+        f"(rollout records): prompts were lost"
+    )
+    for stream, cursor in final_cursors(run).items():  # a call the loop saw complete is in replay
+        top = max(calls.get(stream, {0: None}))
+        assert cursor <= top, f"stream {stream}: cursor {cursor} at the end, but replay holds prompts only to {top}"
+    per_session = [collections.Counter() for _ in sessions(recs)]
+    for counter, session in zip(per_session, sessions(recs)):
+        for r in session:
+            if r["kind"] == "membership" and r["event"] in ("died", "reissued"):
+                counter[r["event"]] += r.get("reissued_prompts", r.get("prompts", 0))
+    return {
+        "prompts_drawn": drawn,
+        "rollout_calls": sum(len(c) for c in calls.values()),
+        "streams": len(calls),
+        "prompts_reissued": sum(c["reissued"] for c in per_session),
+        "prompts_redrawn_after_driver_kill": sum(c["died"] - c["reissued"] for c in per_session[:-1]),
+        "prompts_reissue_pending_at_end": per_session[-1]["died"] - per_session[-1]["reissued"],
+        "prompts_rejected_or_dropped": excused,
+    }
+
+
+def effective_steps(recs: list[dict]) -> list[dict]:
+    """The learner_step records of the run as resumed: each killed session's steps up to the checkpoint
+    the next session resumed from (later ones were redone), then the next session's."""
+    out: list[dict] = []
+    for session in sessions(recs):
+        if session and session[0]["kind"] == "resume":
+            out = [r for r in out if r["learner_step"] <= session[0]["learner_step"]]
+        out += [r for r in session if r["kind"] == "learner_step"]
+    return out
+
+
+def audit_versions(run: Path, recs: list[dict], max_steps: int) -> dict[str, int]:
+    steps = effective_steps(recs)
+    assert [r["learner_step"] for r in steps] == list(range(1, max_steps + 1))
+    versions = [r["policy_version"] for r in steps]
+    assert versions == sorted(versions), f"policy_version went backwards: {versions}"
+    ahead = [r["learner_step"] for r in steps if max(r["trace_versions"]) > r["policy_version"]]
+    assert not ahead, f"learner steps {ahead} trained on traces newer than the learner's version"
+    for session in sessions(recs):  # a version exists once the learner step before it is logged
+        known = session[0]["policy_version"] if session and session[0]["kind"] == "resume" else 0
+        for r in session:
+            if r["kind"] == "learner_step":
+                known = max(known, r["policy_version"] + 1)  # the publish after this step
+            elif r["kind"] == "rollout":
+                assert r["policy_version"] <= known, f"a rollout at version {r['policy_version']} before it existed"
+    published = json.loads((run / "summary.json").read_text())["policy_versions_published"]
+    newest = max(max(c["versions"]) for by_drawn in _calls(run).values() for c in by_drawn.values())
+    assert newest <= published, (newest, published)
+    return {"learner_steps": len(steps), "policy_version_final": published, "newest_trace_version": newest}

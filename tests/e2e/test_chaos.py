@@ -1,0 +1,129 @@
+"""Chaos on the real loop: one run (e2e_small with 2 rollout workers and 2 replay shards) during which a
+seeded random schedule kill -9s rollout worker processes, replay shard processes and the whole driver
+session (then `--resume`), each at a learner step drawn from the schedule.
+
+The seed is printed; set FLYWHEEL_CHAOS_SEED to replay a failure's schedule (the kills land at the same
+learner steps and on the same kind of process; which worker or shard, and what it was doing then, is
+up to timing). The audit (tests/e2e/runs.py `audit_replay`, tests/e2e/chaos_audit.py) then shows from
+what the run left on disk: zero acknowledged traces lost, every drawn prompt inserted exactly once,
+policy_version monotone across the resumes, and the run finishing by its step budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.chaos_audit import audit_prompts, audit_versions, sessions
+from tests.e2e.runs import audit_replay, driver_cmd, kill_session, records, session_pids, start, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.faults]
+
+SEED_ENV = "FLYWHEEL_CHAOS_SEED"
+STEPS = 24
+CHECKPOINT_EVERY = 3
+PROMPTS_PER_CALL = 4  # rollout.prompts_per_step of e2e_small
+PREFIX = {"worker": "ray::RolloutWorker", "shard": "ray::ReplayShard"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Kill:
+    at_step: int  # learner step of the current session after which the kill happens
+    kind: str  # "worker" | "shard" | "driver"
+
+
+def schedule(rng: random.Random) -> list[Kill]:
+    """One kill of each kind plus one more worker or shard kill, at distinct learner steps after the first
+    checkpoint (a driver kill needs one to resume from) and early enough for the run to recover."""
+    kinds = ["worker", "shard", "driver", rng.choice(["worker", "shard"])]
+    rng.shuffle(kinds)
+    steps = sorted(rng.sample(range(CHECKPOINT_EVERY + 1, STEPS - 4), len(kinds)))
+    return [Kill(s, k) for s, k in zip(steps, kinds)]
+
+
+def _session_steps(run: Path) -> list[int]:
+    return [r["learner_step"] for r in sessions(records(run))[-1] if r["kind"] == "learner_step"]
+
+
+def _kill_actor(proc: subprocess.Popen, log: Path, kind: str, rng: random.Random) -> None:
+    """kill -9 one live actor process of `kind` (drawn by `rng`) and wait until Ray has replaced it."""
+    live = lambda: sorted(p for p, c in session_pids(proc.pid).items() if c.startswith(PREFIX[kind]))  # noqa: E731
+    wait_for(lambda: len(live()) == 2, proc, log, 180, f"2 live {kind} processes")
+    victim = rng.choice(live())
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(live()) == 2 and victim not in live(), proc, log, 180, f"the killed {kind} to be replaced")
+
+
+def _kill_driver(proc: subprocess.Popen) -> None:
+    kill_session(proc.pid)  # the driver and its whole local Ray: head, raylet, every actor
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while session_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not session_pids(proc.pid), "processes of the killed driver session survived"
+
+
+def _run_with_chaos(tmp_path: Path, plan: list[Kill], rng: random.Random) -> tuple[Path, subprocess.Popen, Path]:
+    run = tmp_path / "ft"
+    cmd = driver_cmd(
+        tmp_path,
+        f"run.max_learner_steps={STEPS}",
+        f"run.checkpoint_every_steps={CHECKPOINT_EVERY}",
+        "run.eval_every_steps=12",
+        "run.max_wall_s=3600",
+        "rollout.num_workers=2",
+        "rollout.drop_uniform_groups=false",
+        "replay.num_shards=2",
+    )
+    log = tmp_path / "session-0.log"
+    proc = start(cmd, log)
+    try:
+        for i, kill in enumerate(plan):
+            what = f"learner step {kill.at_step} (kill {i}: {kill.kind})"
+            wait_for(lambda k=kill: max(_session_steps(run), default=0) >= k.at_step, proc, log, 900, what)
+            if kill.kind != "driver":
+                _kill_actor(proc, log, kill.kind, rng)
+                continue
+            _kill_driver(proc)
+            log = tmp_path / f"session-{i + 1}.log"
+            proc = start(cmd + ["--resume", str(run)], log)
+        proc.wait(timeout=900)
+    finally:
+        kill_session(proc.pid)
+    return run, proc, log
+
+
+def test_chaos_kills_lose_nothing_and_every_prompt_is_inserted_once(tmp_path):
+    seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**31))
+    rng = random.Random(seed)
+    plan = schedule(rng)
+    print(f"chaos seed {seed} (replay with {SEED_ENV}={seed}); schedule: {[(k.at_step, k.kind) for k in plan]}")
+    t0 = time.monotonic()
+    run, proc, log = _run_with_chaos(tmp_path, plan, rng)
+    assert proc.returncode == 0, log.read_text()[-5000:]
+    summary = json.loads((run / "summary.json").read_text())
+    kills = {k: sum(p.kind == k for p in plan) for k in ("worker", "shard", "driver")}
+    assert summary["stopped_by"] == "max_learner_steps" and summary["learner_steps"] == STEPS, summary
+    assert summary["resumes"] == kills["driver"]
+
+    recs = records(run)
+    table = {
+        "seed": seed,
+        **{f"kills_{k}": n for k, n in kills.items()},
+        "resumes": summary["resumes"],
+        **audit_prompts(run, recs, PROMPTS_PER_CALL),
+        **{f"groups_{k}": n for k, n in audit_replay(run).items()},
+        **audit_versions(run, recs, STEPS),
+        "wall_s": round(time.monotonic() - t0),
+    }
+    width = max(map(len, table))
+    print("\n| chaos audit | value |\n|---|---|\n" + "\n".join(f"| {k:<{width}} | {v} |" for k, v in table.items()))
