@@ -17,6 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+# The rejection reason of a group whose group_id replay already has (callers tell it from other rejections).
+DUPLICATE_GROUP = "group_id is already held or was inserted recently"
+
 
 @dataclasses.dataclass(eq=False)
 class Chunk:
@@ -81,10 +84,7 @@ def _reason(gid: str, rows: np.ndarray, bad_rows: dict[int, str], seen: Callable
         if int(r) in bad_rows:
             return bad_rows[int(r)]
     if seen(gid):
-        return (
-            f"group {gid}: group_id is already held or was inserted recently; a group must arrive whole "
-            "in one insert under a fresh group_id"
-        )
+        return f"group {gid}: {DUPLICATE_GROUP}; a group must arrive whole in one insert under a fresh group_id"
     return None
 
 
