@@ -18,9 +18,9 @@ loads its DeepSpeed state and RNG; the loop state and RL clock continue; each pr
 what it had given out by the checkpoint (loop.json) and, past that, every prompt whose traces reached
 replay (`replay_cursors`, from the origin stamped in trace metadata, those that went in while the
 checkpoint was taken included; nothing is read from metrics.jsonl), so a prompt is trained on once or
-re-drawn, never both; workers receive the
-checkpoint's weights as `policy_version` before any rollout. Learner steps after the checkpoint are
-redone (their samples were rolled back with the replay).
+re-drawn, never both; a call only part of whose prompts reached replay is re-issued (`unfinished_calls`);
+workers receive the checkpoint's weights as `policy_version` before any rollout. Learner steps after the
+checkpoint are redone (their samples were rolled back with the replay).
 Requires `run_dir` on storage every learner rank can write (one machine, or a shared filesystem).
 """
 
@@ -34,7 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from services.checkpoint_store import LATEST, CheckpointStore, ResumePoint, replay_cursors, sync_tree
+from services.checkpoint_store import (
+    LATEST,
+    CheckpointStore,
+    ResumePoint,
+    replay_cursors,
+    sync_tree,
+    unfinished_calls,
+)
 from services.config import ConfigError, RunConfig
 
 __all__ = ["CheckpointStore", "Checkpointer", "ResumePoint", "check_resumable", "find_resume", "sync_tree"]
@@ -241,6 +248,8 @@ class Checkpointer:
             cursors[i] = (max(cur[0], drawn.get(i, 0)), max(cur[1], batches.get(i, 0)))
         loop.s.cursors = cursors
         loop.pool.restore_cursors(cursors)
+        snapshots, per_call = self.resume.state["replay_snapshots"], loop.cfg.rollout.prompts_per_step
+        loop.pool.requeue(unfinished_calls(snapshots, per_call), per_call)
 
 
 def _replay_snapshots(replay, timeout_s: float = 60.0) -> list[str]:

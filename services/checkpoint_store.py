@@ -142,6 +142,21 @@ class CheckpointStore:
         return ResumePoint(path, json.loads((path / "loop.json").read_text()))
 
 
+def _origins(snapshots: list[str]):
+    """Each distinct "origin" stamp (trace metadata) in every traces segment of these snapshots' shards."""
+    for root in {Path(snap).parent for snap in snapshots}:
+        for path in sorted(root.glob("traces-*")):
+            m = re.match(r"traces-(\d+)\.(log|parquet)$", path.name)
+            if not m:
+                continue
+            rows = read_journal(path, TRACE_SCHEMA).batches if m.group(2) == "log" else read_sealed(path)
+            for b in rows:
+                for meta in set(b.column("metadata").to_pylist()):
+                    origin = json.loads(meta).get("origin")
+                    if origin:
+                        yield origin
+
+
 def replay_cursors(snapshots: list[str]) -> tuple[dict[int, int], dict[int, int]]:
     """From every trace the shards of these snapshots hold on disk: (stream -> problems drawn, worker ->
     batches) of the last rollout call of each that reached replay (the "origin" in trace metadata).
@@ -153,16 +168,19 @@ def replay_cursors(snapshots: list[str]) -> tuple[dict[int, int], dict[int, int]
     gone; the loop had long seen those calls return, so loop.json covers them."""
     drawn: dict[int, int] = defaultdict(int)
     batches: dict[int, int] = defaultdict(int)
-    for root in {Path(snap).parent for snap in snapshots}:
-        for path in sorted(root.glob("traces-*")):
-            m = re.match(r"traces-(\d+)\.(log|parquet)$", path.name)
-            if not m:
-                continue
-            rows = read_journal(path, TRACE_SCHEMA).batches if m.group(2) == "log" else read_sealed(path)
-            for b in rows:
-                for meta in set(b.column("metadata").to_pylist()):
-                    origin = json.loads(meta).get("origin")
-                    if origin:
-                        drawn[origin["stream"]] = max(drawn[origin["stream"]], origin["drawn"])
-                        batches[origin["worker"]] = max(batches[origin["worker"]], origin["batch"])
+    for origin in _origins(snapshots):
+        drawn[origin["stream"]] = max(drawn[origin["stream"]], origin["drawn"])
+        batches[origin["worker"]] = max(batches[origin["worker"]], origin["batch"])
     return dict(drawn), dict(batches)
+
+
+def unfinished_calls(snapshots: list[str], prompts_per_call: int) -> list[tuple[int, int]]:
+    """(stream, drawn) of every rollout call only part of whose prompts reached replay: its worker (or
+    the whole driver) was killed while the insert was under way, one shard had taken its part, and the
+    re-issue never came. The stream's cursor is past the call, so a resume must re-issue it; its group
+    ids are fixed by position (services/rollout_worker.py), so replay rejects the groups it already has."""
+    seen: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for origin in _origins(snapshots):
+        if "position" in origin:
+            seen[origin["stream"], origin["drawn"]].add(origin["position"])
+    return sorted(call for call, positions in seen.items() if len(positions) < prompts_per_call)

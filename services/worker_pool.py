@@ -34,6 +34,7 @@ workers -> the rest) scales better but adds a hop and a second failure mode. At 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import signal
@@ -127,6 +128,15 @@ class WorkerPool:
         for wid in self.streams:
             self._skip_drawn(wid)
         ray.get([h.restore_batches.remote(self.cursors[wid][1]) for wid, h in self.handles.items() if wid in cursors])
+
+    def requeue(self, calls: list[tuple[int, int]], num_prompts: int) -> None:
+        """Resume: queue again the calls (stream, drawn) only part of whose prompts reached replay, with
+        their original origin; their problems are drawn again from the seeded stream."""
+        for stream, drawn in calls:
+            problems = tuple(itertools.islice(self._stream(stream), drawn - num_prompts, drawn))
+            self.m.reissue.append(problems)
+            self.reissue_origins.append((stream, drawn))
+            self._event("requeued", None, stream=stream, drawn=drawn, prompts=len(problems))
 
     def _skip_drawn(self, wid: int) -> None:
         n = self.cursors.get(wid, (0, 0))[0]

@@ -3,12 +3,15 @@
 - `audit_prompts`: every prompt drawn was inserted exactly once. Each trace's metadata carries the
   "origin" of its rollout call {stream, drawn, worker, batch} (services/rollout_worker.py): `drawn` is
   the stream's cursor once the call's `prompts_per_step` problems are taken, so the call covers prompt
-  positions [drawn - prompts_per_step, drawn) of that stream, and a dead worker's call is re-issued with
-  its original origin. Per stream, the acknowledged calls must tile [0, final cursor): a missing call is
-  a lost prompt, two calls with one origin (or more groups than prompts) a prompt inserted twice. What
+  positions [drawn - prompts_per_step, drawn) of that stream (each trace also names its own position),
+  and a dead worker's call is re-issued with its original origin (and group ids, so replay rejects the
+  groups the first attempt already got in). Per stream, positions [0, final cursor) must each hold
+  exactly one group of `group_size` traces: a missing position is a lost prompt, a second group (or a
+  group with extra traces) a prompt inserted twice. What
   may legitimately be missing is named and counted: groups replay rejected, groups dropped for failed
   scores or uniform rewards (the `rollout` records of metrics.jsonl), and re-issues still queued when
-  the run stopped (the `membership` records: prompts of dead workers minus prompts re-issued). Prompts
+  the run stopped (the `membership` records: prompts of dead workers and of calls requeued at a resume,
+  minus prompts re-issued). Prompts
   a killed driver had dispatched that never reached replay are not "drawn": the resume rewinds the
   stream's cursor to what reached replay and draws them again (counted as re-drawn).
 - `audit_versions`: learner steps 1..N each once along the run as resumed (steps a killed driver took
@@ -37,17 +40,15 @@ def sessions(recs: list[dict]) -> list[list[dict]]:
 
 
 def _calls(run: Path) -> dict[int, dict[int, dict]]:
-    """stream -> drawn -> {"groups": group ids, "callers": (worker, batch) pairs, "versions": set}."""
+    """stream -> drawn -> {"positions": position -> {group id: traces}, "callers": (worker, batch) pairs,
+    "versions": policy_versions}: every acknowledged trace by the rollout call and the prompt it came from."""
     table = read_dataset(str(run / "replay")).select(["group_id", "metadata", "policy_version"])
     calls: dict[int, dict[int, dict]] = collections.defaultdict(dict)
-    seen = set()
     for gid, meta, version in zip(*(table[c].to_pylist() for c in ("group_id", "metadata", "policy_version"))):
-        if (gid, meta) in seen:
-            continue
-        seen.add((gid, meta))
         o = json.loads(meta)["origin"]
-        call = calls[o["stream"]].setdefault(o["drawn"], {"groups": set(), "callers": set(), "versions": set()})
-        call["groups"].add(gid)
+        call = calls[o["stream"]].setdefault(o["drawn"], {"positions": {}, "callers": set(), "versions": set()})
+        groups = call["positions"].setdefault(o["position"], collections.Counter())
+        groups[gid] += 1
         call["callers"].add((o["worker"], o["batch"]))
         call["versions"].add(version)
     return calls
@@ -61,25 +62,24 @@ def final_cursors(run: Path) -> dict[int, int]:
     return {int(k): v[0] for k, v in items}
 
 
-def audit_prompts(run: Path, recs: list[dict], prompts_per_call: int) -> dict[str, int]:
+def audit_prompts(run: Path, recs: list[dict], prompts_per_call: int, group_size: int) -> dict[str, int]:
     calls = _calls(run)
     rollouts = [r for r in recs if r["kind"] == "rollout"]
     excused = sum(r["rejected_groups"] + r["dropped_groups"] + r["uniform_groups"] for r in rollouts)
-    missing, twice, drawn = 0, [], 0
+    missing, twice, drawn = [], [], 0
     for stream, by_drawn in sorted(calls.items()):
         ends = sorted(by_drawn)
         assert all(d % prompts_per_call == 0 for d in ends), (stream, ends)
-        gaps = sorted(set(range(prompts_per_call, ends[-1] + 1, prompts_per_call)) - set(ends))
-        missing += len(gaps) * prompts_per_call
+        held = {p: groups for call in by_drawn.values() for p, groups in call["positions"].items()}
         for d, call in by_drawn.items():
-            if len(call["callers"]) > 1 or len(call["groups"]) > prompts_per_call:
-                twice.append((stream, d, sorted(call["callers"]), len(call["groups"])))
-            missing += max(0, prompts_per_call - len(call["groups"]))
+            assert set(call["positions"]) <= set(range(d - prompts_per_call, d)), (stream, d, sorted(call["positions"]))
+        missing += [(stream, p) for p in range(ends[-1]) if p not in held]
+        twice += [(stream, p, dict(g)) for p, g in held.items() if len(g) > 1 or set(g.values()) != {group_size}]
         drawn += ends[-1]
-    assert not twice, f"prompts inserted twice (stream, drawn, callers, groups): {twice[:5]}"
-    assert missing == excused, (
-        f"{missing} drawn prompt(s) never reached replay, but only {excused} were rejected or dropped "
-        f"(rollout records): prompts were lost"
+    assert not twice, f"prompts inserted twice (stream, position, group -> traces): {twice[:5]}"
+    assert len(missing) == excused, (
+        f"{len(missing)} drawn prompt(s) never reached replay, but {excused} were rejected or dropped "
+        f"(rollout records): prompts were lost: {missing[:10]}"
     )
     for stream, cursor in final_cursors(run).items():  # a call the loop saw complete is in replay
         top = max(calls.get(stream, {0: None}))
@@ -87,15 +87,19 @@ def audit_prompts(run: Path, recs: list[dict], prompts_per_call: int) -> dict[st
     per_session = [collections.Counter() for _ in sessions(recs)]
     for counter, session in zip(per_session, sessions(recs)):
         for r in session:
-            if r["kind"] == "membership" and r["event"] in ("died", "reissued"):
+            if r["kind"] == "membership" and r["event"] in ("died", "requeued", "reissued"):
                 counter[r["event"]] += r.get("reissued_prompts", r.get("prompts", 0))
+    last = per_session[-1]
     return {
         "prompts_drawn": drawn,
         "rollout_calls": sum(len(c) for c in calls.values()),
+        "calls_finished_by_a_reissue": sum(len(c["callers"]) > 1 for by in calls.values() for c in by.values()),
+        "groups_rejected_as_duplicates": sum(r.get("duplicate_groups", 0) for r in rollouts),
         "streams": len(calls),
         "prompts_reissued": sum(c["reissued"] for c in per_session),
-        "prompts_redrawn_after_driver_kill": sum(c["died"] - c["reissued"] for c in per_session[:-1]),
-        "prompts_reissue_pending_at_end": per_session[-1]["died"] - per_session[-1]["reissued"],
+        "prompts_requeued_at_resume": sum(c["requeued"] for c in per_session),
+        "reissues_pending_at_driver_kill": sum(c["died"] + c["requeued"] - c["reissued"] for c in per_session[:-1]),
+        "prompts_reissue_pending_at_end": last["died"] + last["requeued"] - last["reissued"],
         "prompts_rejected_or_dropped": excused,
     }
 

@@ -16,7 +16,7 @@ from replay.schema import traces_to_batch
 from replay.synthetic import group_batch
 from replay.table import ReplayTable
 from services.checkpoint import rewind_replay
-from services.checkpoint_store import CheckpointStore, ResumePoint, replay_cursors
+from services.checkpoint_store import CheckpointStore, ResumePoint, replay_cursors, unfinished_calls
 
 
 class Crash(BaseException):
@@ -138,10 +138,12 @@ def test_pruned_checkpoints_take_their_replay_snapshots_and_journals_with_them(t
         assert len(ReplayTable(_cfg(tmp_path))) > 0
 
 
-def _stamped(tag: str, stream: int, drawn: int, worker: int, batch: int):
+def _stamped(tag: str, stream: int, drawn: int, worker: int, batch: int, position: int | None = None):
     from replay.schema import batch_to_traces
 
     origin = {"stream": stream, "drawn": drawn, "worker": worker, "batch": batch}
+    if position is not None:
+        origin["position"] = position
     traces = batch_to_traces(group_batch([tag], group_size=2, seed=drawn))
     return traces_to_batch([t.__class__(**{**t.__dict__, "metadata": json.dumps({"origin": origin})}) for t in traces])
 
@@ -168,6 +170,20 @@ def test_a_call_inserted_while_the_checkpoint_is_taken_is_not_drawn_again(tmp_pa
     snap = table.checkpoint()
     table.insert(_stamped("after", stream=1, drawn=4, worker=1, batch=1))
     assert replay_cursors([snap]) == ({0: 8, 1: 4}, {0: 2, 1: 1})
+
+
+def test_a_call_only_part_of_whose_prompts_reached_replay_is_unfinished(tmp_path):
+    """Two prompts per call. Stream 0's call 2 got one group in before its worker died, and its re-issue
+    brought the other: finished. Stream 1's call 1 got one group in before the driver was killed: unfinished."""
+    table = ReplayTable(_cfg(tmp_path))
+    table.insert(_stamped("s0p0", stream=0, drawn=2, worker=0, batch=1, position=0))
+    table.insert(_stamped("s0p1", stream=0, drawn=2, worker=0, batch=1, position=1))
+    table.insert(_stamped("s0p2", stream=0, drawn=4, worker=0, batch=2, position=2))
+    snap = table.checkpoint()
+    table.insert(_stamped("s0p3", stream=0, drawn=4, worker=2, batch=1, position=3))  # the re-issue
+    table.insert(_stamped("s1p1", stream=1, drawn=2, worker=1, batch=1, position=1))
+    table.insert(_stamped("old", stream=1, drawn=4, worker=1, batch=2))  # no position: not judged
+    assert unfinished_calls([snap], prompts_per_call=2) == [(1, 2)]
 
 
 def test_latest_naming_a_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import types
 
@@ -38,6 +39,7 @@ def _pool(n: int) -> WorkerPool:
     pool.handles = {wid: _Handle() for wid in pool.m.add_initial(n)}
     pool.streams = {wid: pool._stream(wid) for wid in pool.handles}
     pool.drawn, pool.cursors, pool.starts, pool.stops, pool.call_origin, pool.rollouts = {}, {}, {}, {}, {}, {}
+    pool.reissue_origins = collections.deque()
     pool.log = types.SimpleNamespace(write=lambda *a, **k: None)
     return pool
 
@@ -83,3 +85,15 @@ def test_a_replacement_id_new_to_the_run_starts_its_stream_at_zero(monkeypatch):
     pool.reconcile()
     assert pool.drawn.get(2, 0) == 0 and next(pool.streams[2]) == _nth(pool, 2, 0)
     assert [c[0] for c in pool.handles[2].calls] == ["pid"]
+
+
+def test_requeued_calls_are_dispatched_first_with_their_problems_and_origin():
+    pool = _pool(2)
+    pool.requeue([(1, 8)], num_prompts=4)
+    pool.dispatch(0, 4)
+    name, (n, problems, origin) = pool.handles[0].calls[-1]
+    assert name == "rollout" and origin == (1, 8) and n == 4
+    assert problems == [_nth(pool, 1, p) for p in range(4, 8)]  # stream 1's prompts 4..7
+    assert pool.drawn == {}  # nothing new was drawn
+    pool.dispatch(0, 4)
+    assert pool.handles[0].calls[-1][1][2] == (0, 4)  # then the worker's own stream
