@@ -31,6 +31,7 @@ SEED_ENV = "FLYWHEEL_CHAOS_SEED"
 STEPS = 24
 CHECKPOINT_EVERY = 3
 PROMPTS_PER_CALL = 4  # rollout.prompts_per_step of e2e_small
+GROUP_SIZE = 4  # rollout.group_size of e2e_small
 PREFIX = {"worker": "ray::RolloutWorker", "shard": "ray::ReplayShard"}
 
 
@@ -120,7 +121,7 @@ def test_chaos_kills_lose_nothing_and_every_prompt_is_inserted_once(tmp_path):
         "seed": seed,
         **{f"kills_{k}": n for k, n in kills.items()},
         "resumes": summary["resumes"],
-        **audit_prompts(run, recs, PROMPTS_PER_CALL),
+        **audit_prompts(run, recs, PROMPTS_PER_CALL, GROUP_SIZE),
         **{f"groups_{k}": n for k, n in audit_replay(run).items()},
         **audit_versions(run, recs, STEPS),
         "wall_s": round(time.monotonic() - t0),
