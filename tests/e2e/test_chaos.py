@@ -55,12 +55,16 @@ def _session_steps(run: Path) -> list[int]:
 
 
 def _kill_actor(proc: subprocess.Popen, log: Path, kind: str, rng: random.Random) -> None:
-    """kill -9 one live actor process of `kind` (drawn by `rng`) and wait until Ray has replaced it."""
+    """kill -9 one live actor process of `kind` (drawn by `rng`). Its replacement is not waited for: near
+    the end the run may finish without it, and a later kill may well hit the survivor."""
     live = lambda: sorted(p for p, c in session_pids(proc.pid).items() if c.startswith(PREFIX[kind]))  # noqa: E731
-    wait_for(lambda: len(live()) == 2, proc, log, 180, f"2 live {kind} processes")
+    wait_for(lambda: len(live()) >= 1, proc, log, 180, f"a live {kind} process")
     victim = rng.choice(live())
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: len(live()) == 2 and victim not in live(), proc, log, 180, f"the killed {kind} to be replaced")
+    deadline = time.monotonic() + 30
+    while victim in live() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert victim not in live(), f"{kind} process {victim} survived kill -9"
 
 
 def _kill_driver(proc: subprocess.Popen) -> None:
