@@ -35,8 +35,8 @@ from learner.weight_transport import (
     WeightSyncError,
     WeightSyncTimeout,
 )
-from replay.group_index import DUPLICATE_GROUP
-from replay.schema import traces_to_batch
+from replay.rejections import RejectReason
+from replay.schema import prompt_once, traces_to_batch
 from replay.table import InsertResult
 from rollout.config import RolloutConfig
 from rollout.render import RenderConfig, Renderer
@@ -171,8 +171,9 @@ class RolloutWorker:
         if origin is not None:
             positions = {g: origin[1] - num_prompts + i for i, g in enumerate(ids)}
             traces = _stamp_origin(traces, origin, self.worker_id, self.batches, positions)
-        result = self.replay.insert(traces_to_batch(traces)) if traces else InsertResult(0, 0, ())
-        duplicates = sum(DUPLICATE_GROUP in why for _, why in result.rejected)
+        # the group's prompt travels and is stored once (its first trace); the learner's collate expands it
+        result = self.replay.insert(prompt_once(traces_to_batch(traces))) if traces else InsertResult(0, 0, ())
+        duplicates = sum(r is RejectReason.DUPLICATE for r in result.reasons)
         metrics.record_rollout(
             self.worker_id, self.engine.policy_version, sampled, t_gen - t0, time.perf_counter() - t_gen
         )

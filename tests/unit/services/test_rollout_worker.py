@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from replay.group_index import DUPLICATE_GROUP
+from replay.rejections import RejectReason
 from replay.schema import batch_to_traces
 from replay.synthetic import group_batch
 from services.rollout_worker import _stamp_origin, origin_group_ids
@@ -40,4 +40,4 @@ def test_a_reissued_calls_groups_already_in_replay_are_rejected_as_duplicates(tm
     assert table.insert(group_batch([a], group_size=2, seed=1)).accepted_groups == 1
     result = table.insert(group_batch([a, b], group_size=2, seed=2))
     assert result.accepted_groups == 1 and [g for g, _ in result.rejected] == [a]
-    assert DUPLICATE_GROUP in result.rejected[0][1]
+    assert result.reasons == (RejectReason.DUPLICATE,)
