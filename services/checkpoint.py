@@ -20,7 +20,9 @@ replay (`replay_cursors`, from the origin stamped in trace metadata, those that 
 checkpoint was taken included; nothing is read from metrics.jsonl), so a prompt is trained on once or
 re-drawn, never both; a call only part of whose prompts reached replay is re-issued (`unfinished_calls`);
 workers receive the checkpoint's weights as `policy_version` before any rollout. Learner steps after the
-checkpoint are redone (their samples were rolled back with the replay).
+checkpoint are redone (their samples were rolled back with the replay); groups sampled by the policies those
+steps made (versions above the checkpoint's) are evicted as stale (`evicted_newer_groups` in the resume
+record), since the redone steps give those version numbers to different weights.
 Requires `run_dir` on storage every learner rank can write (one machine, or a shared filesystem).
 """
 
@@ -231,6 +233,7 @@ class Checkpointer:
         restore_driver_rng(point.state["driver_rng"])
         self._restore_cursors()
         version = loop.s.version
+        orphaned = loop.replay.evict_newer(version)  # sampled by the policies after the checkpoint, now discarded
         loop.broadcast(version)  # the checkpoint's weights, as its version, over a freshly formed group
         loop.settle_weights()
         got = ray.get([h.policy_version.remote() for h in loop.pool.handles.values()])
@@ -240,6 +243,7 @@ class Checkpointer:
             policy_version=version,
             checkpoint=str(point.path),
             workers_at_version=got,
+            evicted_newer_groups=orphaned,
         )
 
     def _restore_cursors(self) -> None:

@@ -16,7 +16,8 @@
   stream's cursor to what reached replay and draws them again (counted as re-drawn).
 - `audit_versions`: learner steps 1..N each once along the run as resumed (steps a killed driver took
   after its last checkpoint are redone and superseded), `policy_version` non-decreasing over them, no
-  step trained on a trace newer than its own version, no rollout call at a version the learner had
+  step trained on a trace newer than its own version (a resume evicts the groups of the discarded
+  versions after its checkpoint: `ReplayTable.evict_newer`), no rollout call at a version the learner had
   not yet made, and no acknowledged trace newer than the last published version.
 """
 
@@ -30,13 +31,18 @@ from replay.segments import read_dataset
 
 
 def sessions(recs: list[dict]) -> list[list[dict]]:
-    """metrics.jsonl split at each `resume` record (a resumed session starts with it)."""
+    """metrics.jsonl split at each `resume` record (a resumed session starts with it). A resume logs the calls
+    it requeues and the workers' receipt of the checkpoint's weights while it restores, just before its
+    `resume` record: those trailing records move to the new session."""
     out: list[list[dict]] = [[]]
     for r in recs:
         if r["kind"] == "resume":
-            out.append([])
+            prev, moved = out[-1], []
+            while prev and (prev[-1]["kind"] == "sync" or prev[-1].get("event") == "requeued"):
+                moved.insert(0, prev.pop())
+            out.append(moved)
         out[-1].append(r)
-    return out
+    return [[r for r in s if r["kind"] == "resume"] + [r for r in s if r["kind"] != "resume"] for s in out]
 
 
 def _calls(run: Path) -> dict[int, dict[int, dict]]:
@@ -89,6 +95,8 @@ def audit_prompts(run: Path, recs: list[dict], prompts_per_call: int, group_size
         for r in session:
             if r["kind"] == "membership" and r["event"] in ("died", "requeued", "reissued"):
                 counter[r["event"]] += r.get("reissued_prompts", r.get("prompts", 0))
+    for counter in per_session:
+        assert counter["died"] + counter["requeued"] >= counter["reissued"], f"more re-issued than owed: {counter}"
     last = per_session[-1]
     return {
         "prompts_drawn": drawn,
@@ -101,6 +109,8 @@ def audit_prompts(run: Path, recs: list[dict], prompts_per_call: int, group_size
         "reissues_pending_at_driver_kill": sum(c["died"] + c["requeued"] - c["reissued"] for c in per_session[:-1]),
         "prompts_reissue_pending_at_end": last["died"] + last["requeued"] - last["reissued"],
         "prompts_rejected_or_dropped": excused,
+        "prompts_lost": len(missing) - excused,  # asserted 0 above
+        "prompts_inserted_twice": len(twice),  # asserted 0 above
     }
 
 
@@ -132,4 +142,11 @@ def audit_versions(run: Path, recs: list[dict], max_steps: int) -> dict[str, int
     published = json.loads((run / "summary.json").read_text())["policy_versions_published"]
     newest = max(max(c["versions"]) for by_drawn in _calls(run).values() for c in by_drawn.values())
     assert newest <= published, (newest, published)
-    return {"learner_steps": len(steps), "policy_version_final": published, "newest_trace_version": newest}
+    return {
+        "learner_steps": len(steps),
+        "policy_version_final": published,
+        "newest_trace_version": newest,
+        "groups_evicted_at_resume_as_newer": sum(
+            r.get("evicted_newer_groups", 0) for r in recs if r["kind"] == "resume"
+        ),
+    }

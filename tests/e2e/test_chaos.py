@@ -23,13 +23,23 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.chaos_audit import audit_prompts, audit_versions, sessions
-from tests.e2e.runs import audit_replay, driver_cmd, kill_session, records, session_pids, start, wait_for
+from tests.e2e.runs import (
+    audit_replay,
+    driver_cmd,
+    kill_session,
+    records,
+    session_pids,
+    start,
+    wait_for,
+    wait_session_gone,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.faults]
 
 SEED_ENV = "FLYWHEEL_CHAOS_SEED"
-STEPS = 24
-CHECKPOINT_EVERY = 3
+RESULTS_ENV = "FLYWHEEL_CHAOS_RESULTS"  # a path: the audit table is also written there as JSON (the bench table)
+STEPS = 12
+CHECKPOINT_EVERY = 2
 PROMPTS_PER_CALL = 4  # rollout.prompts_per_step of e2e_small
 GROUP_SIZE = 4  # rollout.group_size of e2e_small
 PREFIX = {"worker": "ray::RolloutWorker", "shard": "ray::ReplayShard"}
@@ -42,11 +52,11 @@ class Kill:
 
 
 def schedule(rng: random.Random) -> list[Kill]:
-    """One kill of each kind plus one more worker or shard kill, at distinct learner steps after the first
-    checkpoint (a driver kill needs one to resume from) and early enough for the run to recover."""
-    kinds = ["worker", "shard", "driver", rng.choice(["worker", "shard"])]
+    """One kill of each kind, in a seeded order, at distinct learner steps after the first checkpoint (a
+    driver kill needs one to resume from) and early enough for the run to recover before its last step."""
+    kinds = ["worker", "shard", "driver"]
     rng.shuffle(kinds)
-    steps = sorted(rng.sample(range(CHECKPOINT_EVERY + 1, STEPS - 4), len(kinds)))
+    steps = sorted(rng.sample(range(CHECKPOINT_EVERY + 1, STEPS - 2), len(kinds)))
     return [Kill(s, k) for s, k in zip(steps, kinds)]
 
 
@@ -71,10 +81,7 @@ def _kill_driver(proc: subprocess.Popen) -> None:
     kill_session(proc.pid)  # the driver and its whole local Ray: head, raylet, every actor
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    deadline = time.monotonic() + 30
-    while session_pids(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not session_pids(proc.pid), "processes of the killed driver session survived"
+    wait_session_gone(proc.pid)
 
 
 def _run_with_chaos(tmp_path: Path, plan: list[Kill], rng: random.Random) -> tuple[Path, subprocess.Popen, Path]:
@@ -83,7 +90,7 @@ def _run_with_chaos(tmp_path: Path, plan: list[Kill], rng: random.Random) -> tup
         tmp_path,
         f"run.max_learner_steps={STEPS}",
         f"run.checkpoint_every_steps={CHECKPOINT_EVERY}",
-        "run.eval_every_steps=12",
+        f"run.eval_every_steps={STEPS}",
         "run.max_wall_s=3600",
         "rollout.num_workers=2",
         "rollout.drop_uniform_groups=false",
@@ -130,5 +137,8 @@ def test_chaos_kills_lose_nothing_and_every_prompt_is_inserted_once(tmp_path):
         **audit_versions(run, recs, STEPS),
         "wall_s": round(time.monotonic() - t0),
     }
+    if out := os.environ.get(RESULTS_ENV):
+        note = os.environ.get("FLYWHEEL_CHAOS_LOAD_NOTE") or f"load average {os.getloadavg()[0]:.1f} at the end"
+        Path(out).write_text(json.dumps({**table, "load_note": note}, indent=2) + "\n")
     width = max(map(len, table))
     print("\n| chaos audit | value |\n|---|---|\n" + "\n".join(f"| {k:<{width}} | {v} |" for k, v in table.items()))
