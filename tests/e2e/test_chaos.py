@@ -1,6 +1,8 @@
 """Chaos on the real loop: one run (e2e_small with 2 rollout workers and 2 replay shards) during which a
-seeded random schedule kill -9s rollout worker processes, replay shard processes and the whole driver
-session (then `--resume`), each at a learner step drawn from the schedule.
+seeded random schedule kill -9s a rollout worker process, a replay shard process and the whole driver
+session (then `--resume`), in a seeded order, each at a learner step drawn from the schedule. 12 learner
+steps with a checkpoint every 3 keep it at a few minutes of 2 cores (most of it is the two sessions'
+start-up); a run with FLYWHEEL_CHAOS_RESULTS=<path> also writes its audit table there as JSON.
 
 The seed is printed; set FLYWHEEL_CHAOS_SEED to replay a failure's schedule (the kills land at the same
 learner steps and on the same kind of process; which worker or shard, and what it was doing then, is
@@ -39,7 +41,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.faults]
 SEED_ENV = "FLYWHEEL_CHAOS_SEED"
 RESULTS_ENV = "FLYWHEEL_CHAOS_RESULTS"  # a path: the audit table is also written there as JSON (the bench table)
 STEPS = 12
-CHECKPOINT_EVERY = 2
+CHECKPOINT_EVERY = 3
 PROMPTS_PER_CALL = 4  # rollout.prompts_per_step of e2e_small
 GROUP_SIZE = 4  # rollout.group_size of e2e_small
 PREFIX = {"worker": "ray::RolloutWorker", "shard": "ray::ReplayShard"}
@@ -57,11 +59,29 @@ def schedule(rng: random.Random) -> list[Kill]:
     kinds = ["worker", "shard", "driver"]
     rng.shuffle(kinds)
     steps = sorted(rng.sample(range(CHECKPOINT_EVERY + 1, STEPS - 2), len(kinds)))
+    if steps[kinds.index("driver")] > STEPS - 5:  # leave the driver kill room to wait for newer groups
+        d = kinds.index("driver")
+        kinds[0], kinds[d] = kinds[d], kinds[0]
     return [Kill(s, k) for s, k in zip(steps, kinds)]
 
 
 def _session_steps(run: Path) -> list[int]:
     return [r["learner_step"] for r in sessions(records(run))[-1] if r["kind"] == "learner_step"]
+
+
+def _driver_kill_due(run: Path, at_step: int) -> bool:
+    """Kill the driver once replay holds groups of a version newer than the last checkpoint's (acknowledged,
+    so the resume keeps them, but the policy that sampled them is discarded with the steps it rolls back:
+    the case `ReplayTable.evict_newer` exists for), or at the latest 3 steps on (never at the run's end)."""
+    session = sessions(records(run))[-1]
+    steps = [r["learner_step"] for r in session if r["kind"] == "learner_step"]
+    if max(steps, default=0) >= min(at_step + 3, STEPS - 2):
+        return True
+    ckpts = [i for i, r in enumerate(session) if r["kind"] == "checkpoint"]
+    if not ckpts or max(steps, default=0) < at_step:
+        return False
+    version = session[ckpts[-1]]["policy_version"]
+    return any(r["kind"] == "rollout" and r["policy_version"] > version for r in session[ckpts[-1] :])
 
 
 def _kill_actor(proc: subprocess.Popen, log: Path, kind: str, rng: random.Random) -> None:
@@ -105,6 +125,7 @@ def _run_with_chaos(tmp_path: Path, plan: list[Kill], rng: random.Random) -> tup
             if kill.kind != "driver":
                 _kill_actor(proc, log, kill.kind, rng)
                 continue
+            wait_for(lambda k=kill: _driver_kill_due(run, k.at_step), proc, log, 900, what + ": newer groups")
             _kill_driver(proc)
             log = tmp_path / f"session-{i + 1}.log"
             proc = start(cmd + ["--resume", str(run)], log)
