@@ -212,6 +212,10 @@ def chaos() -> str:
             f"{d['groups_acknowledged']} = {d['groups_consumed']} + ({d['groups_evicted_stale']}, "
             f"{d['groups_evicted_capacity']}) + {d['groups_held']}",
         ],
+        [
+            "of the stale: groups of versions newer than the resumed checkpoint (their policy was discarded)",
+            str(d["groups_evicted_at_resume_as_newer"]),
+        ],
         ["acknowledged groups lost", str(d["groups_lost"])],
         ["resumes / wall seconds (whole test)", f"{d['resumes']} / {d['wall_s']}"],
     ]
