@@ -175,12 +175,18 @@ def replay_cursors(snapshots: list[str]) -> tuple[dict[int, int], dict[int, int]
 
 
 def unfinished_calls(snapshots: list[str], prompts_per_call: int) -> list[tuple[int, int]]:
-    """(stream, drawn) of every rollout call only part of whose prompts reached replay: its worker (or
+    """(stream, drawn) of every rollout call only part of whose inserted groups reached replay: its worker (or
     the whole driver) was killed while the insert was under way, one shard had taken its part, and the
     re-issue never came. The stream's cursor is past the call, so a resume must re-issue it; its group
     ids are fixed by position (services/rollout_worker.py), so replay rejects the groups it already has."""
     seen: dict[tuple[int, int], set[int]] = defaultdict(set)
+    meant: dict[tuple[int, int], set[tuple[int, ...]]] = defaultdict(set)  # each attempt's kept positions
     for origin in _origins(snapshots):
         if "position" in origin:
-            seen[origin["stream"], origin["drawn"]].add(origin["position"])
-    return sorted(call for call, positions in seen.items() if len(positions) < prompts_per_call)
+            call = origin["stream"], origin["drawn"]
+            seen[call].add(origin["position"])
+            whole = range(origin["drawn"] - prompts_per_call, origin["drawn"])
+            meant[call].add(tuple(origin.get("kept", whole)))
+    # finished once some attempt's groups are all in (a re-issue's repeats were rejected as duplicates,
+    # so the union over attempts counts); groups a call dropped (uniform rewards, failed scores) are not owed
+    return sorted(call for call, positions in seen.items() if not any(set(k) <= positions for k in meant[call]))

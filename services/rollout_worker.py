@@ -81,11 +81,14 @@ def origin_group_ids(origin: tuple[int, int], num_prompts: int, seed: int) -> li
 
 
 def _stamp_origin(traces: list, origin: tuple[int, int], worker_id: int, batch: int, positions: dict) -> list:
-    """Stamp each trace with its call's origin and its prompt's position in the stream (group id -> position)."""
+    """Stamp each trace with its call's origin, its prompt's position in the stream (group id -> position)
+    and "kept": the positions of every group this insert carries (after dropped and uniform groups left),
+    so a resume can tell a call whose insert only partly reached replay from one that dropped groups."""
     out = []
+    kept = sorted({positions[t.group_id] for t in traces})
     for t in traces:
         stamp = {"stream": origin[0], "drawn": origin[1], "worker": worker_id, "batch": batch}
-        stamp["position"] = positions[t.group_id]
+        stamp["position"], stamp["kept"] = positions[t.group_id], kept
         out.append(dataclasses.replace(t, metadata=json.dumps({**json.loads(t.metadata), "origin": stamp})))
     return out
 

@@ -138,12 +138,16 @@ def test_pruned_checkpoints_take_their_replay_snapshots_and_journals_with_them(t
         assert len(ReplayTable(_cfg(tmp_path))) > 0
 
 
-def _stamped(tag: str, stream: int, drawn: int, worker: int, batch: int, position: int | None = None):
+def _stamped(
+    tag: str, stream: int, drawn: int, worker: int, batch: int, position: int | None = None, kept: list | None = None
+):
     from replay.schema import batch_to_traces
 
     origin = {"stream": stream, "drawn": drawn, "worker": worker, "batch": batch}
     if position is not None:
         origin["position"] = position
+    if kept is not None:
+        origin["kept"] = kept
     traces = batch_to_traces(group_batch([tag], group_size=2, seed=drawn))
     return traces_to_batch([t.__class__(**{**t.__dict__, "metadata": json.dumps({"origin": origin})}) for t in traces])
 
@@ -194,3 +198,20 @@ def test_latest_naming_a_missing_checkpoint_is_a_clear_error(tmp_path):
     (store.root / "latest").write_text("step-000099")
     with pytest.raises(ConfigError, match="step-000099.*missing or incomplete"):
         store.latest()
+
+
+def test_a_call_that_dropped_groups_is_finished_once_the_groups_it_kept_are_in(tmp_path):
+    """Four prompts per call, uniform groups dropped before the insert. Stream 0's call kept positions 0 and
+    2, both in: finished (the dropped 1 and 3 are not owed). Stream 1's call kept 4..7, only 5 got in before
+    the kill: unfinished. Stream 2's first attempt kept 8, 9, got 8 in and died; its re-issue kept 8, 9 too
+    (8 was rejected as a duplicate, so only 9 carries the re-issue's stamp): finished."""
+    table = ReplayTable(_cfg(tmp_path))
+    table.insert(_stamped("s0p0", stream=0, drawn=4, worker=0, batch=1, position=0, kept=[0, 2]))
+    table.insert(_stamped("s0p2", stream=0, drawn=4, worker=0, batch=1, position=2, kept=[0, 2]))
+    table.insert(_stamped("s1p5", stream=1, drawn=8, worker=1, batch=2, position=5, kept=[4, 5, 6, 7]))
+    snap = table.checkpoint()
+    table.insert(_stamped("s2p8", stream=2, drawn=12, worker=2, batch=3, position=8, kept=[8, 9]))
+    table.insert(_stamped("s2p9", stream=2, drawn=12, worker=0, batch=4, position=9, kept=[8, 9]))
+    assert unfinished_calls([snap], prompts_per_call=4) == [(1, 8)]
+    table.insert(_stamped("s1p6", stream=1, drawn=8, worker=0, batch=5, position=6, kept=[5, 6]))
+    assert unfinished_calls([snap], prompts_per_call=4) == []  # a re-issue that kept 5, 6 finished it

@@ -25,6 +25,7 @@ def test_stamp_carries_the_call_and_each_prompts_position():
     stamped = _stamp_origin(traces, (3, 12), worker_id=5, batch=2, positions={"a": 10, "b": 11})
     origins = [json.loads(t.metadata)["origin"] for t in stamped]
     assert [o["position"] for o in origins] == [10, 10, 11, 11]
+    assert all(o["kept"] == [10, 11] for o in origins)  # the groups this insert carries
     call = {"stream": 3, "drawn": 12, "worker": 5, "batch": 2}
     assert all({k: o[k] for k in call} == call for o in origins)
 
