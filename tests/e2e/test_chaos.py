@@ -129,6 +129,11 @@ def _run_with_chaos(tmp_path: Path, plan: list[Kill], rng: random.Random) -> tup
             _kill_driver(proc)
             log = tmp_path / f"session-{i + 1}.log"
             proc = start(cmd + ["--resume", str(run)], log)
+            # until its `resume` record, the new session's steps are the killed one's: a kill due at a step the
+            # killed session passed would fire into the new session's start-up
+            owed = sum(k.kind == "driver" for k in plan[: i + 1])
+            resumed = lambda n=owed: sum(r["kind"] == "resume" for r in records(run)) >= n  # noqa: E731
+            wait_for(resumed, proc, log, 600, f"the resume after kill {i}")
         proc.wait(timeout=900)
     finally:
         kill_session(proc.pid)
