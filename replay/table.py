@@ -11,6 +11,8 @@ Contract (pure Python + pyarrow, no ray; not thread-safe — `services/replay_sh
   past `cfg.eviction_staleness`), then returns every trace of
   `n_groups` distinct groups, or None if fewer are eligible or the rate limiter says no.
   A group leaves after `max_times_sampled` samples, or when evicted (oldest first) to make room.
+- `evict_newer(policy_version)` (a resume) evicts, as stale, every group sampled by a policy newer
+  than the checkpoint's: that policy was discarded with the steps after the checkpoint.
 - With `cfg.segment_dir` set, every accepted chunk and every removal is appended to disk before the
   call returns (`replay.segments`), and a new table on the same directory restores them.
 """
@@ -306,6 +308,19 @@ class ReplayTable:
             g = self._groups.get(gid)
             if g is not None and g.seq == seq:
                 self._remove(g, "evicted_stale")
+
+    def evict_newer(self, policy_version: int) -> int:
+        """Evict (journalled as evicted_stale) every group whose traces a policy newer than `policy_version`
+        sampled; return how many. A resume from a checkpoint at `policy_version` keeps the groups acknowledged
+        after it, but the steps that made versions > `policy_version` are redone into different weights under
+        the same numbers: such a group's version names a policy that no longer exists, and its staleness
+        against the redone learner would read as negative (fresher than on-policy). Groups from the
+        checkpoint's version or older stay: their policies are the resumed learner's own history."""
+        newer = [g for g in self._groups.values() if g.min_version > policy_version]
+        for g in newer:
+            self._remove(g, "evicted_stale")
+        self._flush_events()
+        return len(newer)
 
     def update_priorities(self, group_ids: list[str], priorities: list[float]) -> int:
         """Set sampling priorities (e.g. the learner's mean |advantage|); returns how many groups were still held."""

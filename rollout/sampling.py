@@ -2,7 +2,7 @@
 
 Contract:
 - one `engine.generate` call for all problems; problem i's `group_size` traces share one fresh
-  `group_id` and appear consecutively, in problem order.
+  `group_id` (or `group_ids[i]` when given) and appear consecutively, in problem order.
 - prompts are `renderer.encode_prompt(problem)`; `reward = score(problem, text)` where
   `text = renderer.completion_text(completion)` (stop token dropped, no special tokens, cut at a stop
   string); the trace keeps every sampled completion token.
@@ -34,13 +34,17 @@ def sample_groups(
     group_size: int,
     seed: int | None = None,
     score_batch: Callable[[list[tuple[Problem, str]]], list[float | None]] | None = None,
+    group_ids: Sequence[str] | None = None,
 ) -> list[Trace]:
     """Sample `group_size` completions per problem and return them as scored Traces.
 
     With `score_batch` (e.g. an isolated `rollout.rewards.RewardScorer`) every completion is scored
     in one call instead of by `score`; a `None` reward (a failed, dropped score) drops its whole
-    group, since groups are the unit of advantage estimation and of replay.
+    group, since groups are the unit of advantage estimation and of replay. `group_ids` (one per
+    problem) replaces the fresh random ids, so that sampling the same prompt again yields the same id.
     """
+    if group_ids is not None and len(group_ids) != len(problems):
+        raise ValueError(f"{len(group_ids)} group_ids for {len(problems)} problems; pass one per problem or None")
     if group_size < 2:
         raise ValueError(f"group_size={group_size}: a group needs at least 2 completions (rollout.group_size >= 2)")
     if not problems:
@@ -63,7 +67,7 @@ def sample_groups(
         group_rewards = rewards[i * group_size : (i + 1) * group_size]
         if any(r is None for r in group_rewards):
             continue
-        group_id = uuid.uuid4().hex
+        group_id = group_ids[i] if group_ids is not None else uuid.uuid4().hex
         traces += [
             _trace(group_id, problem, prompt, c, r, version_min, version_max) for c, r in zip(group, group_rewards)
         ]

@@ -16,10 +16,13 @@ rewound the replay segments to the checkpoint's snapshots (`rewind_replay`), so 
 groups that were in it at the checkpoint plus every group acknowledged after it; each learner rank
 loads its DeepSpeed state and RNG; the loop state and RL clock continue; each prompt stream skips
 what it had given out by the checkpoint (loop.json) and, past that, every prompt whose traces reached
-replay after it (`replay_cursors`, from the origin stamped in trace metadata; nothing is read from
-metrics.jsonl), so a prompt is trained on once or re-drawn, never both; workers receive the
-checkpoint's weights as `policy_version` before any rollout. Learner steps after the checkpoint are
-redone (their samples were rolled back with the replay).
+replay (`replay_cursors`, from the origin stamped in trace metadata, those that went in while the
+checkpoint was taken included; nothing is read from metrics.jsonl), so a prompt is trained on once or
+re-drawn, never both; a call only part of whose prompts reached replay is re-issued (`unfinished_calls`);
+workers receive the checkpoint's weights as `policy_version` before any rollout. Learner steps after the
+checkpoint are redone (their samples were rolled back with the replay); groups sampled by the policies those
+steps made (versions above the checkpoint's) are evicted as stale (`evicted_newer_groups` in the resume
+record), since the redone steps give those version numbers to different weights.
 Requires `run_dir` on storage every learner rank can write (one machine, or a shared filesystem).
 """
 
@@ -33,7 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from services.checkpoint_store import LATEST, CheckpointStore, ResumePoint, replay_cursors, sync_tree
+from services.checkpoint_store import (
+    LATEST,
+    CheckpointStore,
+    ResumePoint,
+    replay_cursors,
+    sync_tree,
+    unfinished_calls,
+)
 from services.config import ConfigError, RunConfig
 
 __all__ = ["CheckpointStore", "Checkpointer", "ResumePoint", "check_resumable", "find_resume", "sync_tree"]
@@ -223,6 +233,7 @@ class Checkpointer:
         restore_driver_rng(point.state["driver_rng"])
         self._restore_cursors()
         version = loop.s.version
+        orphaned = loop.replay.evict_newer(version)  # sampled by the policies after the checkpoint, now discarded
         loop.broadcast(version)  # the checkpoint's weights, as its version, over a freshly formed group
         loop.settle_weights()
         got = ray.get([h.policy_version.remote() for h in loop.pool.handles.values()])
@@ -232,20 +243,20 @@ class Checkpointer:
             policy_version=version,
             checkpoint=str(point.path),
             workers_at_version=got,
+            evicted_newer_groups=orphaned,
         )
 
     def _restore_cursors(self) -> None:
-        import ray
-
         loop = self.loop
         cursors = {int(k): tuple(v) for k, v in loop.s.cursors.items()}  # at the checkpoint (loop.json)
-        drawn, batches = replay_cursors(self.resume.state["replay_snapshots"])  # reached replay after it
+        drawn, batches = replay_cursors(self.resume.state["replay_snapshots"])  # reached replay
         for i in {*drawn, *batches}:
             cur = cursors.get(i, (0, 0))
             cursors[i] = (max(cur[0], drawn.get(i, 0)), max(cur[1], batches.get(i, 0)))
         loop.s.cursors = cursors
-        loop.pool.restore_cursors({i: cur[0] for i, cur in cursors.items()})
-        ray.get([h.restore_batches.remote(cursors[i][1]) for i, h in loop.pool.handles.items() if i in cursors])
+        loop.pool.restore_cursors(cursors)
+        snapshots, per_call = self.resume.state["replay_snapshots"], loop.cfg.rollout.prompts_per_step
+        loop.pool.requeue(unfinished_calls(snapshots, per_call), per_call)
 
 
 def _replay_snapshots(replay, timeout_s: float = 60.0) -> list[str]:

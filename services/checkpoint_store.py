@@ -15,8 +15,8 @@ fsync the parent; (4) only then delete what is no longer kept: checkpoints beyon
 checkpoint needs its replay snapshot and every journal segment after it; `replay.segments.prune`).
 A crash between any two steps leaves `latest` on a complete checkpoint, the old or the new one.
 
-`replay_cursors` reads back, from the replay segments written after a checkpoint's snapshots, how far
-each prompt stream got into replay (the "origin" rollout workers stamp into trace metadata): with
+`replay_cursors` reads back, from the replay segments of a checkpoint's shards, how far each prompt
+stream got into replay (the "origin" rollout workers stamp into trace metadata): with
 the cursors saved in loop.json this is the whole resume state of the prompt streams.
 """
 
@@ -142,22 +142,51 @@ class CheckpointStore:
         return ResumePoint(path, json.loads((path / "loop.json").read_text()))
 
 
-def replay_cursors(snapshots: list[str]) -> tuple[dict[int, int], dict[int, int]]:
-    """From the traces acknowledged after these replay snapshots: (stream -> problems drawn, worker ->
-    batches) of the last rollout call of each that reached replay (the "origin" in trace metadata)."""
-    drawn: dict[int, int] = defaultdict(int)
-    batches: dict[int, int] = defaultdict(int)
-    for snap in snapshots:
-        root, k = Path(snap).parent, snapshot_index(snap)
+def _origins(snapshots: list[str]):
+    """Each distinct "origin" stamp (trace metadata) in every traces segment of these snapshots' shards."""
+    for root in {Path(snap).parent for snap in snapshots}:
         for path in sorted(root.glob("traces-*")):
             m = re.match(r"traces-(\d+)\.(log|parquet)$", path.name)
-            if not m or int(m.group(1)) <= k:
+            if not m:
                 continue
             rows = read_journal(path, TRACE_SCHEMA).batches if m.group(2) == "log" else read_sealed(path)
             for b in rows:
                 for meta in set(b.column("metadata").to_pylist()):
                     origin = json.loads(meta).get("origin")
                     if origin:
-                        drawn[origin["stream"]] = max(drawn[origin["stream"]], origin["drawn"])
-                        batches[origin["worker"]] = max(batches[origin["worker"]], origin["batch"])
+                        yield origin
+
+
+def replay_cursors(snapshots: list[str]) -> tuple[dict[int, int], dict[int, int]]:
+    """From every trace the shards of these snapshots hold on disk: (stream -> problems drawn, worker ->
+    batches) of the last rollout call of each that reached replay (the "origin" in trace metadata).
+
+    Segments before the snapshot are read too: a call whose traces went in while the checkpoint was
+    being taken is in the snapshot, but the loop had not yet seen it return when it saved its cursors,
+    so loop.json alone would draw its prompts again (and a re-issued call only ever moves its own
+    stream's cursor here). With `replay.prune_traces`, segments older than the oldest kept snapshot are
+    gone; the loop had long seen those calls return, so loop.json covers them."""
+    drawn: dict[int, int] = defaultdict(int)
+    batches: dict[int, int] = defaultdict(int)
+    for origin in _origins(snapshots):
+        drawn[origin["stream"]] = max(drawn[origin["stream"]], origin["drawn"])
+        batches[origin["worker"]] = max(batches[origin["worker"]], origin["batch"])
     return dict(drawn), dict(batches)
+
+
+def unfinished_calls(snapshots: list[str], prompts_per_call: int) -> list[tuple[int, int]]:
+    """(stream, drawn) of every rollout call only part of whose inserted groups reached replay: its worker (or
+    the whole driver) was killed while the insert was under way, one shard had taken its part, and the
+    re-issue never came. The stream's cursor is past the call, so a resume must re-issue it; its group
+    ids are fixed by position (services/rollout_worker.py), so replay rejects the groups it already has."""
+    seen: dict[tuple[int, int], set[int]] = defaultdict(set)
+    meant: dict[tuple[int, int], set[tuple[int, ...]]] = defaultdict(set)  # each attempt's kept positions
+    for origin in _origins(snapshots):
+        if "position" in origin:
+            call = origin["stream"], origin["drawn"]
+            seen[call].add(origin["position"])
+            whole = range(origin["drawn"] - prompts_per_call, origin["drawn"])
+            meant[call].add(tuple(origin.get("kept", whole)))
+    # finished once some attempt's groups are all in (a re-issue's repeats were rejected as duplicates,
+    # so the union over attempts counts); groups a call dropped (uniform rewards, failed scores) are not owed
+    return sorted(call for call, positions in seen.items() if not any(set(k) <= positions for k in meant[call]))

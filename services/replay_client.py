@@ -294,6 +294,10 @@ class ReplayClient:
     def checkpoint(self) -> list[str]:
         return _gather([s.checkpoint.remote() for s in self.shards])
 
+    def evict_newer(self, policy_version: int) -> int:
+        """Resume: on every shard, evict the groups sampled by policies newer than `policy_version`; how many."""
+        return sum(ray.get([s.evict_newer.remote(policy_version) for s in self.shards]))
+
     def update_priorities_async(self, group_ids: list[str], priorities: list[float]) -> None:
         """Send each group's priority to its shard (`shard_of`) without waiting; a group already gone is ignored."""
         by_shard: dict[int, tuple[list, list]] = {}

@@ -128,6 +128,16 @@ class ReplayShard:
             self._meter.update(stats)
         return left
 
+    def evict_newer(self, policy_version: int) -> int:
+        """Resume: evict groups sampled by policies newer than the checkpoint's (`ReplayTable.evict_newer`)."""
+        with self._cond:
+            n = self._table.evict_newer(policy_version)
+            stats = self._table.stats()
+            self._cond.notify_all()  # room freed for blocked inserts
+        with self._meter_lock:
+            self._meter.update(stats)
+        return n
+
     def update_priorities(self, group_ids: list[str], priorities: list[float]) -> int:
         with self._cond:
             return self._table.update_priorities(group_ids, priorities)

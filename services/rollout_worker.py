@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 import ray
@@ -35,6 +36,7 @@ from learner.weight_transport import (
     WeightSyncError,
     WeightSyncTimeout,
 )
+from replay.rejections import RejectReason
 from replay.schema import prompt_once, traces_to_batch
 from replay.table import InsertResult
 from rollout.config import RolloutConfig
@@ -45,6 +47,7 @@ from rollout.tasks import Problem, TaskConfig, make_task
 from services import metrics
 
 log = logging.getLogger(__name__)
+_ORIGIN_IDS = uuid.UUID("5f0c4c1e-8a57-4d7a-9a51-6b1f0e3c2d15")  # uuid5 namespace of origin group ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +69,30 @@ class RolloutStats:
     uniform_groups: int = 0  # groups dropped because all rewards were equal (rollout.drop_uniform_groups)
     batches: int = 0
     sandbox_outcomes: dict = dataclasses.field(default_factory=dict)  # code-reward runs by outcome (rollout/sandbox.py)
+    # groups replay already had (a re-issued call whose first worker died after inserting them): not
+    # inserted again and not lost, so not counted in rejected_groups
+    duplicate_groups: int = 0
 
 
-def _stamp_origin(traces: list, origin: tuple[int, int], worker_id: int, batch: int) -> list:
-    stamp = {"stream": origin[0], "drawn": origin[1], "worker": worker_id, "batch": batch}
-    return [dataclasses.replace(t, metadata=json.dumps({**json.loads(t.metadata), "origin": stamp})) for t in traces]
+def origin_group_ids(origin: tuple[int, int], num_prompts: int, seed: int) -> list[str]:
+    """Group ids of a call's prompts, fixed by their positions in their stream: a re-issued call (its
+    first worker died during or after its insert) yields the ids its first attempt may already have put
+    into replay, and replay rejects those as duplicates, so each prompt is inserted once."""
+    stream, drawn = origin
+    return [uuid.uuid5(_ORIGIN_IDS, f"{seed}/{stream}/{p}").hex for p in range(drawn - num_prompts, drawn)]
+
+
+def _stamp_origin(traces: list, origin: tuple[int, int], worker_id: int, batch: int, positions: dict) -> list:
+    """Stamp each trace with its call's origin, its prompt's position in the stream (group id -> position)
+    and "kept": the positions of every group this insert carries (after dropped and uniform groups left),
+    so a resume can tell a call whose insert only partly reached replay from one that dropped groups."""
+    out = []
+    kept = sorted({positions[t.group_id] for t in traces})
+    for t in traces:
+        stamp = {"stream": origin[0], "drawn": origin[1], "worker": worker_id, "batch": batch}
+        stamp["position"], stamp["kept"] = positions[t.group_id], kept
+        out.append(dataclasses.replace(t, metadata=json.dumps({**json.loads(t.metadata), "origin": stamp})))
+    return out
 
 
 @ray.remote
@@ -121,8 +143,9 @@ class RolloutWorker:
 
         `problems` (exactly `num_prompts` of them) replaces the worker's own problem stream for this call
         (the loop's worker pool draws them, so it can re-issue a dead worker's prompts). `origin`
-        (stream, problems drawn from it after this call) is stamped, with this worker's batch number,
-        into every inserted trace's metadata as "origin": a resume reads prompt cursors from replay."""
+        (stream, problems drawn from it after this call) is stamped, with this worker's batch number and
+        the prompt's position in the stream, into every inserted trace's metadata as "origin" (a resume
+        reads prompt cursors from replay), and fixes the group ids (`origin_group_ids`)."""
         from rollout.sampling import drop_uniform_groups, sample_groups
 
         t0 = time.perf_counter()
@@ -139,6 +162,7 @@ class RolloutWorker:
         metrics.rollout_started(self.worker_id, num_prompts * self.cfg.group_size)
         seed = self.cfg.seed * 1_000_003 + self.worker_id * 10_007 + self.batches
         self._failures = ScoreBatchResult(rewards=[])
+        ids = origin_group_ids(origin, num_prompts, self.cfg.seed) if origin is not None else None
         traces = sample_groups(
             self.engine,
             problems,
@@ -147,6 +171,7 @@ class RolloutWorker:
             self.cfg.group_size,
             seed=seed,
             score_batch=self._score_batch,
+            group_ids=ids,
         )
         sampled, scored_groups = traces, len({t.group_id for t in traces})
         uniform = 0
@@ -155,9 +180,11 @@ class RolloutWorker:
         t_gen = time.perf_counter()
         self.batches += 1
         if origin is not None:
-            traces = _stamp_origin(traces, origin, self.worker_id, self.batches)
+            positions = {g: origin[1] - num_prompts + i for i, g in enumerate(ids)}
+            traces = _stamp_origin(traces, origin, self.worker_id, self.batches, positions)
         # the group's prompt travels and is stored once (its first trace); the learner's collate expands it
         result = self.replay.insert(prompt_once(traces_to_batch(traces))) if traces else InsertResult(0, 0, ())
+        duplicates = sum(r is RejectReason.DUPLICATE for r in result.reasons)
         metrics.record_rollout(
             self.worker_id, self.engine.policy_version, sampled, t_gen - t0, time.perf_counter() - t_gen
         )
@@ -169,7 +196,8 @@ class RolloutWorker:
             tokens=sum(len(t.completion_ids) for t in sampled),
             reward_mean=sum(t.reward for t in sampled) / max(1, len(sampled)),
             accepted_groups=result.accepted_groups,
-            rejected_groups=len(result.rejected),
+            rejected_groups=len(result.rejected) - duplicates,
+            duplicate_groups=duplicates,
             generate_s=t_gen - t0,
             total_s=time.perf_counter() - t0,
             reward_timeouts=self._failures.timeouts,

@@ -38,6 +38,7 @@ workers -> the rest) scales better but adds a hop and a second failure mode. At 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import signal
@@ -83,6 +84,7 @@ class WorkerPool:
         self.handles = dict(zip(ids + self.m.add_initial(n_eval, role="eval"), workers))
         self.streams = {wid: self._stream(wid) for wid in ids}  # rollout members only: eval draws nothing
         self.drawn: dict[int, int] = {}  # worker id -> problems drawn from its stream (the resume cursor)
+        self.cursors: dict[int, tuple[int, int]] = {}  # worker id -> (drawn, batches) a resume continues from
         self.call_origin: dict[int, tuple[int, int]] = {}  # worker id -> (stream, drawn after) of its call
         self.reissue_origins: collections.deque[tuple[int, int]] = collections.deque()  # beside m.reissue
         self.pids: dict[int, int] = {}
@@ -121,14 +123,33 @@ class WorkerPool:
         if reissued:
             self._event("reissued", wid, prompts=len(problems))
 
-    def restore_cursors(self, drawn: dict[int, int]) -> None:
-        """Resume: skip the problems each worker's stream already gave out (streams are seeded, so the
-        next ones are new). Workers that do not exist in this run (replaced ones) are ignored."""
-        for wid, n in drawn.items():
-            if wid in self.streams:
-                for _ in range(n - self.drawn.get(wid, 0)):
-                    next(self.streams[wid])
-                self.drawn[wid] = max(self.drawn.get(wid, 0), n)
+    def restore_cursors(self, cursors: dict[int, tuple[int, int]]) -> None:
+        """Resume: each stream skips the problems it already gave out (streams are seeded, so the next
+        ones are new) and each worker continues its batch numbers (its sampling seeds), from
+        worker id -> (problems drawn, batches).
+
+        Cursors of ids with no worker now (workers replaced before the kill) are kept: ids restart at 0
+        in a resumed run, so a replacement started later gets such an id and must continue its stream,
+        not draw that stream's first prompts (already trained on) again."""
+        self.cursors = dict(cursors)
+        for wid in self.streams:
+            self._skip_drawn(wid)
+        ray.get([h.restore_batches.remote(self.cursors[wid][1]) for wid, h in self.handles.items() if wid in cursors])
+
+    def requeue(self, calls: list[tuple[int, int]], num_prompts: int) -> None:
+        """Resume: queue again the calls (stream, drawn) only part of whose prompts reached replay, with
+        their original origin; their problems are drawn again from the seeded stream."""
+        for stream, drawn in calls:
+            problems = tuple(itertools.islice(self._stream(stream), drawn - num_prompts, drawn))
+            self.m.reissue.append(problems)
+            self.reissue_origins.append((stream, drawn))
+            self._event("requeued", None, stream=stream, drawn=drawn, prompts=len(problems))
+
+    def _skip_drawn(self, wid: int) -> None:
+        n = self.cursors.get(wid, (0, 0))[0]
+        for _ in range(n - self.drawn.get(wid, 0)):
+            next(self.streams[wid])
+        self.drawn[wid] = max(self.drawn.get(wid, 0), n)
 
     # -- the weight group ---------------------------------------------------------------------------
     def begin_broadcast(self, policy_version: int) -> WeightGroup | None:
@@ -175,8 +196,11 @@ class WorkerPool:
             from services.placement import start_rollout_worker
 
             self.handles[wid] = start_rollout_worker(self.cfg, self.model_dir, self.cache_dir, wid, self.replay)
-            if self.m.members[wid].role == "rollout":
+            if self.m.members[wid].role == "rollout":  # the eval worker draws no problems
                 self.streams[wid] = self._stream(wid)
+                self._skip_drawn(wid)
+                if wid in self.cursors:  # an actor runs its calls in order: this lands before any rollout
+                    self.handles[wid].restore_batches.remote(self.cursors[wid][1])
             self.starts[self.handles[wid].pid.remote()] = wid
             self._event("starting", wid)
         for wid in to_drain:

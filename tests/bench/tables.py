@@ -226,6 +226,35 @@ def passk(name: str) -> Callable[[], str]:
     return table
 
 
+def chaos() -> str:
+    d = _load("chaos")
+    kills = f"{d['kills_worker']} rollout worker, {d['kills_shard']} replay shard, {d['kills_driver']} driver"
+    rows = [
+        ["kill -9s (seeded schedule)", kills],
+        ["learner steps / policy_version at the end", f"{d['learner_steps']} / {d['policy_version_final']}"],
+        ["prompts drawn / rollout calls", f"{d['prompts_drawn']} / {d['rollout_calls']}"],
+        [
+            "prompts re-issued (a dead worker's call) / requeued at resume",
+            f"{d['prompts_reissued']} / {d['prompts_requeued_at_resume']}",
+        ],
+        ["groups rejected as duplicates (a re-issue repeating what got in)", str(d["groups_rejected_as_duplicates"])],
+        ["prompts rejected or dropped (counted in rollout records)", str(d["prompts_rejected_or_dropped"])],
+        ["prompts lost / inserted twice", f"{d['prompts_lost']} / {d['prompts_inserted_twice']}"],
+        [
+            "groups acknowledged = consumed + evicted (stale, capacity) + held",
+            f"{d['groups_acknowledged']} = {d['groups_consumed']} + ({d['groups_evicted_stale']}, "
+            f"{d['groups_evicted_capacity']}) + {d['groups_held']}",
+        ],
+        [
+            "of the stale: groups of versions newer than the resumed checkpoint (their policy was discarded)",
+            str(d["groups_evicted_at_resume_as_newer"]),
+        ],
+        ["acknowledged groups lost", str(d["groups_lost"])],
+        ["resumes / wall seconds (whole test)", f"{d['resumes']} / {d['wall_s']}"],
+    ]
+    return _rows(["chaos audit (seed " + str(d["seed"]) + ")", "value"], rows) + f"\nTaken {d['load_note']}.\n"
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "spine": spine,
     "staleness": staleness,
@@ -234,6 +263,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "weight_sync": weight_sync,
     "learner": learner,
     "dataflow": dataflow,
+    "chaos": chaos,
 }
 for _name in ("tiny", "reasoning"):
     if (RESULTS / f"passk_{_name}.json").exists():

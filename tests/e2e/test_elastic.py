@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.e2e.runs import REPO, driver_cmd
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # HF on the tiny model runs ~10 learner steps/s here, and a replacement takes 5-10 s to start: the runs
 # are bounded by RL wall time so the replacement joins and produces before the end.
@@ -34,16 +34,7 @@ SMALL = [
 
 
 def _driver(tmp_path: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "services.driver",
-        "--config",
-        "deploy/configs/e2e_small.yaml",
-        f"run.runs_dir={tmp_path}",
-        "run.name=elastic",
-        *overrides,
-    ]
+    return driver_cmd(tmp_path, *overrides, name="elastic")
 
 
 def _run(tmp_path: Path, fault: str, *overrides: str) -> Path:

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.e2e.runs import REPO, driver_cmd
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _run(tmp_path: Path, *overrides: str) -> Path:
-    cmd = [
-        sys.executable,
-        "-m",
-        "services.driver",
-        "--config",
-        "deploy/configs/e2e_small.yaml",
-        f"run.runs_dir={tmp_path}",
-        "run.name=loop",
-        *overrides,
-    ]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        driver_cmd(tmp_path, *overrides, name="loop"), cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return tmp_path / "loop"
 

@@ -187,6 +187,21 @@ def test_group_staleness_uses_its_oldest_trace():
     assert table.sample(1, policy_version=3) is None and table.stats().evicted_stale == 1
 
 
+def test_evict_newer_drops_groups_of_discarded_policies_and_journals_them(tmp_path):
+    """A resume at version 2: groups of versions 3 and 4 (a lineage the resume discarded) leave as stale,
+    journalled, so a table reopened on the segments has neither them nor a different count; 0..2 stay."""
+    cfg = ReplayConfig(segment_dir=str(tmp_path), max_times_sampled=None)
+    table = ReplayTable(cfg)
+    table.insert(group_batch(["v0", "v2", "v3", "v4"], policy_version=[0, 2, 3, 4]))
+    assert table.evict_newer(2) == 2 and len(table) == 2 and table.stats().evicted_stale == 2
+    assert table.evict_newer(2) == 0  # nothing newer left
+    out = table.sample(2, policy_version=2)
+    assert sorted(_sampled_groups(out)) == ["v0", "v2"] and min(out.staleness) == 0
+    table.close()
+    reopened = ReplayTable(cfg)
+    assert len(reopened) == 2 and reopened.stats().evicted_stale == 2
+
+
 def test_synchronous_mode_max_staleness_zero():
     table = ReplayTable(ReplayConfig(max_staleness=0))
     table.insert(group_batch(["old", "new"], policy_version=[4, 5]))

@@ -72,6 +72,14 @@ def test_groups_rewards_and_fields():
     assert [t.trace_id for t in batch_to_traces(traces_to_batch(traces))] == [t.trace_id for t in traces]
 
 
+def test_given_group_ids_name_the_groups_in_problem_order_and_must_match_the_problems():
+    eng = ScriptedEngine([[done("3"), done("4")], [done("25"), done("2")]])
+    traces = sample_groups(eng, PROBLEMS, RENDERER, SCORE, group_size=2, group_ids=["p7", "p8"])
+    assert [t.group_id for t in traces] == ["p7", "p7", "p8", "p8"]
+    with pytest.raises(ValueError, match="1 group_ids for 2 problems"):
+        sample_groups(eng, PROBLEMS, RENDERER, SCORE, group_size=2, group_ids=["p7"])
+
+
 def test_weight_update_during_generate_spans_versions():
     eng = ScriptedEngine([[done("3"), done("3")]], policy_version=2, bump_during_generate=True)
     traces = sample_groups(eng, PROBLEMS[:1], RENDERER, SCORE, group_size=2)

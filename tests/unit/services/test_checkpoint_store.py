@@ -16,7 +16,7 @@ from replay.schema import traces_to_batch
 from replay.synthetic import group_batch
 from replay.table import ReplayTable
 from services.checkpoint import rewind_replay
-from services.checkpoint_store import CheckpointStore, ResumePoint, replay_cursors
+from services.checkpoint_store import CheckpointStore, ResumePoint, replay_cursors, unfinished_calls
 
 
 class Crash(BaseException):
@@ -138,25 +138,56 @@ def test_pruned_checkpoints_take_their_replay_snapshots_and_journals_with_them(t
         assert len(ReplayTable(_cfg(tmp_path))) > 0
 
 
-def _stamped(tag: str, stream: int, drawn: int, worker: int, batch: int):
+def _stamped(
+    tag: str, stream: int, drawn: int, worker: int, batch: int, position: int | None = None, kept: list | None = None
+):
     from replay.schema import batch_to_traces
 
     origin = {"stream": stream, "drawn": drawn, "worker": worker, "batch": batch}
+    if position is not None:
+        origin["position"] = position
+    if kept is not None:
+        origin["kept"] = kept
     traces = batch_to_traces(group_batch([tag], group_size=2, seed=drawn))
     return traces_to_batch([t.__class__(**{**t.__dict__, "metadata": json.dumps({"origin": origin})}) for t in traces])
 
 
-def test_resume_cursors_are_the_checkpoints_plus_what_reached_replay_after_it(tmp_path):
+def test_resume_cursors_are_the_last_call_of_each_stream_that_reached_replay(tmp_path):
     table = ReplayTable(_cfg(tmp_path))
-    table.insert(_stamped("before", stream=0, drawn=99, worker=0, batch=50))  # covered by loop.json's cursors
-    snap = table.checkpoint()
     table.insert(_stamped("a", stream=0, drawn=12, worker=0, batch=3))
     table.insert(_stamped("b", stream=1, drawn=8, worker=1, batch=2))
+    snap = table.checkpoint()
     table.insert(_stamped("c", stream=1, drawn=4, worker=0, batch=4))  # stream 1 re-issued on worker 0
     table.insert(group_batch(["unstamped"], seed=1))
     assert replay_cursors([snap]) == ({0: 12, 1: 8}, {0: 4, 1: 2})
     table.close()  # sealed segments read the same
     assert replay_cursors([snap]) == ({0: 12, 1: 8}, {0: 4, 1: 2})
+
+
+def test_a_call_inserted_while_the_checkpoint_is_taken_is_not_drawn_again(tmp_path):
+    """The loop saves its cursors from the calls it has seen return; a call that inserted just before the
+    replay snapshot but had not returned yet is in the snapshot. Reading only the segments after the
+    snapshot, the resume drew its prompts again and inserted them twice."""
+    table = ReplayTable(_cfg(tmp_path))
+    table.insert(_stamped("seen", stream=0, drawn=4, worker=0, batch=1))  # loop.json: stream 0 at 4
+    table.insert(_stamped("racing", stream=0, drawn=8, worker=0, batch=2))  # returned after the save
+    snap = table.checkpoint()
+    table.insert(_stamped("after", stream=1, drawn=4, worker=1, batch=1))
+    assert replay_cursors([snap]) == ({0: 8, 1: 4}, {0: 2, 1: 1})
+
+
+def test_a_call_only_part_of_whose_prompts_reached_replay_is_unfinished(tmp_path):
+    """Two prompts per call. Stream 0's call 2 got one group in before its worker died, and its re-issue
+    brought the other: finished. Stream 1's call 1 got one group in before the driver was killed: unfinished."""
+    table = ReplayTable(_cfg(tmp_path))
+    table.insert(_stamped("s0p0", stream=0, drawn=2, worker=0, batch=1, position=0))
+    table.insert(_stamped("s0p1", stream=0, drawn=2, worker=0, batch=1, position=1))
+    table.insert(_stamped("s0p2", stream=0, drawn=4, worker=0, batch=2, position=2))
+    snap = table.checkpoint()
+    table.insert(_stamped("s0p3", stream=0, drawn=4, worker=2, batch=1, position=3))  # the re-issue
+    table.insert(_stamped("s1p1", stream=1, drawn=2, worker=1, batch=1, position=1))
+    table.insert(_stamped("old", stream=1, drawn=4, worker=1, batch=2))  # no position: not judged
+    assert unfinished_calls([snap], prompts_per_call=2) == [(1, 2)]
 
 
 def test_latest_naming_a_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -167,3 +198,20 @@ def test_latest_naming_a_missing_checkpoint_is_a_clear_error(tmp_path):
     (store.root / "latest").write_text("step-000099")
     with pytest.raises(ConfigError, match="step-000099.*missing or incomplete"):
         store.latest()
+
+
+def test_a_call_that_dropped_groups_is_finished_once_the_groups_it_kept_are_in(tmp_path):
+    """Four prompts per call, uniform groups dropped before the insert. Stream 0's call kept positions 0 and
+    2, both in: finished (the dropped 1 and 3 are not owed). Stream 1's call kept 4..7, only 5 got in before
+    the kill: unfinished. Stream 2's first attempt kept 8, 9, got 8 in and died; its re-issue kept 8, 9 too
+    (8 was rejected as a duplicate, so only 9 carries the re-issue's stamp): finished."""
+    table = ReplayTable(_cfg(tmp_path))
+    table.insert(_stamped("s0p0", stream=0, drawn=4, worker=0, batch=1, position=0, kept=[0, 2]))
+    table.insert(_stamped("s0p2", stream=0, drawn=4, worker=0, batch=1, position=2, kept=[0, 2]))
+    table.insert(_stamped("s1p5", stream=1, drawn=8, worker=1, batch=2, position=5, kept=[4, 5, 6, 7]))
+    snap = table.checkpoint()
+    table.insert(_stamped("s2p8", stream=2, drawn=12, worker=2, batch=3, position=8, kept=[8, 9]))
+    table.insert(_stamped("s2p9", stream=2, drawn=12, worker=0, batch=4, position=9, kept=[8, 9]))
+    assert unfinished_calls([snap], prompts_per_call=4) == [(1, 8)]
+    table.insert(_stamped("s1p6", stream=1, drawn=8, worker=0, batch=5, position=6, kept=[5, 6]))
+    assert unfinished_calls([snap], prompts_per_call=4) == []  # a re-issue that kept 5, 6 finished it
