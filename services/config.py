@@ -338,6 +338,13 @@ def check_model_path(cfg: RunConfig) -> None:
             tokenizer=False,
             fix="or remove it to use the run's starting weights as the reference",
         )
+    if cfg.learner.teacher.path is not None:
+        _check_hf_dir(
+            "learner.teacher.path",
+            cfg.learner.teacher.path,
+            tokenizer=True,
+            fix="(e.g. an earlier run's final_model) or set objective.kl_teacher.coef=0",
+        )
 
 
 def _check_hf_dir(field: str, path: str, tokenizer: bool, fix: str) -> None:
