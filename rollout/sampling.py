@@ -34,12 +34,14 @@ def sample_groups(
     group_size: int,
     seed: int | None = None,
     score_batch: Callable[[list[tuple[Problem, str]]], list[float | None]] | None = None,
+    step_rewards: Callable[[Problem, Sequence[int]], tuple[float, ...]] | None = None,
 ) -> list[Trace]:
     """Sample `group_size` completions per problem and return them as scored Traces.
 
     With `score_batch` (e.g. an isolated `rollout.rewards.RewardScorer`) every completion is scored
     in one call instead of by `score`; a `None` reward (a failed, dropped score) drops its whole
-    group, since groups are the unit of advantage estimation and of replay.
+    group, since groups are the unit of advantage estimation and of replay. With `step_rewards`
+    (problem, completion ids) -> per-token rewards, each trace carries them as `token_rewards` (process rewards).
     """
     if group_size < 2:
         raise ValueError(f"group_size={group_size}: a group needs at least 2 completions (rollout.group_size >= 2)")
@@ -65,7 +67,8 @@ def sample_groups(
             continue
         group_id = uuid.uuid4().hex
         traces += [
-            _trace(group_id, problem, prompt, c, r, version_min, version_max) for c, r in zip(group, group_rewards)
+            _trace(group_id, problem, prompt, c, r, version_min, version_max, step_rewards)
+            for c, r in zip(group, group_rewards)
         ]
     return traces
 
@@ -78,6 +81,7 @@ def _trace(
     reward: float,
     version_min: int,
     version_max: int,
+    step_rewards: Callable[[Problem, Sequence[int]], tuple[float, ...]] | None = None,
 ) -> Trace:
     if not c.token_ids:
         raise RuntimeError("engine returned an empty completion; engines must return >= 1 token (max_new_tokens >= 1)")
@@ -91,6 +95,7 @@ def _trace(
         policy_version_max=version_max,
         task=problem.task,
         metadata=json.dumps({"answer": problem.answer, "finish_reason": c.finish_reason}),
+        token_rewards=None if step_rewards is None else step_rewards(problem, c.token_ids),
     )
     validate_trace(trace)
     return trace
