@@ -102,13 +102,15 @@ def _trace(
 
 
 def drop_uniform_groups(traces: Sequence[Trace]) -> tuple[list[Trace], int]:
-    """Keep the groups whose rewards are not all equal; return (kept traces, number of groups dropped).
+    """Keep the groups whose total rewards (outcome + token rewards) are not all equal; return (kept traces,
+    number of groups dropped).
 
     Exact float equality on purpose: verifiable rewards are discrete, and a group whose rewards differ
     by any amount has a non-zero group-relative advantage.
     """
     rewards: dict[str, set[float]] = {}
-    for t in traces:
-        rewards.setdefault(t.group_id, set()).add(t.reward)
+    for t in traces:  # a group whose step rewards differ still has a signal (process rewards)
+        total = t.reward + (sum(t.token_rewards) if t.token_rewards is not None else 0.0)
+        rewards.setdefault(t.group_id, set()).add(total)
     uniform = {g for g, r in rewards.items() if len(r) == 1}
     return [t for t in traces if t.group_id not in uniform], len(uniform)

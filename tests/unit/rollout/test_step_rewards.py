@@ -8,7 +8,7 @@ import pytest
 from learner.tiny_model import build_tokenizer
 from rollout.engine import FINISH_STOP, Completion
 from rollout.render import RenderConfig, Renderer
-from rollout.sampling import sample_groups
+from rollout.sampling import drop_uniform_groups, sample_groups
 from rollout.step_rewards import (
     StepRewardConfig,
     completion_token_rewards,
@@ -70,3 +70,14 @@ def test_traces_carry_step_rewards_and_the_stop_token_gets_none():
     assert traces[1].token_rewards == pytest.approx((0.1, -0.1, 0.1, 0.0))
     assert task.step_scores(p, "100") == [(1, 1.0), (2, -1.0), (3, 1.0)]
     assert ArithmeticTask(TaskConfig()).step_scores(p, "100") == []
+
+
+def test_groups_that_differ_only_in_step_rewards_are_kept():
+    from replay.schema import Trace
+
+    def t(g, reward, tok):
+        return Trace(g, (1,), (5, 6), (-1.0, -1.0), reward, 0, token_rewards=tok)
+
+    traces = [t("a", 0.0, (0.1, 0.0)), t("a", 0.0, (-0.1, 0.0)), t("b", 0.0, (0.1, 0.0)), t("b", 0.0, (0.1, 0.0))]
+    kept, dropped = drop_uniform_groups(traces)
+    assert [x.group_id for x in kept] == ["a", "a"] and dropped == 1
