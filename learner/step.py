@@ -29,6 +29,7 @@ bucket, on the device, gathering ZeRO-3 partitions one bucket at a time.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -408,10 +409,14 @@ class LearnerCore:
             out += [(n, t.to("cpu", copy=True)) for n, t in bucket]
         return out
 
-    def logprobs(self, batch: pa.RecordBatch | pa.Table) -> torch.Tensor:
-        """Learner log-probs `[B, T]` of the batch's completions (no grad), e.g. to check engine agreement."""
+    def logprobs(self, batch: pa.RecordBatch | pa.Table, at: str = "served") -> torch.Tensor:
+        """Learner log-probs `[B, T]` of the batch's completions (no grad), e.g. to check engine agreement.
+
+        `at="served"`: the weights rollout gets (Schedule-Free's average x); "training": where gradients are taken
+        (Schedule-Free's y; the same weights for AdamW)."""
         tb = collate(batch, self.pad_id).to(self.engine.device)
-        with eval_parameters(self.optimizer):  # the weights rollout serves
+        swap = eval_parameters(self.optimizer) if at == "served" else contextlib.nullcontext()
+        with swap:
             logp, _ = self._no_grad_pass(tb, "policy", {})
         return (logp * tb.mask).cpu()
 
