@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from learner.config import LearnerConfig
+from learner.diagnostics import REDUCTIONS
 from replay.schema import Trace, traces_to_batch
 
 pytestmark = [pytest.mark.slow]
@@ -81,6 +82,7 @@ def test_snapshot_starts_at_initial_weights_refreshes_every_n_and_survives_check
     assert not _same(start, _params(core.policy_module)) and _same(start, _params(snap.model))
     d2 = core.train_step(_batch(2))
     assert d2["kl_prev"] > 1e-6 and "snapshot_refresh_s" in d2  # refreshed after its 2nd version
+    assert set(d2) <= set(REDUCTIONS), sorted(set(d2) - set(REDUCTIONS))
     refreshed = _params(snap.model)
     assert _same(_params(core.policy_module), refreshed)
     core.save_state(tmp_path)
@@ -101,6 +103,7 @@ def test_teacher_equal_to_student_gives_zero_kl_and_other_tokenizers_are_refused
     core = _core(tiny_model_dir, teacher={"path": str(tiny_model_dir)}, objective={"kl_teacher": teacher})
     d = core.train_step(_batch(1))
     assert d["kl_teacher"] == pytest.approx(0.0, abs=1e-6) and d["reference_s"] > 0
+    assert set(d) <= set(REDUCTIONS), sorted(set(d) - set(REDUCTIONS))
     with pytest.raises(ValueError, match="different tokenizer"):
         _core(tiny_model_dir, teacher={"path": str(bpe_model_dir)}, objective={"kl_teacher": teacher})
 
