@@ -170,6 +170,11 @@ def _config_problems(c: ObjectiveConfig) -> list[str]:
         p.append(f"objective.dual_clip does not apply to policy_loss='{c.policy_loss}'; unset it")
     if c.dual_clip is not None and c.dual_clip <= 1 + c.clip_high and c.policy_loss != "rpg_reinforce":
         p.append(f"objective.dual_clip={c.dual_clip} must exceed 1 + clip_high = {1 + c.clip_high}")
+    if c.task_reward_coef == 0 and c.filter_zero_variance_groups:
+        p.append(
+            "objective.task_reward_coef=0 makes every group's task reward 0, so filter_zero_variance_groups would "
+            "mask every group: set filter_zero_variance_groups=false (distillation alone learns from kl_teacher)"
+        )
     if c.rpg_clip and c.policy_loss != "rpg_reinforce":
         p.append("objective.rpg_clip applies to policy_loss='rpg_reinforce' only")
     reward_kl = "reward" in (c.kl_behaviour_in, c.kl_ref_in) or reward_kl_inputs(c.kl_prev, c.kl_teacher)

@@ -188,6 +188,12 @@ class RunConfig(BaseModel):
                 f"learner.objective.pass_k={objective.pass_k} exceeds rollout.group_size={self.rollout.group_size}: "
                 "pass@k advantages need at least k samples per group; lower pass_k or raise group_size"
             )
+        if objective.task_reward_coef == 0 and self.rollout.drop_uniform_groups:
+            raise ValueError(
+                "learner.objective.task_reward_coef=0 trains on the KL terms alone, but rollout.drop_uniform_groups "
+                "drops groups by their task rewards (losing their distillation signal): set "
+                "rollout.drop_uniform_groups=false"
+            )
         self._check_rendering()
         self._check_builtin_heads()
         if (

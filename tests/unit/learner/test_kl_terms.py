@@ -97,3 +97,12 @@ def test_config_refuses_previous_with_one_update_and_teacher_without_path():
         LearnerConfig(teacher={"path": "/x"})
     with pytest.raises(ValueError, match="pass_at_k"):
         ObjectiveConfig(advantage="pass_at_k", kl_teacher={"coef": 0.1})
+
+
+def test_distillation_alone_refuses_the_task_reward_filters():
+    with pytest.raises(ValueError, match="filter_zero_variance_groups"):
+        ObjectiveConfig(task_reward_coef=0.0, filter_zero_variance_groups=True)
+    from services.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="drop_uniform_groups"):
+        load_config(None, ["learner.objective.task_reward_coef=0", "rollout.drop_uniform_groups=true"])
