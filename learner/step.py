@@ -30,6 +30,7 @@ bucket, on the device, gathering ZeRO-3 partitions one bucket at a time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -37,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from learner.auxiliary import ReferencePolicy, frozen_policies
@@ -46,6 +48,7 @@ from learner.diagnostics import reduce_diagnostics
 from learner.logprobs import CompletionModel, run_completion_model
 from learner.losses import agg_denominator
 from learner.objective import CRITIC_ADVANTAGES, ObjectiveInputs, Targets, compute_targets, objective_loss, requires
+from learner.sample_weights import group_priorities, row_weights, weighted_advantages
 from learner.schedule_free import ClippedScheduleFreeAdamW, eval_parameters, is_schedule_free
 from learner.weight_packing import group_into_buckets
 
@@ -110,10 +113,17 @@ class LearnerCore:
         self.steps = 0
         self.frozen = frozen_policies(cfg, model_dir, self.engine.device, self.needs)
         self.reference = self.frozen.get("ref_logprobs")
+        self.last_priorities: tuple[tuple[str, ...], tuple[float, ...]] = ((), ())
 
     # ------------------------------------------------------------------ one sampled batch
-    def train_step(self, batch: pa.RecordBatch | pa.Table) -> dict[str, float]:
-        """`updates_per_batch` optimiser steps on this rank's groups; returns diagnostics plus timings."""
+    def train_step(
+        self, batch: pa.RecordBatch | pa.Table, group_weights: tuple[float, ...] | None = None
+    ) -> dict[str, float]:
+        """`updates_per_batch` optimiser steps on this rank's groups; returns diagnostics plus timings.
+
+        `group_weights`: replay's weight per group (order of first appearance), scaling each group's
+        policy-gradient term (learner/sample_weights.py). Afterwards `last_priorities` holds
+        (group_id, mean |advantage|) for replay's prioritized sampler."""
         t0 = time.perf_counter()
         tb = collate(batch, self.pad_id).to(self.engine.device)
         times = {"collate_s": time.perf_counter() - t0}
@@ -123,6 +133,12 @@ class LearnerCore:
         if self._prev_is_previous():  # mirror descent's anchor: the policy before this batch's first update
             ref["prev_logprobs"] = logp0
         targets = compute_targets(self.cfg.objective, self._inputs(tb, logp0, None, values0, ref))
+        gids = pc.unique(batch.column("group_id")).to_pylist()  # dense group id j <-> gids[j] (collate's order)
+        priorities = group_priorities(targets.advantages, targets.loss_mask, tb.group_ids)
+        self.last_priorities = (tuple(gids), tuple(priorities))
+        weights = row_weights(group_weights, tb.group_ids)
+        targets = dataclasses.replace(targets, advantages=weighted_advantages(targets.advantages, weights))
+        times["sample_weight_mean"] = float(weights.mean()) if weights is not None else 1.0
         minibatches = [
             rows for _ in range(self.cfg.epochs) for rows in split_minibatches(tb.num_rows, self.cfg.minibatches)
         ]

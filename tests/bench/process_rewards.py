@@ -1,6 +1,6 @@
-"""Outcome vs process rewards on the default task: held-out accuracy after the same RL wall-clock.
+"""Outcome vs process rewards on the default task: held-out accuracy after the same number of learner steps.
 
-    .venv/bin/python tests/bench/process_rewards.py [--rl-seconds 300] [--seeds 0 1 2] [--coef 0.1]
+    .venv/bin/python tests/bench/process_rewards.py [--steps 80] [--seeds 0 1 2] [--coef 0.1]
 
 The default task writes its answer least-significant digit first, one column (plus carry) per digit, so each
 answer digit is a reasoning step. Arms on deploy/configs/tiny_cpu.yaml:
@@ -22,7 +22,8 @@ from ab_runs import REPO, plot, print_table, run_arm, summarise, write
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rl-seconds", type=float, default=300.0)
+    ap.add_argument("--steps", type=int, default=80, help="learner steps per run (the comparison is at equal steps)")
+    ap.add_argument("--max-wall-s", type=float, default=1800.0, help="safety cap on each run's RL seconds")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--coef", type=float, default=0.1)
     ap.add_argument("--arms", nargs="+", default=["outcome", "process", "process_tokens"])
@@ -37,11 +38,11 @@ def main() -> None:
     out, runs = REPO / "tests/bench/results/process_rewards.json", []
     for seed in args.seeds:
         for arm in args.arms:
-            runs.append(run_arm(arm, all_arms[arm], args.rl_seconds, seed, args.config, REPO / "runs"))
+            runs.append(run_arm(arm, all_arms[arm], args.steps, seed, args.config, REPO / "runs", args.max_wall_s))
             rows = summarise(runs, baseline="outcome")
-            write(out, runs, rows, rl_seconds=args.rl_seconds, config=args.config, step_coef=args.coef)
+            write(out, runs, rows, steps=args.steps, config=args.config, step_coef=args.coef)
     print_table(rows)
-    plot(runs, Path(out).with_suffix(".png"), f"outcome vs process rewards ({args.rl_seconds:.0f} s RL)")
+    plot(runs, Path(out).with_suffix(".png"), f"outcome vs process rewards ({args.steps} learner steps)")
 
 
 if __name__ == "__main__":

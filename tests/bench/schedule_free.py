@@ -1,6 +1,6 @@
-"""Schedule-Free AdamW vs AdamW on the default task: held-out accuracy after the same RL wall-clock.
+"""Schedule-Free AdamW vs AdamW on the default task: held-out accuracy after the same number of learner steps.
 
-    .venv/bin/python tests/bench/schedule_free.py [--rl-seconds 300] [--seeds 0 1 2] [--sf-lr 2e-4]
+    .venv/bin/python tests/bench/schedule_free.py [--steps 80] [--seeds 0 1 2] [--sf-lr 2e-4]
 
 Arms (both on deploy/configs/tiny_cpu.yaml with learner.zero_stage=0, which Schedule-Free needs, so the only
 difference is the optimiser): `adamw` (the default recipe's lr, constant after warm-up) and
@@ -19,7 +19,8 @@ from ab_runs import REPO, plot, print_table, run_arm, summarise, write
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rl-seconds", type=float, default=300.0)
+    ap.add_argument("--steps", type=int, default=80, help="learner steps per run (the comparison is at equal steps)")
+    ap.add_argument("--max-wall-s", type=float, default=1800.0, help="safety cap on each run's RL seconds")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--sf-lr", type=float, default=2e-4, help="Schedule-Free's lr (it often takes a larger one)")
     ap.add_argument("--config", default="deploy/configs/tiny_cpu.yaml")
@@ -32,11 +33,11 @@ def main() -> None:
     out, runs = REPO / "tests/bench/results/schedule_free.json", []
     for seed in args.seeds:
         for arm, overrides in arms.items():
-            runs.append(run_arm(arm, overrides, args.rl_seconds, seed, args.config, REPO / "runs"))
+            runs.append(run_arm(arm, overrides, args.steps, seed, args.config, REPO / "runs", args.max_wall_s))
             rows = summarise(runs, baseline="adamw")
-            write(out, runs, rows, rl_seconds=args.rl_seconds, config=args.config)
+            write(out, runs, rows, steps=args.steps, config=args.config)
     print_table(rows)
-    plot(runs, Path(out).with_suffix(".png"), f"Schedule-Free vs AdamW ({args.rl_seconds:.0f} s RL)")
+    plot(runs, Path(out).with_suffix(".png"), f"Schedule-Free vs AdamW ({args.steps} learner steps)")
 
 
 if __name__ == "__main__":
