@@ -50,7 +50,7 @@ def test_published_weights_are_the_evaluation_mode_parameters():
         fixed = traces_to_batch([trace(0)])
         batch = traces_to_batch([trace(i, (8 + i % 3, 9 + i % 2, 2)) for i in range(8)])
         for _ in range(3):
-            assert ray.get(rank.train_step.remote(batch))["updates_applied"] == 1
+            assert ray.get(rank.train_step.remote(batch)).diagnostics["updates_applied"] == 1
         ray.get([rank.publish.remote(1), worker.receive_weights.remote()])
         served = ray.get(rank.logprobs.remote(fixed))[0].tolist()
         training = ray.get(rank.logprobs.remote(fixed, "training"))[0].tolist()
