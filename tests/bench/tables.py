@@ -215,9 +215,20 @@ def ab(name: str) -> Callable[[], str]:
             )
         header = ["arm", "seeds", "learner steps", "acc. initial", "acc. final (min-max)", "last 3 evals"]
         loads = [x for r in d["runs"] for x in r["load_avg_1m"]]
-        return _rows([*header, "last 3 vs baseline", "RL wall s"], rows) + (
-            f"\nMeans over seeds; accuracy on the held-out split at the same learner step in every arm. Load average "
-            f"{min(loads):.1f}-{max(loads):.1f} around the runs (wall seconds are noisy, steps are not).\n"
+        t = d.get("teacher_run")
+        teacher = (
+            f"\nTeacher: held-out accuracy {_f(t['accuracy_final'])} (best {_f(t['accuracy_best'])}) after "
+            f"{t['learner_steps']} learner steps from the same {_f(t['accuracy_initial'])} cold start.\n"
+            if t
+            else ""
+        )
+        return (
+            _rows([*header, "last 3 vs baseline", "RL wall s"], rows)
+            + teacher
+            + (
+                f"\nMeans over seeds; accuracy on the held-out split at the same learner step in every arm. Load average "
+                f"{min(loads):.1f}-{max(loads):.1f} around the runs (wall seconds are noisy, steps are not).\n"
+            )
         )
 
     return table
