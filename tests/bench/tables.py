@@ -222,14 +222,11 @@ def ab(name: str) -> Callable[[], str]:
             if t
             else ""
         )
-        return (
-            _rows([*header, "last 3 vs baseline", "RL wall s"], rows)
-            + teacher
-            + (
-                f"\nMeans over seeds; accuracy on the held-out split at the same learner step in every arm. Load average "
-                f"{min(loads):.1f}-{max(loads):.1f} around the runs (wall seconds are noisy, steps are not).\n"
-            )
+        note = (
+            "\nMeans over seeds; accuracy on the held-out split at the same learner step in every arm. Load "
+            f"average {min(loads):.1f}-{max(loads):.1f} around the runs (wall seconds are noisy, steps are not).\n"
         )
+        return _rows([*header, "last 3 vs baseline", "RL wall s"], rows) + teacher + note
 
     return table
 
