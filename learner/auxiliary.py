@@ -1,4 +1,6 @@
-"""The learner's frozen reference policy (the value head lives with the policy: `learner.logprobs.CompletionModel`).
+"""The learner's frozen policies: the reference, the kl_prev snapshot, the distillation teacher.
+
+(The value head lives with the policy: `learner.logprobs.CompletionModel`.)
 
 Contract: `ReferencePolicy(model_dir, device, offload, dtype, chunk_tokens)` is a frozen copy of the
 starting policy (the cold-start checkpoint or `model.path` unless `learner.reference.path` says
@@ -7,10 +9,14 @@ Every rank holds a full copy (it is not ZeRO-partitioned). With `offload`, its w
 memory and move to the learner's device only for its forward pass, then back (memory for speed, like
 OpenRLHF's `ref_offload`); on a CPU learner offload changes nothing. Its log-probs are computed like the
 policy's (`learner.logprobs`: completion positions only, vocabulary chunks), in micro-batches.
+The same class serves the kl_prev snapshot (`load_from` overwrites it with the policy's current weights,
+every rank, so it is the one frozen model that changes) and the distillation teacher (any local HF model
+with the student's tokenizer, `check_same_tokenizer`). Memory: each is one more full model per rank.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -45,3 +51,46 @@ class ReferencePolicy:
         finally:
             if self.offload:
                 self.model.to("cpu")
+
+    @torch.no_grad()
+    def load_from(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Overwrite the weights with the policy's `(HF name, tensor)` pairs (a refreshed snapshot)."""
+        params = dict(self.model.named_parameters())
+        missing = set(params)
+        for name, tensor in named:
+            if name not in params:
+                raise KeyError(f"snapshot has no parameter {name!r}; the policy and its snapshot must share a config")
+            params[name].copy_(tensor)
+            missing.discard(name)
+        if missing:
+            raise KeyError(f"snapshot refresh left {sorted(missing)[:3]}... unset; the policy sent too few tensors")
+
+
+def check_same_tokenizer(student_dir: str | Path, teacher_dir: str | Path) -> None:
+    """Raise unless the teacher tokenises exactly like the student: token-level KL compares log-probs of the
+    same ids, so a different vocabulary would score other tokens (cross-tokenizer distillation is not done)."""
+    from transformers import AutoTokenizer
+
+    s, t = AutoTokenizer.from_pretrained(str(student_dir)), AutoTokenizer.from_pretrained(str(teacher_dir))
+    if s.get_vocab() != t.get_vocab() or s.all_special_ids != t.all_special_ids:
+        raise ValueError(
+            f"learner.teacher.path={str(teacher_dir)!r} has a different tokenizer from the student's ({student_dir}): "
+            f"vocab sizes {len(t)} vs {len(s)}; on-policy distillation needs the same token ids. Use a teacher "
+            "trained from the same base tokenizer (e.g. an earlier run's final_model)"
+        )
+
+
+def frozen_policies(cfg, model_dir: str | Path, device: torch.device, needs: set[str]) -> dict[str, ReferencePolicy]:
+    """The frozen models `needs` asks for, by the objective input they fill: the reference, the kl_prev snapshot
+    (starting as the run's initial weights, refreshed by the learner) and the distillation teacher."""
+    dtype, chunk = cfg.compute_dtype, cfg.logprob_chunk_tokens
+    out = {}
+    if "ref_logprobs" in needs:
+        path = cfg.reference.path or model_dir
+        out["ref_logprobs"] = ReferencePolicy(path, device, cfg.reference.offload, dtype, chunk)
+    if "prev_logprobs" in needs and cfg.objective.kl_prev.source == "snapshot":
+        out["prev_logprobs"] = ReferencePolicy(model_dir, device, cfg.objective.kl_prev.offload, dtype, chunk)
+    if "teacher_logprobs" in needs:
+        check_same_tokenizer(model_dir, cfg.teacher.path)
+        out["teacher_logprobs"] = ReferencePolicy(cfg.teacher.path, device, cfg.teacher.offload, dtype, chunk)
+    return out

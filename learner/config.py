@@ -29,12 +29,30 @@ class ReferenceConfig(BaseModel):
     )
 
 
+class TeacherConfig(BaseModel):
+    """The frozen teacher of on-policy distillation (`objective.kl_teacher.coef > 0`), held by every learner rank."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str | None = Field(
+        None,
+        description="a local HF model dir with the student's tokenizer (e.g. an earlier run's final_model); "
+        "needed when objective.kl_teacher.coef > 0",
+    )
+    offload: bool = Field(False, description="keep it in CPU memory between forward passes (GPU memory short)")
+
+
 class LearnerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     device: Literal["cpu", "cuda"] = Field("cpu", description="cpu: gloo + DeepSpeed's CPU accelerator; cuda: NCCL")
     num_ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (one Ray actor each)")
     zero_stage: Literal[0, 1, 2, 3] = Field(
         1, description="DeepSpeed ZeRO stage; 3 partitions the weights too (publishing then gathers bucket by bucket)"
+    )
+    optimizer: Literal["adamw", "schedule_free_adamw"] = Field(
+        "adamw",
+        description="'adamw' with linear warm-up then constant lr; 'schedule_free_adamw' (Defazio et al. 2024, RPG's "
+        "optimiser): no schedule, rollout/evaluation/checkpoints get its averaged weights; needs zero_stage 0 and "
+        "fp32 or mixed_precision 'autocast'",
     )
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate after warm-up")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -128,6 +146,9 @@ class LearnerConfig(BaseModel):
     reference: ReferenceConfig = Field(
         default_factory=ReferenceConfig, description="the frozen reference model (objective.kl_ref_coef > 0)"
     )
+    teacher: TeacherConfig = Field(
+        default_factory=TeacherConfig, description="the distillation teacher (objective.kl_teacher.coef > 0)"
+    )
     weight_sync: WeightSyncConfig = Field(
         default_factory=WeightSyncConfig, description="how new weights reach the rollout workers"
     )
@@ -168,6 +189,8 @@ class LearnerConfig(BaseModel):
                 "learner.reference.path is set but learner.objective.kl_ref_coef=0, so no reference model is loaded; "
                 "set kl_ref_coef > 0 or drop learner.reference"
             )
+        for problem in _algorithm_problems(self):
+            raise ValueError(problem)
         if self.device == "cuda" and self.num_gpus_per_rank <= 0:
             raise ValueError("learner.device='cuda' needs learner.num_gpus_per_rank > 0")
         if self.updates_per_batch % self.minibatches:
@@ -210,3 +233,30 @@ class LearnerConfig(BaseModel):
             # fp32 gradient accumulation: micro-batch gradients summed in bf16 would lose low-order bits
             return ds | {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
         return ds | {"fp16": {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2}}
+
+
+def _algorithm_problems(c: LearnerConfig) -> list[str]:
+    """Cross-field checks of the kl_prev / kl_teacher terms and the optimiser."""
+    p, obj = [], c.objective
+    if obj.kl_prev.coef > 0 and obj.kl_prev.source == "previous" and c.updates_per_batch == 1:
+        p.append(
+            "learner.objective.kl_prev.source='previous' anchors to the policy at the start of the batch, which "
+            "with learner.updates_per_batch=1 is the policy being updated (the term is zero): raise "
+            "updates_per_batch, or use kl_prev.source='snapshot'"
+        )
+    if (obj.kl_teacher.coef > 0) != (c.teacher.path is not None):
+        p.append(
+            "learner.teacher.path and learner.objective.kl_teacher.coef > 0 go together: set both for on-policy "
+            f"distillation or neither (got path={c.teacher.path!r}, coef={obj.kl_teacher.coef})"
+        )
+    if c.optimizer == "schedule_free_adamw" and c.zero_stage != 0:
+        p.append(
+            f"learner.optimizer='schedule_free_adamw' needs learner.zero_stage=0 (got {c.zero_stage}): its train/eval "
+            "parameter swap must act on the model's own weights, which ZeRO-1/2/3 replace with partitioned copies"
+        )
+    if c.optimizer == "schedule_free_adamw" and c.precision != "fp32" and c.mixed_precision == "deepspeed":
+        p.append(
+            "learner.optimizer='schedule_free_adamw' with learner.precision != 'fp32' needs learner.mixed_precision="
+            "'autocast' (DeepSpeed's bf16/fp16 master copies hide the weights from the parameter swap)"
+        )
+    return p

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from learner import advantages as adv_lib
 from learner import losses
 from learner.kl import KLDirection, KLEstimator, kl_penalty, kl_reinforce_coef
+from learner.kl_terms import PrevKLConfig, TeacherKLConfig, extra_kl_terms, reward_kl_inputs
 
 AdvantageName = Literal[
     "grpo", "dr_grpo", "rloo", "pass_at_k", "best_of_group", "reinforce_pp", "reinforce_pp_baseline", "gae", "vtrace"
@@ -52,7 +53,15 @@ CRITIC_ADVANTAGES = ("gae", "vtrace")
 GROUP_BASELINE_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "pass_at_k", "best_of_group")
 PASS_AT_K_ADVANTAGES = ("pass_at_k", "best_of_group")  # defined on the outcome reward alone
 PolicyLossName = Literal["ppo", "decoupled_ppo", "gspo", "vtrace", "rpg_surrogate", "rpg_reinforce"]
-OPTIONAL_INPUTS = ("ref_logprobs", "proximal_logprobs", "token_rewards", "values", "entropy")
+OPTIONAL_INPUTS = (
+    "ref_logprobs",
+    "prev_logprobs",
+    "teacher_logprobs",
+    "proximal_logprobs",
+    "token_rewards",
+    "values",
+    "entropy",
+)
 
 
 class ObjectiveConfig(BaseModel):
@@ -161,6 +170,20 @@ class ObjectiveConfig(BaseModel):
     kl_ref_in: Literal["loss", "reward"] = Field(
         "loss", description="add the reference KL to the loss, or subtract it per token from the rewards"
     )
+    kl_prev: PrevKLConfig = Field(
+        default_factory=PrevKLConfig,
+        description="a KL term to the learner's own earlier policy (mirror descent, Kimi k1.5); off at coef 0",
+    )
+    kl_teacher: TeacherKLConfig = Field(
+        default_factory=TeacherKLConfig,
+        description="on-policy distillation: a KL term to a frozen teacher's log-probs (learner.teacher); 0 = off",
+    )
+    task_reward_coef: float = Field(
+        1.0,
+        ge=0,
+        description="scales the task's rewards (outcome and per-step) before the advantage estimator; 0 trains on "
+        "the KL terms alone (pure on-policy distillation with kl_teacher)",
+    )
 
     entropy_coef: float = Field(
         0.0, ge=0, description="entropy bonus weight (with its gradient); > 0 slows entropy collapse"
@@ -195,12 +218,19 @@ def _config_problems(c: ObjectiveConfig) -> list[str]:
         p.append(f"objective.dual_clip does not apply to policy_loss='{c.policy_loss}'; unset it")
     if c.dual_clip is not None and c.dual_clip <= 1 + c.clip_high and c.policy_loss != "rpg_reinforce":
         p.append(f"objective.dual_clip={c.dual_clip} must exceed 1 + clip_high = {1 + c.clip_high}")
+    if c.task_reward_coef == 0 and c.filter_zero_variance_groups:
+        p.append(
+            "objective.task_reward_coef=0 makes every group's task reward 0, so filter_zero_variance_groups would "
+            "mask every group: set filter_zero_variance_groups=false (distillation alone learns from kl_teacher)"
+        )
     if c.rpg_clip and c.policy_loss != "rpg_reinforce":
         p.append("objective.rpg_clip applies to policy_loss='rpg_reinforce' only")
-    if c.advantage in PASS_AT_K_ADVANTAGES and "reward" in (c.kl_behaviour_in, c.kl_ref_in):
+    reward_kl = "reward" in (c.kl_behaviour_in, c.kl_ref_in) or reward_kl_inputs(c.kl_prev, c.kl_teacher)
+    if c.advantage in PASS_AT_K_ADVANTAGES and reward_kl:
         p.append(
             f"objective.advantage='{c.advantage}' scores samples by their outcome (correct or not), so a KL "
-            "shaped into the reward would be lost: set kl_behaviour_in / kl_ref_in to 'loss'"
+            "shaped into the reward would be lost: set kl_behaviour_in / kl_ref_in / kl_prev.placement / "
+            "kl_teacher.placement to 'loss'"
         )
     return p
 
@@ -210,6 +240,10 @@ def requires(cfg: ObjectiveConfig) -> set[str]:
     need = set()
     if cfg.kl_ref_coef > 0:
         need.add("ref_logprobs")
+    if cfg.kl_prev.coef > 0:
+        need.add("prev_logprobs")
+    if cfg.kl_teacher.coef > 0:
+        need.add("teacher_logprobs")
     if cfg.policy_loss == "decoupled_ppo":
         need.add("proximal_logprobs")
     if cfg.advantage in CRITIC_ADVANTAGES:
@@ -229,6 +263,8 @@ class ObjectiveInputs:
     rewards: torch.Tensor  # [B]
     group_ids: torch.Tensor  # [B] long
     ref_logprobs: torch.Tensor | None = None  # [B, T]
+    prev_logprobs: torch.Tensor | None = None  # [B, T], the learner's earlier policy (kl_prev)
+    teacher_logprobs: torch.Tensor | None = None  # [B, T], a frozen teacher's (kl_teacher)
     proximal_logprobs: torch.Tensor | None = None  # [B, T]
     token_rewards: torch.Tensor | None = None  # [B, T], added to the outcome reward
     values: torch.Tensor | None = None  # [B, T], V(s_t) from the value head (grad -> value loss)
@@ -272,12 +308,13 @@ def _kl_terms(cfg: ObjectiveConfig, x: ObjectiveInputs) -> list[tuple[str, float
         terms.append(
             ("kl_ref", cfg.kl_ref_coef, x.ref_logprobs, cfg.kl_ref_estimator, cfg.kl_ref_direction, cfg.kl_ref_in)
         )
-    return terms
+    return terms + extra_kl_terms(cfg.kl_prev, cfg.kl_teacher, x.prev_logprobs, x.teacher_logprobs)
 
 
 def _advantages(cfg, x, m, reward_kl: torch.Tensor):
     """Per-token advantages `[B, T]` (no grad), returns `[B, T]` or None, and the outcome rewards `[B]`."""
-    outcome = adv_lib.outcome_token_rewards(x.rewards.to(reward_kl.dtype), m, x.token_rewards)
+    task_tok = None if x.token_rewards is None else x.token_rewards * cfg.task_reward_coef
+    outcome = adv_lib.outcome_token_rewards(x.rewards.to(reward_kl.dtype) * cfg.task_reward_coef, m, task_tok)
     tok = outcome - reward_kl
     if cfg.advantage in GROUP_BASELINE_ADVANTAGES:
         a = _sequence_advantages(cfg, tok.sum(-1), x.group_ids)
@@ -364,8 +401,8 @@ def compute_targets(cfg: ObjectiveConfig, x: ObjectiveInputs) -> Targets:
     `x.learner_logprobs` / `x.values` are the policy's before this batch's first update (they feed V-trace's
     rhos, GAE and reward-placed KL terms, as the old policy does in PPO's epochs).
     """
-    reward_ref = cfg.kl_ref_coef > 0 and cfg.kl_ref_in == "reward"
-    _check_inputs(cfg, x, (requires(cfg) & {"values"}) | ({"ref_logprobs"} if reward_ref else set()))
+    reward_ref = {"ref_logprobs"} if cfg.kl_ref_coef > 0 and cfg.kl_ref_in == "reward" else set()
+    _check_inputs(cfg, x, (requires(cfg) & {"values"}) | reward_ref | reward_kl_inputs(cfg.kl_prev, cfg.kl_teacher))
     x = _upcast(x)
     m = x.mask.bool()
     adv_lib.last_token_index(m)  # every row must have a response token

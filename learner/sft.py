@@ -220,7 +220,8 @@ def cache_key(base_model_dir: Path, task: Task, cfg: SFTConfig, render: RenderCo
         solutions = hashlib.sha256(Path(cfg.solutions_path).expanduser().read_bytes()).hexdigest()
     return {
         "base_model_sha256": _base_hash(base_model_dir),
-        "task": task.cfg.model_dump(mode="json"),
+        # step rewards change RL, not the examples imitated here: runs that differ only in them share a cold start
+        "task": task.cfg.model_dump(mode="json", exclude={"step_reward"}),
         "render": render.model_dump(mode="json"),
         "sft": cfg.model_dump(mode="json"),
         "solutions_sha256": solutions,

@@ -29,6 +29,7 @@ bucket, on the device, gathering ZeRO-3 partitions one bucket at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -40,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from learner.auxiliary import ReferencePolicy
+from learner.auxiliary import ReferencePolicy, frozen_policies
 from learner.batch import TrainBatch, collate, plan_micro_batches, split_minibatches
 from learner.config import LearnerConfig
 from learner.diagnostics import reduce_diagnostics
@@ -48,7 +49,10 @@ from learner.logprobs import CompletionModel, run_completion_model
 from learner.losses import agg_denominator
 from learner.objective import CRITIC_ADVANTAGES, ObjectiveInputs, Targets, compute_targets, objective_loss, requires
 from learner.sample_weights import group_priorities, row_weights, weighted_advantages
+from learner.schedule_free import ClippedScheduleFreeAdamW, eval_parameters, is_schedule_free
 from learner.weight_packing import group_into_buckets
+
+SNAPSHOT_FILE = "kl_prev_snapshot.pt"
 
 
 class _ClippedAdamW(torch.optim.AdamW):
@@ -77,6 +81,11 @@ def _build_engine(cfg: LearnerConfig, model_dir: str | Path, value_head: bool):
     model = CompletionModel(policy, value_head, cfg.logprob_chunk_tokens)
     kwargs = {"lr": cfg.lr, "betas": cfg.betas, "weight_decay": cfg.weight_decay}
     ds_config = cfg.deepspeed_config()
+    if cfg.optimizer == "schedule_free_adamw":  # its own warm-up, no schedule; ZeRO-0 only (learner.config)
+        optimizer = ClippedScheduleFreeAdamW(model.parameters(), cfg.grad_clip, warmup_steps=cfg.warmup_steps, **kwargs)
+        ds_config["gradient_clipping"] = 0.0
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        return engine, optimizer, None
     if cfg.zero_stage == 0 and "bf16" not in ds_config and "fp16" not in ds_config:
         optimizer = _ClippedAdamW(model.parameters(), cfg.grad_clip, **kwargs)
         ds_config["gradient_clipping"] = 0.0  # the optimizer clips (and keeps the norm)
@@ -102,12 +111,9 @@ class LearnerCore:
         self.engine, self.optimizer, self.scheduler = _build_engine(cfg, model_dir, "values" in self.needs)
         self.entropy = "grad" if "entropy" in self.needs else ("detached" if cfg.log_entropy else "none")
         self.steps = 0
+        self.frozen = frozen_policies(cfg, model_dir, self.engine.device, self.needs)
+        self.reference = self.frozen.get("ref_logprobs")
         self.last_priorities: tuple[tuple[str, ...], tuple[float, ...]] = ((), ())
-        self.reference = None
-        if "ref_logprobs" in self.needs:
-            path = cfg.reference.path or model_dir
-            dtype, chunk = cfg.compute_dtype, cfg.logprob_chunk_tokens
-            self.reference = ReferencePolicy(path, self.engine.device, cfg.reference.offload, dtype, chunk)
 
     # ------------------------------------------------------------------ one sampled batch
     def train_step(
@@ -121,9 +127,11 @@ class LearnerCore:
         t0 = time.perf_counter()
         tb = collate(batch, self.pad_id).to(self.engine.device)
         times = {"collate_s": time.perf_counter() - t0}
-        ref = self._no_grad_pass(tb, "reference", times) if self.reference is not None else None
+        ref = {name: self._frozen_pass(tb, model, times) for name, model in self.frozen.items()}
         pre = self._no_grad_pass(tb, "policy", times) if self._needs_prepass() else None
         logp0, values0 = pre if pre is not None else (None, None)
+        if self._prev_is_previous():  # mirror descent's anchor: the policy before this batch's first update
+            ref["prev_logprobs"] = logp0
         targets = compute_targets(self.cfg.objective, self._inputs(tb, logp0, None, values0, ref))
         gids = pc.unique(batch.column("group_id")).to_pylist()  # dense group id j <-> gids[j] (collate's order)
         priorities = group_priorities(targets.advantages, targets.loss_mask, tb.group_ids)
@@ -139,7 +147,34 @@ class LearnerCore:
             parts.append(self._update(tb, targets, rows.to(tb.mask.device), ref, pre, times))
             if parts[-1]["nonfinite_updates"]:  # the same on every rank: the data of this batch is suspect
                 break
-        return self._step_diagnostics(tb, parts, times, t0)
+        diag = self._step_diagnostics(tb, parts, times, t0)
+        self._maybe_refresh_snapshot(diag, times)
+        return diag
+
+    def _prev_is_previous(self) -> bool:
+        return "prev_logprobs" in self.needs and self.cfg.objective.kl_prev.source == "previous"
+
+    def _maybe_refresh_snapshot(self, diag: dict, times: dict) -> None:
+        """Copy the policy into the kl_prev snapshot every `refresh_versions` applied steps (collective: ZeRO-3)."""
+        snap = self.frozen.get("prev_logprobs")
+        if snap is None or not diag.get("updates_applied") or self.steps % self.cfg.objective.kl_prev.refresh_versions:
+            return
+        t0 = time.perf_counter()
+        snap.load_from(self._full_parameters())
+        diag["snapshot_refresh_s"] = time.perf_counter() - t0
+
+    def _full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every policy parameter, whole, on every rank (ZeRO-3 gathers one at a time; other stages hold them)."""
+        named = list(self.policy_module.named_parameters())
+        if self.cfg.zero_stage != 3:
+            with eval_parameters(self.optimizer):  # the policy rollout serves (Schedule-Free's average x)
+                yield from ((n, p.detach()) for n, p in named)
+            return
+        import deepspeed
+
+        for n, p in named:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                yield n, p.detach()
 
     def _needs_prepass(self) -> bool:
         obj = self.cfg.objective
@@ -147,10 +182,11 @@ class LearnerCore:
             obj.kl_ref_coef > 0 and obj.kl_ref_in == "reward"
         )
         proximal = "proximal_logprobs" in self.needs and self.cfg.updates_per_batch > 1
-        return obj.advantage in CRITIC_ADVANTAGES or reward_kl or proximal
+        return obj.advantage in CRITIC_ADVANTAGES or reward_kl or proximal or self._prev_is_previous()
 
-    def _inputs(self, tb: TrainBatch, logp, entropy, values, ref, proximal=None) -> ObjectiveInputs:
-        """Objective inputs of `tb`. Without `logp` (targets that never read the policy's log-probs) the
+    def _inputs(self, tb: TrainBatch, logp, entropy, values, ref: dict, proximal=None) -> ObjectiveInputs:
+        """Objective inputs of `tb`; `ref` holds the frozen models' log-probs by input name (ref_logprobs,
+        prev_logprobs, teacher_logprobs). Without `logp` (targets that never read the policy's log-probs) the
         behaviour log-probs stand in."""
         return ObjectiveInputs(
             learner_logprobs=tb.behaviour_logprobs if logp is None else logp,
@@ -158,11 +194,11 @@ class LearnerCore:
             mask=tb.mask,
             rewards=tb.rewards,
             group_ids=tb.group_ids,
-            ref_logprobs=ref,
             proximal_logprobs=proximal,
             token_rewards=tb.token_rewards,
             values=values,
             entropy=entropy,
+            **ref,
         )
 
     def _plan(self, tb: TrainBatch | None, training: bool) -> list[torch.Tensor]:
@@ -175,14 +211,17 @@ class LearnerCore:
             count = int(self._all_reduce(torch.tensor([float(local)]), "max").item())
         return [rows.to(self.engine.device) for rows in plan_micro_batches(*lens, self.cfg.micro_batch_tokens, count)]
 
+    def _frozen_pass(self, tb: TrainBatch, model: ReferencePolicy, times: dict) -> torch.Tensor:
+        return self._no_grad_pass(tb, "reference", times, model)
+
     @torch.no_grad()
-    def _no_grad_pass(self, tb: TrainBatch, which: str, times: dict):
+    def _no_grad_pass(self, tb: TrainBatch, which: str, times: dict, model: ReferencePolicy | None = None):
         """Per-row outputs `[B, T]` before any update: the reference's log-probs, or the policy's (logp, values)."""
         t0 = time.perf_counter()
         logp, values = torch.zeros_like(tb.mask), torch.zeros_like(tb.mask) if "values" in self.needs else None
         if which == "reference":
             plan = plan_micro_batches(*tb.lengths(), self.cfg.micro_batch_tokens)  # no collectives: local plan
-            parts = self.reference.logprobs([tb.select(rows).tokens() for rows in plan], self.cfg.temperature)
+            parts = model.logprobs([tb.select(rows).tokens() for rows in plan], self.cfg.temperature)
             outputs = [(lp, None) for lp in parts]
         else:
             self.engine.eval()
@@ -194,7 +233,8 @@ class LearnerCore:
                 logp[rows, : lp.shape[1]] = lp
                 if values is not None and v is not None:
                     values[rows, : v.shape[1]] = v
-        times["reference_s" if which == "reference" else "prepass_s"] = time.perf_counter() - t0
+        key = "reference_s" if which == "reference" else "prepass_s"
+        times[key] = times.get(key, 0.0) + time.perf_counter() - t0
         return logp if which == "reference" else (logp, values)
 
     def _first_row(self) -> torch.Tensor:
@@ -235,7 +275,7 @@ class LearnerCore:
         diag = self._update_diagnostics(sub, sub_targets, seen, ref, rows) if sub is not None else {"tokens": 0.0}
         return diag | {
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "lr": float(self.optimizer.param_groups[0].get("scheduled_lr", self.optimizer.param_groups[0]["lr"])),
             "updates_applied": float(applied),
             "nonfinite_updates": float(not applied),
             "nonfinite_in_gradient": float(not applied and not nonfinite),
@@ -249,7 +289,7 @@ class LearnerCore:
         width = mtb.mask.shape[1]
         logp, entropy, values = self._forward(mtb, self.entropy)
         proximal = self._proximal(pre, rows, mb, width, logp)
-        ref_mb = None if ref is None else ref[rows][mb, :width]
+        ref_mb = {name: t[rows][mb, :width] for name, t in ref.items()}
         x = self._inputs(mtb, logp, entropy, values, ref_mb, proximal)
         loss, _ = objective_loss(self.cfg.objective, x, targets.select(mb, width), denominator)
         detached = {"logp": logp, "entropy": entropy, "values": values, "proximal": proximal}
@@ -275,9 +315,8 @@ class LearnerCore:
                 full[part["rows"], : part[key].shape[1]] = part[key]
             return full
 
-        x = self._inputs(
-            sub, whole("logp"), whole("entropy"), whole("values"), None if ref is None else ref[rows], whole("proximal")
-        )
+        frozen = {k: t[rows] for k, t in ref.items()}
+        x = self._inputs(sub, whole("logp"), whole("entropy"), whole("values"), frozen, whole("proximal"))
         _, diag = objective_loss(self.cfg.objective, x, targets)
         return diag | {"tokens": float(sub.mask.sum()), "sequences": float(sub.num_rows)}
 
@@ -322,8 +361,13 @@ class LearnerCore:
         from learner.rng_state import capture_rng
 
         out = Path(out_dir)
-        self.engine.save_checkpoint(str(out / "deepspeed"), tag="state", save_latest=False)
+        # Schedule-Free: the checkpoint's model is the averaged x (loadable as a model); load_state swaps back
+        with eval_parameters(self.optimizer):
+            self.engine.save_checkpoint(str(out / "deepspeed"), tag="state", save_latest=False)
         torch.save({"rng": capture_rng(), "steps": self.steps}, out / f"rank-{self.rank}.pt")
+        snap = self.frozen.get("prev_logprobs")
+        if snap is not None and self.rank == 0:  # every rank holds the same snapshot; one copy is enough
+            torch.save(snap.model.state_dict(), out / SNAPSHOT_FILE)
 
     def load_state(self, ckpt_dir: str | Path) -> int:
         """Load what `save_state` wrote (same world size and ZeRO stage); returns the learner step."""
@@ -335,8 +379,18 @@ class LearnerCore:
         )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt / 'deepspeed'}; the checkpoint is incomplete")
+        if is_schedule_free(self.optimizer):
+            self.optimizer.train()  # saved at x (eval mode): back to y, where gradients are taken
         own = torch.load(ckpt / f"rank-{self.rank}.pt", weights_only=False)
         restore_rng(own["rng"])
+        snap = self.frozen.get("prev_logprobs")
+        if snap is not None:
+            if not (ckpt / SNAPSHOT_FILE).is_file():
+                raise FileNotFoundError(
+                    f"{ckpt / SNAPSHOT_FILE} is missing: this checkpoint was written without "
+                    "objective.kl_prev.source='snapshot'; resume with the config it was written with"
+                )
+            snap.load_from(torch.load(ckpt / SNAPSHOT_FILE, weights_only=True).items())
         self.steps = own["steps"]
         return self.steps
 
@@ -352,7 +406,8 @@ class LearnerCore:
         named = list(self.policy_module.named_parameters())
         if self.cfg.zero_stage != 3:
             if self.rank == 0:
-                yield from group_into_buckets(((n, p.detach()) for n, p in named), bucket_bytes, wire_dtype)
+                with eval_parameters(self.optimizer):  # Schedule-Free publishes its averaged x
+                    yield from group_into_buckets(((n, p.detach()) for n, p in named), bucket_bytes, wire_dtype)
             return
         import deepspeed
 
@@ -370,10 +425,15 @@ class LearnerCore:
             out += [(n, t.to("cpu", copy=True)) for n, t in bucket]
         return out
 
-    def logprobs(self, batch: pa.RecordBatch | pa.Table) -> torch.Tensor:
-        """Learner log-probs `[B, T]` of the batch's completions (no grad), e.g. to check engine agreement."""
+    def logprobs(self, batch: pa.RecordBatch | pa.Table, at: str = "served") -> torch.Tensor:
+        """Learner log-probs `[B, T]` of the batch's completions (no grad), e.g. to check engine agreement.
+
+        `at="served"`: the weights rollout gets (Schedule-Free's average x); "training": where gradients are taken
+        (Schedule-Free's y; the same weights for AdamW)."""
         tb = collate(batch, self.pad_id).to(self.engine.device)
-        logp, _ = self._no_grad_pass(tb, "policy", {})
+        swap = eval_parameters(self.optimizer) if at == "served" else contextlib.nullcontext()
+        with swap:
+            logp, _ = self._no_grad_pass(tb, "policy", {})
         return (logp * tb.mask).cpu()
 
     def save(self, out_dir: str | Path, tokenizer_dir: str | Path) -> Path | None:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rollout.problem import Problem
+from rollout.step_rewards import StepRewardConfig
 from rollout.tasks import VerifiedTask
 from rollout.verifiers import ReasoningGymConfig, VerifierConfig
 
@@ -47,6 +48,11 @@ class ReasoningGymTaskConfig(BaseModel):
     verifier: VerifierConfig = Field(
         default_factory=ReasoningGymConfig,
         description="how completions are scored; default: the generator's own score_answer on the <answer> tag",
+    )
+    step_reward: StepRewardConfig | None = Field(
+        None,
+        description="process rewards (rollout/step_rewards.py): {kind: equations} checks each newline-ended "
+        "`a+b=c` step of a worked solution; None = outcome reward only",
     )
 
     @model_validator(mode="after")

@@ -35,6 +35,7 @@ def sample_groups(
     seed: int | None = None,
     score_batch: Callable[[list[tuple[Problem, str]]], list[float | None]] | None = None,
     group_ids: Sequence[str] | None = None,
+    step_rewards: Callable[[Problem, Sequence[int]], tuple[float, ...]] | None = None,
 ) -> list[Trace]:
     """Sample `group_size` completions per problem and return them as scored Traces.
 
@@ -42,6 +43,8 @@ def sample_groups(
     in one call instead of by `score`; a `None` reward (a failed, dropped score) drops its whole
     group, since groups are the unit of advantage estimation and of replay. `group_ids` (one per
     problem) replaces the fresh random ids, so that sampling the same prompt again yields the same id.
+    With `step_rewards` (problem, completion ids) -> per-token rewards, each trace carries them as
+    `token_rewards` (process rewards).
     """
     if group_ids is not None and len(group_ids) != len(problems):
         raise ValueError(f"{len(group_ids)} group_ids for {len(problems)} problems; pass one per problem or None")
@@ -69,7 +72,8 @@ def sample_groups(
             continue
         group_id = group_ids[i] if group_ids is not None else uuid.uuid4().hex
         traces += [
-            _trace(group_id, problem, prompt, c, r, version_min, version_max) for c, r in zip(group, group_rewards)
+            _trace(group_id, problem, prompt, c, r, version_min, version_max, step_rewards)
+            for c, r in zip(group, group_rewards)
         ]
     return traces
 
@@ -82,6 +86,7 @@ def _trace(
     reward: float,
     version_min: int,
     version_max: int,
+    step_rewards: Callable[[Problem, Sequence[int]], tuple[float, ...]] | None = None,
 ) -> Trace:
     if not c.token_ids:
         raise RuntimeError("engine returned an empty completion; engines must return >= 1 token (max_new_tokens >= 1)")
@@ -95,19 +100,22 @@ def _trace(
         policy_version_max=version_max,
         task=problem.task,
         metadata=json.dumps({"answer": problem.answer, "finish_reason": c.finish_reason}),
+        token_rewards=None if step_rewards is None else step_rewards(problem, c.token_ids),
     )
     validate_trace(trace)
     return trace
 
 
 def drop_uniform_groups(traces: Sequence[Trace]) -> tuple[list[Trace], int]:
-    """Keep the groups whose rewards are not all equal; return (kept traces, number of groups dropped).
+    """Keep the groups whose total rewards (outcome + token rewards) are not all equal; return (kept traces,
+    number of groups dropped).
 
     Exact float equality on purpose: verifiable rewards are discrete, and a group whose rewards differ
     by any amount has a non-zero group-relative advantage.
     """
     rewards: dict[str, set[float]] = {}
-    for t in traces:
-        rewards.setdefault(t.group_id, set()).add(t.reward)
+    for t in traces:  # a group whose step rewards differ still has a signal (process rewards)
+        total = t.reward + (sum(t.token_rewards) if t.token_rewards is not None else 0.0)
+        rewards.setdefault(t.group_id, set()).add(total)
     uniform = {g for g, r in rewards.items() if len(r) == 1}
     return [t for t in traces if t.group_id not in uniform], len(uniform)

@@ -4,6 +4,8 @@ Contract of every task source (`TASK_SOURCES`: the built-in arithmetic here, pro
 rollout/datasets.py, reasoning-gym generators in rollout/reasoning_gym_task.py):
 - `train_stream(seed)` is an endless stream of training `Problem`s and never yields an eval problem;
   `eval_set()` is the fixed held-out split, the same for every run with the config.
+- `step_scores(problem, completion_text)` are its per-step scores when `task.step_reward` is set (process
+  rewards, rollout/step_rewards.py), else [].
 - `score(problem, completion_text)` is the task's verifier (rollout/verifiers.py, `task.verifier`), the
   same function for rollout rewards and evaluation; a user's `reward.function` replaces it for both.
 - `skipped_rows` counts the rows (or generated problems) left out, by reason; `{}` when none were.
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rollout.problem import Problem
+from rollout.step_rewards import StepRewardConfig, step_scores
 from rollout.verifiers import ExactConfig, VerifierConfig, make_verifier
 
 if TYPE_CHECKING:
@@ -76,6 +79,11 @@ class TaskConfig(BaseModel):
         default_factory=ExactConfig,
         description="how completions are scored (rollout/verifiers.py); default: exact match of the whole completion",
     )
+    step_reward: StepRewardConfig | None = Field(
+        None,
+        description="process rewards (rollout/step_rewards.py), e.g. {kind: answer_digits} scores each answer "
+        "digit; None = outcome reward only",
+    )
 
     @model_validator(mode="after")
     def _digits(self) -> TaskConfig:
@@ -103,6 +111,11 @@ class VerifiedTask:
 
     def reference_completion(self, problem: Problem) -> str:
         return self.verifier.reference_completion(problem)
+
+    def step_scores(self, problem: Problem, completion: str) -> list[tuple[int, float]]:
+        """Per-step scores `[(end offset, score)]` (rollout/step_rewards.py); [] without `step_reward`."""
+        cfg = getattr(self.cfg, "step_reward", None)
+        return [] if cfg is None else step_scores(cfg, problem, completion)
 
     def corpus(self, n: int) -> list[str]:
         problems = [p for _, p in zip(range(n), self.train_stream())]

@@ -227,6 +227,12 @@ class RunConfig(BaseModel):
                 f"learner.objective.pass_k={objective.pass_k} exceeds rollout.group_size={self.rollout.group_size}: "
                 "pass@k advantages need at least k samples per group; lower pass_k or raise group_size"
             )
+        if objective.task_reward_coef == 0 and self.rollout.drop_uniform_groups:
+            raise ValueError(
+                "learner.objective.task_reward_coef=0 trains on the KL terms alone, but rollout.drop_uniform_groups "
+                "drops groups by their task rewards (losing their distillation signal): set "
+                "rollout.drop_uniform_groups=false"
+            )
         self._check_rendering()
         self._check_builtin_heads()
         # Dataset and reasoning-gym prompts are bounded by config (longer ones skipped); arithmetic's are a few tokens.
@@ -377,6 +383,13 @@ def check_model_path(cfg: RunConfig) -> None:
             cfg.learner.reference.path,
             tokenizer=False,
             fix="or remove it to use the run's starting weights as the reference",
+        )
+    if cfg.learner.teacher.path is not None:
+        _check_hf_dir(
+            "learner.teacher.path",
+            cfg.learner.teacher.path,
+            tokenizer=True,
+            fix="(e.g. an earlier run's final_model) or set objective.kl_teacher.coef=0",
         )
 
 

@@ -85,7 +85,7 @@ def prepare_model(cfg: RunConfig, cache_dir: Path) -> tuple[Path, float]:
         return base, 0.0
     task = make_task(cfg.task, Renderer.from_pretrained(cfg.render, base))
     key = hashlib.sha256(
-        f"{base.resolve()}|{cfg.task.model_dump_json()}|{cfg.render.model_dump_json()}|"
+        f"{base.resolve()}|{cfg.task.model_dump_json(exclude={'step_reward'})}|{cfg.render.model_dump_json()}|"
         f"{cfg.cold_start.model_dump_json()}".encode()
     ).hexdigest()[:16]
     from tqdm import tqdm

@@ -204,8 +204,8 @@ class LearnerRank:
         outcome, self._outcome = self._outcome, None
         return outcome
 
-    def logprobs(self, batch):
-        return self.core.logprobs(batch)
+    def logprobs(self, batch, at: str = "served"):
+        return self.core.logprobs(batch, at)
 
     def save(self, out_dir: str) -> str | None:
         out = self.core.save(Path(out_dir), self.model_dir)

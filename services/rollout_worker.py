@@ -124,6 +124,15 @@ class RolloutWorker:
         self.needs_weights = False  # an update broke midway: no rollout until a complete one (`_load`)
         metrics.record_engine_version(worker_id, self.engine.policy_version)
 
+    def _step_rewards(self):
+        """Per-token process rewards of a completion when the task has a step verifier, else None."""
+        cfg = getattr(self.task.cfg, "step_reward", None)
+        if cfg is None:
+            return None
+        from rollout.step_rewards import completion_token_rewards
+
+        return lambda problem, ids: completion_token_rewards(cfg, problem, ids, self.renderer.completion_text)
+
     def _score_batch(self, items):
         result = self.scorer.score_batch(items)
         f = self._failures
@@ -172,6 +181,7 @@ class RolloutWorker:
             seed=seed,
             score_batch=self._score_batch,
             group_ids=ids,
+            step_rewards=self._step_rewards(),
         )
         sampled, scored_groups = traces, len({t.group_id for t in traces})
         uniform = 0

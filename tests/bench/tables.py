@@ -255,6 +255,44 @@ def chaos() -> str:
     return _rows(["chaos audit (seed " + str(d["seed"]) + ")", "value"], rows) + f"\nTaken {d['load_note']}.\n"
 
 
+def ab(name: str) -> Callable[[], str]:
+    """An A/B comparison from tests/bench/ab_runs.py: one row per arm, means over seeds at equal learner steps."""
+
+    def table() -> str:
+        d = _load(name)
+        rows = []
+        for c in d["cells"]:
+            lo_hi = c.get("accuracy_final_min_max")
+            rows.append(
+                [
+                    c["arm"],
+                    str(c["seeds"]),
+                    _f(c["learner_steps"], 0),
+                    _f(c["accuracy_initial"]),
+                    f"{_f(c['accuracy_final'])}" + (f" ({_f(lo_hi[0])}-{_f(lo_hi[1])})" if lo_hi else ""),
+                    _f(c.get("accuracy_last3")),
+                    _f(c.get("accuracy_last3_vs_baseline"), 2),
+                    _f(c.get("rl_wall_s"), 0),
+                ]
+            )
+        header = ["arm", "seeds", "learner steps", "acc. initial", "acc. final (min-max)", "last 3 evals"]
+        loads = [x for r in d["runs"] for x in r["load_avg_1m"]]
+        t = d.get("teacher_run")
+        teacher = (
+            f"\nTeacher: held-out accuracy {_f(t['accuracy_final'])} (best {_f(t['accuracy_best'])}) after "
+            f"{t['learner_steps']} learner steps from the same {_f(t['accuracy_initial'])} cold start.\n"
+            if t
+            else ""
+        )
+        note = (
+            "\nMeans over seeds; accuracy on the held-out split at the same learner step in every arm. Load "
+            f"average {min(loads):.1f}-{max(loads):.1f} around the runs (wall seconds are noisy, steps are not).\n"
+        )
+        return _rows([*header, "last 3 vs baseline", "RL wall s"], rows) + teacher + note
+
+    return table
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "spine": spine,
     "staleness": staleness,
@@ -265,6 +303,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "dataflow": dataflow,
     "chaos": chaos,
 }
+for _name in ("schedule_free", "process_rewards", "distill"):
+    if (RESULTS / f"{_name}.json").exists():
+        TABLES[_name] = ab(_name)
 for _name in ("tiny", "reasoning"):
     if (RESULTS / f"passk_{_name}.json").exists():
         TABLES[f"passk_{_name}"] = passk(_name)

@@ -1,0 +1,121 @@
+"""Distillation vs RL alone on the default task: a small student, the same number of learner steps in every arm.
+
+    .venv/bin/python tests/bench/distill.py [--teacher-steps 360] [--steps 60] [--seeds 0 1 2]
+        [--teacher-dir runs/distill-teacher-seed0/final_model]
+
+1. Teacher: the default recipe trained for `--teacher-steps` learner steps (several times the students' budget),
+   optionally on a larger built-in model (`--teacher-hidden`, `--teacher-layers`; the same char tokenizer, so
+   on-policy distillation compares log-probs of the same ids); skipped with `--teacher-dir` (a run's
+   final_model: its accuracy is read from the run's summary.json). The bench refuses a teacher whose held-out
+   accuracy is not above the students' cold start, and records whether it beats the RL-only student's final
+   accuracy (`teacher_beats_rl_student`): distilling from a weaker teacher measures nothing.
+2. Student arms, each the default small model for `--steps` learner steps:
+   rl                  - the default recipe (GRPO on the task reward);
+   on_policy           - plus `learner.teacher.path` and `objective.kl_teacher` (reverse KL to the teacher on the
+                         student's own samples, k1 per token in the loss, coef `--kl-coef`), task reward kept;
+   on_policy_only      - the same with `objective.task_reward_coef=0`: the teacher's signal alone;
+   offline             - the cold start imitates the teacher's verified samples (services.distill_offline,
+                         `cold_start.solutions_path`), then the default RL.
+Writes tests/bench/results/distill.json and tests/bench/results/distill.png (accuracy vs learner steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ab_runs import REPO, plot, print_table, run_arm, summarise, write
+
+
+def train_teacher(args) -> tuple[Path, dict]:
+    size = [] if args.teacher_hidden is None else [f"model.hidden_size={args.teacher_hidden}"]
+    size += [] if args.teacher_hidden is None else [f"model.intermediate_size={4 * args.teacher_hidden}"]
+    size += [] if args.teacher_layers is None else [f"model.num_hidden_layers={args.teacher_layers}"]
+    run = run_arm("distill-teacher", size, args.teacher_steps, 0, args.config, REPO / "runs", args.max_wall_s)
+    if "error" in run:
+        raise SystemExit(f"teacher run failed:\n{run['error']}")
+    return Path(run["run_dir"]) / "final_model", run
+
+
+def given_teacher(teacher: Path) -> dict:
+    """A teacher from an earlier run's final_model: its numbers from that run's summary.json."""
+    summary = teacher.parent / "summary.json"
+    if not summary.exists():
+        raise SystemExit(f"--teacher-dir {teacher}: no {summary} to read its held-out accuracy from")
+    d = json.loads(summary.read_text())
+    return {
+        "accuracy_initial": d["eval_accuracy_initial"],
+        "accuracy_final": d["eval_accuracy_final"],
+        "accuracy_best": d["eval_accuracy_best"],
+        "learner_steps": d["learner_steps"],
+    }
+
+
+def offline_solutions(teacher: Path, args) -> Path:
+    out = REPO / "runs" / "distill-teacher-solutions.jsonl"
+    cmd = [sys.executable, "-m", "services.distill_offline", "--config", args.config, "--teacher", str(teacher)]
+    cmd += ["--out", str(out), "--problems", str(args.offline_problems), "--samples", "4"]
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher-steps", type=int, default=360)
+    ap.add_argument("--teacher-dir", default=None, help="an earlier run's final_model (skips step 1)")
+    ap.add_argument("--teacher-hidden", type=int, default=None, help="None = the student's architecture")
+    ap.add_argument("--teacher-layers", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=60, help="learner steps per student run")
+    ap.add_argument("--max-wall-s", type=float, default=1800.0, help="safety cap on each run's RL seconds")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--kl-coef", type=float, default=0.05)
+    ap.add_argument("--offline-problems", type=int, default=4000)
+    ap.add_argument("--arms", nargs="+", default=["rl", "on_policy", "on_policy_only", "offline"])
+    ap.add_argument("--config", default="deploy/configs/tiny_cpu.yaml")
+    args = ap.parse_args()
+    if args.teacher_dir:
+        teacher = Path(args.teacher_dir).resolve()
+        teacher_run = given_teacher(teacher)
+    else:
+        teacher, teacher_run = train_teacher(args)
+    if teacher_run["accuracy_final"] <= teacher_run["accuracy_initial"]:
+        raise SystemExit(f"teacher {teacher} is no better than the cold start ({teacher_run}); train it longer")
+    on_policy = [
+        f"learner.teacher.path={teacher}",
+        f"learner.objective.kl_teacher.coef={args.kl_coef}",
+        "learner.objective.kl_teacher.placement=loss",
+    ]
+    arms = {
+        "rl": [],
+        "on_policy": on_policy,
+        "on_policy_only": [
+            *on_policy,
+            "learner.objective.task_reward_coef=0",
+            "rollout.drop_uniform_groups=false",
+            "learner.objective.filter_zero_variance_groups=false",
+        ],
+    }
+    if "offline" in args.arms:
+        arms["offline"] = [f"cold_start.solutions_path={offline_solutions(teacher, args)}"]
+    out, runs = REPO / "tests/bench/results/distill.json", []
+    teacher_info = {
+        k: teacher_run.get(k) for k in ("accuracy_initial", "accuracy_final", "accuracy_best", "learner_steps")
+    }
+    for seed in args.seeds:
+        for arm in args.arms:
+            runs.append(run_arm(arm, arms[arm], args.steps, seed, args.config, REPO / "runs", args.max_wall_s))
+            rows = summarise(runs, baseline="rl")
+            rl = next((r["accuracy_final"] for r in rows if r["arm"] == "rl"), None)
+            beats = None if rl is None else teacher_info["accuracy_final"] > rl
+            extra = {"steps": args.steps, "teacher": str(teacher), "teacher_run": teacher_info}
+            write(out, runs, rows, **extra, teacher_beats_rl_student=beats)
+    print_table(rows)
+    print(json.dumps({"teacher": str(teacher), **teacher_info}))
+    plot(runs, Path(out).with_suffix(".png"), f"distillation vs RL alone ({args.steps} learner steps)")
+
+
+if __name__ == "__main__":
+    main()
