@@ -163,9 +163,7 @@ def _read_pairs(cfg: PreferenceDataConfig, renderer) -> tuple[list[PreferencePai
     return kept, skipped
 
 
-def split_by_prompt(
-    items: list, key: Callable[[Any], str], seed: int, fraction: float, size: int
-) -> tuple[list, list]:
+def split_by_prompt(items: list, key: Callable[[Any], str], seed: int, fraction: float, size: int) -> tuple[list, list]:
     """(train, held-out): held-out prompts chosen by a seeded hash, so the split ignores row order."""
 
     def rank(k: str) -> bytes:
