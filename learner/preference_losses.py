@@ -9,8 +9,9 @@ Contract (all inputs `[B]` float tensors, one entry per pair; outputs a scalar m
   `cdpo` (conservative DPO, Mitchell 2023): −(1−ε)·log σ(β·h) − ε·log σ(−β·h), ε = label_smoothing;
   `ipo` (Azar et al. 2023): (h − 1/(2β))², with h from length-averaged log-probs as in the IPO paper.
   Returns (loss, implicit rewards of chosen `[B]`, of rejected `[B]`), the rewards β·(π − ref), detached.
-- `last_token_rewards(scores [B], mask [B, T])` puts each sequence's score on its last real completion token
-  and zero elsewhere: the InstructGPT shaping, where the per-token −β·KL term is added on every token.
+- `pairwise_accuracy(r_chosen, r_rejected)`: the fraction ranked right, ties half.
+The RLHF reward shaping itself (the RM score on the last response token, −β·KL on every token) is
+`learner.advantages.outcome_token_rewards` with the objective's `kl_ref_in: reward`.
 """
 
 from __future__ import annotations
@@ -57,17 +58,6 @@ def dpo_loss(
     chosen_reward = (beta * (policy_chosen - ref_chosen)).detach()
     rejected_reward = (beta * (policy_rejected - ref_rejected)).detach()
     return loss, chosen_reward, rejected_reward
-
-
-def last_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`[B, T]` token rewards: `scores[b]` at the last position where `mask[b]` is 1, zero elsewhere.
-
-    A row with an empty mask gets no reward (there is no token to credit)."""
-    lengths = mask.gt(0).sum(dim=1)
-    out = torch.zeros_like(mask, dtype=scores.dtype)
-    rows = torch.nonzero(lengths > 0).squeeze(1)
-    out[rows, lengths[rows] - 1] = scores[rows]
-    return out
 
 
 def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:

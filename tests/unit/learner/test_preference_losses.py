@@ -2,12 +2,8 @@ import math
 
 import torch
 
-from learner.preference_losses import (
-    bradley_terry_loss,
-    dpo_loss,
-    last_token_rewards,
-    pairwise_accuracy,
-)
+from learner.advantages import gae, outcome_token_rewards
+from learner.preference_losses import bradley_terry_loss, dpo_loss, pairwise_accuracy
 
 
 def _t(*xs):
@@ -84,11 +80,22 @@ def test_dpo_gradcheck_all_kinds():
         assert torch.autograd.gradcheck(lambda *a, k=kind: dpo_loss(*a, 0.3, k, 0.2)[0], args)
 
 
-def test_last_token_rewards_only_on_last_response_token():
-    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.float32)
-    out = last_token_rewards(torch.tensor([2.0, -1.0, 0.5, 9.0]), mask)
-    expected = torch.tensor([[0, 0, 2.0, 0], [-1.0, 0, 0, 0], [0, 0, 0, 0.5], [0, 0, 0, 0]])
-    assert torch.equal(out, expected)
+def test_rlhf_shaping_puts_the_score_on_the_last_response_token_only():
+    # InstructGPT shaping: r_t = -beta * KL_t on every response token, plus the RM score on the last one
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
+    kl = torch.tensor([[0.5, 0.2, 0.1, 9.0], [0.3, 9.0, 9.0, 9.0], [0.0, 0.1, 0.0, 0.4]])
+    beta, scores = 0.1, torch.tensor([2.0, -1.0, 0.5])
+    shaped = outcome_token_rewards(scores, mask, -beta * kl * mask)
+    expected = torch.tensor(
+        [[-0.05, -0.02, 2.0 - 0.01, 0.0], [-1.0 - 0.03, 0.0, 0.0, 0.0], [0.0, -0.01, 0.0, 0.5 - 0.04]]
+    )
+    torch.testing.assert_close(shaped, expected)
+    no_kl = outcome_token_rewards(scores, mask)
+    assert torch.equal(no_kl.nonzero(), torch.tensor([[0, 2], [1, 0], [2, 3]]))
+    # GAE with a zero critic, gamma = lambda = 1: every token's advantage is the shaped return-to-go
+    adv, returns = gae(shaped, torch.zeros_like(shaped), mask, 1.0, 1.0)
+    torch.testing.assert_close(adv[0, :3], torch.tensor([1.92, 1.97, 1.99]))
+    torch.testing.assert_close(returns[1, 0], torch.tensor(-1.03))
 
 
 def test_pairwise_accuracy_counts_ties_half():
