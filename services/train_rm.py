@@ -4,8 +4,9 @@ Trains a reward model on preference pairs and saves it as a standard HF sequence
 
 Contract: the YAML is a run config (its `model`, `task`, `render`, `cold_start` and `run` sections give the
 trunk exactly as the RL driver would build it: the cold-started policy is the RM's starting point, as in
-InstructGPT) plus two sections, `preferences` (`rollout.preferences.PreferenceDataConfig`) and
-`rm_training` (`learner.reward_model.RewardModelTrainConfig`). Outputs, under `runs/<run.name>/`:
+InstructGPT) plus the sections `preferences` (`rollout.preferences.PreferenceDataConfig`),
+`rm_training` (`learner.reward_model.RewardModelTrainConfig`) and `dpo` (`learner.dpo.DPOConfig`, read by
+`services.train_dpo`). Outputs, under `runs/<run.name>/`:
 `reward_model/` (the checkpoint; point `reward.model.path` of an RL run at it), `metrics.jsonl` (one record
 per step: `rm/loss`, train and held-out pairwise accuracy and reward gap), the `run.loggers` it names, and
 `rm_summary.json`. Exit code 2 on an invalid config or unusable data, before any training.
@@ -23,6 +24,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from learner.dpo import DPOConfig
 from learner.reward_model import RewardModelTrainConfig
 from rollout.preferences import PreferenceDataConfig
 from services.config import ConfigError, RunConfig, _format_error, _set_dotted, parse_overrides
@@ -37,7 +39,9 @@ class PreferenceSections(BaseModel):
     rm_training: RewardModelTrainConfig = Field(
         default_factory=RewardModelTrainConfig, description="reward-model optimiser, batching and loss settings"
     )
-    dpo: dict | None = Field(None, description="DPO settings (read by services.train_dpo)")
+    dpo: DPOConfig = Field(
+        default_factory=DPOConfig, description="DPO/IPO/cDPO settings (read by python -m services.train_dpo)"
+    )
 
 
 def load_preference_config(path: str, overrides: list[str]) -> tuple[RunConfig, PreferenceSections]:
