@@ -179,6 +179,8 @@ class RolloutWorker:
             self.worker_id, self.engine.policy_version, sampled, t_gen - t0, time.perf_counter() - t_gen
         )
         model_stats = self._model_reward_stats()
+        if model_stats:
+            metrics.record_model_reward(self.worker_id, *model_stats.values())
         return RolloutStats(  # groups/traces/tokens/reward_mean describe what was sampled and scored
             worker_id=self.worker_id,
             policy_version=self.engine.policy_version,
