@@ -32,3 +32,11 @@ def test_plan_lists_reward_model_actors():
     assert [(s.index, s.num_cpus) for s in rm] == [(0, 0.5), (1, 0.5)]
     worker_side = load_config("deploy/configs/rlhf_tiny_cpu.yaml", ["reward.model.placement=worker"])
     assert not [s for s in plan(worker_side) if s.role == "reward_model"]
+
+
+def test_reward_model_path_is_checked_at_start_up(tmp_path):
+    from services.config import check_model_path
+
+    cfg = load_config("deploy/configs/rlhf_tiny_cpu.yaml", [f"reward.model.path={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match=r"reward.model.path=.* is not a directory.*services.train_rm"):
+        check_model_path(cfg)
