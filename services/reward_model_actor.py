@@ -9,6 +9,8 @@ run's lifetime.
 
 from __future__ import annotations
 
+import math
+
 import ray
 
 from rollout.problem import Problem
@@ -65,7 +67,8 @@ class ModelScoreSource:
         if self.local is not None:
             return self.local.score(items)
         try:
-            return ray.get(self.actor.score.remote(items), timeout=self.cfg.timeout_s * max(1, len(items)))
+            batches = max(1, math.ceil(len(items) / self.cfg.batch_size))  # timeout_s bounds one batch
+            return ray.get(self.actor.score.remote(items), timeout=self.cfg.timeout_s * batches)
         except ray.exceptions.GetTimeoutError:
             return ModelScores([None] * len(items), timeouts=len(items))
         except ray.exceptions.RayError:
