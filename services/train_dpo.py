@@ -1,4 +1,4 @@
-"""`python -m services.train_dpo --config deploy/configs/rm_tiny_cpu.yaml [dpo.kind=ipo ...]`.
+"""`python -m services.train_dpo --config deploy/configs/preferences/rm_tiny_cpu.yaml [dpo.kind=ipo ...]`.
 
 DPO (or IPO / conservative DPO, `dpo.kind`) on the same preference data as reward-model training, from the
 policy the RL driver would start from (the run config's model + cold start), against a frozen copy of it.

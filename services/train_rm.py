@@ -1,4 +1,4 @@
-"""`python -m services.train_rm --config deploy/configs/rm_tiny_cpu.yaml [section.field=value ...]`.
+"""`python -m services.train_rm --config deploy/configs/preferences/rm_tiny_cpu.yaml [section.field=value ...]`.
 
 Trains a reward model on preference pairs and saves it as a standard HF sequence-classification checkpoint.
 
@@ -48,7 +48,9 @@ def load_preference_config(path: str, overrides: list[str]) -> tuple[RunConfig, 
     """(the run config, the preference sections) of one YAML + dotted overrides; ConfigError on any problem."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {path!r} does not exist; start from deploy/configs/rm_tiny_cpu.yaml")
+        raise ConfigError(
+            f"config file {path!r} does not exist; start from deploy/configs/preferences/rm_tiny_cpu.yaml"
+        )
     tree = yaml.safe_load(p.read_text()) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of sections")

@@ -7,20 +7,21 @@ from services.train_rm import load_preference_config, main
 
 def test_config_sections_and_errors(tmp_path):
     run_cfg, sections = load_preference_config(
-        "deploy/configs/rm_tiny_cpu.yaml", ["rm_training.steps=7", "dpo.kind=cdpo", "dpo.label_smoothing=0.1"]
+        "deploy/configs/preferences/rm_tiny_cpu.yaml",
+        ["rm_training.steps=7", "dpo.kind=cdpo", "dpo.label_smoothing=0.1"],
     )
     assert sections.rm_training.steps == 7 and sections.dpo.kind == "cdpo"
     assert run_cfg.task.answer_format == "reversed_padded"
     with pytest.raises(ConfigError, match=r"rm_training.stepz: unknown key"):
-        load_preference_config("deploy/configs/rm_tiny_cpu.yaml", ["rm_training.stepz=7"])
+        load_preference_config("deploy/configs/preferences/rm_tiny_cpu.yaml", ["rm_training.stepz=7"])
     with pytest.raises(ConfigError, match=r"dpo.kind"):
-        load_preference_config("deploy/configs/rm_tiny_cpu.yaml", ["dpo.kind=kto"])
+        load_preference_config("deploy/configs/preferences/rm_tiny_cpu.yaml", ["dpo.kind=kto"])
 
 
 def test_cli_exits_2_on_bad_config_and_missing_data(tmp_path, capsys):
     assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["--config", "deploy/configs/rm_tiny_cpu.yaml", "rm_training.lr=-1"]) == 2
+    assert main(["--config", "deploy/configs/preferences/rm_tiny_cpu.yaml", "rm_training.lr=-1"]) == 2
     assert "rm_training.lr" in capsys.readouterr().err
 
 
