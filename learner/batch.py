@@ -6,9 +6,10 @@ count real tokens only, so padding never shifts a sequence. `mask` is 1 on real 
 Padded positions hold `pad_id` / 0.0 and are never read by the objective (it multiplies by `mask`).
 
 `collate` reads the Arrow list columns' offsets and values buffers straight into tensors (numpy
-index arithmetic, no per-row Python, no `to_pydict`). `TrainBatch.select(rows)` cuts a micro- or
-minibatch out of a batch and trims the padding its rows do not need; `plan_micro_batches` packs
-rows under a padded-token budget.
+index arithmetic, no per-row Python, no `to_pydict`). A prompt held once per group (replay.schema's
+`prompt_once` layout) is expanded here, by pointing each row at its group's first trace's prompt.
+`TrainBatch.select(rows)` cuts a micro- or minibatch out of a batch and trims the padding its rows do
+not need; `plan_micro_batches` packs rows under a padded-token budget.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+
+from replay.schema import group_first_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,12 +141,24 @@ def _dense_ids(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
     return torch.from_numpy(ids.to_numpy(zero_copy_only=False).astype(np.int64))
 
 
+def _prompt_column(batch: pa.RecordBatch | pa.Table) -> _ListColumn:
+    """Each row's prompt: its own `prompt_ids`, or (prompt held once per group) its group's first trace's.
+
+    Only offsets and lengths are re-pointed; the prompt's token values are not copied per row."""
+    col = _list_column(batch, "prompt_ids")
+    empty = col.lengths == 0
+    if not empty.any():
+        return col
+    src = np.where(empty, group_first_rows(batch), np.arange(len(empty)))
+    return _ListColumn(col.values, col.offsets[src], col.lengths[src], col.valid[src])
+
+
 def collate(batch: pa.RecordBatch | pa.Table, pad_id: int) -> TrainBatch:
     """Pad a batch of traces into a `TrainBatch` (see module docstring for the layout)."""
     b = batch.num_rows
     if b == 0:
         raise ValueError("collate got an empty batch; sample at least one group")
-    prompts, completions = _list_column(batch, "prompt_ids"), _list_column(batch, "completion_ids")
+    prompts, completions = _prompt_column(batch), _list_column(batch, "completion_ids")
     p, t = int(prompts.lengths.max()), int(completions.lengths.max())
     input_ids = torch.full((b, p + t), pad_id, dtype=torch.long)
     _scatter_rows(input_ids, prompts, p - prompts.lengths)

@@ -19,7 +19,7 @@ Reduction = Literal["mean", "sum", "min", "max"]
 _MEAN = (
     "loss pg_loss kl_loss value_loss entropy kl_behaviour kl_ref adv_mean adv_std reward_mean masked_token_frac "
     "filtered_token_frac clip_frac_low clip_frac_high clip_frac_dual rho_clip_frac ratio_mean behaviour_weight_mean "
-    "tis_frac a_reg_mean is_ratio_mean ess_token ess_seq grad_norm lr"
+    "tis_frac a_reg_mean is_ratio_mean ess_token ess_seq grad_norm lr sample_weight_mean"
 )
 _MAX = (
     "ratio_max behaviour_weight_max is_ratio_max skipped_nonfinite nonfinite_in_gradient forward_s backward_s "

@@ -72,12 +72,23 @@ class ObjectiveConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    advantage: AdvantageName = "grpo"
-    grpo_scale_by_std: bool = True  # read by "grpo" only; "dr_grpo" never scales
-    grpo_eps: float = Field(1e-6, gt=0)
-    gamma: float = Field(1.0, gt=0, le=1)  # reinforce_pp*, gae
-    gae_lambda: float = Field(1.0, ge=0, le=1)
-    filter_zero_variance_groups: bool = False  # DAPO dynamic sampling, applied as a loss mask
+    advantage: AdvantageName = Field(
+        "grpo",
+        description="advantage estimator: group baselines (grpo, dr_grpo, rloo), pass@k-aware (pass_at_k, "
+        "best_of_group), batch-whitened REINFORCE++ (reinforce_pp, reinforce_pp_baseline) or critic-based (gae, "
+        "vtrace: a value head is trained beside the policy)",
+    )
+    grpo_scale_by_std: bool = Field(
+        True, description="advantage=grpo: divide by the group's reward std (false = Dr.GRPO-style centring only)"
+    )
+    grpo_eps: float = Field(1e-6, gt=0, description="added to the group std before dividing")
+    gamma: float = Field(1.0, gt=0, le=1, description="per-token discount (reinforce_pp*, gae); 1 for outcome rewards")
+    gae_lambda: float = Field(1.0, ge=0, le=1, description="advantage=gae: GAE's lambda (1 = Monte Carlo returns)")
+    filter_zero_variance_groups: bool = Field(
+        False,
+        description="mask groups whose rewards are all equal out of the loss (DAPO dynamic sampling, learner side; "
+        "rollout.drop_uniform_groups drops them before replay instead)",
+    )
     pass_k: int = Field(
         4,
         ge=1,
@@ -94,30 +105,67 @@ class ObjectiveConfig(BaseModel):
         ),
     )
 
-    policy_loss: PolicyLossName = "ppo"
-    clip_low: float = Field(0.2, ge=0, lt=1)
-    clip_high: float = Field(0.2, ge=0)
-    dual_clip: float | None = Field(None, gt=1)
-    tis_cap: float | None = Field(None, gt=0)
-    tis_mode: Literal["truncate", "mask"] = "truncate"
-    vtrace_rho_bar: float = Field(1.0, gt=0)  # policy_loss="vtrace" and advantage="vtrace"
-    vtrace_c_bar: float = Field(1.0, gt=0)  # advantage="vtrace" (trace cutting)
-    rpg_clip: bool = False  # RPG-style clip of w in rpg_reinforce (uses clip_low/clip_high/dual_clip)
+    policy_loss: PolicyLossName = Field(
+        "ppo",
+        description="ppo (clip against the behaviour policy), decoupled_ppo (AReaL: clip against the proximal "
+        "policy, importance weight to the behaviour one), gspo (sequence-level ratio), vtrace, rpg_surrogate or "
+        "rpg_reinforce (Regularized Policy Gradient)",
+    )
+    clip_low: float = Field(0.2, ge=0, lt=1, description="ratio clip below 1 - clip_low")
+    clip_high: float = Field(
+        0.2, ge=0, description="ratio clip above 1 + clip_high; > clip_low is DAPO's clip-higher (e.g. 0.28)"
+    )
+    dual_clip: float | None = Field(
+        None, gt=1, description="dual-clip PPO: bound the loss of negative-advantage tokens at this ratio (e.g. 3)"
+    )
+    tis_cap: float | None = Field(
+        None, gt=0, description="truncated importance sampling: cap the behaviour importance weight (null = off)"
+    )
+    tis_mode: Literal["truncate", "mask"] = Field(
+        "truncate", description="tis_cap: clamp weights above the cap, or mask those tokens out"
+    )
+    vtrace_rho_bar: float = Field(
+        1.0, gt=0, description="V-trace's rho-bar: importance-weight truncation of the policy term and targets"
+    )
+    vtrace_c_bar: float = Field(1.0, gt=0, description="advantage=vtrace: V-trace's c-bar (trace cutting)")
+    rpg_clip: bool = Field(
+        False, description="policy_loss=rpg_reinforce: clip the weight as PPO does (clip_low/clip_high/dual_clip)"
+    )
 
-    agg: losses.AggMode = "token-mean"
-    agg_norm_tokens: int | None = Field(None, ge=1)
+    agg: losses.AggMode = Field(
+        "token-mean",
+        description="how token losses become one number: over all tokens, per sequence then over sequences, or "
+        "sequence sums (normalised by agg_norm_tokens: Dr.GRPO)",
+    )
+    agg_norm_tokens: int | None = Field(
+        None, ge=1, description="agg=seq-mean-token-sum-norm: the constant divisor (e.g. the max completion length)"
+    )
 
-    kl_behaviour_coef: float = Field(0.01, ge=0)
-    kl_behaviour_estimator: KLEstimator = "k3"
-    kl_behaviour_direction: KLDirection = "forward"
-    kl_behaviour_in: Literal["loss", "reward"] = "loss"
-    kl_ref_coef: float = Field(0.0, ge=0)
-    kl_ref_estimator: KLEstimator = "k3"
-    kl_ref_direction: KLDirection = "reverse"
-    kl_ref_in: Literal["loss", "reward"] = "loss"
+    kl_behaviour_coef: float = Field(
+        0.01, ge=0, description="weight of the KL between the learner and the policy that sampled the tokens"
+    )
+    kl_behaviour_estimator: KLEstimator = Field("k3", description="k1, k2 or k3 estimator (Schulman) of that KL")
+    kl_behaviour_direction: KLDirection = Field(
+        "forward", description="forward = KL(behaviour || learner), exact under the behaviour samples; or reverse"
+    )
+    kl_behaviour_in: Literal["loss", "reward"] = Field(
+        "loss", description="add the KL to the loss, or subtract it per token from the rewards (reward shaping)"
+    )
+    kl_ref_coef: float = Field(
+        0.0, ge=0, description="weight of the KL to a frozen reference model (learner.reference); 0 = no reference"
+    )
+    kl_ref_estimator: KLEstimator = Field("k3", description="k1, k2 or k3 estimator of the reference KL")
+    kl_ref_direction: KLDirection = Field(
+        "reverse", description="reverse = KL(learner || reference), the RLHF penalty; or forward"
+    )
+    kl_ref_in: Literal["loss", "reward"] = Field(
+        "loss", description="add the reference KL to the loss, or subtract it per token from the rewards"
+    )
 
-    entropy_coef: float = Field(0.0, ge=0)
-    value_coef: float = Field(0.5, ge=0)  # gae / vtrace only
+    entropy_coef: float = Field(
+        0.0, ge=0, description="entropy bonus weight (with its gradient); > 0 slows entropy collapse"
+    )
+    value_coef: float = Field(0.5, ge=0, description="advantage=gae|vtrace: weight of the value head's loss")
 
     @model_validator(mode="after")
     def _consistent(self) -> ObjectiveConfig:

@@ -29,6 +29,7 @@ bucket, on the device, gathering ZeRO-3 partitions one bucket at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -36,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from learner.auxiliary import ReferencePolicy
@@ -45,6 +47,7 @@ from learner.diagnostics import reduce_diagnostics
 from learner.logprobs import CompletionModel, run_completion_model
 from learner.losses import agg_denominator
 from learner.objective import CRITIC_ADVANTAGES, ObjectiveInputs, Targets, compute_targets, objective_loss, requires
+from learner.sample_weights import group_priorities, row_weights, weighted_advantages
 from learner.weight_packing import group_into_buckets
 
 
@@ -99,6 +102,7 @@ class LearnerCore:
         self.engine, self.optimizer, self.scheduler = _build_engine(cfg, model_dir, "values" in self.needs)
         self.entropy = "grad" if "entropy" in self.needs else ("detached" if cfg.log_entropy else "none")
         self.steps = 0
+        self.last_priorities: tuple[tuple[str, ...], tuple[float, ...]] = ((), ())
         self.reference = None
         if "ref_logprobs" in self.needs:
             path = cfg.reference.path or model_dir
@@ -106,8 +110,14 @@ class LearnerCore:
             self.reference = ReferencePolicy(path, self.engine.device, cfg.reference.offload, dtype, chunk)
 
     # ------------------------------------------------------------------ one sampled batch
-    def train_step(self, batch: pa.RecordBatch | pa.Table) -> dict[str, float]:
-        """`updates_per_batch` optimiser steps on this rank's groups; returns diagnostics plus timings."""
+    def train_step(
+        self, batch: pa.RecordBatch | pa.Table, group_weights: tuple[float, ...] | None = None
+    ) -> dict[str, float]:
+        """`updates_per_batch` optimiser steps on this rank's groups; returns diagnostics plus timings.
+
+        `group_weights`: replay's weight per group (order of first appearance), scaling each group's
+        policy-gradient term (learner/sample_weights.py). Afterwards `last_priorities` holds
+        (group_id, mean |advantage|) for replay's prioritized sampler."""
         t0 = time.perf_counter()
         tb = collate(batch, self.pad_id).to(self.engine.device)
         times = {"collate_s": time.perf_counter() - t0}
@@ -115,6 +125,12 @@ class LearnerCore:
         pre = self._no_grad_pass(tb, "policy", times) if self._needs_prepass() else None
         logp0, values0 = pre if pre is not None else (None, None)
         targets = compute_targets(self.cfg.objective, self._inputs(tb, logp0, None, values0, ref))
+        gids = pc.unique(batch.column("group_id")).to_pylist()  # dense group id j <-> gids[j] (collate's order)
+        priorities = group_priorities(targets.advantages, targets.loss_mask, tb.group_ids)
+        self.last_priorities = (tuple(gids), tuple(priorities))
+        weights = row_weights(group_weights, tb.group_ids)
+        targets = dataclasses.replace(targets, advantages=weighted_advantages(targets.advantages, weights))
+        times["sample_weight_mean"] = float(weights.mean()) if weights is not None else 1.0
         minibatches = [
             rows for _ in range(self.cfg.epochs) for rows in split_minibatches(tb.num_rows, self.cfg.minibatches)
         ]

@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from replay.rejections import RejectReason
+
 
 @dataclasses.dataclass(eq=False)
 class Chunk:
@@ -76,15 +78,18 @@ def _group_starts(sorted_gids: pa.Array) -> np.ndarray:
     return np.concatenate([[0], np.flatnonzero(changed) + 1])
 
 
-def _reason(gid: str, rows: np.ndarray, bad_rows: dict[int, str], seen: Callable[[str], bool]) -> str | None:
+def _reason(
+    gid: str, rows: np.ndarray, bad_rows: dict[int, str], seen: Callable[[str], bool]
+) -> tuple[str, RejectReason] | None:
     for r in rows:
         if int(r) in bad_rows:
-            return bad_rows[int(r)]
+            return bad_rows[int(r)], RejectReason.INVALID_TRACE
     if seen(gid):
-        return (
+        why = (
             f"group {gid}: group_id is already held or was inserted recently; a group must arrive whole "
             "in one insert under a fresh group_id"
         )
+        return why, RejectReason.DUPLICATE
     return None
 
 
@@ -102,7 +107,7 @@ def _per_group(chunk: pa.RecordBatch, starts: np.ndarray, eps: float) -> tuple[n
 
 def split_groups(
     batch: pa.RecordBatch, bad_rows: dict[int, str], seen: Callable[[str], bool], priority_eps: float = 1e-3
-) -> tuple[Chunk, list[Group], list[tuple[str, str]]]:
+) -> tuple[Chunk, list[Group], list[tuple[str, str, RejectReason]]]:
     order = pc.sort_indices(batch["group_id"]).to_numpy()
     starts = _group_starts(batch["group_id"].take(order))
     bounds = np.append(starts, batch.num_rows)
@@ -114,7 +119,7 @@ def split_groups(
         why = _reason(gid, order[bounds[i] : bounds[i + 1]], bad_rows, seen)
         if why is not None:
             keep[bounds[i] : bounds[i + 1]] = False
-            rejected.append((int(first_row[i]), gid, why))
+            rejected.append((int(first_row[i]), gid, *why))
     # Always copy: an incoming batch may be a zero-copy view of Ray's object store, which must not stay pinned.
     data = batch.take(pa.array(order[keep]))
     chunk = Chunk(data, data.get_total_buffer_size())
@@ -122,7 +127,7 @@ def split_groups(
     new_starts = np.cumsum([0] + [bounds[i + 1] - bounds[i] for i in kept])[:-1].astype(np.int64)
     groups = _make_groups(chunk, [gids[i] for i in kept], new_starts, priority_eps)
     chunk.groups = list(groups)
-    return chunk, _by_first_row(groups, first_row[kept]), [(g, w) for _, g, w in sorted(rejected)]
+    return chunk, _by_first_row(groups, first_row[kept]), [(g, w, r) for _, g, w, r in sorted(rejected)]
 
 
 def _by_first_row(groups: list[Group], first_rows: np.ndarray) -> list[Group]:

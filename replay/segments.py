@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from replay.config import ReplayConfig
 from replay.journal import ChecksumFile, JournalWriter, fsync_dir, fsync_file, quarantine, read_journal
-from replay.schema import TRACE_SCHEMA
+from replay.schema import TRACE_SCHEMA, expand_prompts
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +164,18 @@ def seal(log_path: pathlib.Path, fsync: bool = True, damage: _Damage | None = No
 
 
 def read_dataset(segment_dir: str) -> pa.Table:
-    """Every acknowledged trace of every shard under `segment_dir`, in segment order per shard."""
+    """Every acknowledged trace of every shard under `segment_dir`, in segment order per shard, each with its
+    prompt (replay holds a group's prompt once; a group is never split over batches)."""
     paths = sorted(p for p in pathlib.Path(segment_dir).glob("shard-*/traces-*.*") if _active(p))
-    return pa.Table.from_batches([b for p in paths for b in _read_quietly(p)], TRACE_SCHEMA)
+    return pa.Table.from_batches([b for p in paths for b in _expanded(_read_quietly(p))], TRACE_SCHEMA)
+
+
+def _expanded(batches: list[pa.RecordBatch]) -> list[pa.RecordBatch]:
+    """One file's traces, each with its prompt (a Parquet row group may cut a group: expand the whole file)."""
+    if not batches:
+        return []
+    whole = pa.Table.from_batches(batches, TRACE_SCHEMA).combine_chunks().to_batches()
+    return [expand_prompts(b) for b in whole]
 
 
 def _read_quietly(path: pathlib.Path) -> list[pa.RecordBatch]:

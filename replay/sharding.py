@@ -17,9 +17,8 @@ import zlib
 import numpy as np
 import pyarrow as pa
 
-from replay.schema import TraceError
+from replay.schema import TraceError, schema_problem
 from replay.table import InsertResult, SampleResult
-from replay.validation import schema_problem
 
 
 def shard_of(group_id: str, num_shards: int) -> int:
@@ -60,4 +59,5 @@ def merge_inserts(results: list[InsertResult]) -> InsertResult:
         accepted_groups=sum(r.accepted_groups for r in results),
         accepted_traces=sum(r.accepted_traces for r in results),
         rejected=tuple(x for r in results for x in r.rejected),
+        reasons=tuple(x for r in results for x in r.reasons),
     )

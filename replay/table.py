@@ -2,12 +2,13 @@
 
 Contract (pure Python + pyarrow, no ray; not thread-safe — `services/replay_shard.py` serialises calls):
 - `insert(batch)` takes a `TRACE_SCHEMA` RecordBatch of whole groups. A group with any invalid trace
-  (`replay.validation`), a group_id already held or seen recently, or a group that does not fit
+  (`replay.schema.invalid_rows`), a group_id already held or seen recently, or a group that does not fit
   (capacity with on_full="block", the rate limiter, or larger than the whole capacity) is rejected
   with a reason; every other group of the batch is kept. Groups are stored as slices of one compacted
   Arrow chunk per insert, so memory is the Arrow bytes plus a small per-group index.
 - `sample(n_groups, policy_version)` first applies staleness (evict or down-weight groups whose
-  `policy_version - min(group policy_version) > max_staleness`), then returns every trace of
+  `policy_version - min(group policy_version) > max_staleness`; down-weighted groups are still evicted
+  past `cfg.eviction_staleness`), then returns every trace of
   `n_groups` distinct groups, or None if fewer are eligible or the rate limiter says no.
   A group leaves after `max_times_sampled` samples, or when evicted (oldest first) to make room.
 - With `cfg.segment_dir` set, every accepted chunk and every removal is appended to disk before the
@@ -27,10 +28,10 @@ from replay.capacity import Usage, overflow
 from replay.config import ReplayConfig
 from replay.group_index import Chunk, Group, compact, split_groups
 from replay.rate_limiter import RateLimiter
+from replay.rejections import RejectReason
 from replay.samplers import select
-from replay.schema import TraceError
+from replay.schema import TraceError, invalid_rows, schema_problem
 from replay.segments import Restored, SegmentStore
-from replay.validation import invalid_rows, schema_problem
 
 _RECENT_GROUP_IDS = 1 << 16  # group_ids remembered after removal, to catch a group spread over inserts
 
@@ -39,7 +40,8 @@ _RECENT_GROUP_IDS = 1 << 16  # group_ids remembered after removal, to catch a gr
 class InsertResult:
     accepted_groups: int
     accepted_traces: int
-    rejected: tuple[tuple[str, str], ...]  # (group_id, reason)
+    rejected: tuple[tuple[str, str], ...]  # (group_id, message for people)
+    reasons: tuple[RejectReason, ...] = ()  # one per `rejected` entry, same order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +125,18 @@ class ReplayTable:
                 self._admit(g)
                 accepted.append(g)
             else:
-                rejected.append((g.group_id, why))
+                rejected.append((g.group_id, *why))
         self._counts["rejected"] += len(rejected)
         if accepted and self._store is not None:
             self._journal_insert(chunk, accepted, len(groups))
         self._settle(chunk)
         self._flush_events()
-        return InsertResult(len(accepted), sum(g.length for g in accepted), tuple(rejected))
+        return InsertResult(
+            len(accepted),
+            sum(g.length for g in accepted),
+            tuple((g, w) for g, w, _ in rejected),
+            tuple(r for *_, r in rejected),
+        )
 
     def _journal_insert(self, chunk: Chunk, accepted: list[Group], n_kept: int) -> None:
         data = chunk.batch
@@ -154,25 +161,28 @@ class ReplayTable:
             raise TraceError(problem)
         gids = sorted(set(batch["group_id"].to_pylist()) - {None})
         self._counts["rejected"] += len(gids)
-        return InsertResult(0, 0, tuple((g, problem) for g in gids))
+        return InsertResult(0, 0, tuple((g, problem) for g in gids), (RejectReason.BAD_SCHEMA,) * len(gids))
 
-    def _why_no_room(self, g: Group) -> str | None:
+    def _why_no_room(self, g: Group) -> tuple[str, RejectReason] | None:
         adding = Usage(1, g.length, g.tokens)
         too_big = overflow(self.cfg, Usage(0, 0, 0), adding)
         if too_big is not None:
-            return f"group {g.group_id} can never fit: {too_big}; raise the limit or send smaller groups"
+            why = f"group {g.group_id} can never fit: {too_big}; raise the limit or send smaller groups"
+            return why, RejectReason.TOO_LARGE
         if not self._limiter.can_insert(1):
-            return (
+            why = (
                 f"rate limited: samples_per_insert={self.cfg.samples_per_insert} and the learner is "
                 f"{self.cfg.error_buffer} groups behind; retry later (back-pressure)"
             )
+            return why, RejectReason.RATE_LIMITED
         if self.cfg.on_full == "evict_oldest":
             while overflow(self.cfg, self._usage(), adding) is not None:
                 self._remove(next(iter(self._groups.values())), "evicted_capacity")
             return None
         full = overflow(self.cfg, self._usage(), adding)
         if full is not None:
-            return f"replay full ({full}; on_full=block); retry later, sample faster or raise the capacity"
+            why = f"replay full ({full}; on_full=block); retry later, sample faster or raise the capacity"
+            return why, RejectReason.FULL
         return None
 
     def _admit(self, g: Group) -> None:
@@ -209,7 +219,7 @@ class ReplayTable:
 
     @property
     def _evicts_stale(self) -> bool:
-        return self.cfg.max_staleness is not None and self.cfg.stale_policy == "evict"
+        return self.cfg.eviction_staleness is not None
 
     def _push_stale(self, g: Group) -> None:
         heap = self._stale_heap
@@ -289,7 +299,7 @@ class ReplayTable:
     def _evict_stale(self, policy_version: int) -> None:
         if not self._evicts_stale:
             return
-        oldest_ok = policy_version - self.cfg.max_staleness
+        oldest_ok = policy_version - self.cfg.eviction_staleness
         heap = self._stale_heap
         while heap and heap[0][0] < oldest_ok:
             _, seq, gid = heapq.heappop(heap)

@@ -7,7 +7,8 @@ Contract: as `rollout/engine.py`, plus:
   sampling distribution's; `teacher_forced_logprobs` uses `prompt_logprobs` at temperature 1.
 - `load_weights` streams the tensors into vLLM's in-place reload (`weights_iterator`: vLLM loads them
   layer by layer and casts to its dtype), then resets the prefix cache: KV cached under the old weights
-  would otherwise be reused for a repeated prompt (6.7 nats of logprob error in our test).
+  would otherwise be reused for a repeated prompt
+  (tests/integration/test_engine_vllm.py::test_without_prefix_cache_reset_cached_prompt_is_stale shows it).
 - stop conditions: `stop_token_ids` = `stop.token_ids` (vLLM's own eos rule is off, `ignore_eos`, so the
   set is exactly the caller's), `stop` = `stop.strings`; detokenisation is on only when there are stop
   strings (vLLM matches them on the incrementally decoded text). Either way the completion's token ids
@@ -234,7 +235,8 @@ def _refresh_tied_lm_head(worker) -> None:
     """With tied embeddings the LM head shares the embedding's weight, which a reload updates under the
     embedding's name; but the head's own derived state (on CPU a oneDNN-prepacked copy of that weight,
     `cpu_linear`) is built once after loading and a reload that sends no `lm_head.*` tensor leaves it
-    stale: logits kept the old weights (0.5 nats off after one perturbed update). Rebuild it."""
+    stale: logits kept the old weights (tests/integration/test_bpe_weights.py compares vLLM's logprobs with
+    the learner's after a broadcast). Rebuild it."""
     head = worker.model_runner.model.lm_head
     head.quant_method.process_weights_after_loading(head)
 

@@ -55,17 +55,29 @@ class RewardConfig(BaseModel):
     model: RewardModelConfig | None = Field(
         None, description="kind=model: the reward-model checkpoint, where it runs and the mix weights"
     )
-    function: str | None = None
+    function: str | None = Field(
+        None,
+        description="'package.module:callable' taking (problem, completion) -> float, used for rewards and "
+        "evaluation instead of the task's verifier; null = the task's verifier",
+    )
     timeout_s: float = Field(
         5.0,
         gt=0.0,
         description="wall-clock limit of one reward call; a sandboxed program in it gets at most this minus "
         "1 s (sandbox.TEARDOWN_MARGIN_S), so its teardown always runs first. Raise it for slow verifiers.",
     )
-    on_failure: Literal["zero", "drop"] = "zero"
-    isolation: Literal["inline", "process"] = "process"
-    max_workers: int = Field(1, ge=1)
-    failure_reward: float = 0.0
+    on_failure: Literal["zero", "drop"] = Field(
+        "zero",
+        description="a reward call that raises, times out or returns a non-finite value: `zero` scores it "
+        "failure_reward, `drop` drops the completion's group; both are counted in the metrics",
+    )
+    isolation: Literal["inline", "process"] = Field(
+        "process",
+        description="`process` runs reward calls in spawned processes killed at their deadline (anything that can "
+        "hang or crash); `inline` calls them in the worker (trusted, cheap verifiers such as exact match)",
+    )
+    max_workers: int = Field(1, ge=1, description="isolation=process: reward processes per rollout worker")
+    failure_reward: float = Field(0.0, description="on_failure=zero: the reward a failed call scores")
     sandbox: SandboxConfig = Field(
         default_factory=SandboxConfig,
         description="limits of code-execution rewards (rollout/sandbox.py); only used by verifiers that run code",

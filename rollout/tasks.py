@@ -51,19 +51,27 @@ class Task(Protocol):
 
 class TaskConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: Literal["arithmetic"] = "arithmetic"
-    min_digits: int = Field(1, ge=1, le=9)
+    kind: Literal["arithmetic"] = Field("arithmetic", description="generated integer arithmetic problems")
+    min_digits: int = Field(1, ge=1, le=9, description="fewest digits per operand")
     # 1-2 digit addition: learnable by a 1M-param model on one CPU core in minutes; 3 digits learned far
     # slower (tests/bench/recipe_probe.py). deploy/configs/tiny_cpu.yaml adds answer_format reversed_padded.
-    max_digits: int = Field(2, ge=1, le=9)
-    ops: tuple[Literal["+", "-", "*"], ...] = ("+",)
-    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    eval_size: int = Field(200, ge=1)
-    seed: int = 0
+    max_digits: int = Field(2, ge=1, le=9, description="most digits per operand (the main difficulty knob)")
+    ops: tuple[Literal["+", "-", "*"], ...] = Field(("+",), description="operators problems are drawn from")
+    eval_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="share of the problem space (by a hash of the problem) held out: never trained on, only evaluated",
+    )
+    eval_size: int = Field(200, ge=1, description="held-out problems scored at each evaluation (a fixed set)")
+    seed: int = Field(0, description="seeds the training-problem stream and the held-out set")
     # "plain": `12+345=` -> `357`. "reversed_padded" (Lee et al. 2023, "Teaching Arithmetic to Small
     # Transformers"): operands zero-padded to N=max_digits, answer zero-padded to N+1 digits and written
     # least-significant digit first, `012+345=` -> `7530`, so each answer digit depends on one column + carry.
-    answer_format: Literal["plain", "reversed_padded"] = "plain"
+    answer_format: Literal["plain", "reversed_padded"] = Field(
+        "plain",
+        description="`plain` answers as written; `reversed_padded` zero-pads and reverses the digits (tiny models)",
+    )
     verifier: VerifierConfig = Field(
         default_factory=ExactConfig,
         description="how completions are scored (rollout/verifiers.py); default: exact match of the whole completion",

@@ -163,8 +163,12 @@ class Checkpointer:
         self.seconds: list[float] = []
 
     def due(self) -> bool:
+        return self.due_at(self.loop.s.steps)
+
+    def due_at(self, learner_step: int) -> bool:
+        """Would a publish at `learner_step` take a periodic checkpoint?"""
         every = self.loop.cfg.run.checkpoint_every_steps
-        return bool(every) and self.loop.s.steps - self.last_step >= every
+        return bool(every) and learner_step - self.last_step >= every
 
     def save(self, reason: str) -> Path:
         """Checkpoint now: call with no learner step in flight, right after a publish."""
@@ -219,9 +223,8 @@ class Checkpointer:
         restore_driver_rng(point.state["driver_rng"])
         self._restore_cursors()
         version = loop.s.version
-        loop._broadcast(version)  # the checkpoint's weights, as its version, over a freshly formed group
-        while loop.side_refs or loop.pool.receiving():
-            loop._collect(timeout_s=0.5)
+        loop.broadcast(version)  # the checkpoint's weights, as its version, over a freshly formed group
+        loop.settle_weights()
         got = ray.get([h.policy_version.remote() for h in loop.pool.handles.values()])
         loop.log.write(
             "resume",

@@ -89,12 +89,20 @@ class LoopConfig(BaseModel):
     """What the driver does: how long, how often it evaluates, checkpoints and publishes."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str = "tiny-cpu"
-    runs_dir: str = "runs"
-    cache_dir: str = ".cache"
-    max_learner_steps: int = Field(200, ge=1)
-    max_wall_s: float = Field(900.0, gt=0)
-    eval_every_steps: int = Field(10, ge=1)
+    name: str = Field(
+        "tiny-cpu", description="run name: outputs go to <runs_dir>/<name>/ (metrics, checkpoints, final_model, report)"
+    )
+    runs_dir: str = Field("runs", description="parent directory of every run's output directory")
+    cache_dir: str = Field(
+        ".cache", description="built-in models, cold-start checkpoints and tokenizers, keyed by their config hash"
+    )
+    max_learner_steps: int = Field(200, ge=1, description="stop after this many learner steps (optimiser updates)")
+    max_wall_s: float = Field(
+        900.0, gt=0, description="stop after this many seconds of RL (cold start and start-up not counted)"
+    )
+    eval_every_steps: int = Field(
+        10, ge=1, description="held-out evaluation every N learner steps (and at the end); lower = finer curves, slower"
+    )
     stop_at_gain: float | None = Field(
         None, description="stop once eval accuracy >= initial + this (e.g. 0.2); None = run to max_learner_steps"
     )
@@ -118,7 +126,7 @@ class LoopConfig(BaseModel):
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="local Ray only: serve Prometheus metrics on this port"
     )
-    progress: bool = True
+    progress: bool = Field(True, description="progress bars on the driver's console (off in CI logs)")
     loggers: tuple[LoggerName, ...] = Field(
         ("jsonl",),
         description=(
@@ -138,8 +146,12 @@ class LoopConfig(BaseModel):
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    run: LoopConfig = Field(default_factory=LoopConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    run: LoopConfig = Field(
+        default_factory=LoopConfig, description="the driver: run length, evaluation, checkpoints, resume, loggers"
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="the policy checkpoint: a local HF model directory or a built-in model"
+    )
     task: Annotated[
         Annotated[TaskConfig, Tag("arithmetic")]
         | Annotated[DatasetTaskConfig, Tag("dataset")]
@@ -152,11 +164,22 @@ class RunConfig(BaseModel):
     render: RenderConfig = Field(
         default_factory=RenderConfig, description="how prompts become token ids and what stops a completion"
     )
-    cold_start: SFTConfig | None = Field(default_factory=SFTConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
-    replay: ReplayConfig = Field(default_factory=ReplayConfig)
-    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    cold_start: SFTConfig | None = Field(
+        default_factory=SFTConfig,
+        description="supervised fine-tuning before RL (null = start RL from the model as given)",
+    )
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig, description="rollout workers: engine, sampling, group size, resources"
+    )
+    reward: RewardConfig = Field(
+        default_factory=RewardConfig, description="how completions are scored beyond the task's verifier"
+    )
+    replay: ReplayConfig = Field(
+        default_factory=ReplayConfig, description="the replay buffer: shards, sampling, staleness, rate limit, storage"
+    )
+    learner: LearnerConfig = Field(
+        default_factory=LearnerConfig, description="the DeepSpeed learner: optimiser, precision, objective, weight sync"
+    )
 
     @model_validator(mode="after")
     def _cross(self) -> RunConfig:

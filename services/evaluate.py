@@ -168,10 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from rollout.render import Renderer
     from rollout.tasks import make_task
     from services.passk_plot import draw_passk, format_table, write_results
 
-    problems = make_task(cfg.task, _tokenizer(models[0][1])).eval_set()[: args.limit]
+    # the eval split as the run sees it: sources that skip over-long prompts measure them rendered
+    problems = make_task(cfg.task, Renderer.from_pretrained(cfg.render, models[0][1])).eval_set()[: args.limit]
     batches = make_batches(problems, args.n, args.batch_sequences, args.seed, greedy=not args.no_greedy)
     if args.workers:
         from services.driver import start_ray
@@ -189,12 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     print(write_results(out, settings, results), draw_passk(out, settings, results))
     return 0
-
-
-def _tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 if __name__ == "__main__":

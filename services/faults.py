@@ -42,3 +42,39 @@ def parse(text: str) -> KillWorker:
 
 def from_env(environ=os.environ) -> list[KillWorker]:
     return [parse(part) for part in environ.get(ENV, "").split(";") if part.strip()]
+
+
+class FaultHook:
+    """The loop's test hook: at each injection point the loop calls `hook(at, worker_id, learner_steps)`;
+    a planned fault whose moment it is kills that worker (through the pool) and is used up."""
+
+    def __init__(self, faults: list[KillWorker], pool):
+        self.faults, self.pool = list(faults), pool
+
+    def __call__(self, at: str, wid: int | None, learner_steps: int) -> None:
+        for f in self.faults:
+            member = self.pool.m.members.get(f.worker)
+            if (
+                f.at == at
+                and learner_steps >= f.after_step
+                and wid in (None, f.worker)
+                and member is not None
+                and member.state == ("joining" if at == "join" else "active")
+                and (at != "join" or member.in_group)
+            ):
+                self.faults.remove(f)
+                self.pool.kill(f.worker)
+                return
+
+
+def no_faults(at: str, wid: int | None, learner_steps: int) -> None:
+    """The production hook: nothing."""
+
+
+def hook(pool, environ=os.environ):
+    """The loop's fault hook: `FaultHook` when `FLYWHEEL_FAULT_KILL_WORKER` plans faults, else `no_faults`."""
+    planned = from_env(environ)
+    if not planned:
+        return no_faults
+    pool.fetch_pids()
+    return FaultHook(planned, pool)

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import ray
 
 from learner.config import LearnerConfig
@@ -36,6 +37,7 @@ from learner.weight_transport import (
     WeightSyncTimeout,
     snapshot_update,
 )
+from replay.parts import RankPart, join_parts
 from services import metrics
 
 
@@ -45,6 +47,17 @@ class SendOutcome:
 
     policy_version: int
     error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RankStepResult:
+    """What one rank's `train_step` reports: diagnostics (reduced over ranks by `learner.diagnostics`) and
+    a sampling priority per trained group (learner/sample_weights.py) for replay's prioritized sampler."""
+
+    diagnostics: dict[str, float]
+    group_ids: tuple[str, ...]
+    priorities: tuple[float, ...]
+    skipped_trace_ids: tuple[str, ...] = ()  # only when the step was skipped for NaN/inf (logged by the loop)
 
 
 @ray.remote
@@ -81,10 +94,19 @@ class LearnerRank:
         self.core = LearnerCore(self.cfg, self.model_dir, self.rank, self.world_size)
         return self.rank
 
-    def train_step(self, batch) -> dict[str, float]:
-        diag = self.core.train_step(batch)
+    def train_step(self, *parts: RankPart | pa.Table) -> RankStepResult:
+        """One step on this rank's groups: `RankPart`s (from replay, passed as refs so Ray resolves them
+        here straight from the shards' object stores), or a plain TRACE_SCHEMA table (weights 1)."""
+        if all(isinstance(p, RankPart) for p in parts):
+            part = join_parts(list(parts))
+            traces, diag = part.traces, self.core.train_step(part.traces, part.group_weights)
+        else:
+            traces = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+            diag = self.core.train_step(traces)
         metrics.record_learner_step(self.rank, diag)
-        return diag
+        gids, priorities = self.core.last_priorities
+        skipped = tuple(traces.column("trace_id").to_pylist()) if diag.get("skipped_nonfinite") else ()
+        return RankStepResult(diag, gids, priorities, skipped)
 
     def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, world_size: int) -> int:
         self.transport = BroadcastTransport.create(cfg, master_addr, master_port, 0, world_size)

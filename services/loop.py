@@ -1,6 +1,13 @@
 """The actor-learner loop the driver runs: dispatch, sample, train, publish, evaluate — as named steps.
 
+Components: `TrainFlow` (services/train_flow.py: sample -> ranks -> results, next sample prefetched),
+`WorkerPool` (dispatch and membership), `Checkpointer` (public `broadcast` / `settle_weights` on resume),
+the fault hook (services/faults.py, a no-op in production). The loop waits on their refs with
+`ray.wait(num_returns=1)` and polls control at most every `CONTROL_POLL_S`.
+
 Invariants:
+- trace payloads never pass through the driver: replay hands each rank its token-balanced part as a ref;
+  the driver sees ids, counts, staleness and weights (replay/parts.py `SampleMeta`);
 - at most one learner step is in flight; every rank trains on its own whole groups of one sample;
 - `policy_version` is published in order 1, 2, ...; a weight receive is queued on every worker
   right after a publish, so any rollout dispatched later runs on the new weights;
@@ -24,8 +31,6 @@ import math
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from learner.diagnostics import reduce_diagnostics
@@ -36,10 +41,12 @@ from services.control import ControlClient, start_control
 from services.loggers import make_loggers
 from services.placement import start_actors
 from services.report import MetricsLog, draw_report, format_summary
+from services.train_flow import TrainFlow
 from services.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
+CONTROL_POLL_S = 0.25  # longest wait for a ref before polling control (scale, dead workers); refs wake it sooner
 TARGET_GAIN = 0.20  # the headline figure: RL seconds to +20 points of held-out accuracy
 
 
@@ -78,12 +85,19 @@ class ActorLearnerLoop:
         self.control = ControlClient(start_control(cfg.run.name, cfg.rollout.num_workers))
         self.replay, self.ranks, workers = start_actors(cfg, model_dir, cache_dir)
         self.pool = WorkerPool(cfg, workers, self.replay, self.ranks[0], model_dir, cache_dir, self.log)
-        self.faults = faults.from_env()
-        if self.faults:
-            self.pool.fetch_pids()
+        self.fault_hook = faults.hook(self.pool)  # test hook (services/faults.py); production: a no-op
         self.eval_problems = self.pool.task.eval_set()
         self.s = LoopState()
-        self.train_refs: list = []
+        lc = cfg.learner
+        self.train = TrainFlow(
+            self.replay,
+            self.ranks,
+            lc.groups_per_step,
+            cfg.replay.max_staleness,
+            prefetch=not cfg.synchronous,
+            feed_priorities=cfg.replay.sampler == "prioritized",
+        )
+        self.held_groups = 0  # replay's last reported count plus groups accepted since (no per-tick stats() RPCs)
         self.publish_due = False
         self.eval_owed = False
         self.side_refs: dict = {}  # ref -> what (publish/receive/eval)
@@ -107,7 +121,7 @@ class ActorLearnerLoop:
                 self._membership_tick()
                 self._dispatch_rollouts()
                 self._try_train()
-                self._collect(timeout_s=0.05)
+                self._collect(timeout_s=CONTROL_POLL_S)
             self._drain_and_publish_final()
             summary = self._finish(job_started, cold_start_s)
         finally:
@@ -131,7 +145,7 @@ class ActorLearnerLoop:
         if self.cfg.synchronous:
             need = lc.groups_per_step * lc.weight_sync.sync_every_steps
             return self.s.produced_at.get(self.s.version, 0) + inflight < need
-        held = sum(st.groups for st in self.replay.stats())
+        held = self.held_groups + self.train.prefetched_groups()
         return held + inflight < self.cfg.run.max_buffered_steps * lc.groups_per_step
 
     def _dispatch_rollouts(self) -> None:
@@ -142,6 +156,7 @@ class ActorLearnerLoop:
 
     def _on_rollout(self, st) -> None:
         self.s.produced_at[st.policy_version] = self.s.produced_at.get(st.policy_version, 0) + st.accepted_groups
+        self.held_groups += st.accepted_groups
         drawn = self.pool.drawn.get(st.worker_id, 0)  # the worker's prompt cursor (its stream lives in the pool)
         self.s.cursors[st.worker_id] = (drawn, st.batches)
         for key in self.s.reward_failures:
@@ -150,40 +165,55 @@ class ActorLearnerLoop:
 
     # -- learner ----------------------------------------------------------------------------------
     def _try_train(self) -> None:
-        if self.train_refs:
+        if self.train.busy:
             return
-        res = self.replay.sample(self.cfg.learner.groups_per_step, self.s.version, timeout_s=0.0)
-        if res is None:
+        meta = self.train.start(self.s.version)
+        self.held_groups = self.replay.groups_known()  # the draw just refreshed the shards' counts
+        if meta is None:
             return
-        self._staleness = list(res.staleness)
-        self._batch_rows = res.batch.num_rows
-        self._trace_ids = res.batch.column("trace_id")
-        self._trace_versions = sorted(pc.unique(res.batch.column("policy_version")).to_pylist())
-        self.s.versions_consumed.update(self._trace_versions)
-        self.train_refs = [
-            rank.train_step.remote(part) for rank, part in zip(self.ranks, _split_groups(res.batch, len(self.ranks)))
-        ]
+        self.s.versions_consumed.update(meta.policy_versions)
+        self._prefetch()
+
+    def _prefetch(self) -> None:
+        """Draw the next step's sample while this one trains, for the version the learner will then hold.
+
+        Not when the next step will not run here (the run's last step) or a checkpoint follows this step:
+        a checkpoint must not miss groups that left replay but were not trained on."""
+        s, every = self.s, self.cfg.learner.weight_sync.sync_every_steps
+        after = s.steps + 1
+        publishes = after % every == 0
+        if after >= self.cfg.run.max_learner_steps or (publishes and self.ckpt.due_at(after)):
+            return
+        self.train.prefetch(s.version + int(publishes))
 
     def _on_train_done(self) -> None:
-        diags = ray.get(self.train_refs)
-        self.train_refs = []
+        done = self.train.finish()
+        diags = [r.diagnostics for r in done.results]
         if any(d.get("skipped_nonfinite") for d in diags):
-            self._on_nonfinite(diags)
-            return
-        s = self.s
+            self._on_nonfinite(diags, [t for r in done.results for t in r.skipped_trace_ids])
+        else:
+            self._on_step(done, diags)
+        if not self._done():
+            self._try_train()  # the prefetched sample goes out at once: the ranks do not wait on the driver
+
+    def _on_step(self, done, diags: list[dict]) -> None:
+        s, meta = self.s, done.meta
         s.consecutive_nonfinite = 0
         s.steps += 1
-        s.traces_consumed += self._batch_rows
-        s.groups_consumed += len(self._staleness)
-        s.max_staleness_seen = max(s.max_staleness_seen, max(self._staleness))
+        s.traces_consumed += sum(meta.traces)
+        s.groups_consumed += meta.num_groups
+        s.max_staleness_seen = max(s.max_staleness_seen, max(meta.staleness))
         merged = reduce_diagnostics(diags)  # each key by its declared reduction (mean by tokens, sum, min, max)
         rec = self.log.write(
             "learner_step",
             learner_step=s.steps,
             policy_version=s.version,
-            staleness_mean=sum(self._staleness) / len(self._staleness),
-            staleness_max=max(self._staleness),
-            trace_versions=self._trace_versions,
+            staleness_mean=sum(meta.staleness) / len(meta.staleness),
+            staleness_max=max(meta.staleness),
+            trace_versions=list(meta.policy_versions),
+            replay_weight_mean=sum(meta.group_weights) / len(meta.group_weights),
+            rank_tokens=list(meta.tokens),
+            driver_bytes=done.driver_bytes,
             **merged,
         )
         self._progress_update(rec)
@@ -191,11 +221,11 @@ class ActorLearnerLoop:
             self.publish_due = True
             self._maybe_publish()
 
-    def _on_nonfinite(self, diags: list[dict]) -> None:
+    def _on_nonfinite(self, diags: list[dict], trace_ids: list[str]) -> None:
         s, limit = self.s, self.cfg.learner.max_consecutive_nonfinite
         s.nonfinite_skipped += 1
         s.consecutive_nonfinite += 1
-        s.traces_skipped_nonfinite += self._batch_rows
+        s.traces_skipped_nonfinite += len(trace_ids)
         self.log.write(
             "nonfinite_step",
             learner_step=s.steps,
@@ -203,7 +233,7 @@ class ActorLearnerLoop:
             consecutive=s.consecutive_nonfinite,
             in_gradient=any(d.get("nonfinite_in_gradient") for d in diags),
             loss=[d.get("loss") for d in diags],
-            trace_ids=self._trace_ids.to_pylist(),
+            trace_ids=trace_ids,
         )
         if s.consecutive_nonfinite >= limit:
             self.stop_reason = "nonfinite"
@@ -217,7 +247,8 @@ class ActorLearnerLoop:
         if self.publish_due and not self.pool.publish_must_wait():
             self._publish()
 
-    def _broadcast(self, version: int) -> None:
+    def broadcast(self, version: int) -> None:
+        """Send the learner's weights as `version` to every worker (over a re-formed group if members changed)."""
         group = self.pool.begin_broadcast(version)
         for rank in self.ranks:
             self.side_refs[rank.publish.remote(version, group)] = ("publish", version)
@@ -230,7 +261,7 @@ class ActorLearnerLoop:
         self.publish_due = False
         s.version += 1
         s.publish_t[s.version] = self.log.now()
-        self._broadcast(s.version)
+        self.broadcast(s.version)
         if s.steps % self.cfg.run.eval_every_steps == 0 or self._done():
             self._eval_async()
         if self.ckpt.due():
@@ -272,47 +303,44 @@ class ActorLearnerLoop:
         if self.eval_owed and self.pool.eval_worker() is not None:
             self._eval_async()
         self._maybe_publish()
-        if not (self.publish_due or self.train_refs or self.pool.receiving()) and self.pool.m.wants_weights(
+        if not (self.publish_due or self.train.busy or self.pool.receiving()) and self.pool.m.wants_weights(
             self.s.version
         ):
             if self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # unpublished steps: a new version
                 self._publish()
             else:  # the learner holds exactly policy_version: send it again over the re-formed group
-                self._broadcast(self.s.version)
+                self.broadcast(self.s.version)
 
     def _inject_fault(self, at: str, wid: int | None) -> None:
-        """Test hook (services/faults.py): kill -9 a worker at a chosen moment. No faults: one falsy check."""
-        for f in self.faults:
-            member = self.pool.m.members.get(f.worker)
-            if (
-                f.at == at
-                and self.s.steps >= f.after_step
-                and wid in (None, f.worker)
-                and member is not None
-                and member.state == ("joining" if at == "join" else "active")
-                and (at != "join" or member.in_group)
-            ):
-                self.faults.remove(f)
-                self.pool.kill(f.worker)
-                return
+        self.fault_hook(at, wid, self.s.steps)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _collect(self, timeout_s: float) -> None:
-        refs = self.pool.refs() + self.train_refs + list(self.side_refs)
+        """Wake on the first finished ref (rollout, train step, publish, eval) or after `timeout_s`, the
+        control-polling interval (scale requests, dead workers); then handle everything already done."""
+        refs = self.pool.refs() + self.train.refs() + list(self.side_refs)
         if not refs:
             time.sleep(timeout_s)
             return
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=False)
-        ready = set(ready)
+        first, _ = ray.wait(refs, num_returns=1, timeout=timeout_s, fetch_local=False)
+        if not first:
+            return
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        ready = set(ready) | set(first)
         for st in self.pool.process(ready):
             self._on_rollout(st)
         for ref in [r for r in self.side_refs if r in ready]:
             self._on_side(ref)
-        if self.train_refs and all(r in ready for r in self.train_refs):
+        if self.train.busy and all(r in ready for r in self.train.refs()):
             self._on_train_done()
 
+    def settle_weights(self) -> None:
+        """Block until every publish in flight ended and every worker finished receiving (resume uses it)."""
+        while self.side_refs or self.pool.receiving():
+            self._collect(timeout_s=0.5)
+
     def _drain_and_publish_final(self) -> None:
-        while self.train_refs or (self.publish_due and self.pool.publish_must_wait()):
+        while self.train.busy or (self.publish_due and self.pool.publish_must_wait()):
             self._collect(timeout_s=1.0)
         last_eval = max((v for v, _, _ in self.s.evals), default=0)
         if (
@@ -387,6 +415,8 @@ class ActorLearnerLoop:
             "replay_groups_held_at_end": sum(st.groups for st in stats),
             # corrupt journal records / segment files a shard skipped on (re)open, copied to <shard>/quarantine/
             "replay_quarantined": sum(st.quarantined for st in stats),
+            # prefetched samples dropped because the learner's version moved past the prediction (groups lost)
+            "prefetch_dropped": self.train.dropped_prefetches,
         }
 
     def _shutdown(self) -> None:
@@ -424,14 +454,3 @@ class ActorLearnerLoop:
 
     def _progress_close(self) -> None:
         self.bar.close()
-
-
-def _split_groups(batch: pa.RecordBatch, parts: int) -> list[pa.Table]:
-    """Split a batch of whole groups into `parts` tables of whole groups (round-robin by group)."""
-    table = pa.Table.from_batches([batch])
-    if parts == 1:
-        return [table]
-    groups = pc.unique(table.column("group_id")).to_pylist()
-    return [
-        table.filter(pc.is_in(table.column("group_id"), value_set=pa.array(groups[i::parts]))) for i in range(parts)
-    ]

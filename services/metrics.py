@@ -102,7 +102,7 @@ METRICS: tuple[MetricSpec, ...] = (
     _spec(
         "replay_rejected_traces",
         "counter",
-        "traces refused at insert, by reason (see reject_reason)",
+        "traces refused at insert, by reason (replay.rejections.RejectReason)",
         "shard",
         "reason",
     ),
@@ -396,30 +396,11 @@ def record_eval(policy_version: int, accuracy: float) -> None:
 
 
 # ---- replay -------------------------------------------------------------------------------------------
-_REJECT_REASONS = (  # (substring of the reason replay/ writes, label) - first match wins
-    ("batch schema differs", "bad_schema"),
-    ("can never fit", "too_large"),
-    ("rate limited", "rate_limited"),
-    ("replay full", "full"),
-    ("already held or was inserted recently", "duplicate"),
-    ("is down", "shard_down"),
-)
-
-
-def reject_reason(why: str) -> str:
-    """A reason label of bounded cardinality for a replay rejection message."""
-    for needle, label in _REJECT_REASONS:
-        if needle in why:
-            return label
-    return "invalid_trace" if why.startswith("trace ") else "other"
-
-
-def record_rejected(shard_id: int, rejected: Iterable[tuple[str, str]], traces_per_group: Mapping[str, int]) -> None:
-    """`rejected` = InsertResult.rejected, (group_id, reason); counts traces, by reason label."""
+def record_rejected(shard_id: int, result, traces_per_group: Mapping[str, int]) -> None:
+    """`result` = an InsertResult; counts rejected traces by `RejectReason` label (replay/rejections.py)."""
     by_reason: dict[str, int] = {}
-    for gid, why in rejected:
-        label = reject_reason(why)
-        by_reason[label] = by_reason.get(label, 0) + traces_per_group.get(gid, 1)
+    for (gid, _), reason in zip(result.rejected, result.reasons, strict=True):
+        by_reason[reason.value] = by_reason.get(reason.value, 0) + traces_per_group.get(gid, 1)
     for label, n in by_reason.items():
         emit("replay_rejected_traces", n, shard=shard_id, reason=label)
 

@@ -21,6 +21,7 @@ in the middle of a split draw can a result hold fewer groups (check `len(result.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -31,7 +32,9 @@ import ray
 from ray.actor import ActorHandle
 
 from replay.config import ReplayConfig
-from replay.sharding import allocate, merge_inserts, merge_samples, split_by_shard
+from replay.parts import SampleMeta, merge_metas
+from replay.rejections import RejectReason
+from replay.sharding import allocate, merge_inserts, merge_samples, shard_of, split_by_shard
 from replay.table import InsertResult, ReplayStats, SampleResult
 from services import metrics
 from services.replay_shard import MAX_CONCURRENCY, ReplayShard
@@ -43,6 +46,17 @@ _DOWN_RETRY_SLEEP_S = 0.5  # re-probe a shard at most this often while its count
 # A dead or restarting shard is tolerated (its part fails); an error raised by the shard's code is a
 # caller mistake (bad n_groups, a batch without group_id) and propagates.
 _SHARD_DOWN = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedSample:
+    """One step's sample as the driver holds it: ids and sizes, and for each rank the refs of its parts.
+
+    `parts[k]` are `RankPart` refs (one per shard that gave rank k groups) living in the shards' object
+    stores; `LearnerRank.train_step.remote(parts[k])` has Ray resolve them in the rank's process."""
+
+    meta: SampleMeta
+    parts: list[list[ray.ObjectRef]]
 
 
 def _gather(refs: list) -> list:
@@ -216,6 +230,62 @@ class ReplayClient:
                     out.append(result)
         return out
 
+    # ---- sample straight to the learner ranks -------------------------------------------------------
+    def sample_to_ranks(
+        self, n_groups: int, policy_version: int, ranks: int, timeout_s: float = 0.0
+    ) -> RoutedSample | None:
+        """Like `sample`, but the groups stay in the shards' object stores, cut into `ranks` token-balanced
+        parts; only each draw's `SampleMeta` comes back here. None when the shards cannot give `n_groups`."""
+        if n_groups < ranks:
+            raise ValueError(f"n_groups={n_groups} < {ranks} learner ranks; every rank needs a group per step")
+        if len(self.shards) == 1:
+            routed = self._draw_routed({0: n_groups}, policy_version, ranks, timeout_s)
+            return routed if routed is not None and routed.meta.num_groups == n_groups else None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            probe_wait_s = min(self.probe_timeout_s, max(0.0, deadline - time.monotonic()) + _PROBE_GRACE_S)
+            self._refresh(n_groups, policy_version, probe_wait_s)
+            plan = self._plan(n_groups, split_ok=self._fresh(policy_version))
+            routed = self._draw_routed(plan, policy_version, ranks, 0.0) if plan is not None else None
+            # a short draw (a shard drained or died meanwhile) still trains: its groups are out of replay now
+            if routed is not None or time.monotonic() >= deadline:
+                return routed
+            time.sleep(min(_RETRY_SLEEP_S, max(0.0, deadline - time.monotonic())))
+
+    def _draw_routed(self, plan: dict[int, int], policy_version: int, ranks: int, timeout_s: float):
+        calls, first = [], 0
+        for k, count in plan.items():
+            refs = (
+                self.shards[k]
+                .draw_split.options(num_returns=1 + ranks)
+                .remote(count, policy_version, ranks, timeout_s, first % ranks)
+            )
+            calls.append((k, refs[0], refs[1:]))
+            first += count
+        metas = _gather([meta for _, meta, _ in calls])
+        kept, parts = [], [[] for _ in range(ranks)]
+        with self._lock:
+            for (k, _, part_refs), meta in zip(calls, metas):
+                if isinstance(meta, Exception):
+                    self._known.pop(k, None)
+                    continue
+                self._known[k] = (meta.groups_left, policy_version)
+                self._known_at[k] = time.monotonic()
+                self._probes.pop(k, None)
+                if meta.num_groups:
+                    kept.append(meta)
+                    for r in range(ranks):
+                        if meta.group_ids[r]:
+                            parts[r].append(part_refs[r])
+        if not kept:
+            return None
+        return RoutedSample(merge_metas(kept), parts)
+
+    def groups_known(self) -> int:
+        """Groups the shards could give, by their last reports (draws and probes; no RPC)."""
+        with self._lock:
+            return sum(a for a, _ in self._known.values())
+
     # ---- the rest -------------------------------------------------------------------------------
     def stats(self) -> list[ReplayStats]:
         """One entry per live shard (a shard that is down or restarting is left out)."""
@@ -223,6 +293,16 @@ class ReplayClient:
 
     def checkpoint(self) -> list[str]:
         return _gather([s.checkpoint.remote() for s in self.shards])
+
+    def update_priorities_async(self, group_ids: list[str], priorities: list[float]) -> None:
+        """Send each group's priority to its shard (`shard_of`) without waiting; a group already gone is ignored."""
+        by_shard: dict[int, tuple[list, list]] = {}
+        for gid, p in zip(group_ids, priorities, strict=True):
+            ids, ps = by_shard.setdefault(shard_of(gid, len(self.shards)), ([], []))
+            ids.append(gid)
+            ps.append(float(p))
+        for k, (ids, ps) in by_shard.items():
+            self.shards[k].update_priorities.remote(ids, ps)
 
     def update_priorities(self, group_ids: list[str], priorities: list[float]) -> int:
         hits = _gather([s.update_priorities.remote(group_ids, priorities) for s in self.shards])
@@ -232,7 +312,8 @@ class ReplayClient:
 def _shard_failed(k: int, part: pa.RecordBatch, error: Exception) -> InsertResult:
     first_line = str(error).splitlines()[0] if str(error) else ""
     why = f"replay shard {k} is down ({type(error).__name__}: {first_line}); retry the insert"
-    return InsertResult(0, 0, tuple((g, why) for g in sorted(set(part["group_id"].to_pylist()))))
+    gids = sorted(set(part["group_id"].to_pylist()))
+    return InsertResult(0, 0, tuple((g, why) for g in gids), (RejectReason.SHARD_DOWN,) * len(gids))
 
 
 def create_replay(cfg: ReplayConfig, max_restarts: int = -1) -> ReplayClient:

@@ -19,8 +19,9 @@ import pyarrow.compute as pc
 import ray
 
 from replay.config import ReplayConfig
+from replay.parts import empty_meta, split_for_ranks
+from replay.schema import schema_problem
 from replay.table import InsertResult, ReplayStats, ReplayTable, SampleResult
-from replay.validation import schema_problem
 from services import metrics
 
 MAX_CONCURRENCY = 16
@@ -49,19 +50,25 @@ class ReplayShard:
         self._table = ReplayTable(cfg, shard_id)
         self._cond = threading.Condition()
         self._meter = metrics.ReplayMeter(shard_id, cfg.max_staleness, self._table.stats())
+        self._meter_lock = threading.Lock()  # the meter keeps the last stats: one writer at a time
 
     def insert(self, batch: pa.RecordBatch) -> InsertResult:
         demand = _demand(batch)
+        blocked_s = None
         with self._cond:
             if self._table.can_accept_ever(*demand):
                 t0 = time.monotonic()
                 self._cond.wait_for(lambda: self._table.can_accept(*demand), self._cfg.insert_timeout_s)
-                self._meter.on_insert_blocked(time.monotonic() - t0)
+                blocked_s = time.monotonic() - t0
             result = self._table.insert(batch)
-            self._meter.update(self._table.stats())
+            stats = self._table.stats()
             self._cond.notify_all()
+        with self._meter_lock:
+            if blocked_s is not None:
+                self._meter.on_insert_blocked(blocked_s)
+            self._meter.update(stats)
         if result.rejected:
-            metrics.record_rejected(self._table.shard_id, result.rejected, _traces_per_group(batch))
+            metrics.record_rejected(self._table.shard_id, result, _traces_per_group(batch))
         return result
 
     def sample(self, n_groups: int, policy_version: int, timeout_s: float = 0.0) -> SampleResult | None:
@@ -74,7 +81,8 @@ class ReplayShard:
                     break
                 self._cond.wait(remaining)
             self._cond.notify_all()  # a sample frees room and rate-limiter budget for blocked inserts
-            self._record_sample(result)
+            stats = self._table.stats()
+        self._record_sample(result, stats)
         return result
 
     def draw(self, n_groups: int, policy_version: int) -> tuple[SampleResult | None, int]:
@@ -84,19 +92,41 @@ class ReplayShard:
             left = self._table.available(policy_version)
             if result is not None:
                 self._cond.notify_all()
-            self._record_sample(result)
+            stats = self._table.stats()
+        self._record_sample(result, stats)
         return result, left
 
-    def _record_sample(self, result: SampleResult | None) -> None:
-        if result is not None:
-            self._meter.on_sample(result.staleness, result.batch.column("created_at").to_pylist(), time.time())
-        self._meter.update(self._table.stats())
+    def draw_split(
+        self, n_groups: int, policy_version: int, ranks: int, timeout_s: float = 0.0, first_part: int = 0
+    ) -> tuple:
+        """Sample (waiting up to `timeout_s`) and cut the draw into `ranks` token-balanced parts.
+
+        Call with `.options(num_returns=1 + ranks)`: the first return is a `SampleMeta` (ids and sizes,
+        what the caller `ray.get`s), each other one a `RankPart` or None, which stays in this process's
+        object store until the rank that gets the ref resolves it (replay/parts.py).
+        """
+        result = self.sample(n_groups, policy_version, timeout_s)
+        with self._cond:
+            left = self._table.available(policy_version)
+        if result is None:
+            return (empty_meta(ranks, left),) + (None,) * ranks
+        meta, parts = split_for_ranks(result, ranks, left, first_part)
+        return (meta, *parts)
+
+    def _record_sample(self, result: SampleResult | None, stats: ReplayStats) -> None:
+        """Metrics after the table's lock is released (per-trace ages are not worth blocking inserts for)."""
+        with self._meter_lock:
+            if result is not None:
+                self._meter.on_sample(result.staleness, result.batch.column("created_at").to_pylist(), time.time())
+            self._meter.update(stats)
 
     def available(self, policy_version: int) -> int:
         with self._cond:
             left = self._table.available(policy_version)  # may evict stale groups
-            self._meter.update(self._table.stats())
-            return left
+            stats = self._table.stats()
+        with self._meter_lock:
+            self._meter.update(stats)
+        return left
 
     def update_priorities(self, group_ids: list[str], priorities: list[float]) -> int:
         with self._cond:

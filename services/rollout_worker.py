@@ -34,7 +34,7 @@ from learner.weight_transport import (
     WeightSyncError,
     WeightSyncTimeout,
 )
-from replay.schema import traces_to_batch
+from replay.schema import prompt_once, traces_to_batch
 from replay.table import InsertResult
 from rollout.config import RolloutConfig
 from rollout.render import RenderConfig, Renderer
@@ -174,7 +174,8 @@ class RolloutWorker:
         self.batches += 1
         if origin is not None:
             traces = _stamp_origin(traces, origin, self.worker_id, self.batches)
-        result = self.replay.insert(traces_to_batch(traces)) if traces else InsertResult(0, 0, ())
+        # the group's prompt travels and is stored once (its first trace); the learner's collate expands it
+        result = self.replay.insert(prompt_once(traces_to_batch(traces))) if traces else InsertResult(0, 0, ())
         metrics.record_rollout(
             self.worker_id, self.engine.policy_version, sampled, t_gen - t0, time.perf_counter() - t_gen
         )

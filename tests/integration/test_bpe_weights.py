@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import ray
 
+from replay.schema import expand_prompts
 from services.config import load_config
 from services.driver import prepare_model
 from services.placement import start_actors
@@ -49,7 +50,8 @@ def test_vllm_sampled_logprobs_match_the_learner_after_a_broadcast():
         assert first is not None
         before = ray.get(rank.logprobs.remote(first.batch))
         assert _gap(before, first.batch) < 1e-4  # version 0: same weights on both sides
-        assert all(ids[0] != 0 for ids in first.batch.column("prompt_ids").to_pylist())  # no BOS/pad in front
+        prompts = expand_prompts(first.batch).column("prompt_ids").to_pylist()  # replay holds them once per group
+        assert all(ids[0] != 0 for ids in prompts)  # no BOS/pad in front
         # A near-random cold start usually scores every completion 0, which makes every advantage 0 and the
         # step a no-op; alternate the rewards so the step must move the weights.
         table = pa.Table.from_batches([first.batch])

@@ -11,6 +11,7 @@ import pytest
 import ray
 
 from replay.config import ReplayConfig
+from replay.parts import join_parts
 from replay.synthetic import group_batch
 from replay.table import ReplayTable
 from services.replay_client import ReplayClient, create_replay
@@ -114,6 +115,25 @@ class _Producer:
         for b in range(n_batches):
             accepted += client.insert(group_batch(_ids(f"{prefix}-{b}-", 4), group_size=2, seed=b)).accepted_groups
         return accepted
+
+
+def test_sample_to_ranks_leaves_the_payload_in_the_shards():
+    client = create_replay(ReplayConfig(num_shards=2, max_staleness=None))
+    client.insert(group_batch(_ids("r", 12), group_size=2))
+    routed = client.sample_to_ranks(6, 0, ranks=2, timeout_s=5.0)
+    assert routed is not None and routed.meta.num_groups == 6
+    assert all(len(ids) >= 1 for ids in routed.meta.group_ids)  # every rank gets groups
+    assert all(isinstance(ref, ray.ObjectRef) for refs in routed.parts for ref in refs)
+    seen = []
+    for k, refs in enumerate(routed.parts):
+        part = join_parts(ray.get(refs))  # what Ray resolves in rank k's process
+        assert tuple(dict.fromkeys(part.traces.column("group_id").to_pylist())) == routed.meta.group_ids[k]
+        assert part.traces.num_rows == routed.meta.traces[k]
+        seen += routed.meta.group_ids[k]
+    assert len(set(seen)) == 6 and sum(st.groups for st in client.stats()) == 6
+    assert client.groups_known() <= 6  # the client's cached counts never overstate what is left
+    assert client.sample_to_ranks(7, 0, ranks=2, timeout_s=0.3) is None  # 6 left: not enough
+    _kill(client.shards)
 
 
 def test_concurrent_producers_and_a_sampler_lose_and_duplicate_nothing():

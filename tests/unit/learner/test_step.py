@@ -12,9 +12,7 @@ a difference of two gradients, 1e-5 x the larger one).
 from __future__ import annotations
 
 import math
-import os
 import random
-import socket
 
 import pytest
 import torch
@@ -24,24 +22,7 @@ from learner.diagnostics import REDUCTIONS
 from learner.objective import requires
 from replay.schema import Trace, traces_to_batch
 
-pytestmark = [pytest.mark.slow]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def dist_env():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-        DS_ACCELERATOR="cpu",
-    )
-    yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("dist_env")]
 
 
 def _batch(seed: int = 0, groups: int = 3, size: int = 4):

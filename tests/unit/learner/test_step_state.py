@@ -4,9 +4,7 @@ the optimiser, and `save_state` / `load_state` restore weights, optimiser, sched
 from __future__ import annotations
 
 import math
-import os
 import random
-import socket
 
 import pytest
 import torch
@@ -14,24 +12,7 @@ import torch
 from learner.config import LearnerConfig
 from replay.schema import Trace, traces_to_batch
 
-pytestmark = [pytest.mark.slow]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def dist_env():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-        DS_ACCELERATOR="cpu",
-    )
-    yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("dist_env")]
 
 
 def _batch(reward: float = 1.0, seed: int = 0):
@@ -110,3 +91,46 @@ def test_save_and_load_state_restore_weights_optimiser_step_and_rng(tiny_model_d
     assert random.random() == draws[0] and torch.equal(torch.rand(3), draws[1])  # RNG continues where it was saved
     diag = fresh.train_step(_batch(seed=9))  # same optimiser moments -> the same next step, bit for bit
     assert _same(after_one[1], _weights(fresh)) and diag["loss"] == after_one[0]["loss"]
+
+
+def _uneven_batch():
+    """Two groups whose completions differ in length, so GRPO's token-mean policy loss is not 0."""
+    traces = []
+    for g in range(2):
+        for i in range(4):
+            n = 2 + i + g
+            traces.append(
+                Trace(
+                    group_id=f"w{g}",
+                    prompt_ids=(1, 5, 6, 7),
+                    completion_ids=tuple(3 + (i + k) % 12 for k in range(n)),
+                    behaviour_logprobs=(-1.0,) * n,
+                    reward=float(i % 2),
+                    policy_version=0,
+                )
+            )
+    return traces_to_batch(traces)
+
+
+def test_replay_weights_change_the_loss_and_priorities_move_replay(tiny_model_dir):
+    from learner.step import LearnerCore
+    from replay.config import ReplayConfig
+    from replay.table import ReplayTable
+
+    core = LearnerCore(LearnerConfig(lr=1e-12), tiny_model_dir, 0, 1)  # lr ~0: the policy stays put between calls
+    batch = _uneven_batch()
+    full = core.train_step(batch)
+    per = core.train_step(batch, (0.5, 0.5))  # prioritized replay's importance weights
+    assert abs(full["pg_loss"]) > 1e-4 and per["pg_loss"] == pytest.approx(0.5 * full["pg_loss"], rel=1e-4)
+    stale = core.train_step(batch, (1.0, 0.125))  # downweight: group w1 three versions past max_staleness
+    assert stale["sample_weight_mean"] == pytest.approx((4 * 1.0 + 4 * 0.125) / 8)
+    assert abs(stale["pg_loss"] - full["pg_loss"]) > 1e-5 and abs(stale["pg_loss"] - per["pg_loss"]) > 1e-5
+
+    gids, priorities = core.last_priorities
+    assert gids == ("w0", "w1") and all(p > 0 for p in priorities)
+    table = ReplayTable(ReplayConfig(sampler="prioritized", max_times_sampled=None))
+    table.insert(batch)
+    before = [g.priority for g in table._groups.values()]
+    assert table.update_priorities(list(gids), list(priorities)) == 2
+    after = [g.priority for g in table._groups.values()]
+    assert after == pytest.approx(list(priorities)) and after != pytest.approx(before)

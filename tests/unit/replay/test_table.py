@@ -194,12 +194,28 @@ def test_synchronous_mode_max_staleness_zero():
 
 
 def test_downweight_keeps_stale_groups_with_decayed_weight():
-    cfg = ReplayConfig(max_staleness=1, stale_policy="downweight", stale_weight_decay=0.5)
+    cfg = ReplayConfig(max_staleness=1, stale_policy="downweight", stale_weight_decay=0.5, hard_max_staleness=4)
     table = ReplayTable(cfg)
     table.insert(group_batch(["v0", "v2", "v3"], policy_version=[0, 2, 3]))
     out = table.sample(3, policy_version=4)  # staleness 4, 2, 1 -> excess 3, 1, 0
     assert out.staleness == (4, 2, 1) and out.group_weights == (0.125, 0.5, 1.0)
     assert table.stats().evicted_stale == 0
+
+
+def test_downweight_still_evicts_past_the_hard_bound():
+    cfg = ReplayConfig(max_staleness=1, stale_policy="downweight", stale_weight_decay=0.5)  # hard bound 2 * 1
+    table = ReplayTable(cfg)
+    table.insert(group_batch(["v0", "v1", "v3"], policy_version=[0, 1, 3]))
+    out = table.sample(2, policy_version=3)  # v0 is 3 stale > 2: evicted; v1 (2 stale) is down-weighted
+    assert _sampled_groups(out) == ["v1", "v3"] and out.group_weights == (0.5, 1.0)
+    assert table.stats().evicted_stale == 1
+
+
+def test_hard_max_staleness_is_validated():
+    with pytest.raises(ValueError, match="only with stale_policy='downweight'"):
+        ReplayConfig(max_staleness=1, hard_max_staleness=3)
+    with pytest.raises(ValueError, match="hard_max_staleness >= max_staleness"):
+        ReplayConfig(max_staleness=3, stale_policy="downweight", hard_max_staleness=2)
 
 
 def test_evict_oldest_when_full_by_groups_and_tokens():

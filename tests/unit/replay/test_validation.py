@@ -1,4 +1,4 @@
-"""Vectorised validation agrees with replay.schema.validate_trace, trace by trace."""
+"""Trace validation (replay.schema: one vectorised implementation) against an independent per-trace reference."""
 
 from __future__ import annotations
 
@@ -8,8 +8,15 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replay.schema import Trace, TraceError, batch_to_traces, traces_to_batch, validate_trace
-from replay.validation import invalid_rows, schema_problem
+from replay.schema import (
+    Trace,
+    TraceError,
+    batch_to_traces,
+    invalid_rows,
+    schema_problem,
+    traces_to_batch,
+    validate_trace,
+)
 
 _logprob = st.sampled_from([-2.0, -0.5, 0.0, 5e-5, 0.3, math.nan, -math.inf])
 _reward = st.sampled_from([0.0, 1.0, -3.5, math.nan, math.inf])
@@ -34,6 +41,20 @@ def _trace(draw) -> Trace:
 
 
 def _breaks(t: Trace) -> bool:
+    """The contract written out per trace in plain Python (the reference the vectorised checks must match)."""
+    n = len(t.completion_ids)
+    return (
+        n == 0
+        or len(t.behaviour_logprobs) != n
+        or (t.token_rewards is not None and len(t.token_rewards) != n)
+        or not math.isfinite(t.reward)
+        or any(not math.isfinite(x) or x > 1e-4 for x in t.behaviour_logprobs)
+        or t.policy_version < 0
+        or t.policy_version_max < t.policy_version
+    )
+
+
+def _raises(t: Trace) -> bool:
     try:
         validate_trace(t)
     except TraceError:
@@ -47,6 +68,7 @@ def test_invalid_rows_match_validate_trace(traces):
     batch = traces_to_batch(traces)
     expected = {i for i, t in enumerate(batch_to_traces(batch)) if _breaks(t)}
     assert set(invalid_rows(batch)) == expected
+    assert {i for i, t in enumerate(traces) if _raises(t)} == expected
 
 
 def test_each_malformation_has_its_own_reason():

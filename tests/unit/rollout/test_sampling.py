@@ -83,7 +83,7 @@ def test_weight_update_during_generate_spans_versions():
     [
         ([[done("3"), Completion((), (), FINISH_LENGTH)]], "empty completion"),
         ([[done("3")]], "expected 2 each"),
-        ([[done("3"), Completion((5,), (), FINISH_LENGTH)]], "behaviour_logprobs has 0 entries"),
+        ([[done("3"), Completion((5,), (), FINISH_LENGTH)]], "behaviour_logprobs length differs"),
     ],
 )
 def test_engine_contract_breaches_raise(groups, match):

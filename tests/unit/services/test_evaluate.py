@@ -58,6 +58,18 @@ def test_two_models_one_json_and_one_figure(tiny_model_dir, tmp_path, capsys):
     assert "| 6 |" in capsys.readouterr().out
 
 
+def test_reasoning_gym_task_on_a_chat_bpe_model(bpe_model_dir, tmp_path):
+    """The eval split of a source that measures rendered prompts (reasoning-gym, datasets) is built with the
+    run's renderer: the chat template, no BOS."""
+    out = tmp_path / "eval"
+    argv = ["--config", "deploy/configs/bpe_reasoning_cpu.yaml", "--model", str(bpe_model_dir), "--n", "2"]
+    argv += ["--limit", "3", "--out", str(out), "rollout.engine=hf", "task.eval_size=3", "task.max_prompt_tokens=80"]
+    assert evaluate.main(argv) == 0
+    data = json.loads((out / "passk.json").read_text())
+    assert data["settings"]["num_prompts"] == 3 and data["settings"]["task"]["kind"] == "reasoning_gym"
+    assert len(data["models"][0]["correct_per_prompt"]) == 3
+
+
 def test_table_has_a_row_per_k_and_greedy():
     curve = [{"k": k, "pass_at_k": 0.1 * k, "maj_at_k": 0.05 * k} for k in (1, 2)]
     text = format_table([{"label": "m", "curve": curve, "greedy_pass_at_1": 0.5}])

@@ -6,21 +6,21 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import pyarrow as pa
 import pytest
 
-import services.loop as loop_mod
+from replay.parts import SampleMeta
 from services.config import load_config
+from services.learner_rank import RankStepResult
 from services.loop import ActorLearnerLoop, LoopState
 from services.report import MetricsLog
+from services.train_flow import StepDone
 
 OK = {"skipped_nonfinite": 0.0, "loss": 0.5, "reward_mean": 0.5}
 NAN = {"skipped_nonfinite": 1.0, "nonfinite_in_gradient": 0.0, "loss": float("nan"), "reward_mean": 0.5}
 
 
 @pytest.fixture
-def loop(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop_mod.ray, "get", lambda refs: refs)  # train_refs hold the ranks' diagnostics
+def loop(tmp_path):
     lp = object.__new__(ActorLearnerLoop)
     lp.cfg = load_config(None, ["learner.max_consecutive_nonfinite=3", "run.max_learner_steps=100"])
     lp.s, lp.stop_reason, lp.initial_accuracy = LoopState(), None, 0.0
@@ -30,13 +30,28 @@ def loop(tmp_path, monkeypatch):
     lp.pool = SimpleNamespace(publish_must_wait=lambda: False)  # no re-formed weight group pending
     lp._publish = lambda: lp.published.append(lp.s.steps)
     lp._progress_update = lambda rec: None
+    lp._try_train = lambda: None
     return lp
 
 
+class _FinishedStep:
+    """Stands in for `TrainFlow` with one finished step: the ranks' results and the sample's meta."""
+
+    def __init__(self, done: StepDone):
+        self.done = done
+
+    def finish(self) -> StepDone:
+        return self.done
+
+
 def _step(lp, diags: list[dict], batch: int) -> None:
-    lp._batch_rows, lp._staleness, lp._trace_versions = 4, [0, 0], [0]
-    lp._trace_ids = pa.array([f"b{batch}-t{i}" for i in range(4)])
-    lp.train_refs = diags
+    ids = [f"b{batch}-t{i}" for i in range(4)]
+    meta = SampleMeta((("g0",), ("g1",)), (2, 2), (10, 10), (0, 0), (1.0, 1.0), (0,))
+    results = [
+        RankStepResult(d, (f"g{k}",), (0.5,), tuple(ids[2 * k : 2 * k + 2]) if d.get("skipped_nonfinite") else ())
+        for k, d in enumerate(diags)
+    ]
+    lp.train = _FinishedStep(StepDone(meta, results, lp.s.version, 100))
     lp._on_train_done()
 
 

@@ -11,8 +11,9 @@ import urllib.request
 import pytest
 
 from replay.config import ReplayConfig
+from replay.rejections import RejectReason
 from replay.schema import Trace, traces_to_batch
-from replay.table import ReplayTable
+from replay.table import InsertResult, ReplayTable
 from services import metrics
 
 pytestmark = pytest.mark.prometheus
@@ -153,36 +154,45 @@ def test_in_run_pass_at_k_is_the_evaluation_estimator(sink):
     assert sink.values("run_pass_at_k", worker=1, k=1) == []
 
 
-def _rejection_messages() -> dict[str, str]:
-    """Real reasons written by replay.table, one per label."""
+def _rejections() -> dict[str, tuple]:
+    """Real rejections written by replay.table, one per reason: label -> (reason, message)."""
     out = {}
     t = ReplayTable(ReplayConfig(capacity_groups=1, on_full="block", capacity_traces=4, max_staleness=None))
     assert t.insert(traces_to_batch(_group("a", [1.0] * 2))).accepted_groups == 1
-    out["duplicate"] = t.insert(traces_to_batch(_group("a", [1.0] * 2))).rejected[0][1]
-    out["full"] = t.insert(traces_to_batch(_group("b", [1.0] * 2))).rejected[0][1]
-    out["too_large"] = t.insert(traces_to_batch(_group("c", [1.0] * 5))).rejected[0][1]
-    out["invalid_trace"] = t.insert(traces_to_batch(_group("d", [math.nan] * 2))).rejected[0][1]
+
+    def first(res):
+        return res.reasons[0], res.rejected[0][1]
+
+    out["duplicate"] = first(t.insert(traces_to_batch(_group("a", [1.0] * 2))))
+    out["full"] = first(t.insert(traces_to_batch(_group("b", [1.0] * 2))))
+    out["too_large"] = first(t.insert(traces_to_batch(_group("c", [1.0] * 5))))
+    out["invalid_trace"] = first(t.insert(traces_to_batch(_group("d", [math.nan] * 2))))
     bad = traces_to_batch(_group("e", [1.0])).drop_columns(["task"])
-    out["bad_schema"] = t.insert(bad).rejected[0][1]
+    out["bad_schema"] = first(t.insert(bad))
     limited = ReplayTable(
         ReplayConfig(samples_per_insert=1.0, error_buffer=1.0, min_size_to_sample=1, max_staleness=None)
     )
-    reasons = [r for i in range(4) for _, r in limited.insert(traces_to_batch(_group(f"g{i}", [1.0]))).rejected]
-    out["rate_limited"] = reasons[0]
+    results = [limited.insert(traces_to_batch(_group(f"g{i}", [1.0]))) for i in range(4)]
+    out["rate_limited"] = next(first(r) for r in results if r.rejected)
     return out
 
 
-def test_reject_reason_labels_real_replay_messages():
-    for label, why in _rejection_messages().items():
-        assert metrics.reject_reason(why) == label, why
-    assert metrics.reject_reason("replay shard 1 is down (RayActorError: x); retry the insert") == "shard_down"
-    assert metrics.reject_reason("something new") == "other"
+def test_every_rejection_carries_its_reason_and_a_message():
+    got = _rejections()
+    assert len(got) == 6
+    for label, (reason, message) in got.items():
+        assert reason == RejectReason(label) and reason.value == label and len(message) > 20, (label, message)
 
 
 def test_record_rejected_counts_traces_per_reason(sink):
     metrics.record_rejected(
         2,
-        [("a", "rate limited: ..."), ("b", "rate limited: ..."), ("c", "trace x (group c): bad")],
+        InsertResult(
+            0,
+            0,
+            (("a", "rate limited: ..."), ("b", "rate limited: ..."), ("c", "trace x (group c): bad")),
+            (RejectReason.RATE_LIMITED, RejectReason.RATE_LIMITED, RejectReason.INVALID_TRACE),
+        ),
         {"a": 4, "b": 3, "c": 2},
     )
     assert sink.values("replay_rejected_traces", shard=2, reason="rate_limited") == [7]

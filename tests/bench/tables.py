@@ -1,0 +1,221 @@
+"""The tables of tests/bench/README.md, rendered from tests/bench/results/*.json so no number is typed by hand.
+
+    .venv/bin/python -m tests.bench.tables          # rewrite the generated blocks of tests/bench/README.md
+
+Contract: the README holds blocks `<!-- table:NAME -->` ... `<!-- /table -->`; `render_readme(text)` replaces
+each block's body with `TABLES[NAME]()` (read from the results files now) and leaves the prose around them
+alone. `tests/unit/bench/test_tables.py` fails when the checked-in README differs from what the results
+files render, so a re-run benchmark cannot leave stale numbers in the docs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent / "README.md"
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", flags=re.S)
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def _f(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _rows(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def spine() -> str:
+    d = _load("spine")
+    ours, trl = d["ours"], d["trl"]
+    gains = sorted(d["seconds_to_gain"], key=lambda g: float(g))
+    rows = [
+        ["held-out accuracy after the cold start", _f(ours["eval_accuracy_initial"]), _f(trl["initial_accuracy"])],
+        [
+            f"held-out accuracy at the end ({ours['rl_wall_s']:.0f} s of RL; TRL stops at its target)",
+            f"{_f(ours['eval_accuracy_final'])} (best {_f(ours['eval_accuracy_best'])})",
+            _f(trl["final_accuracy"]),
+        ],
+        ["learner steps", str(ours["learner_steps"]), f"{trl['steps']} (lr {d['trl_lr']:g})"],
+    ]
+    for g in gains:
+        first, mean3 = d["seconds_to_gain"][g], d["seconds_to_gain_3eval_mean"][g]
+        rows.append(
+            [
+                f"RL seconds to {g} points (first eval / mean of 3 evals)",
+                f"{_f(first['ours'], 1)} / {_f(mean3['ours'], 1)}",
+                f"{_f(first['trl'], 1)} / {_f(mean3['trl'], 1)} (TRL/ours {_f(first['trl_over_ours'], 2)}x / "
+                f"{_f(mean3['trl_over_ours'], 2)}x)",
+            ]
+        )
+    rows.append(["whole job incl. start-up (cold start cached)", f"{ours['wall_s']:.0f} s", ""])
+    return _rows(["", "Flywheel", "TRL GRPOTrainer"], rows)
+
+
+def staleness() -> str:
+    d = _load("staleness")
+    rows = []
+    for c in d["cells"]:
+        rows.append(
+            [
+                "0 (sync)" if c["staleness"] == 0 else str(c["staleness"]),
+                c["loss"],
+                _f(c["accuracy_final"]),
+                _f(c["accuracy_best"]),
+                _f(c["kl_behaviour_mean"]),
+                str(c["learner_steps"]),
+                _f(c["seconds_to_plus10"], 1),
+                _f(c["seconds_to_plus20"], 1),
+                "-" if c["speedup_vs_sync_plus20"] is None else f"{c['speedup_vs_sync_plus20']:.2f}x",
+            ]
+        )
+    header = ["max staleness", "loss", "final acc.", "best", "KL(behaviour)", "learner steps", "s to +10", "s to +20"]
+    return _rows([*header, "vs sync (+20)"], rows)
+
+
+def replay() -> str:
+    d = _load("replay")
+    naive = d["rows"][0]["sample_traces_per_s"]
+    rows = [
+        [
+            r["name"],
+            f"{r['sample_traces_per_s'] / 1e3:.1f}k",
+            f"{r['sample_traces_per_s'] / naive:.1f}x",
+            f"{r['insert_traces_per_s'] / 1e3:.1f}k",
+        ]
+        for r in d["rows"]
+    ]
+    table = _rows(["", "sample traces/s", "vs naive", "insert traces/s"], rows)
+    return table + (
+        f"\nMemory held: {_f(d['memory_over_raw'], 2)}x the raw token bytes; load average during the run "
+        f"{d['workload']['load_avg_1m']:.1f}.\n"
+    )
+
+
+def replay_durability() -> str:
+    d = _load("replay")["durability"]
+    rows = [
+        [mode, f"{d[f'appends_per_s_{mode}']:.0f}", f"{d[f'sample_calls_per_s_{mode}']:.0f}"]
+        for mode in ("memory", "no_fsync", "fsync")
+    ]
+    return _rows(["journal", "appends/s", "sample calls/s"], rows) + (
+        f"\n{d['traces_per_append']} traces ({d['bytes_per_append'] / 1e3:.0f} kB) per append on {d['filesystem']}; "
+        f"fsync costs {1 - d['fsync_over_no_fsync']:.0%} of append throughput "
+        f"({d['insert_ms_fsync']:.1f} vs {d['insert_ms_no_fsync']:.1f} ms per insert).\n"
+    )
+
+
+def weight_sync() -> str:
+    d = _load("weight_sync")
+    rows = []
+    for size, s in d["sizes"].items():
+        m = s["methods"]
+        rows.append(
+            [
+                f"{size} ({s['bytes'] / 2**20:.0f} MiB, {s['tensors']} tensors)",
+                f"{m['naive_prealloc']['min_s'] * 1e3:.0f} ms",
+                f"{m['bucket_32MB']['min_s'] * 1e3:.0f} ms",
+                f"{m['bucket_256MB']['min_s'] * 1e3:.0f} ms",
+                f"{m['memcpy']['min_s'] * 1e3:.0f} ms",
+                f"{s['bucketed_over_naive']['32MB']:.2f}x",
+            ]
+        )
+    header = ["model", "per-tensor (prealloc)", "bucketed 32 MB", "bucketed 256 MB", "memcpy", "bucketed/naive"]
+    table = _rows(header, rows)
+    pub = d["publish"]["cells"]
+    prow = [
+        [
+            key.replace("/", " "),
+            f"{c['sender_blocked_s'] * 1e3:.0f} ms",
+            f"{c['sender_extra_over_model_bytes']:.2f}",
+            f"{c['receive_load_s']:.2f} s",
+            f"{c['receiver_peak_over_model_bytes']:.2f}",
+        ]
+        for key, c in pub.items()
+    ]
+    header = ["model, wire dtype, path", "sender blocked", "sender extra / model bytes", "receive + load"]
+    return (
+        table
+        + "\nPublishing (old = host fp32 copy on rank 0; new = streamed buckets):\n\n"
+        + _rows([*header, "receiver peak / model bytes"], prow)
+    )
+
+
+def learner() -> str:
+    d = _load("learner")
+    base = d["configs"]["old"]
+    rows = [
+        [
+            name,
+            json.dumps(c["learner_config"]).replace("|", "/"),
+            f"{c['tokens_per_s']:.1f}",
+            f"{c['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+            f"{c['step_peak_over_before_gib']:.2f}",
+            f"{c['step_peak_over_before_gib'] / base['step_peak_over_before_gib']:.2f}x",
+        ]
+        for name, c in d["configs"].items()
+    ]
+    header = ["config", "learner settings", "tokens/s", "vs old", "step peak over resident (GiB)", "vs old"]
+    return _rows(header, rows) + (
+        f"\nModel: {d['meta']['model']}; {d['meta']['rows']} sequences of {d['meta']['prompt_tokens']} prompt + up to "
+        f"{d['meta']['completion_tokens_max']} completion tokens. Collate from Arrow buffers: "
+        f"{d['collate']['collate_speedup']:.1f}x the to_pydict path.\n"
+    )
+
+
+def passk(name: str) -> Callable[[], str]:
+    def table() -> str:
+        d = _load(f"passk_{name}")
+        models = d["models"]
+        header = ["k"] + [f"{m['label']}: pass@k / maj@k" for m in models]
+        rows = [
+            [str(point["k"])] + [f"{_f(m['curve'][i]['pass_at_k'])} / {_f(m['curve'][i]['maj_at_k'])}" for m in models]
+            for i, point in enumerate(models[0]["curve"])
+        ]
+        rows.append(["greedy pass@1"] + [_f(m["greedy_pass_at_1"]) for m in models])
+        b = d["bench"]
+        return _rows(header, rows) + (
+            f"\n{d['settings']['num_prompts']} held-out prompts, n={d['settings']['n']} samples each at T="
+            f"{d['settings']['temperature']:g}; RL ran {b['run_summary']['learner_steps']} learner steps in "
+            f"{b['rl_s']:g} s; load average {b['loadavg_before'][0]:.1f} before, {b['loadavg_after'][0]:.1f} after.\n"
+        )
+
+    return table
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "spine": spine,
+    "staleness": staleness,
+    "replay": replay,
+    "replay_durability": replay_durability,
+    "weight_sync": weight_sync,
+    "learner": learner,
+}
+for _name in ("tiny", "reasoning"):
+    if (RESULTS / f"passk_{_name}.json").exists():
+        TABLES[f"passk_{_name}"] = passk(_name)
+
+
+def render_readme(text: str) -> str:
+    def body(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise KeyError(f"tests/bench/README.md has a block table:{name}; tests/bench/tables.py has no such table")
+        return m.group(1) + TABLES[name]() + m.group(4)
+
+    return BLOCK.sub(body, text)
+
+
+if __name__ == "__main__":
+    README.write_text(render_readme(README.read_text()))
+    sys.stdout.write(f"rewrote the generated tables of {README}\n")
