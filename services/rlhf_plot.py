@@ -23,7 +23,7 @@ def gold_vs_proxy(records: list[dict]) -> dict[str, list[float]]:
     for r in sorted(records, key=lambda r: r.get("t", 0.0)):
         if r.get("kind") == "learner_step":
             kl = r.get("kl_ref", r.get("kl_behaviour", kl))
-        elif r.get("kind") == "rollout" and r.get("gold_reward_mean") is not None and r.get("model_score_mean"):
+        elif r.get("kind") == "rollout" and None not in (r.get("gold_reward_mean"), r.get("model_score_mean")):
             for key, value in (("t", r["t"]), ("kl", kl), ("gold", r["gold_reward_mean"])):
                 out[key].append(value)
             out["proxy"].append(r["model_score_mean"])
