@@ -1,11 +1,14 @@
 """RLHF end to end on a task with a gold verifier: pairs -> reward model -> RL against it, and DPO on the same pairs.
 
-    .venv/bin/python -m tests.bench.rlhf [--rm-steps 300] [--rl-wall-s 540] [--dpo-steps 150] [--seed 0]
+    .venv/bin/python -m tests.bench.rlhf [--rm-steps 300] [--rm-lr 1e-3] [--rm-pairs verified|all]
+        [--rl-wall-s 540] [--dpo-steps 150] [--pairs-from runs/bench-rlhf] [--skip-rl] [--skip-dpo] [--seed 0]
 
 1. The tiny_cpu policy after its cold start samples 8 completions per prompt (train prompts, and the task's
    held-out prompts); pairs: chosen = verified correct, rejected = wrong, plus wrong-vs-wrong pairs ranked by
    a graded gold score (characters in the right place). Held-out pairs come from the held-out prompts only.
-2. A reward model (that policy's trunk + scalar head) trains on the train pairs: held-out pairwise accuracy.
+2. A reward model (that policy's trunk + scalar head) trains on the train pairs (`--rm-pairs verified`: only
+   correct-vs-wrong pairs; the graded wrong-vs-wrong pairs carry a weak, noisy signal): held-out pairwise
+   accuracy on the held-out verified pairs. `--pairs-from` reuses the pairs of an earlier run (sampling is slow).
 3. RL (deploy/configs/rlhf_tiny_cpu.yaml: GRPO, reward = the reward model alone, KL to the reference) from
    the same policy: gold gain = held-out greedy accuracy (the verifier) final − initial, within the wall budget.
 4. DPO from the same policy on the same pairs: gold gain on the same held-out problems, same greedy eval.
@@ -86,6 +89,31 @@ def train_rm(model_dir: Path, train, held, steps: int, lr: float, out_dir: Path,
     final = train_reward_model(model, train, held, cfg, on_metrics=lambda s, r: curve.append({"step": s, **r}))
     path = save_reward_model(model, model_dir, out_dir / "reward_model")
     return final, time.perf_counter() - t0, path, [c for c in curve if "rm/eval_pairwise_accuracy" in c]
+
+
+def accuracy_by_first_difference(rm_path: Path, pairs, renderer) -> dict[str, dict]:
+    """Held-out pairwise accuracy grouped by the first character where chosen and rejected differ.
+
+    With reversed answers, position 0 is the units digit (no carry needed), 1 the tens (needs the carry):
+    an RM that only checks the easy digit is right on the first group and at chance on the rest.
+    """
+    import torch
+
+    from learner.preference_losses import pairwise_accuracy
+    from learner.reward_model import init_reward_model, pair_rewards
+
+    model = init_reward_model(rm_path).eval()
+    groups: dict[int, list] = {}
+    for p in pairs:
+        c, r = renderer.completion_text(p.chosen_ids), renderer.completion_text(p.rejected_ids)
+        first = next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
+        groups.setdefault(first, []).append(p)
+    out = {}
+    with torch.no_grad():
+        for first, group in sorted(groups.items()):
+            chosen, rejected = pair_rewards(model, group)
+            out[str(first)] = {"pairs": len(group), "accuracy": pairwise_accuracy(chosen, rejected)}
+    return out
 
 
 def run_rl(rm_path: Path, wall_s: float, seed: int) -> dict:
@@ -176,7 +204,10 @@ def main() -> int:
         "rm_pairwise_accuracy": rm_final["rm/eval_pairwise_accuracy"],
         "rm_reward_gap": rm_final["rm/eval_reward_gap"],
         "rm_train_s": rm_s,
+        "rm_steps": args.rm_steps,
+        "rm_lr": args.rm_lr,
         "rm_curve": rm_curve,
+        "rm_accuracy_by_first_difference": accuracy_by_first_difference(rm_path, held_verified, renderer),
     }
     save()
     rl = None if args.skip_rl else run_rl(rm_path, args.rl_wall_s, args.seed)
