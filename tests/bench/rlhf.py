@@ -1,6 +1,6 @@
 """RLHF end to end on a task with a gold verifier: pairs -> reward model -> RL against it, and DPO on the same pairs.
 
-    .venv/bin/python -m tests.bench.rlhf [--rm-steps 300] [--rm-lr 1e-3] [--rm-pairs verified|all]
+    .venv/bin/python -m tests.bench.rlhf [--rm-steps 700] [--rm-lr 1e-4] [--rm-pairs verified|all]
         [--rl-wall-s 540] [--dpo-steps 150] [--pairs-from runs/bench-rlhf] [--skip-rl] [--skip-dpo] [--seed 0]
 
 1. The tiny_cpu policy after its cold start samples 8 completions per prompt (train prompts, and the task's
@@ -150,12 +150,12 @@ def run_dpo(model_dir: Path, task, renderer, train, held, steps: int, seed: int,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rm-steps", type=int, default=300)
+    ap.add_argument("--rm-steps", type=int, default=700)
     ap.add_argument("--rl-wall-s", type=float, default=540.0)
     ap.add_argument("--dpo-steps", type=int, default=150)
     ap.add_argument("--train-prompts", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rm-lr", type=float, default=1e-3)
+    ap.add_argument("--rm-lr", type=float, default=1e-4)
     ap.add_argument("--rm-pairs", choices=("verified", "all"), default="verified")
     ap.add_argument("--pairs-from", type=Path, default=None, help="reuse pairs_{train,eval}.jsonl from this directory")
     ap.add_argument("--skip-rl", action="store_true")

@@ -221,7 +221,8 @@ def rlhf() -> str:
     )
     if dpo is not None:
         note += f"; DPO greedy accuracy {_f(dpo['initial'])} -> {_f(dpo['final'])} in {_f(dpo['train_s'], 0)} s"
-    return _rows(["", "measured", "goal"], rows) + note + f". {d['load_note']}.\n"
+    load = d["load_note"][:1].upper() + d["load_note"][1:]
+    return _rows(["", "measured", "goal"], rows) + note + f". {load}.\n"
 
 
 TABLES: dict[str, Callable[[], str]] = {
