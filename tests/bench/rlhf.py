@@ -181,7 +181,8 @@ def main() -> int:
         train = verified_only(train, renderer, task.score)
     result = {
         "task": "2-digit addition, reversed_padded answers, tiny char Llama after cold start (deploy/configs/tiny_cpu)",
-        "load_note": "shared 2-core box, other engineers' runs going (load average ~4-12): times inflated",
+        "load_note": "shared 2-core box, other engineers' runs going: times inflated",
+        "loadavg_start": os.getloadavg(),
         "pairs": {
             "train_all": len(all_train),
             "rm_train": len(train),
@@ -195,7 +196,11 @@ def main() -> int:
         "rl_gold_gain": None,
         "dpo_gold_gain": None,
     }
-    save = lambda: (RESULTS / "rlhf.json").write_text(json.dumps(result, indent=1))  # noqa: E731 - after each phase
+
+    def save() -> None:  # after each phase, with the load average at that moment
+        result["loadavg_end"] = os.getloadavg()
+        (RESULTS / "rlhf.json").write_text(json.dumps(result, indent=1))
+
     # held-out accuracy on verified pairs (correct vs wrong): the question the RL reward has to answer
     rm_final, rm_s, rm_path, rm_curve = train_rm(
         model_dir, train, held_verified, args.rm_steps, args.rm_lr, out_dir, args.seed
