@@ -33,6 +33,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rollout import sandbox
+from rollout.reward_model_scorer import RewardModelConfig
 from rollout.sandbox import SandboxConfig, SandboxResult, code_output_reward, run_sandboxed_code  # noqa: F401
 from rollout.tasks import Problem
 
@@ -46,6 +47,14 @@ class RewardConfig(BaseModel):
     anything that can hang or crash belongs in `process`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["verifier", "model"] = Field(
+        "verifier",
+        description="verifier: the score function below is the reward; model: a learned reward model "
+        "(reward.model) scores completions, mixed with the verifier by weights, the verifier logged as gold",
+    )
+    model: RewardModelConfig | None = Field(
+        None, description="kind=model: the reward-model checkpoint, where it runs and the mix weights"
+    )
     function: str | None = Field(
         None,
         description="'package.module:callable' taking (problem, completion) -> float, used for rewards and "
@@ -73,6 +82,15 @@ class RewardConfig(BaseModel):
         default_factory=SandboxConfig,
         description="limits of code-execution rewards (rollout/sandbox.py); only used by verifiers that run code",
     )
+
+    @model_validator(mode="after")
+    def _model_given(self) -> RewardConfig:
+        if (self.kind == "model") != (self.model is not None):
+            raise ValueError(
+                f"reward.kind={self.kind!r} with reward.model {'unset' if self.model is None else 'set'}: "
+                "kind=model needs reward.model.path (a services.train_rm output); kind=verifier takes no model"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sandbox_fits_in_a_call(self) -> RewardConfig:

@@ -391,6 +391,13 @@ def check_model_path(cfg: RunConfig) -> None:
             tokenizer=True,
             fix="(e.g. an earlier run's final_model) or set objective.kl_teacher.coef=0",
         )
+    if cfg.reward.model is not None:
+        _check_hf_dir(
+            "reward.model.path",
+            cfg.reward.model.path,
+            tokenizer=True,
+            fix="e.g. runs/<name>/reward_model written by python -m services.train_rm",
+        )
 
 
 def _check_hf_dir(field: str, path: str, tokenizer: bool, fix: str) -> None:

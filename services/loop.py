@@ -389,6 +389,10 @@ class ActorLearnerLoop:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.log.summary(summary)
         draw_report(self.run_dir)
+        if self.cfg.reward.kind == "model":
+            from services.rlhf_plot import draw_overoptimisation
+
+            draw_overoptimisation(self.run_dir)
         self._progress_close()
         log.info(f"\nrun {self.cfg.run.name!r} finished -> {self.run_dir}\n{format_summary(summary)}")
         return summary

@@ -75,6 +75,10 @@ METRICS: tuple[MetricSpec, ...] = (
         "rollout_completion_tokens", "histogram", "generation length per trace, tokens", "worker", boundaries=_TOKENS
     ),
     _spec("rollout_reward_mean", "gauge", "mean reward of the worker's last batch, per task", "worker", "task"),
+    _spec(
+        "rollout_gold_reward_mean", "gauge", "reward.kind=model: mean verifier (gold) score of the last batch", "worker"
+    ),
+    _spec("rollout_model_score_mean", "gauge", "reward.kind=model: mean raw reward-model score, last batch", "worker"),
     _spec("rollout_policy_version", "gauge", "policy_version of the weights in the worker's engine", "worker"),
     _spec(
         "rollout_last_active_timestamp_seconds",
@@ -366,6 +370,14 @@ def record_rollout(
         est = [pass_at_k(len(g), sum(r >= SOLVED_AT for r in g), k) for g in groups.values()]
         emit("run_pass_at_k", sum(est) / len(est), worker=w, k=k)
     record_engine_version(w, policy_version)
+
+
+def record_model_reward(worker_id: int, gold_mean: float | None, model_mean: float | None) -> None:
+    """reward.kind=model: the gold (verifier) and proxy (reward-model) means of a batch, side by side."""
+    if gold_mean is not None:
+        emit("rollout_gold_reward_mean", gold_mean, worker=worker_id)
+    if model_mean is not None:
+        emit("rollout_model_score_mean", model_mean, worker=worker_id)
 
 
 def record_engine_version(worker_id: int, policy_version: int, now: float | None = None) -> None:

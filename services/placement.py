@@ -63,6 +63,14 @@ def plan(cfg: RunConfig) -> list[ActorSpec]:
                 tuple(rc.ray_resources.items()),
             )
         )
+    rm = cfg.reward.model
+    if rm is not None and rm.placement == "actor":
+        specs += [
+            ActorSpec(
+                "reward_model", i, rm.num_cpus_per_actor, rm.num_gpus_per_actor, f"{rm.path} batch={rm.batch_size}"
+            )
+            for i in range(rm.num_actors)
+        ]
     return specs
 
 
@@ -116,7 +124,8 @@ def start_rollout_worker(cfg: RunConfig, model_dir: Path, cache_dir: Path, worke
 
 
 def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
-    """Create replay, the DeepSpeed group and the rollout workers, and wire the weight group.
+    """Create replay, the DeepSpeed group, the reward-model actors (reward.kind=model, placement=actor) and the
+    rollout workers, and wire the weight group.
 
     Returns (replay_client, learner_ranks, rollout_workers), the dedicated eval worker (`run.eval_worker`)
     last among the workers. Blocks until every actor is ready.
@@ -140,6 +149,11 @@ def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
     ]
     addr, port = ray.get(ranks[0].node_address.remote())
     setups = [rank.setup.remote(addr, port) for rank in ranks]
+    rm = cfg.reward.model
+    if rm is not None and rm.placement == "actor":
+        from services.reward_model_actor import start_reward_model_actors
+
+        start_reward_model_actors(rm, cfg.render, env)
     workers = [start_rollout_worker(cfg, model_dir, cache_dir, w, replay) for w in range(cfg.rollout.num_workers)]
     ray.get(setups)
     # Engines built first: the rendezvous below gives members weight_sync.timeout_s to arrive, which a

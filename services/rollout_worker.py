@@ -72,6 +72,9 @@ class RolloutStats:
     # groups replay already had (a re-issued call whose first worker died after inserting them): not
     # inserted again and not lost, so not counted in rejected_groups
     duplicate_groups: int = 0
+    # reward.kind=model: mean verifier (gold) score and raw reward-model (proxy) score of what was sampled
+    gold_reward_mean: float | None = None
+    model_score_mean: float | None = None
 
 
 def origin_group_ids(origin: tuple[int, int], num_prompts: int, seed: int) -> list[str]:
@@ -118,6 +121,13 @@ class RolloutWorker:
         # One scoring function for rewards and eval: the user's, else the task's verifier (small, picklable).
         fn = load_reward_function(reward_cfg.function) if reward_cfg.function else self.task.verifier.score
         self.scorer = RewardScorer(fn, reward_cfg)
+        self.model_reward = None
+        if reward_cfg.kind == "model":
+            from rollout.reward_model_scorer import ModelRewardMix
+            from services.reward_model_actor import ModelScoreSource
+
+            source = ModelScoreSource(reward_cfg.model, self.renderer, worker_id)
+            self.model_reward = ModelRewardMix(reward_cfg.model, source.score)
         self._failures = ScoreBatchResult(rewards=[])
         self.transport = None
         self.batches = 0
@@ -143,7 +153,23 @@ class RolloutWorker:
             non_finite=f.non_finite + result.non_finite,
             sandbox={k: f.sandbox.get(k, 0) + result.sandbox.get(k, 0) for k in {*f.sandbox, *result.sandbox}},
         )
-        return result.rewards
+        if self.model_reward is None:
+            return result.rewards
+        return self.model_reward.rewards(items, result.rewards)
+
+    def _model_reward_stats(self) -> dict:
+        """Gold/proxy means for the stats, and the reward model's failures folded into the reward counters."""
+        if self.model_reward is None:
+            return {}
+        st = self.model_reward.take_stats()
+        f = self._failures
+        self._failures = dataclasses.replace(
+            f,
+            timeouts=f.timeouts + st["model_timeouts"],
+            errors=f.errors + st["model_errors"],
+            non_finite=f.non_finite + st["model_non_finite"],
+        )
+        return {"gold_reward_mean": st["gold_reward_mean"], "model_score_mean": st["model_score_mean"]}
 
     def rollout(
         self, num_prompts: int, problems: list[Problem] | None = None, origin: tuple[int, int] | None = None
@@ -198,6 +224,9 @@ class RolloutWorker:
         metrics.record_rollout(
             self.worker_id, self.engine.policy_version, sampled, t_gen - t0, time.perf_counter() - t_gen
         )
+        model_stats = self._model_reward_stats()
+        if model_stats:
+            metrics.record_model_reward(self.worker_id, *model_stats.values())
         return RolloutStats(  # groups/traces/tokens/reward_mean describe what was sampled and scored
             worker_id=self.worker_id,
             policy_version=self.engine.policy_version,
@@ -217,6 +246,7 @@ class RolloutWorker:
             uniform_groups=uniform,
             batches=self.batches,
             sandbox_outcomes=self._failures.sandbox,
+            **model_stats,
         )
 
     def restore_batches(self, batches: int) -> int:

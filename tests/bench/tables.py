@@ -293,7 +293,40 @@ def ab(name: str) -> Callable[[], str]:
     return table
 
 
+def _points(x) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}"
+
+
+def rlhf() -> str:
+    d = _load("rlhf")
+    goals, rl, dpo = d["goals"], d.get("rl"), d.get("dpo")
+    rows = [
+        [
+            "reward model: held-out pairwise accuracy (verified correct vs wrong)",
+            _f(d["rm_pairwise_accuracy"]),
+            f">= {goals['rm_pairwise_accuracy']:.2f}",
+        ],
+        [
+            "RL against the reward model: gold held-out accuracy gain (points)",
+            "not run" if rl is None else _points(d["rl_gold_gain"]),
+            f">= +{100 * goals['rl_gold_gain']:.0f} in {goals['rl_wall_s']} s",
+        ],
+        ["DPO on the same pairs: gold held-out accuracy gain (points)", _points(d["dpo_gold_gain"]), "reported"],
+    ]
+    p = d["pairs"]
+    note = (
+        f"\nPairs: {p.get('train_all', p.get('train'))} train ({p.get('rm_train', '-')} verified used for the RM), "
+        f"{p['held_out']} held-out verified pairs from the task's eval prompts. "
+        f"RM {d.get('rm_steps', '-')} steps in {_f(d.get('rm_train_s'), 0)} s"
+    )
+    if dpo is not None:
+        note += f"; DPO greedy accuracy {_f(dpo['initial'])} -> {_f(dpo['final'])} in {_f(dpo['train_s'], 0)} s"
+    load = d["load_note"][:1].upper() + d["load_note"][1:]
+    return _rows(["", "measured", "goal"], rows) + note + f". {load}.\n"
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "rlhf": rlhf,
     "spine": spine,
     "staleness": staleness,
     "replay": replay,

@@ -1,0 +1,43 @@
+import pytest
+
+from services.config import ConfigError, load_config
+from services.placement import plan
+from services.train_rm import load_preference_config, main
+
+
+def test_config_sections_and_errors(tmp_path):
+    run_cfg, sections = load_preference_config(
+        "deploy/configs/preferences/rm_tiny_cpu.yaml",
+        ["rm_training.steps=7", "dpo.kind=cdpo", "dpo.label_smoothing=0.1"],
+    )
+    assert sections.rm_training.steps == 7 and sections.dpo.kind == "cdpo"
+    assert run_cfg.task.answer_format == "reversed_padded"
+    with pytest.raises(ConfigError, match=r"rm_training.stepz: unknown key"):
+        load_preference_config("deploy/configs/preferences/rm_tiny_cpu.yaml", ["rm_training.stepz=7"])
+    with pytest.raises(ConfigError, match=r"dpo.kind"):
+        load_preference_config("deploy/configs/preferences/rm_tiny_cpu.yaml", ["dpo.kind=kto"])
+
+
+def test_cli_exits_2_on_bad_config_and_missing_data(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--config", "deploy/configs/preferences/rm_tiny_cpu.yaml", "rm_training.lr=-1"]) == 2
+    assert "rm_training.lr" in capsys.readouterr().err
+
+
+def test_plan_lists_reward_model_actors():
+    cfg = load_config(
+        "deploy/configs/rlhf_tiny_cpu.yaml", ["reward.model.num_actors=2", "reward.model.num_cpus_per_actor=0.5"]
+    )
+    rm = [s for s in plan(cfg) if s.role == "reward_model"]
+    assert [(s.index, s.num_cpus) for s in rm] == [(0, 0.5), (1, 0.5)]
+    worker_side = load_config("deploy/configs/rlhf_tiny_cpu.yaml", ["reward.model.placement=worker"])
+    assert not [s for s in plan(worker_side) if s.role == "reward_model"]
+
+
+def test_reward_model_path_is_checked_at_start_up(tmp_path):
+    from services.config import check_model_path
+
+    cfg = load_config("deploy/configs/rlhf_tiny_cpu.yaml", [f"reward.model.path={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match=r"reward.model.path=.* is not a directory.*services.train_rm"):
+        check_model_path(cfg)
