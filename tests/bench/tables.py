@@ -1,4 +1,5 @@
-"""The tables of tests/bench/README.md, rendered from tests/bench/results/*.json so no number is typed by hand.
+"""The tables of tests/bench/README.md (and the few the top README quotes), rendered from
+tests/bench/results/*.json so no number is typed by hand.
 
     .venv/bin/python -m tests.bench.tables          # rewrite the generated blocks of tests/bench/README.md
 
@@ -18,6 +19,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent / "README.md"
+USER_README = Path(__file__).resolve().parents[2] / "README.md"  # the user's guide quotes a few of them
+DOCS = (README, USER_README)
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", flags=re.S)
 
 
@@ -325,7 +328,47 @@ def rlhf() -> str:
     return _rows(["", "measured", "goal"], rows) + note + f". {load}.\n"
 
 
+def spine_summary() -> str:
+    """The user's guide's short form of `spine`."""
+    d = _load("spine")
+    ours, trl = d["ours"], d["trl"]
+    first, mean3 = d["seconds_to_gain"]["+20"], d["seconds_to_gain_3eval_mean"]["+20"]
+    rows = [
+        ["held-out accuracy after the cold start", _f(ours["eval_accuracy_initial"]), _f(trl["initial_accuracy"])],
+        [
+            f"held-out accuracy after {ours['rl_wall_s']:.0f} s of RL",
+            f"**{_f(ours['eval_accuracy_final'])}** (best {_f(ours['eval_accuracy_best'])})",
+            "stops at +20 points",
+        ],
+        [
+            "RL seconds to +20 points (first eval / mean of 3 evals)",
+            f"{_f(first['ours'], 1)} / {_f(mean3['ours'], 1)}",
+            f"{_f(first['trl'], 1)} / {_f(mean3['trl'], 1)}",
+        ],
+        ["learner steps", str(ours["learner_steps"]), f"{trl['steps']} to +20"],
+    ]
+    return _rows(["", "Flywheel", "TRL GRPO"], rows)
+
+
+def chaos_summary() -> str:
+    """The user's guide's short form of `chaos`."""
+    d = _load("chaos")
+    rows = [
+        [
+            f"seed {d['seed']}: kill -9 of {d['kills_worker']} rollout worker, {d['kills_shard']} replay shard, "
+            f"{d['kills_driver']} driver (+ --resume)",
+            f"{d['prompts_drawn']} prompts drawn, {d['prompts_reissued'] + d['prompts_requeued_at_resume']} "
+            f"re-issued, {d['prompts_lost']} lost, {d['prompts_inserted_twice']} inserted twice; "
+            f"{d['groups_acknowledged']} groups acknowledged, {d['groups_lost']} lost; "
+            f"{d['learner_steps']} steps, policy_version monotone",
+        ]
+    ]
+    return _rows(["chaos test (tests/e2e/test_chaos.py)", "audit from what the run left on disk"], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "spine_summary": spine_summary,
+    "chaos_summary": chaos_summary,
     "rlhf": rlhf,
     "spine": spine,
     "staleness": staleness,
@@ -348,12 +391,13 @@ def render_readme(text: str) -> str:
     def body(m: re.Match) -> str:
         name = m.group("name")
         if name not in TABLES:
-            raise KeyError(f"tests/bench/README.md has a block table:{name}; tests/bench/tables.py has no such table")
+            raise KeyError(f"a README has a block table:{name}; tests/bench/tables.py has no such table")
         return m.group(1) + TABLES[name]() + m.group(4)
 
     return BLOCK.sub(body, text)
 
 
 if __name__ == "__main__":
-    README.write_text(render_readme(README.read_text()))
-    sys.stdout.write(f"rewrote the generated tables of {README}\n")
+    for doc in DOCS:
+        doc.write_text(render_readme(doc.read_text()))
+        sys.stdout.write(f"rewrote the generated tables of {doc}\n")

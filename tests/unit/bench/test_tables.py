@@ -7,12 +7,13 @@ import pytest
 from tests.bench import tables
 
 
-def test_bench_readme_tables_match_the_results_files():
-    text = tables.README.read_text()
+@pytest.mark.parametrize("doc", tables.DOCS, ids=lambda p: str(p.relative_to(tables.USER_README.parent)))
+def test_readme_tables_match_the_results_files(doc):
+    text = doc.read_text()
     names = {m.group("name") for m in tables.BLOCK.finditer(text)}
-    assert names, "tests/bench/README.md has no generated table blocks"
+    assert names, f"{doc} has no generated table blocks"
     assert tables.render_readme(text) == text, (
-        "tests/bench/README.md is stale: run .venv/bin/python -m tests.bench.tables after re-running a benchmark"
+        f"{doc} is stale: run .venv/bin/python -m tests.bench.tables after re-running a benchmark"
     )
 
 
