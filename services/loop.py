@@ -101,6 +101,7 @@ class ActorLearnerLoop:
         self.publish_due = False
         self.eval_owed = False
         self.side_refs: dict = {}  # ref -> what (publish/receive/eval)
+        self.eval_sent_t: dict = {}  # eval ref -> RL clock when it was dispatched (the eval record's eval_s)
         self.pending_eval = None
         self.initial_accuracy = math.nan
         self.stop_reason: str | None = None
@@ -277,6 +278,7 @@ class ActorLearnerLoop:
             else:
                 ref = worker.evaluate.remote(self.eval_problems)
             self.side_refs[ref] = ("eval", wid)
+            self.eval_sent_t[ref] = self.log.now()
 
     def _on_side(self, ref) -> None:
         what, arg = self.side_refs.pop(ref)
@@ -294,7 +296,8 @@ class ActorLearnerLoop:
             version, acc = value
             t_pub = self.s.publish_t[version]
             self.s.evals.append((version, t_pub, acc))
-            self.log.write("eval", policy_version=version, accuracy=acc, t_published=t_pub, worker=arg)
+            eval_s = self.log.now() - self.eval_sent_t.pop(ref, self.log.now())  # dispatch to result, queue included
+            self.log.write("eval", policy_version=version, accuracy=acc, t_published=t_pub, worker=arg, eval_s=eval_s)
             if self.s.seconds_to_target is None and acc >= self.initial_accuracy + TARGET_GAIN - 1e-9:
                 self.s.seconds_to_target = t_pub
 

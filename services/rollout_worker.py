@@ -65,6 +65,9 @@ class RolloutStats:
     uniform_groups: int = 0  # groups dropped because all rewards were equal (rollout.drop_uniform_groups)
     batches: int = 0
     sandbox_outcomes: dict = dataclasses.field(default_factory=dict)  # code-reward runs by outcome (rollout/sandbox.py)
+    # seconds this worker spent receiving and loading weights since its previous rollout call (between calls
+    # and, in pause mode, inside this one): the weight-sync share of the worker's time
+    weights_received_s: float = 0.0
 
 
 def _stamp_origin(traces: list, origin: tuple[int, int], worker_id: int, batch: int) -> list:
@@ -154,6 +157,7 @@ class RolloutWorker:
         metrics.record_rollout(
             self.worker_id, self.engine.policy_version, sampled, t_gen - t0, time.perf_counter() - t_gen
         )
+        weights_received_s, self.weights_received_s = self.weights_received_s, 0.0
         return RolloutStats(  # groups/traces/tokens/reward_mean describe what was sampled and scored
             worker_id=self.worker_id,
             policy_version=self.engine.policy_version,
@@ -172,6 +176,7 @@ class RolloutWorker:
             uniform_groups=uniform,
             batches=self.batches,
             sandbox_outcomes=self._failures.sandbox,
+            weights_received_s=weights_received_s,
         )
 
     def restore_batches(self, batches: int) -> int:
@@ -205,6 +210,7 @@ class RolloutWorker:
         except WeightSyncError as e:  # the group broke: generation goes on; the queued receive reports it
             log.warning(f"rollout worker {self.worker_id}: in-flight weight update failed: {e}")
             return
+        self.weights_received_s += time.perf_counter() - t0
         metrics.record_weights_received(self.worker_id, time.perf_counter() - t0, version)
 
     def _load(self, tensors, version: int) -> None:
@@ -251,6 +257,7 @@ class RolloutWorker:
                 pass
         else:
             self._load(tensors, version)
+        self.weights_received_s += time.perf_counter() - t0
         metrics.record_weights_received(self.worker_id, time.perf_counter() - t0, version)
         return version
 
