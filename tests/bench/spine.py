@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -53,11 +54,16 @@ def run_ours(config: Path, run_name: str, runs_dir: Path) -> dict:
     return summary
 
 
+def trl_python() -> Path:
+    """The TRL venv's python: `$TRL_VENV/bin/python` (as tests/bench/trl_setup.sh builds it), else the repo's .venv-trl."""
+    return Path(os.environ.get("TRL_VENV", REPO / ".venv-trl")) / "bin/python"
+
+
 def run_trl(cfg, model_dir: Path, out_json: Path, max_rl_seconds: float, lr: float) -> dict:
     subprocess.run(["bash", str(REPO / "tests/bench/trl_setup.sh")], check=True, cwd=REPO)
     rc = cfg.rollout
     cmd = [
-        str(REPO / ".venv-trl/bin/python"),
+        str(trl_python()),
         str(REPO / "tests/bench/trl_baseline.py"),
         "--model-dir",
         str(model_dir),
