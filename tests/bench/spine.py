@@ -55,7 +55,7 @@ def run_ours(config: Path, run_name: str, runs_dir: Path) -> dict:
 
 
 def trl_python() -> Path:
-    """The TRL venv's python: `$TRL_VENV/bin/python` (as tests/bench/trl_setup.sh builds it), else the repo's .venv-trl."""
+    """The TRL venv's python: `$TRL_VENV/bin/python` (tests/bench/trl_setup.sh's default too: repo/.venv-trl)."""
     return Path(os.environ.get("TRL_VENV", REPO / ".venv-trl")) / "bin/python"
 
 
