@@ -34,7 +34,8 @@ from services.config import load_config  # noqa: E402
 from services.driver import prepare_model  # noqa: E402
 
 
-def run_ours(config: Path, run_name: str, runs_dir: Path) -> dict:
+def run_ours(config: Path, run_name: str, runs_dir: Path, overrides: tuple[str, ...] = ()) -> dict:
+    """`python -m services.driver` on `config` (+ dotted `overrides`) in a fresh run dir; its summary.json."""
     cmd = [
         sys.executable,
         "-m",
@@ -44,6 +45,7 @@ def run_ours(config: Path, run_name: str, runs_dir: Path) -> dict:
         f"run.name={run_name}",
         f"run.runs_dir={runs_dir}",
         "run.progress=false",
+        *overrides,
     ]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
