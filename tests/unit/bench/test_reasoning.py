@@ -83,3 +83,23 @@ def test_spread_needs_every_seed_for_a_mean_and_speedup_says_why_it_is_null():
     assert miss["value"] is None and "trl did not reach +20" in miss["reason"]
     assert systems["async"]["summary"]["time_share"] == {"generation_s": 0.6, "learner_s": 0.3}
     assert reasoning.speedup({"async": systems["async"]}, "trl", "async")["reason"] == "trl or async was not run"
+
+
+def test_the_reasoning_table_shows_the_ratios_and_the_spread(tmp_path, monkeypatch):
+    import json
+
+    from tests.bench import tables
+
+    systems = {
+        "async": {"summary": reasoning.summarize([seed(100.0), seed(140.0)])},
+        "sync": {"summary": reasoning.summarize([seed(300.0), seed(180.0)])},
+    }
+    report = {"systems": systems, "seeds": [0, 1], "rl_s": 600, "loadavg_before": [3.0], "loadavg_after": [4.0]}
+    report["speedup_vs_trl"] = reasoning.speedup(systems, "trl", "async")
+    report["speedup_async_vs_sync"] = reasoning.speedup(systems, "sync", "async")
+    (tmp_path / "reasoning.json").write_text(json.dumps(report))
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    text = tables.reasoning()
+    assert "| seed mean (min-max) | async | sync |" in text
+    assert "speedup_async_vs_sync: 2.00x" in text and "speedup_vs_trl: -x (trl or async was not run)" in text
+    assert "| share of RL time: generation | 0.60 | 0.60 |" in text
