@@ -101,6 +101,7 @@ class RolloutWorker:
         self._failures = ScoreBatchResult(rewards=[])
         self.transport = None
         self.batches = 0
+        self.weights_received_s = 0.0  # since the last rollout call returned (RolloutStats.weights_received_s)
         metrics.record_engine_version(worker_id, self.engine.policy_version)
 
     def _score_batch(self, items):
