@@ -365,11 +365,12 @@ class ActorLearnerLoop:
         self.final_dir = self.run_dir / "final_model"
         ray.get([r.save.remote(str(self.final_dir)) for r in self.ranks])
         s = self.s
-        final = max(s.evals, key=lambda e: (e[0], e[1]))
+        evals = s.evals or [(0, 0.0, self.initial_accuracy)]  # nothing published: a budget shorter than one step
+        final = max(evals, key=lambda e: (e[0], e[1]))
         summary = {
             "eval_accuracy_initial": self.initial_accuracy,
             "eval_accuracy_final": final[2],
-            "eval_accuracy_best": max(a for _, _, a in s.evals),
+            "eval_accuracy_best": max(a for _, _, a in evals),
             "wall_s": time.perf_counter() - job_started,
             "rl_wall_s": self.log.now(),
             "cold_start_s": cold_start_s,
