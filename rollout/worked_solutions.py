@@ -11,6 +11,11 @@ raises `ValueError` naming what it cannot solve. Registered generators:
   `7+5=12\\n1+4+8=13\\n<answer>132</answer>`. Each line is one-digit arithmetic and the answer is the
   last line's sum followed by the other lines' last digits in reverse, so a small model can learn the
   algorithm (cf. Lee et al. 2023, "Teaching Arithmetic to Small Transformers": carries written out).
+- `running_sum`: chains of additions and subtractions of integers (reasoning-gym `chain_sum`,
+  `basic_arithmetic` with `+`/`-`), one term at a time left to right, each line starting from the
+  previous line's result: `4 - 1 + 17` -> `4 - 1 = 3\n3 + 17 = 20\n<answer>20</answer>`. A chain of
+  n terms is n-1 lines, so the solution's length grows with the problem (a scratchpad, Nye et al. 2021,
+  "Show Your Work").
 """
 
 from __future__ import annotations
@@ -50,4 +55,36 @@ def column_addition(problem: Problem, answer_completion: str) -> str:
     return "\n".join([*lines, answer_completion])
 
 
-WORKED_SOLUTIONS: dict[str, Callable[[Problem, str], str]] = {"column_addition": column_addition}
+_CHAIN = re.compile(r"^\s*-?\d+(\s*[+-]\s*\d+)+\s*$")
+_TERM = re.compile(r"([+-])\s*(\d+)")
+
+
+def _chain(problem: Problem) -> tuple[int, list[tuple[str, int]]]:
+    """The first term and the (operator, operand) steps of `problem`'s `a + b - c ...` chain."""
+    expression = json.loads(problem.metadata).get("expression") if problem.metadata else None
+    if expression is None:
+        found = re.search(r"-?\d+(?:\s*[+-]\s*\d+)+", problem.prompt)
+        expression = found.group(0) if found else ""
+    if not _CHAIN.match(expression):
+        raise ValueError(
+            f"running_sum writes chains of + and - over integers, not {expression or problem.prompt!r}; "
+            "use a task of additions and subtractions only (e.g. reasoning_gym chain_sum)"
+        )
+    first = re.match(r"\s*(-?\d+)", expression)
+    return int(first.group(1)), [(op, int(n)) for op, n in _TERM.findall(expression[first.end() :])]
+
+
+def running_sum(problem: Problem, answer_completion: str) -> str:
+    total, steps = _chain(problem)
+    lines = []
+    for op, operand in steps:
+        after = total + operand if op == "+" else total - operand
+        lines.append(f"{total} {op} {operand} = {after}")
+        total = after
+    return "\n".join([*lines, answer_completion])
+
+
+WORKED_SOLUTIONS: dict[str, Callable[[Problem, str], str]] = {
+    "column_addition": column_addition,
+    "running_sum": running_sum,
+}

@@ -101,6 +101,7 @@ class ActorLearnerLoop:
         self.publish_due = False
         self.eval_owed = False
         self.side_refs: dict = {}  # ref -> what (publish/receive/eval)
+        self.eval_sent_t: dict = {}  # eval ref -> RL clock when it was dispatched (the eval record's eval_s)
         self.pending_eval = None
         self.initial_accuracy = math.nan
         self.stop_reason: str | None = None
@@ -277,6 +278,7 @@ class ActorLearnerLoop:
             else:
                 ref = worker.evaluate.remote(self.eval_problems)
             self.side_refs[ref] = ("eval", wid)
+            self.eval_sent_t[ref] = self.log.now()
 
     def _on_side(self, ref) -> None:
         what, arg = self.side_refs.pop(ref)
@@ -294,7 +296,8 @@ class ActorLearnerLoop:
             version, acc = value
             t_pub = self.s.publish_t[version]
             self.s.evals.append((version, t_pub, acc))
-            self.log.write("eval", policy_version=version, accuracy=acc, t_published=t_pub, worker=arg)
+            eval_s = self.log.now() - self.eval_sent_t.pop(ref, self.log.now())  # dispatch to result, queue included
+            self.log.write("eval", policy_version=version, accuracy=acc, t_published=t_pub, worker=arg, eval_s=eval_s)
             if self.s.seconds_to_target is None and acc >= self.initial_accuracy + TARGET_GAIN - 1e-9:
                 self.s.seconds_to_target = t_pub
 
@@ -362,11 +365,12 @@ class ActorLearnerLoop:
         self.final_dir = self.run_dir / "final_model"
         ray.get([r.save.remote(str(self.final_dir)) for r in self.ranks])
         s = self.s
-        final = max(s.evals, key=lambda e: (e[0], e[1]))
+        evals = s.evals or [(0, 0.0, self.initial_accuracy)]  # nothing published: a budget shorter than one step
+        final = max(evals, key=lambda e: (e[0], e[1]))
         summary = {
             "eval_accuracy_initial": self.initial_accuracy,
             "eval_accuracy_final": final[2],
-            "eval_accuracy_best": max(a for _, _, a in s.evals),
+            "eval_accuracy_best": max(a for _, _, a in evals),
             "wall_s": time.perf_counter() - job_started,
             "rl_wall_s": self.log.now(),
             "cold_start_s": cold_start_s,

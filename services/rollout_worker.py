@@ -75,6 +75,9 @@ class RolloutStats:
     # reward.kind=model: mean verifier (gold) score and raw reward-model (proxy) score of what was sampled
     gold_reward_mean: float | None = None
     model_score_mean: float | None = None
+    # seconds this worker spent receiving and loading weights since its previous rollout call (between calls
+    # and, in pause mode, inside this one): the weight-sync share of the worker's time
+    weights_received_s: float = 0.0
 
 
 def origin_group_ids(origin: tuple[int, int], num_prompts: int, seed: int) -> list[str]:
@@ -132,6 +135,7 @@ class RolloutWorker:
         self.transport = None
         self.batches = 0
         self.needs_weights = False  # an update broke midway: no rollout until a complete one (`_load`)
+        self.weights_received_s = 0.0  # since the last rollout call returned (RolloutStats.weights_received_s)
         metrics.record_engine_version(worker_id, self.engine.policy_version)
 
     def _step_rewards(self):
@@ -227,6 +231,7 @@ class RolloutWorker:
         model_stats = self._model_reward_stats()
         if model_stats:
             metrics.record_model_reward(self.worker_id, *model_stats.values())
+        weights_received_s, self.weights_received_s = self.weights_received_s, 0.0
         return RolloutStats(  # groups/traces/tokens/reward_mean describe what was sampled and scored
             worker_id=self.worker_id,
             policy_version=self.engine.policy_version,
@@ -247,6 +252,7 @@ class RolloutWorker:
             batches=self.batches,
             sandbox_outcomes=self._failures.sandbox,
             **model_stats,
+            weights_received_s=weights_received_s,
         )
 
     def restore_batches(self, batches: int) -> int:
@@ -280,6 +286,7 @@ class RolloutWorker:
         except WeightSyncError as e:  # the group broke: generation goes on; the queued receive reports it
             log.warning(f"rollout worker {self.worker_id}: in-flight weight update failed: {e}")
             return
+        self.weights_received_s += time.perf_counter() - t0
         metrics.record_weights_received(self.worker_id, time.perf_counter() - t0, version)
 
     def _load(self, tensors, version: int) -> None:
@@ -328,6 +335,7 @@ class RolloutWorker:
                 pass
         else:
             self._load(tensors, version)
+        self.weights_received_s += time.perf_counter() - t0
         metrics.record_weights_received(self.worker_id, time.perf_counter() - t0, version)
         return version
 

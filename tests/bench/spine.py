@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -33,7 +34,8 @@ from services.config import load_config  # noqa: E402
 from services.driver import prepare_model  # noqa: E402
 
 
-def run_ours(config: Path, run_name: str, runs_dir: Path) -> dict:
+def run_ours(config: Path, run_name: str, runs_dir: Path, overrides: tuple[str, ...] = ()) -> dict:
+    """`python -m services.driver` on `config` (+ dotted `overrides`) in a fresh run dir; its summary.json."""
     cmd = [
         sys.executable,
         "-m",
@@ -43,6 +45,7 @@ def run_ours(config: Path, run_name: str, runs_dir: Path) -> dict:
         f"run.name={run_name}",
         f"run.runs_dir={runs_dir}",
         "run.progress=false",
+        *overrides,
     ]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -53,11 +56,16 @@ def run_ours(config: Path, run_name: str, runs_dir: Path) -> dict:
     return summary
 
 
+def trl_python() -> Path:
+    """The TRL venv's python: `$TRL_VENV/bin/python` (tests/bench/trl_setup.sh's default too: repo/.venv-trl)."""
+    return Path(os.environ.get("TRL_VENV", REPO / ".venv-trl")) / "bin/python"
+
+
 def run_trl(cfg, model_dir: Path, out_json: Path, max_rl_seconds: float, lr: float) -> dict:
     subprocess.run(["bash", str(REPO / "tests/bench/trl_setup.sh")], check=True, cwd=REPO)
     rc = cfg.rollout
     cmd = [
-        str(REPO / ".venv-trl/bin/python"),
+        str(trl_python()),
         str(REPO / "tests/bench/trl_baseline.py"),
         "--model-dir",
         str(model_dir),

@@ -366,6 +366,41 @@ def chaos_summary() -> str:
     return _rows(["chaos test (tests/e2e/test_chaos.py)", "audit from what the run left on disk"], rows)
 
 
+def reasoning() -> str:
+    d = _load("reasoning")
+    names = list(d["systems"])
+
+    def cell(key: str, digits: int) -> list[str]:
+        out = []
+        for n in names:
+            c = d["systems"][n]["summary"][key]
+            out.append(f"{_f(c['mean'], digits)} ({_f(c['min'], digits)}-{_f(c['max'], digits)})")
+        return out
+
+    rows = [
+        ["RL s to +10 points (first eval / 3-eval mean)"]
+        + [f"{a} / {b}" for a, b in zip(cell("seconds_to_+10_first", 0), cell("seconds_to_+10_mean3", 0))],
+        ["RL s to +20 points (first eval / 3-eval mean)"]
+        + [f"{a} / {b}" for a, b in zip(cell("seconds_to_+20_first", 0), cell("seconds_to_+20_mean3", 0))],
+        ["accuracy after cold start", *cell("initial_accuracy", 3)],
+        [f"accuracy after {d['rl_s']:g} s of RL", *cell("final_accuracy", 3)],
+        ["generated tokens/s", *cell("generated_tokens_per_s", 0)],
+        ["learner tokens/s", *cell("learner_tokens_per_s", 0)],
+    ]
+    parts = sorted({k for n in names for k in d["systems"][n]["summary"]["time_share"]})
+    for part in parts:
+        shares = [d["systems"][n]["summary"]["time_share"].get(part) for n in names]
+        rows.append([f"share of RL time: {part.removesuffix('_s')}", *[_f(v, 2) for v in shares]])
+    speed = [
+        f"{k}: {_f(d[k]['value'], 2)}x" + (f" ({d[k]['reason']})" if d[k]["reason"] else "")
+        for k in ("speedup_vs_trl", "speedup_async_vs_sync")
+    ]
+    return _rows(["seed mean (min-max)", *names], rows) + (
+        f"\n{'; '.join(speed)}. Seeds {d['seeds']}, {d['rl_s']:g} s of RL per system and seed; load average "
+        f"{d['loadavg_before'][0]:.1f} before, {d['loadavg_after'][0]:.1f} after.\n"
+    )
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "spine_summary": spine_summary,
     "chaos_summary": chaos_summary,
@@ -382,6 +417,8 @@ TABLES: dict[str, Callable[[], str]] = {
 for _name in ("schedule_free", "process_rewards", "distill"):
     if (RESULTS / f"{_name}.json").exists():
         TABLES[_name] = ab(_name)
+if (RESULTS / "reasoning.json").exists():  # tests/bench/reasoning.py has been run
+    TABLES["reasoning"] = reasoning
 for _name in ("tiny", "reasoning"):
     if (RESULTS / f"passk_{_name}.json").exists():
         TABLES[f"passk_{_name}"] = passk(_name)

@@ -4,16 +4,23 @@ Run in the TRL venv (tests/bench/trl_setup.sh), from anywhere:
     .venv-trl/bin/python tests/bench/trl_baseline.py --model-dir runs/cold_start --out tests/bench/results/trl_x.json
 
 Contract:
-- Same model, task, prompts and evaluation as Flywheel's side: prompt ids are the raw rendering of
-  `rollout.render.Renderer` (checked row by row against what TRL's own tokenization yields), held-out accuracy
-  is `rollout.evaluation.greedy_accuracy` on `task.eval_set()`, the reward is the task's verifier.
+- Same model, task, prompts and evaluation as Flywheel's side: prompt ids are `rollout.render.Renderer`'s
+  (`--render-json`, raw by default; a chat rendering is passed to TRL as the template's text, checked row by
+  row against what TRL's own tokenization yields), held-out accuracy is `rollout.evaluation.greedy_accuracy`
+  on `task.eval_set()` (the task built with that renderer, so over-long prompts are skipped as Flywheel skips
+  them), the reward is the task's verifier (`task.score`: exact match for arithmetic, reasoning-gym's scorer).
+- `--task-json` is any task config with a `kind` (arithmetic, reasoning_gym); reasoning_gym needs the
+  `reasoning_gym` package in this venv (deploy/requirements-trl.lock has it).
 - A user's competent TRL setup: TRL's default loss (`loss_type`, group reward scaling, clipping), HF
   `generate` sampling, one optimizer step per `prompts_per_step * group_size` completions (no reuse),
   constant lr, fp32, CPU, no checkpoints.
 - The RL clock runs from `on_train_begin`; held-out eval time is measured and excluded from it
   (both are recorded). Training stops once the mean of `--stop-window` consecutive evals reaches
   initial + target_gain (the first single eval to reach it is `rl_seconds_to_target`), or when the RL clock passes
-  `max_rl_seconds` (then `rl_seconds_to_target` is null). Generation vs training time per step is
+  `max_rl_seconds` (then `rl_seconds_to_target` is null); with `--fixed-budget` it never stops early (a
+  fixed RL budget for comparing accuracy at the end). Generated tokens are counted from each sampled
+  batch's completion mask (each completion is trained on once, so they are also the learner's tokens).
+  Generation vs training time per step is
   measured by wrapping the trainer's rollout methods (timing only; behaviour unchanged).
 - Imports only what .venv-trl has (torch, transformers, trl, pydantic) plus our `rollout` package.
 """
@@ -35,17 +42,16 @@ import torch  # noqa: E402
 
 from rollout.evaluation import greedy_accuracy  # noqa: E402
 from rollout.render import RenderConfig, Renderer  # noqa: E402
-from rollout.tasks import ArithmeticTask, Problem, TaskConfig, make_task  # noqa: E402
-from rollout.verifiers import ExactConfig, make_verifier  # noqa: E402
-
-EXACT = make_verifier(ExactConfig())  # the arithmetic task's verifier
+from rollout.tasks import Problem, Task, TaskConfig, make_task  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", required=True, type=Path, help="HF model + tokenizer dir (the cold-start checkpoint)")
     p.add_argument("--out", required=True, type=Path, help="result JSON path")
-    p.add_argument("--task-json", default="{}", help="a rollout.tasks.TaskConfig as JSON (default: TaskConfig())")
+    p.add_argument("--task-json", default="{}", help="a task config with its `kind` as JSON (default: TaskConfig())")
+    p.add_argument("--render-json", default="{}", help="a rollout.render.RenderConfig as JSON (default: raw)")
+    p.add_argument("--fixed-budget", action="store_true", help="run all of --max-rl-seconds; no stop at the target")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -74,41 +80,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prompt_text(tokenizer, problem: Problem) -> str:
-    # A base model gets a plain-text prompt; TRL tokenizes it with `tokenizer(text=...)`, which adds the
-    # tokenizer's own special tokens (our char tokenizer's post-processor puts <bos> first), as the raw render.
-    return problem.prompt
+def task_config(task_json: str):
+    """The task config `task_json` names by its `kind` (arithmetic when it has none)."""
+    import json as _json
+
+    kind = _json.loads(task_json).get("kind", "arithmetic")
+    if kind == "reasoning_gym":
+        from rollout.reasoning_gym_task import ReasoningGymTaskConfig
+
+        return ReasoningGymTaskConfig.model_validate_json(task_json)
+    if kind != "arithmetic":
+        raise SystemExit(f"--task-json kind={kind!r}: this baseline runs arithmetic and reasoning_gym tasks")
+    return TaskConfig.model_validate_json(task_json)
 
 
-def build_dataset(task: ArithmeticTask, tokenizer, rows: int, seed: int):
-    """`rows` training problems as a TRL standard-format prompt dataset (`prompt`, plus `answer` for the reward).
-
-    The stream seed is offset from the task seed so RL prompts are not the SFT cold start's problems replayed.
-    """
+def build_dataset(task: Task, renderer: Renderer, rows: int, seed: int):
+    """`rows` training problems as a TRL standard-format prompt dataset: `prompt` is the rendered text (a chat
+    rendering is the template's text, so TRL sees the same ids), plus what the reward needs to rebuild each
+    `Problem`. The stream seed is offset from the task seed so RL prompts are not the SFT cold start's
+    problems replayed."""
     from datasets import Dataset
 
     stream = task.train_stream(seed=1000 + seed)
     problems = [next(stream) for _ in range(rows)]
-    texts = [prompt_text(tokenizer, p) for p in problems]
-    trl_ids = tokenizer(text=texts)["input_ids"]  # exactly GRPOTrainer._tokenize_prompts' call for text prompts
-    renderer = Renderer(RenderConfig(), tokenizer)
+    texts = [renderer.prompt_text(p) for p in problems]
+    trl_ids = renderer.tokenizer(text=texts)["input_ids"]  # GRPOTrainer._tokenize_prompts' call for text prompts
     for problem, ids in zip(problems, trl_ids):
         if ids != renderer.encode_prompt(problem):
             raise RuntimeError(
                 f"TRL would feed {ids} for {problem.prompt!r}, Flywheel feeds "
-                f"{renderer.encode_prompt(problem)}; fix prompt_text() so they agree"
+                f"{renderer.encode_prompt(problem)}; fix build_dataset() so they agree"
             )
     return Dataset.from_dict(
-        {"prompt": texts, "answer": [p.answer for p in problems], "task_name": [p.task for p in problems]}
+        {
+            "prompt": texts,
+            "problem_prompt": [p.prompt for p in problems],
+            "answer": [p.answer for p in problems],
+            "task_name": [p.task for p in problems],
+            "metadata": [p.metadata or "" for p in problems],
+        }
     )
 
 
-def exact_match_reward(prompts, completions, answer, task_name, **_) -> list[float]:
-    """The task verifier on each decoded completion (TRL decodes with skip_special_tokens=True)."""
-    return [
-        EXACT.score(Problem(prompt=p, answer=a, task=t), c)
-        for p, c, a, t in zip(prompts, completions, answer, task_name)
-    ]
+def verifier_reward(task: Task):
+    """The task's verifier on each decoded completion (TRL decodes with skip_special_tokens=True)."""
+
+    def task_reward(prompts, completions, problem_prompt, answer, task_name, metadata, **_) -> list[float]:
+        return [
+            task.score(Problem(prompt=p, answer=a, task=t, metadata=m or None), c)
+            for p, c, a, t, m in zip(problem_prompt, completions, answer, task_name, metadata)
+        ]
+
+    return task_reward
+
+
+class TokenCounter:
+    """Counts completion tokens in the batches `GRPOTrainer._generate_and_score_completions` returns."""
+
+    def __init__(self):
+        self.tokens = 0
+
+    def wrap(self, fn):
+        def counted(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            self.tokens += int(out["completion_mask"].sum().item())
+            return out
+
+        return counted
 
 
 class Stopwatch:
@@ -131,10 +169,8 @@ class Stopwatch:
         return timed
 
 
-def make_callback(task, tokenizer, args, initial_accuracy: float):
+def make_callback(task, renderer, args, initial_accuracy: float):
     from transformers import TrainerCallback
-
-    renderer = Renderer(RenderConfig(), tokenizer)
 
     class HeldOutEval(TrainerCallback):
         """Greedy held-out eval every N steps; stops at the target or the RL time limit; eval time off the clock."""
@@ -190,7 +226,11 @@ def make_callback(task, tokenizer, args, initial_accuracy: float):
             if acc >= self.target - 1e-9 and self.reached is None:
                 self.reached = point
             recent = [c["accuracy"] for c in self.curve[1:][-args.stop_window :]]
-            if len(recent) == args.stop_window and sum(recent) / len(recent) >= self.target - 1e-9:
+            if (
+                not args.fixed_budget
+                and len(recent) == args.stop_window
+                and sum(recent) / len(recent) >= self.target - 1e-9
+            ):
                 self.stop_reason, control.should_training_stop = "target", True
             elif out_of_time:
                 self.stop_reason, control.should_training_stop = "max_rl_seconds", True
@@ -258,30 +298,29 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     load_avg_start = os.getloadavg()
-    task = make_task(TaskConfig.model_validate_json(args.task_json))
     model, tokenizer = load(args.model_dir)
+    renderer = Renderer.from_pretrained(RenderConfig.model_validate_json(args.render_json), args.model_dir)
+    task = make_task(task_config(args.task_json), renderer)
     t0 = time.perf_counter()
-    initial = greedy_accuracy(
-        model, Renderer(RenderConfig(), tokenizer), task.eval_set(), args.max_new_tokens, task.score
-    )
+    initial = greedy_accuracy(model, renderer, task.eval_set(), args.max_new_tokens, task.score)
     initial_eval_s = time.perf_counter() - t0
     print(f"[trl_baseline] initial held-out accuracy {initial:.3f} ({initial_eval_s:.1f}s)", flush=True)
     t_setup = time.perf_counter()
     batches = -(-args.max_steps // args.updates_per_batch)
-    dataset = build_dataset(task, tokenizer, batches * args.prompts_per_step, args.seed)
-    callback = make_callback(task, tokenizer, args, initial)
+    dataset = build_dataset(task, renderer, batches * args.prompts_per_step, args.seed)
+    callback = make_callback(task, renderer, args, initial)
     with tempfile.TemporaryDirectory(prefix="trl_baseline_") as out_dir:
         trainer = GRPOTrainer(
             model=model,
-            reward_funcs=[exact_match_reward],
+            reward_funcs=[verifier_reward(task)],
             args=grpo_config(args, out_dir),
             train_dataset=dataset,
             processing_class=tokenizer,
             callbacks=[callback],
         )
-        gen, rollout = Stopwatch(), Stopwatch()
+        gen, rollout, counter = Stopwatch(), Stopwatch(), TokenCounter()
         trainer._generate_single_turn = gen.wrap(trainer._generate_single_turn)
-        trainer._generate_and_score_completions = rollout.wrap(trainer._generate_and_score_completions)
+        trainer._generate_and_score_completions = rollout.wrap(counter.wrap(trainer._generate_and_score_completions))
         setup_s = time.perf_counter() - t_setup
         trainer.train()
         threads_in_use = torch.get_num_threads()
@@ -298,11 +337,23 @@ def run(args: argparse.Namespace) -> dict:
         threads_in_use,
         load_avg_start,
         log_history,
+        counter.tokens,
     )
 
 
 def report(
-    args, task, cb, gen, rollout, initial, initial_eval_s, setup_s, threads_in_use, load_avg_start, log_history
+    args,
+    task,
+    cb,
+    gen,
+    rollout,
+    initial,
+    initial_eval_s,
+    setup_s,
+    threads_in_use,
+    load_avg_start,
+    log_history,
+    generated_tokens,
 ) -> dict:
     steps = len(cb.step_seconds)
     step_total, step_cpu_total = sum(cb.step_seconds), sum(cb.step_cpu_seconds)
@@ -331,6 +382,10 @@ def report(
         "steps": steps,
         "sampled_batches": rollout.calls,
         "completions_sampled": completions,
+        "generated_tokens": generated_tokens,
+        "generation_seconds_total": round(gen.seconds, 3),
+        "rollout_seconds_total": round(rollout.seconds, 3),
+        "step_seconds_total": round(step_total, 3),
         "rl_seconds_total": round(cb.rl_seconds(), 3) if cb.t_begin else 0.0,
         "rl_cpu_seconds_total": round(cb.rl_cpu_seconds(), 3) if cb.t_begin else 0.0,
         "eval_seconds_total": round(cb.eval_seconds + initial_eval_s, 3),

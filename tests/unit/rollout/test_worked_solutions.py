@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rollout.problem import Problem
-from rollout.worked_solutions import column_addition
+from rollout.worked_solutions import column_addition, running_sum
 
 
 def solve(expression: str) -> str:
@@ -77,3 +77,57 @@ def test_cold_start_examples_from_a_reasoning_gym_task_pass_its_verifier():
         assert task.score(problem, text) == 1.0
     with pytest.raises(ValueError, match="keep one"):
         SFTConfig(worked_solutions="column_addition", solutions_path="x.jsonl")
+
+
+def chain(expression: str, total: int) -> str:
+    problem = Problem(f"Compute {expression} =", str(total), "t", metadata=json.dumps({"expression": expression}))
+    return running_sum(problem, f"<answer>{total}</answer>")
+
+
+@pytest.mark.parametrize(
+    "expression, total, text",
+    [
+        ("23 + 45 + 12", 80, "23 + 45 = 68\n68 + 12 = 80\n<answer>80</answer>"),
+        ("4 - 1 + 7 + 7 - 7", 10, "4 - 1 = 3\n3 + 7 = 10\n10 + 7 = 17\n17 - 7 = 10\n<answer>10</answer>"),
+        ("1 - 5 + 2", -2, "1 - 5 = -4\n-4 + 2 = -2\n<answer>-2</answer>"),
+        ("-3 + 9", 6, "-3 + 9 = 6\n<answer>6</answer>"),
+    ],
+)
+def test_running_sum_hand_computed(expression, total, text):
+    assert chain(expression, total) == text
+
+
+def test_running_sum_reads_the_prompt_without_metadata_and_rejects_other_operators():
+    problem = Problem("State the final answer: 5 + 9 - 7 =", "7", "t")
+    assert running_sum(problem, "<answer>7</answer>") == "5 + 9 = 14\n14 - 7 = 7\n<answer>7</answer>"
+    with pytest.raises(ValueError, match="running_sum writes chains of \\+ and -.*chain_sum"):
+        running_sum(Problem("Calculate 3 * 4.", "12", "t", metadata=json.dumps({"expression": "3 * 4"})), "x")
+
+
+@given(st.integers(-99, 99), st.lists(st.tuples(st.sampled_from("+-"), st.integers(0, 99)), min_size=1, max_size=10))
+def test_running_sum_lines_chain_and_end_at_the_value(first, steps):
+    expression = f"{first} " + " ".join(f"{op} {n}" for op, n in steps)
+    total = first + sum(n if op == "+" else -n for op, n in steps)
+    lines = chain(expression, total).split("\n")
+    assert len(lines) == len(steps) + 1 and lines[-1] == f"<answer>{total}</answer>"
+    running = first
+    for line, (op, n) in zip(lines, steps):
+        lhs, rhs = line.split(" = ")
+        assert lhs == f"{running} {op} {n}"  # each line starts from the previous result
+        running = int(rhs)
+        assert running == eval(lhs)  # noqa: S307 -- a generated integer expression
+    assert running == total
+
+
+def test_running_sum_on_reasoning_gym_chain_sum_is_accepted_by_the_verifier():
+    from learner.sft import SFTConfig, training_examples
+    from rollout.reasoning_gym_task import ReasoningGymTaskConfig
+    from rollout.tasks import make_task
+
+    params = {"min_terms": 4, "max_terms": 8, "min_digits": 1, "max_digits": 2}
+    task = make_task(ReasoningGymTaskConfig(name="chain_sum", params=params, max_prompt_tokens=96, eval_size=10))
+    examples = list(itertools.islice(training_examples(task, SFTConfig(worked_solutions="running_sum")), 50))
+    assert len(examples) == 50
+    for problem, text in examples:
+        assert task.score(problem, text) == 1.0
+        assert 3 <= text.count("\n") <= 7  # 4-8 terms: 3-7 steps before the answer

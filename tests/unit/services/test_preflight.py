@@ -116,3 +116,15 @@ def test_worked_solutions_are_checked_against_the_task(tmp_path, capsys):
     minus = 'task.params={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1, operators: ["-"]}'
     assert main(["--config", config, "--dry-run", *small, minus]) == 2
     assert "cold_start.worked_solutions: column_addition writes sums" in capsys.readouterr().err
+
+
+def test_the_reasoning_config_dry_runs_and_running_sum_refuses_a_task_it_cannot_solve(tmp_path, capsys):
+    config = str(REPO / "deploy/configs/reasoning_cpu.yaml")
+    small = ["model.tokenizer_corpus_problems=200", "model.hidden_size=64", "model.num_attention_heads=2"]
+    small += ["model.num_key_value_heads=1", "model.num_hidden_layers=1", f"run.cache_dir={tmp_path}"]
+    assert main(["--config", config, "--dry-run", *small]) == 0
+    out = capsys.readouterr().out.split("reference completion")[1]
+    assert " = " in out and "<answer>" in out  # running sums precede the answer
+    times = "task.name=basic_arithmetic", 'task.params={min_terms: 2, max_terms: 3, operators: ["*"]}'
+    assert main(["--config", config, "--dry-run", *small, *times]) == 2
+    assert "cold_start.worked_solutions: running_sum writes chains of + and -" in capsys.readouterr().err
