@@ -12,7 +12,6 @@ measure as the RL driver's eval. Exit code 2 on an invalid config or unusable da
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -20,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from services.config import ConfigError, RunConfig
-from services.train_rm import MetricsWriter, PreferenceSections, load_preference_config
+from services.config import RunConfig
+from services.train_rm import MetricsWriter, PreferenceSections, preference_cli
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +71,7 @@ def train(run_cfg: RunConfig, sections: PreferenceSections) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rollout.datasets import DatasetError
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="a run YAML with preferences and dpo sections")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.kind=ipo dpo.beta=0.5")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        run_cfg, sections = load_preference_config(args.config, args.overrides)
-        summary = train(run_cfg, sections)
-    except (ConfigError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1))
-    return 0
+    return preference_cli(argv, __doc__, train, "preferences and dpo", "dpo.kind=ipo dpo.beta=0.5")
 
 
 if __name__ == "__main__":

@@ -122,22 +122,28 @@ def train(run_cfg: RunConfig, sections: PreferenceSections) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def preference_cli(argv: list[str] | None, doc: str, train_fn, sections: str, example: str) -> int:
+    """The command line of a preference-training command (`train_rm`, `train_dpo`): load the config, train,
+    print the summary; exit code 2 with the reason on a bad config or dataset."""
     from rollout.datasets import DatasetError
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="a run YAML with preferences and rm_training sections")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rm_training.steps=50")
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--config", required=True, help=f"a run YAML with {sections} sections")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         run_cfg, sections = load_preference_config(args.config, args.overrides)
-        summary = train(run_cfg, sections)
+        summary = train_fn(run_cfg, sections)
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return preference_cli(argv, __doc__, train, "preferences and rm_training", "rm_training.steps=50")
 
 
 if __name__ == "__main__":

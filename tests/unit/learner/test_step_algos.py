@@ -7,55 +7,18 @@ the gradients are taken at.
 
 from __future__ import annotations
 
-import os
-import random
-import socket
-
 import pytest
 import torch
 
 from learner.config import LearnerConfig
 from learner.diagnostics import REDUCTIONS
-from replay.schema import Trace, traces_to_batch
+from tests.unit.learner.test_step import _batch as step_batch
 
-pytestmark = [pytest.mark.slow]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def dist_env():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-        DS_ACCELERATOR="cpu",
-    )
-    yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("dist_env")]
 
 
-def _batch(seed: int = 0, groups: int = 2, size: int = 4):
-    rng = random.Random(seed)
-    traces = []
-    for g in range(groups):
-        prompt = tuple(rng.randint(3, 15) for _ in range(4))
-        for i in range(size):
-            n = rng.randint(2, 5)
-            traces.append(
-                Trace(
-                    group_id=f"g{seed}-{g}",
-                    prompt_ids=prompt,
-                    completion_ids=tuple(rng.randint(3, 15) for _ in range(n)),
-                    behaviour_logprobs=tuple(-rng.uniform(1.5, 3.5) for _ in range(n)),
-                    reward=float((i + g) % 2),
-                    policy_version=0,
-                )
-            )
-    return traces_to_batch(traces)
+def _batch(seed: int = 0):
+    return step_batch(seed, groups=2)
 
 
 def _core(model_dir, **kwargs):
