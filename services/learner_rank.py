@@ -75,6 +75,7 @@ class LearnerRank:
         self._error: BaseException | None = None
         self._snapshot: list[PackedBucket] | None = None  # rank 0: snapshot buffers, reused by every publish
         self._snapshot_version = 0
+        self._groups_formed = 0  # weight groups rank 0 formed (start-up join + each regroup), see abandon
 
     def node_address(self) -> tuple[str, int]:
         """This actor's node IP and a free port on it (rank 0's become the group's rendezvous)."""
@@ -113,6 +114,7 @@ class LearnerRank:
         return RankStepResult(diag, gids, priorities, skipped)
 
     def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, world_size: int) -> int:
+        self._groups_formed += 1
         self.transport = BroadcastTransport.create(cfg, master_addr, master_port, 0, world_size)
         return 0
 
@@ -170,6 +172,7 @@ class LearnerRank:
             self._error = e
 
     def _regroup(self, group: WeightGroup) -> None:
+        self._groups_formed += 1
         old, self.transport = self.transport, None
         if old is not None:
             old.abandon()
@@ -188,8 +191,14 @@ class LearnerRank:
         return self._snapshot_version, [PackedBucket(b.wire.cpu(), b.header_nbytes) for b in self._snapshot]
 
     @ray.method(concurrency_group="control")
-    def abandon_weight_group(self) -> None:
-        """A member died: drop the group now, so a broadcast waiting for it fails at once (the owner re-forms it)."""
+    def abandon_weight_group(self, groups_formed: int | None = None) -> None:
+        """A member died: drop the group now, so a broadcast waiting for it fails at once (the owner re-forms it).
+
+        `groups_formed`: how many groups the owner had planned when it learnt of the death. This call runs
+        beside the others, so it may arrive after a regroup planned later, whose group does not hold the dead
+        member: that one is kept."""
+        if groups_formed is not None and self._groups_formed > groups_formed:
+            return
         if self.transport is not None:
             self.transport.abandon()
 

@@ -273,7 +273,7 @@ class ActorLearnerLoop:
         self.eval_owed = target is None  # no active worker now: evaluate once one is back
         if target is not None:
             wid, worker = target
-            if self.pool.m.eval_target:  # dedicated: rank 0's snapshot goes to it through the object store
+            if self.pool.dedicated_eval:  # dedicated: rank 0's snapshot goes to it through the object store
                 ref = worker.evaluate_published.remote(self.ranks[0].published_weights.remote(), self.eval_problems)
             else:
                 ref = worker.evaluate.remote(self.eval_problems)

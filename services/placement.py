@@ -59,7 +59,7 @@ def plan(cfg: RunConfig) -> list[ActorSpec]:
                 rc.num_workers,
                 rc.num_cpus_per_worker,
                 rc.num_gpus_per_worker,
-                f"{rc.engine} on {rc.device}, evaluates every published version",
+                f"{rc.engine} on {rc.device}, evaluates rank 0's published snapshot every run.eval_every_steps",
                 tuple(rc.ray_resources.items()),
             )
         )

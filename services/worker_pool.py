@@ -94,6 +94,7 @@ class WorkerPool:
         self.stops: dict = {}
         self.latest_version = 0
         self._regroup_refs: set = set()  # receives of the last re-formed group's first broadcast
+        self.groups_formed = 1  # weight groups planned, the start-up one included (rank 0 counts the same)
 
     def _stream(self, wid: int):
         return self.task.train_stream(seed=self.cfg.task.seed * 1000 + 1 + wid)  # = the worker's own stream
@@ -165,6 +166,7 @@ class WorkerPool:
         addr, port = ray.get(self.rank0.node_address.remote())
         group = WeightGroup(self.cfg.learner.weight_sync, addr, port, 1 + len(plan))
         self._regroup_refs = {self._receive(wid, group, rank) for rank, wid in enumerate(plan, start=1)}
+        self.groups_formed += 1
         self.m.on_group_formed(plan)
         self._event("regroup", None, policy_version=policy_version, group=plan)
         return group
@@ -296,17 +298,22 @@ class WorkerPool:
         if self.m.members[wid].in_group:
             # A broadcast may be waiting for this member to get ready: fail it now, not after timeout_s
             # (the group is re-formed at the next boundary anyway).
-            self.rank0.abandon_weight_group.remote()
+            self.rank0.abandon_weight_group.remote(self.groups_formed)
         reissued = self.m.on_dead(wid)
         if had_call:
             self.reissue_origins.append(self.call_origin[wid])
         self._event("died", wid, during=during, error=_brief(_cause(err)), reissued_prompts=reissued)
 
     # -- reporting and the end ----------------------------------------------------------------------
+    @property
+    def dedicated_eval(self) -> bool:
+        """The run has an eval-only worker (`run.eval_worker: dedicated`), handed weights per evaluation."""
+        return self.m.eval_target > 0
+
     def eval_worker(self) -> tuple[int, object] | None:
         """(worker id, handle) of the worker that evaluates now: the dedicated eval member when the config
         has one (None while it is replaced or joining), else the lowest-numbered active rollout worker."""
-        active = self.m.active("eval" if self.m.eval_target else "rollout")
+        active = self.m.active("eval" if self.dedicated_eval else "rollout")
         return (active[0], self.handles[active[0]]) if active else None
 
     def report(self) -> MembershipReport:
