@@ -36,6 +36,8 @@ MAY_BE_EMPTY = (
     "weight_sync_errors",
     "weight_sync_timeouts",
     "weight_sync_version_lag",
+    "rollout_gold_reward_mean",  # reward.kind=model only; this job scores with the verifier
+    "rollout_model_score_mean",
 )
 
 
