@@ -237,7 +237,7 @@ def chaos() -> str:
         ["learner steps / policy_version at the end", f"{d['learner_steps']} / {d['policy_version_final']}"],
         ["prompts drawn / rollout calls", f"{d['prompts_drawn']} / {d['rollout_calls']}"],
         [
-            "prompts re-issued (a dead worker's call) / requeued at resume",
+            "prompts re-issued (a dead worker's call, or one refused after a broken update) / requeued at resume",
             f"{d['prompts_reissued']} / {d['prompts_requeued_at_resume']}",
         ],
         ["groups rejected as duplicates (a re-issue repeating what got in)", str(d["groups_rejected_as_duplicates"])],

@@ -68,6 +68,10 @@ def final_cursors(run: Path) -> dict[int, int]:
     return {int(k): v[0] for k, v in items}
 
 
+def _owed(counter: collections.Counter) -> int:
+    return counter["died"] + counter["refused"] + counter["requeued"]
+
+
 def audit_prompts(run: Path, recs: list[dict], prompts_per_call: int, group_size: int) -> dict[str, int]:
     calls = _calls(run)
     rollouts = [r for r in recs if r["kind"] == "rollout"]
@@ -93,10 +97,12 @@ def audit_prompts(run: Path, recs: list[dict], prompts_per_call: int, group_size
     per_session = [collections.Counter() for _ in sessions(recs)]
     for counter, session in zip(per_session, sessions(recs)):
         for r in session:
-            if r["kind"] == "membership" and r["event"] in ("died", "requeued", "reissued"):
+            # owed: a dead worker's call, a call refused by a worker whose update broke midway, a call requeued at
+            # resume; paid: the re-issues
+            if r["kind"] == "membership" and r["event"] in ("died", "refused", "requeued", "reissued"):
                 counter[r["event"]] += r.get("reissued_prompts", r.get("prompts", 0))
     for counter in per_session:
-        assert counter["died"] + counter["requeued"] >= counter["reissued"], f"more re-issued than owed: {counter}"
+        assert _owed(counter) >= counter["reissued"], f"more re-issued than owed: {counter}"
     last = per_session[-1]
     return {
         "prompts_drawn": drawn,
@@ -106,8 +112,8 @@ def audit_prompts(run: Path, recs: list[dict], prompts_per_call: int, group_size
         "streams": len(calls),
         "prompts_reissued": sum(c["reissued"] for c in per_session),
         "prompts_requeued_at_resume": sum(c["requeued"] for c in per_session),
-        "reissues_pending_at_driver_kill": sum(c["died"] + c["requeued"] - c["reissued"] for c in per_session[:-1]),
-        "prompts_reissue_pending_at_end": last["died"] + last["requeued"] - last["reissued"],
+        "reissues_pending_at_driver_kill": sum(_owed(c) - c["reissued"] for c in per_session[:-1]),
+        "prompts_reissue_pending_at_end": _owed(last) - last["reissued"],
         "prompts_rejected_or_dropped": excused,
         "prompts_lost": len(missing) - excused,  # asserted 0 above
         "prompts_inserted_twice": len(twice),  # asserted 0 above
