@@ -4,12 +4,14 @@ Contract:
 - `completion_outputs(policy, tb, temperature, ...)` runs the model's trunk over every position (the
   prompt is context) but applies the LM head only to real completion positions, `chunk_tokens` of them
   at a time: logits `[chunk, V]` in fp32, their log-sum-exp, the target's log-prob and (if asked) the
-  entropy, under `torch.utils.checkpoint`, so neither the forward nor the backward ever holds more than
-  one chunk's `[chunk, V]`. The result equals `log_softmax(logits / temperature)` gathered at the
+  entropy, so neither the forward nor the backward ever holds more than one chunk's `[chunk, V]`. A plain
+  bias-free linear head without an entropy gradient (the common case) goes through `_LinearHeadLogprob`,
+  whose hand-written backward recomputes the chunk's logits and needs one fp32 `[chunk, V]` buffer; any
+  other head runs under `torch.utils.checkpoint`. The result equals `log_softmax(logits / temperature)` gathered at the
   completion tokens (tested to fp32 rounding). Returns `[B, T]` tensors, 0 on padding.
 - Entropy modes: "none" (not computed), "detached" (a logged diagnostic: no gradient, no extra
   backward memory), "grad" (the entropy bonus needs its gradient: it flows into the trunk and head).
-- The head is called as a module (`lm_head(h)`), so ZeRO-3's gather hooks fire for it, also when the
+- Under ZeRO-3 the head is called as a module (`lm_head(h)`), so its gather hooks fire, also when the
   checkpoint recomputes it in the backward. Logits are formed in the head's dtype and upcast (as verl and
   OpenRLHF do): under bf16 they carry the rounding that bf16 inference engines have too.
 - `CompletionModel` is what the DeepSpeed engine wraps: the HF policy (`.policy`, whose parameter names
@@ -48,6 +50,61 @@ def _head_chunk(
     return logp, ent
 
 
+class _LinearHeadLogprob(torch.autograd.Function):
+    """log_softmax(h W^T / temperature) at `targets` for one chunk of a bias-free linear head, with the
+    gradient written by hand (as Liger-Kernel's fused linear cross-entropy does): the backward recomputes
+    the logits and turns them into dlogp/dz = onehot - softmax in place, so forward and backward each hold
+    one fp32 `[n, V]` buffer (plus the head-dtype matmul output) instead of autograd's chain of logits,
+    scaled copy, log-sum-exp and softmax. Entropy, when asked, is a non-differentiable output."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature: float, entropy: bool):
+        logits = torch.nn.functional.linear(h, weight)  # under autocast: the autocast dtype, as `head(h)`
+        logits_dtype = logits.dtype
+        z = _scaled(logits, temperature)
+        del logits
+        lse = torch.logsumexp(z, dim=-1)
+        logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
+        ent = logp.new_zeros(0)
+        if entropy:  # H = lse - E_p[z]
+            ent = lse - (z - lse[:, None]).exp_().mul_(z).sum(-1)
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.temperature, ctx.dtype = temperature, logits_dtype
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_ent):
+        h, weight, targets, lse = ctx.saved_tensors
+        dtype = ctx.dtype  # the forward's matmul dtype (autocast is off in the backward)
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(h.to(dtype), weight.to(dtype))
+            dz = _scaled(logits, ctx.temperature)
+            del logits
+            dz.sub_(lse[:, None]).exp_().mul_(-grad_logp[:, None])  # -softmax * g
+            dz.scatter_add_(-1, targets[:, None], grad_logp[:, None])  # + onehot * g
+            if ctx.temperature != 1.0:
+                dz.div_(ctx.temperature)
+            dz = dz.to(dtype)
+            grad_h = (dz @ weight.to(dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = (dz.t() @ h.to(dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None, None
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits / temperature in one new buffer (no second copy when the head already computes in fp32)."""
+    z = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _fusable(head: torch.nn.Module, entropy: EntropyMode) -> bool:
+    """The hand-written gradient covers a plain bias-free linear head whose weight is all here (not a ZeRO-3
+    partition, which only the module's own gather hooks materialise) and no entropy gradient."""
+    return (
+        type(head) is torch.nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id") and entropy != "grad"
+    )
+
+
 def chunked_head_logprobs(
     head: torch.nn.Module,
     hidden: torch.Tensor,
@@ -59,9 +116,15 @@ def chunked_head_logprobs(
     """Log-probs `[n]` of `targets [n]` given hidden states `hidden [n, H]`, in chunks (module docstring)."""
     logps, ents = [], []
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    fused = grad and _fusable(head, entropy)
     for start in range(0, hidden.shape[0], chunk_tokens):
-        args = (head, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens], temperature, entropy)
-        logp, ent = checkpoint(_head_chunk, *args, use_reentrant=False) if grad else _head_chunk(*args)
+        h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if fused:
+            logp, ent = _LinearHeadLogprob.apply(h, head.weight, t, temperature, entropy != "none")
+        elif grad:
+            logp, ent = checkpoint(_head_chunk, head, h, t, temperature, entropy, use_reentrant=False)
+        else:
+            logp, ent = _head_chunk(head, h, t, temperature, entropy)
         logps.append(logp)
         ents.append(ent)
     if not logps:

@@ -80,6 +80,9 @@ def _build_engine(cfg: LearnerConfig, model_dir: str | Path, value_head: bool):
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = CompletionModel(policy, value_head, cfg.logprob_chunk_tokens)
     kwargs = {"lr": cfg.lr, "betas": cfg.betas, "weight_decay": cfg.weight_decay}
+    # fused AdamW (CPU and CUDA kernels in torch): one pass per tensor, no `sqrt(v) / bias_correction`
+    # temporaries the size of the flat fp32 partition, which set the learner's peak memory otherwise
+    adamw = {**kwargs, "fused": True}
     ds_config = cfg.deepspeed_config()
     if cfg.optimizer == "schedule_free_adamw":  # its own warm-up, no schedule; ZeRO-0 only (learner.config)
         optimizer = ClippedScheduleFreeAdamW(model.parameters(), cfg.grad_clip, warmup_steps=cfg.warmup_steps, **kwargs)
@@ -87,10 +90,10 @@ def _build_engine(cfg: LearnerConfig, model_dir: str | Path, value_head: bool):
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         return engine, optimizer, None
     if cfg.zero_stage == 0 and "bf16" not in ds_config and "fp16" not in ds_config:
-        optimizer = _ClippedAdamW(model.parameters(), cfg.grad_clip, **kwargs)
+        optimizer = _ClippedAdamW(model.parameters(), cfg.grad_clip, **adamw)
         ds_config["gradient_clipping"] = 0.0  # the optimizer clips (and keeps the norm)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), **kwargs)
+        optimizer = torch.optim.AdamW(model.parameters(), **adamw)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config

@@ -69,21 +69,26 @@ def staleness() -> str:
     d = _load("staleness")
     rows = []
     for c in d["cells"]:
+        seeds = c.get("seeds", 1)
         rows.append(
             [
                 "0 (sync)" if c["staleness"] == 0 else str(c["staleness"]),
+                str(c.get("max_staleness_seen", "-")),
                 c["loss"],
+                str(c.get("updates_per_batch", 1)),
+                str(seeds),
                 _f(c["accuracy_final"]),
                 _f(c["accuracy_best"]),
                 _f(c["kl_behaviour_mean"]),
-                str(c["learner_steps"]),
-                _f(c["seconds_to_plus10"], 1),
-                _f(c["seconds_to_plus20"], 1),
+                _f(c["learner_steps"], 0),
+                f"{_f(c['seconds_to_plus10'], 1)} ({c.get('reached_plus10', '-')}/{seeds})",
+                f"{_f(c['seconds_to_plus20'], 1)} ({c.get('reached_plus20', '-')}/{seeds})",
                 "-" if c["speedup_vs_sync_plus20"] is None else f"{c['speedup_vs_sync_plus20']:.2f}x",
             ]
         )
-    header = ["max staleness", "loss", "final acc.", "best", "KL(behaviour)", "learner steps", "s to +10", "s to +20"]
-    return _rows([*header, "vs sync (+20)"], rows)
+    header = ["max staleness", "seen", "loss", "updates/batch", "seeds", "final acc.", "best", "KL(behaviour)"]
+    header += ["learner steps", "s to +10 (reached)", "s to +20 (reached)", "vs sync (+20)"]
+    return _rows(header, rows)
 
 
 def replay() -> str:
@@ -163,14 +168,17 @@ def learner() -> str:
             json.dumps(c["learner_config"]).replace("|", "/"),
             f"{c['tokens_per_s']:.1f}",
             f"{c['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+            f"{c['peak_rss_gib']:.2f}",
+            f"{c['peak_rss_gib'] / base['peak_rss_gib']:.2f}x",
             f"{c['step_peak_over_before_gib']:.2f}",
-            f"{c['step_peak_over_before_gib'] / base['step_peak_over_before_gib']:.2f}x",
         ]
         for name, c in d["configs"].items()
     ]
-    header = ["config", "learner settings", "tokens/s", "vs old", "step peak over resident (GiB)", "vs old"]
+    header = ["config", "learner settings", "tokens/s", "vs old", "peak RSS (GiB)", "vs old", "step peak over resident"]
     return _rows(header, rows) + (
-        f"\nModel: {d['meta']['model']}; {d['meta']['rows']} sequences of {d['meta']['prompt_tokens']} prompt + up to "
+        f"\nHeadline ({d['headline_config']}): tokens/s {d['tokens_per_s_ratio']:.2f}x (goal >= 1.5), peak memory "
+        f"{d['peak_memory_ratio']:.2f}x (goal <= 0.35) of the old step. "
+        f"Model: {d['meta']['model']}; {d['meta']['rows']} sequences of {d['meta']['prompt_tokens']} prompt + up to "
         f"{d['meta']['completion_tokens_max']} completion tokens. Collate from Arrow buffers: "
         f"{d['collate']['collate_speedup']:.1f}x the to_pydict path.\n"
     )

@@ -133,3 +133,46 @@ def test_chunked_head_on_no_tokens_is_empty():
     head = torch.nn.Linear(8, 20, bias=False)
     logp, ent = chunked_head_logprobs(head, torch.zeros(0, 8), torch.zeros(0, dtype=torch.long), entropy="grad")
     assert logp.shape == (0,) and ent.shape == (0,)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("entropy", ["none", "detached"])
+def test_hand_written_head_gradient_equals_autograd_through_the_full_log_softmax(temperature, entropy):
+    # the plain linear head (tied, bias-free) takes _LinearHeadLogprob; fp32, 1e-5 relative on gradients
+    model, tb = tiny_qwen(seed=2), batch(2)
+    weights = torch.randn(tb.mask.shape, generator=torch.Generator().manual_seed(1))
+    want_lp, want_ent = full_reference(model, tb, temperature)
+    want = _grads(model, (want_lp * weights).sum())
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    got_lp, got_ent, _ = completion_outputs(model, tb.tokens(), temperature, 5, entropy)
+    handle.remove()
+    assert not calls  # the module was not called: the hand-written path ran
+    assert torch.allclose(got_lp, want_lp, atol=1e-5)
+    if entropy == "detached":
+        assert not got_ent.requires_grad and torch.allclose(got_ent, want_ent, atol=1e-5)
+    got = _grads(model, (got_lp * weights).sum())
+    assert want.keys() == got.keys()
+    for name in want:
+        scale = want[name].abs().max().clamp(min=1e-6)
+        assert ((got[name] - want[name]).abs().max() / scale) < 1e-5, name
+
+
+def test_hand_written_head_gradient_in_bf16_matches_the_checkpointed_path():
+    # bf16 head and hidden states: the same logits rounding as the module path, so gradients agree to
+    # bf16 rounding (2e-2 relative); hidden [n, H] and the head weight both get gradients
+    torch.manual_seed(3)
+    head = torch.nn.Linear(16, 300, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(23, 16, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 300, (23,))
+    g = torch.randn(23)
+    out = {}
+    for name, fused in (("fused", True), ("module", False)):
+        head.zero_grad()
+        hidden.grad = None
+        wrapped = head if fused else torch.nn.Sequential(head)  # not a bare Linear: the checkpointed path
+        logp, _ = chunked_head_logprobs(wrapped, hidden, targets, 0.8, 6, "none")
+        (logp * g).sum().backward()
+        out[name] = (logp.detach(), hidden.grad.clone(), head.weight.grad.clone())
+    for got, want in zip(out["fused"], out["module"]):
+        assert ((got.float() - want.float()).abs().max() / want.float().abs().max()) < 2e-2
