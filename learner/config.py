@@ -51,8 +51,9 @@ class LearnerConfig(BaseModel):
     optimizer: Literal["adamw", "schedule_free_adamw"] = Field(
         "adamw",
         description="'adamw' with linear warm-up then constant lr; 'schedule_free_adamw' (Defazio et al. 2024, RPG's "
-        "optimiser): no schedule, rollout/evaluation/checkpoints get its averaged weights; needs zero_stage 0 and "
-        "fp32 or mixed_precision 'autocast'",
+        "optimiser): no schedule (warmup_steps still warms up), rollout, evaluation and the final model get its "
+        "averaged weights x while gradients are taken at y; works at every zero_stage, fp32 or bf16 (DeepSpeed's "
+        "master weights or autocast), not fp16. Try it instead of tuning a decay schedule",
     )
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate after warm-up")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -250,14 +251,10 @@ def _algorithm_problems(c: LearnerConfig) -> list[str]:
             "learner.teacher.path and learner.objective.kl_teacher.coef > 0 go together: set both for on-policy "
             f"distillation or neither (got path={c.teacher.path!r}, coef={obj.kl_teacher.coef})"
         )
-    if c.optimizer == "schedule_free_adamw" and c.zero_stage != 0:
+    if c.optimizer == "schedule_free_adamw" and c.precision == "fp16" and c.mixed_precision == "deepspeed":
         p.append(
-            f"learner.optimizer='schedule_free_adamw' needs learner.zero_stage=0 (got {c.zero_stage}): its train/eval "
-            "parameter swap must act on the model's own weights, which ZeRO-1/2/3 replace with partitioned copies"
-        )
-    if c.optimizer == "schedule_free_adamw" and c.precision != "fp32" and c.mixed_precision == "deepspeed":
-        p.append(
-            "learner.optimizer='schedule_free_adamw' with learner.precision != 'fp32' needs learner.mixed_precision="
-            "'autocast' (DeepSpeed's bf16/fp16 master copies hide the weights from the parameter swap)"
+            "learner.optimizer='schedule_free_adamw' is not supported with learner.precision='fp16' (DeepSpeed's fp16 "
+            "loss scaling around its averaged-weight swap is untested): use learner.precision='bf16' (any ZeRO stage "
+            ">= 1, or mixed_precision='autocast') or 'fp32'"
         )
     return p

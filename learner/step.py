@@ -23,8 +23,8 @@ DeepSpeed (or, at ZeRO-0, `_ClippedAdamW`) skips the update on every rank, and t
 are not taken. A batch with no applied update reports `skipped_nonfinite=1` (`nonfinite_in_gradient`
 tells which); weights, optimiser and scheduler are then untouched.
 `save_state` / `load_state` are collective: DeepSpeed's per-rank checkpoint plus this rank's RNG and step.
-Weights for rollout: `weight_buckets` (collective under ZeRO-3) yields the policy's parameters bucket by
-bucket, on the device, gathering ZeRO-3 partitions one bucket at a time.
+Weights for rollout: `weight_buckets` (collective under ZeRO-3, and with Schedule-Free under ZeRO-1/2/3) yields
+the policy's parameters bucket by bucket, on the device, gathering ZeRO-3 partitions one bucket at a time.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from learner.logprobs import CompletionModel, run_completion_model
 from learner.losses import agg_denominator
 from learner.objective import CRITIC_ADVANTAGES, ObjectiveInputs, Targets, compute_targets, objective_loss, requires
 from learner.sample_weights import group_priorities, row_weights, weighted_advantages
-from learner.schedule_free import ClippedScheduleFreeAdamW, eval_parameters, is_schedule_free
+from learner.schedule_free import ClippedScheduleFreeAdamW, ensure_train_mode, eval_parameters
 from learner.weight_packing import group_into_buckets
 
 SNAPSHOT_FILE = "kl_prev_snapshot.pt"
@@ -84,11 +84,8 @@ def _build_engine(cfg: LearnerConfig, model_dir: str | Path, value_head: bool):
     # temporaries the size of the flat fp32 partition, which set the learner's peak memory otherwise
     adamw = {**kwargs, "fused": True}
     ds_config = cfg.deepspeed_config()
-    if cfg.optimizer == "schedule_free_adamw":  # its own warm-up, no schedule; ZeRO-0 only (learner.config)
-        optimizer = ClippedScheduleFreeAdamW(model.parameters(), cfg.grad_clip, warmup_steps=cfg.warmup_steps, **kwargs)
-        ds_config["gradient_clipping"] = 0.0
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        return engine, optimizer, None
+    if cfg.optimizer == "schedule_free_adamw":  # its own warm-up, no schedule
+        return _build_schedule_free(cfg, model, ds_config, kwargs)
     if cfg.zero_stage == 0 and "bf16" not in ds_config and "fp16" not in ds_config:
         optimizer = _ClippedAdamW(model.parameters(), cfg.grad_clip, **adamw)
         ds_config["gradient_clipping"] = 0.0  # the optimizer clips (and keeps the norm)
@@ -99,6 +96,23 @@ def _build_engine(cfg: LearnerConfig, model_dir: str | Path, value_head: bool):
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
     return engine, optimizer, scheduler
+
+
+def _build_schedule_free(cfg: LearnerConfig, model, ds_config: dict, kwargs: dict):
+    """Schedule-Free AdamW under DeepSpeed. At ZeRO-0 it clips (DeepSpeed would drop the norm); under ZeRO/bf16
+    DeepSpeed's wrapper clips by the global norm, since the optimiser only sees this rank's partition."""
+    import deepspeed
+
+    zero0 = cfg.zero_stage == 0
+    optimizer = ClippedScheduleFreeAdamW(
+        model.parameters(), cfg.grad_clip if zero0 else None, warmup_steps=cfg.warmup_steps, **kwargs
+    )
+    if zero0:
+        ds_config["gradient_clipping"] = 0.0
+    if cfg.zero_stage == 3:  # ZeRO-3 steps each sub-group separately: one per param group keeps one step per update
+        ds_config["zero_optimization"]["sub_group_size"] = 2**62
+    engine, wrapper, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, wrapper, None
 
 
 class LearnerCore:
@@ -169,15 +183,15 @@ class LearnerCore:
     def _full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every policy parameter, whole, on every rank (ZeRO-3 gathers one at a time; other stages hold them)."""
         named = list(self.policy_module.named_parameters())
-        if self.cfg.zero_stage != 3:
-            with eval_parameters(self.optimizer):  # the policy rollout serves (Schedule-Free's average x)
+        with eval_parameters(self.optimizer):  # the policy rollout serves (Schedule-Free's average x)
+            if self.cfg.zero_stage != 3:
                 yield from ((n, p.detach()) for n, p in named)
-            return
-        import deepspeed
+                return
+            import deepspeed
 
-        for n, p in named:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                yield n, p.detach()
+            for n, p in named:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    yield n, p.detach()
 
     def _needs_prepass(self) -> bool:
         obj = self.cfg.objective
@@ -364,9 +378,8 @@ class LearnerCore:
         from learner.rng_state import capture_rng
 
         out = Path(out_dir)
-        # Schedule-Free: the checkpoint's model is the averaged x (loadable as a model); load_state swaps back
-        with eval_parameters(self.optimizer):
-            self.engine.save_checkpoint(str(out / "deepspeed"), tag="state", save_latest=False)
+        # Schedule-Free: the training state at y (train mode), so a resume continues bit for bit
+        self.engine.save_checkpoint(str(out / "deepspeed"), tag="state", save_latest=False)
         torch.save({"rng": capture_rng(), "steps": self.steps}, out / f"rank-{self.rank}.pt")
         snap = self.frozen.get("prev_logprobs")
         if snap is not None and self.rank == 0:  # every rank holds the same snapshot; one copy is enough
@@ -382,8 +395,7 @@ class LearnerCore:
         )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt / 'deepspeed'}; the checkpoint is incomplete")
-        if is_schedule_free(self.optimizer):
-            self.optimizer.train()  # saved at x (eval mode): back to y, where gradients are taken
+        ensure_train_mode(self.optimizer)  # Schedule-Free checkpoints written at x: back to y
         own = torch.load(ckpt / f"rank-{self.rank}.pt", weights_only=False)
         restore_rng(own["rng"])
         snap = self.frozen.get("prev_logprobs")
@@ -403,26 +415,27 @@ class LearnerCore:
         """The policy's parameters as (HF name, device tensor) buckets of <= `bucket_bytes` wire bytes.
 
         Rank 0 gets the tensors; other ranks get empty buckets (under ZeRO-3 they must still iterate, in
-        step, since each bucket is one collective gather). A bucket's tensors are valid until the next
+        step, since each bucket is one collective gather; with Schedule-Free under any ZeRO stage every rank
+        iterates to the end, since its swap to x and back all-gathers). A bucket's tensors are valid until the next
         bucket is requested (ZeRO-3 releases the gather then): read or copy them before that.
         """
         named = list(self.policy_module.named_parameters())
-        if self.cfg.zero_stage != 3:
-            if self.rank == 0:
-                with eval_parameters(self.optimizer):  # Schedule-Free publishes its averaged x
+        with eval_parameters(self.optimizer):  # Schedule-Free publishes its averaged x (collective under ZeRO)
+            if self.cfg.zero_stage != 3:
+                if self.rank == 0:
                     yield from group_into_buckets(((n, p.detach()) for n, p in named), bucket_bytes, wire_dtype)
-            return
-        import deepspeed
+                return
+            import deepspeed
 
-        sized = [(n, torch.empty(p.ds_shape, dtype=p.dtype, device="meta")) for n, p in named]
-        params = dict(named)
-        for bucket in group_into_buckets(sized, bucket_bytes, wire_dtype):
-            group = [params[n] for n, _ in bucket]
-            with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
-                yield [(n, p.detach()) for (n, _), p in zip(bucket, group)] if self.rank == 0 else []
+            sized = [(n, torch.empty(p.ds_shape, dtype=p.dtype, device="meta")) for n, p in named]
+            params = dict(named)
+            for bucket in group_into_buckets(sized, bucket_bytes, wire_dtype):
+                group = [params[n] for n, _ in bucket]
+                with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
+                    yield [(n, p.detach()) for (n, _), p in zip(bucket, group)] if self.rank == 0 else []
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """Full parameters as (HF name, CPU tensor) on rank 0; [] on other ranks. Collective under ZeRO-3."""
+        """Full parameters as (HF name, CPU tensor) on rank 0; [] on other ranks. Collective as `weight_buckets`."""
         out = []
         for bucket in self.weight_buckets(256 * 2**20):
             out += [(n, t.to("cpu", copy=True)) for n, t in bucket]
@@ -432,7 +445,7 @@ class LearnerCore:
         """Learner log-probs `[B, T]` of the batch's completions (no grad), e.g. to check engine agreement.
 
         `at="served"`: the weights rollout gets (Schedule-Free's average x); "training": where gradients are taken
-        (Schedule-Free's y; the same weights for AdamW)."""
+        (Schedule-Free's y; the same weights for AdamW). Schedule-Free under ZeRO: every rank calls "served"."""
         tb = collate(batch, self.pad_id).to(self.engine.device)
         swap = eval_parameters(self.optimizer) if at == "served" else contextlib.nullcontext()
         with swap:
@@ -440,7 +453,7 @@ class LearnerCore:
         return (logp * tb.mask).cpu()
 
     def save(self, out_dir: str | Path, tokenizer_dir: str | Path) -> Path | None:
-        """Write the current model in HF format (rank 0 writes; every rank must call under ZeRO-3)."""
+        """Write the current model in HF format (rank 0 writes; every rank must call under ZeRO-3 or Schedule-Free)."""
         from transformers import AutoTokenizer
 
         weights = dict(self.named_weights())
