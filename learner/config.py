@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from learner.lr_schedule import Schedule
 from learner.objective import ObjectiveConfig, requires
 from learner.weight_transport import WeightSyncConfig
 
@@ -60,6 +61,18 @@ class LearnerConfig(BaseModel):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     grad_clip: float = Field(1.0, gt=0, description="clip the global gradient norm of each update to this")
     warmup_steps: int = Field(0, ge=0, description="optimiser steps of linear learning-rate warm-up")
+    lr_schedule: Schedule = Field(
+        "constant",
+        description="after warm-up: a constant learning rate, or a linear / cosine decay to min_lr_ratio x lr at "
+        "lr_decay_steps optimiser steps (then flat). Decay settles the policy a fixed-budget run ends with; set "
+        "lr_decay_steps to about the learner steps the run will take x updates_per_batch",
+    )
+    lr_decay_steps: int | None = Field(
+        None, ge=1, description="lr_schedule linear/cosine: optimiser steps (warm-up included) at which the decay ends"
+    )
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="lr_schedule linear/cosine: the floor of the decay, as a fraction of lr"
+    )
     groups_per_step: int = Field(
         8,
         ge=1,
@@ -250,6 +263,13 @@ def _algorithm_problems(c: LearnerConfig) -> list[str]:
         p.append(
             "learner.teacher.path and learner.objective.kl_teacher.coef > 0 go together: set both for on-policy "
             f"distillation or neither (got path={c.teacher.path!r}, coef={obj.kl_teacher.coef})"
+        )
+    if c.lr_schedule != "constant" and c.lr_decay_steps is None:
+        p.append(f"learner.lr_schedule={c.lr_schedule!r} needs learner.lr_decay_steps (the step the decay ends at)")
+    if c.lr_schedule != "constant" and c.optimizer == "schedule_free_adamw":
+        p.append(
+            "learner.optimizer='schedule_free_adamw' replaces the learning-rate schedule by iterate averaging: "
+            "use learner.lr_schedule='constant' with it"
         )
     if c.optimizer == "schedule_free_adamw" and c.precision == "fp16" and c.mixed_precision == "deepspeed":
         p.append(

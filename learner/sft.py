@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from learner.lr_schedule import lr_multiplier
 from rollout.datasets import DatasetError
 from rollout.problem import Problem
 from rollout.render import RenderConfig, Renderer
@@ -97,12 +97,7 @@ def sft_batch(renderer: Renderer, examples: Sequence[Example]) -> tuple[torch.Te
 
 def lr_factor(step: int, cfg: SFTConfig) -> float:
     """Linear warmup over `warmup_steps`, then constant or cosine decay to 10% at `steps`."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr_multiplier(step, cfg.warmup_steps, cfg.schedule, cfg.steps, min_ratio=0.1)
 
 
 def reference_examples(task: Task, seed: int, worked: str | None = None) -> Iterator[Example]:

@@ -47,6 +47,7 @@ from learner.config import LearnerConfig
 from learner.diagnostics import reduce_diagnostics
 from learner.logprobs import CompletionModel, run_completion_model
 from learner.losses import agg_denominator
+from learner.lr_schedule import lr_multiplier
 from learner.objective import CRITIC_ADVANTAGES, ObjectiveInputs, Targets, compute_targets, objective_loss, requires
 from learner.sample_weights import group_priorities, row_weights, weighted_advantages
 from learner.schedule_free import ClippedScheduleFreeAdamW, ensure_train_mode, eval_parameters
@@ -91,7 +92,9 @@ def _build_engine(cfg: LearnerConfig, model_dir: str | Path, value_head: bool):
         ds_config["gradient_clipping"] = 0.0  # the optimizer clips (and keeps the norm)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), **adamw)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, cfg.lr_schedule, cfg.lr_decay_steps, cfg.min_lr_ratio)
+    )
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
