@@ -358,6 +358,33 @@ def spine_summary() -> str:
     return _rows(["", "Flywheel", "TRL GRPO"], rows)
 
 
+def byo_model() -> str:
+    """The built-in BPE model on a reasoning-gym task, cold start then RL, inside one budget."""
+    d = _load("byo_model")
+    reach = d["rl_seconds_to_gain"]
+    rows = [
+        ["held-out accuracy after the cold start", _f(d["eval_accuracy_initial"])],
+        [
+            "held-out accuracy at the end of RL (best eval)",
+            f"**{_f(d['eval_accuracy_final'])}** ({_f(d['eval_accuracy_best'])})",
+        ],
+        ["gain", f"{d['gain_points']:+.1f} points"],
+        *(
+            [f"RL seconds to {k} (first eval / mean of 3)", f"{_f(v['first_eval_s'], 0)} / {_f(v['mean3_s'], 0)}"]
+            for k, v in reach.items()
+        ),
+        [
+            "whole job: model build + cold start / RL / wall (budget)",
+            f"{d['model_build_and_cold_start_s']:.0f} s / {d['rl_wall_s']:.0f} s / {d['wall_s']:.0f} s "
+            f"({d['wall_s_budget']:.0f} s)",
+        ],
+        ["learner steps", str(d["learner_steps"])],
+    ]
+    return _rows(["", "bpe_reasoning_cpu.yaml"], rows) + (
+        f"\nLoad average before / after: {d['load_average_before'][0]:.1f} / {d['load_average_after'][0]:.1f}.\n"
+    )
+
+
 def chaos_summary() -> str:
     """The user's guide's short form of `chaos`."""
     d = _load("chaos")
@@ -422,6 +449,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "dataflow": dataflow,
     "chaos": chaos,
 }
+if (RESULTS / "byo_model.json").exists():  # tests/bench/byo_model.py has been run
+    TABLES["byo_model"] = byo_model
 for _name in ("schedule_free", "process_rewards", "distill"):
     if (RESULTS / f"{_name}.json").exists():
         TABLES[_name] = ab(_name)
