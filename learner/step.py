@@ -47,7 +47,14 @@ from learner.config import LearnerConfig
 from learner.diagnostics import reduce_diagnostics
 from learner.logprobs import CompletionModel, run_completion_model
 from learner.losses import agg_denominator
-from learner.objective import CRITIC_ADVANTAGES, ObjectiveInputs, Targets, compute_targets, objective_loss, requires
+from learner.objective import (
+    ObjectiveInputs,
+    Targets,
+    compute_targets,
+    objective_loss,
+    requires,
+    trains_value_head,
+)
 from learner.sample_weights import group_priorities, row_weights, weighted_advantages
 from learner.schedule_free import ClippedScheduleFreeAdamW, eval_parameters, is_schedule_free
 from learner.weight_packing import group_into_buckets
@@ -182,7 +189,7 @@ class LearnerCore:
             obj.kl_ref_coef > 0 and obj.kl_ref_in == "reward"
         )
         proximal = "proximal_logprobs" in self.needs and self.cfg.updates_per_batch > 1
-        return obj.advantage in CRITIC_ADVANTAGES or reward_kl or proximal or self._prev_is_previous()
+        return trains_value_head(obj) or reward_kl or proximal or self._prev_is_previous()
 
     def _inputs(self, tb: TrainBatch, logp, entropy, values, ref: dict, proximal=None) -> ObjectiveInputs:
         """Objective inputs of `tb`; `ref` holds the frozen models' log-probs by input name (ref_logprobs,

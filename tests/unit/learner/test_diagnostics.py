@@ -39,12 +39,12 @@ def test_undeclared_keys_fall_back_to_their_suffix():
     "kwargs",
     [
         dict(),
-        dict(policy_loss="decoupled_ppo", tis_cap=2.0),
-        dict(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, agg="seq-mean-token-mean"),
+        dict(policy_loss=dict(kind="decoupled_ppo", tis_cap=2.0)),
+        dict(policy_loss="gspo", agg="seq-mean-token-mean"),
         dict(policy_loss="vtrace", advantage="vtrace"),
-        dict(policy_loss="rpg_reinforce", rpg_clip=True, kl_ref_coef=0.1),
-        dict(policy_loss="rpg_surrogate", dual_clip=None),
-        dict(advantage="gae", entropy_coef=0.01, dual_clip=3.0),
+        dict(policy_loss=dict(kind="rpg_reinforce", clip=True), kl_ref_coef=0.1),
+        dict(policy_loss="rpg_surrogate"),
+        dict(advantage="gae", entropy_coef=0.01, policy_loss=dict(kind="ppo", dual_clip=3.0)),
     ],
 )
 def test_every_objective_diagnostic_is_declared(kwargs):
