@@ -44,7 +44,7 @@ import torch
 from learner.auxiliary import ReferencePolicy, frozen_policies
 from learner.batch import TrainBatch, collate, plan_micro_batches, split_minibatches
 from learner.config import LearnerConfig
-from learner.diagnostics import reduce_diagnostics
+from learner.diagnostics import StepDiagnostics, reduce_diagnostics
 from learner.logprobs import CompletionModel, run_completion_model
 from learner.losses import agg_denominator
 from learner.objective import (
@@ -125,7 +125,7 @@ class LearnerCore:
     # ------------------------------------------------------------------ one sampled batch
     def train_step(
         self, batch: pa.RecordBatch | pa.Table, group_weights: tuple[float, ...] | None = None
-    ) -> dict[str, float]:
+    ) -> StepDiagnostics:
         """`updates_per_batch` optimiser steps on this rank's groups; returns diagnostics plus timings.
 
         `group_weights`: replay's weight per group (order of first appearance), scaling each group's
@@ -156,7 +156,7 @@ class LearnerCore:
                 break
         diag = self._step_diagnostics(tb, parts, times, t0)
         self._maybe_refresh_snapshot(diag, times)
-        return diag
+        return StepDiagnostics.from_mapping(diag)
 
     def _prev_is_previous(self) -> bool:
         return "prev_logprobs" in self.needs and self.cfg.objective.kl_prev.source == "previous"

@@ -63,3 +63,21 @@ def test_every_objective_diagnostic_is_declared(kwargs):
     )
     _, diag = compute_objective(ObjectiveConfig(**kwargs), x)
     assert set(diag) <= set(REDUCTIONS), sorted(set(diag) - set(REDUCTIONS))
+
+
+def test_step_record_declares_each_reduction_and_reads_as_the_metric_names():
+    from learner.diagnostics import StepDiagnostics, reduce_step_diagnostics
+
+    ranks = [
+        StepDiagnostics.from_mapping({"tokens": 10.0, "loss": 1.0, "ratio_min": 0.8, "step_s": 2.0, "toy_max": 1.0}),
+        StepDiagnostics(tokens=30.0, loss=3.0, ratio_min=0.9, step_s=3.0, skipped_nonfinite=0.0),
+    ]
+    merged = reduce_step_diagnostics(ranks)
+    assert (merged.loss, merged.ratio_min, merged.tokens, merged.step_s) == (pytest.approx(2.5), 0.8, 40.0, 3.0)
+    assert merged.extra == {"toy_max": 1.0} and merged["toy_max"] == 1.0  # a variant's key, reduced by suffix
+    assert merged.kl_ref is None and "kl_ref" not in merged and merged.get("kl_ref") is None
+    want = {"loss": 2.5, "ratio_min": 0.8, "tokens": 40.0, "step_s": 3.0, "skipped_nonfinite": 0.0, "toy_max": 1.0}
+    assert dict(merged) == want
+    with pytest.raises(KeyError):
+        merged["kl_ref"]
+    assert REDUCTIONS["skipped_nonfinite"] == "max" and REDUCTIONS["tokens"] == "sum" and len(REDUCTIONS) == 49
