@@ -1,16 +1,20 @@
 """The learner's objective: config -> (scalar loss, diagnostics), composed from kl/advantages/losses.
 
 Contract:
-- `ObjectiveConfig` selects every piece by name and is validated as a whole at start-up.
-- `requires(cfg)` names the optional `ObjectiveInputs` fields the learner must fill for `cfg`.
+- `ObjectiveConfig` selects every piece and is validated as a whole at start-up. The advantage estimator
+  and the policy loss are registered variants, each with its own small config (`learner.advantage_estimators`,
+  `learner.policy_losses`): a new one is registered in one place, and validation, `requires` and the config
+  reference follow from the registry. Flat keys that moved into a variant's config fail with the new spelling.
+- `requires(cfg)` names the optional `ObjectiveInputs` fields the learner must fill for `cfg` (the variants
+  declare theirs when they register).
 - `compute_objective(cfg, x)` returns the loss to minimise (attached to `x.learner_logprobs`, and to
   `x.values` / `x.entropy` when they are used) and `dict[str, float]` diagnostics. It never reads padded
   positions. It is `objective_loss(cfg, x, compute_targets(cfg, x))`: the targets (advantages, value
   targets, loss mask) come from the batch's whole groups, without grad.
 
 Loss = policy term + sum_j beta_j * agg(kl_penalty_j)   [KL terms with `kl_*_in="loss"`]
-       - entropy_coef * agg(entropy) + value_coef * agg((V - returns)^2 / 2)   [gae / vtrace only;
-       the returns are GAE's A + V or V-trace's vs, from the detached values of this same call]
+       - entropy_coef * agg(entropy) + value_coef * agg((V - returns)^2 / 2)   [critic advantages only
+       (gae, vtrace); the returns are GAE's A + V or V-trace's vs, from the detached values of this same call]
 KL terms with `kl_*_in="reward"` are instead subtracted per token from the rewards before the
 advantage estimator (token-level shaping; the outcome reward sits on the last response token).
 
@@ -34,25 +38,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from learner import advantages as adv_lib
 from learner import losses
+from learner.advantage_estimators import ADVANTAGES, AdvantageInputs, GRPOAdvantage
 from learner.kl import KLDirection, KLEstimator, kl_penalty, kl_reinforce_coef
 from learner.kl_terms import PrevKLConfig, TeacherKLConfig, extra_kl_terms, reward_kl_inputs
+from learner.policy_losses import POLICY_LOSSES, PolicyInputs, PPOLoss
 
-AdvantageName = Literal[
-    "grpo", "dr_grpo", "rloo", "pass_at_k", "best_of_group", "reinforce_pp", "reinforce_pp_baseline", "gae", "vtrace"
-]
-CRITIC_ADVANTAGES = ("gae", "vtrace")
-# Zero for every member of a group whose rewards are all equal (not reinforce_pp_baseline: its batch
-# whitening shifts them), so such groups may be dropped before training (rollout.drop_uniform_groups).
-GROUP_BASELINE_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "pass_at_k", "best_of_group")
-PASS_AT_K_ADVANTAGES = ("pass_at_k", "best_of_group")  # defined on the outcome reward alone
-PolicyLossName = Literal["ppo", "decoupled_ppo", "gspo", "vtrace", "rpg_surrogate", "rpg_reinforce"]
 OPTIONAL_INPUTS = (
     "ref_logprobs",
     "prev_logprobs",
@@ -63,84 +60,63 @@ OPTIONAL_INPUTS = (
     "entropy",
 )
 
+# Keys of the flat objective config that now live in a variant's own config: old key -> (section, new key,
+# kinds that have it, the first being the one to suggest when the config names none of them).
+MOVED_KEYS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "grpo_scale_by_std": ("advantage", "scale_by_std", ("grpo",)),
+    "grpo_eps": ("advantage", "eps", ("grpo", "best_of_group")),
+    "best_of_group_scale_by_std": ("advantage", "scale_by_std", ("best_of_group",)),
+    "pass_k": ("advantage", "k", ("pass_at_k",)),
+    "gamma": ("advantage", "gamma", ("gae", "vtrace", "reinforce_pp", "reinforce_pp_baseline")),
+    "gae_lambda": ("advantage", "lam", ("gae",)),
+    "value_coef": ("advantage", "value_coef", ("gae", "vtrace")),
+    "vtrace_c_bar": ("advantage", "c_bar", ("vtrace",)),
+    "vtrace_rho_bar": ("advantage", "rho_bar", ("vtrace",)),  # and policy_loss.rho_bar (`_moved_keys`)
+    "clip_low": ("policy_loss", "clip_low", ("ppo", "decoupled_ppo", "gspo", "rpg_reinforce")),
+    "clip_high": ("policy_loss", "clip_high", ("ppo", "decoupled_ppo", "gspo", "rpg_reinforce")),
+    "dual_clip": ("policy_loss", "dual_clip", ("ppo", "decoupled_ppo", "gspo", "rpg_reinforce")),
+    "tis_cap": ("policy_loss", "tis_cap", ("decoupled_ppo",)),
+    "tis_mode": ("policy_loss", "tis_mode", ("decoupled_ppo",)),
+    "rpg_clip": ("policy_loss", "clip", ("rpg_reinforce",)),
+}
+
 
 class ObjectiveConfig(BaseModel):
     """Every choice of the objective; defaults are GRPO + PPO-clip 0.2/0.2 + 0.01 * k3 KL to behaviour.
 
-    Recipes: Dr.GRPO = advantage "dr_grpo" + agg "seq-mean-token-sum-norm"; DAPO = clip_high 0.28 +
-    filter_zero_variance_groups + agg "token-mean"; GSPO = policy_loss "gspo" with clip_low/high ~3e-4/4e-4
-    and agg "seq-mean-token-mean" (0.2 almost never clips a length-normalised sequence ratio);
-    AReaL = "decoupled_ppo" (+ tis_cap); IMPALA = advantage "vtrace" + policy_loss "vtrace".
-    Pass@k Training (Chen et al., 2025) = advantage "pass_at_k" with `pass_k`; verl's grpo_passk (best of
-    the group) = advantage "best_of_group".
+    `advantage` and `policy_loss` are registered variants (`learner.advantage_estimators`,
+    `learner.policy_losses`), each with its own config: a bare kind (`advantage: rloo`) takes its defaults,
+    a mapping sets its knobs (`policy_loss: {kind: ppo, clip_high: 0.28}`).
+    Recipes: Dr.GRPO = advantage "dr_grpo" + agg "seq-mean-token-sum-norm"; DAPO = policy_loss
+    {kind: ppo, clip_high: 0.28} + filter_zero_variance_groups + agg "token-mean"; GSPO = policy_loss "gspo"
+    (clip 3e-4/4e-4) + agg "seq-mean-token-mean"; AReaL = policy_loss "decoupled_ppo" (+ tis_cap);
+    IMPALA = advantage "vtrace" + policy_loss "vtrace". Pass@k Training (Chen et al., 2025) = advantage
+    {kind: pass_at_k, k: ...}; verl's grpo_passk (best of the group) = advantage "best_of_group".
     RPG family (arXiv:2505.17508) = policy_loss "rpg_surrogate" (fully differentiable) or
-    "rpg_reinforce" (REINFORCE-style, `rpg_clip` for RPG-style clip) x kl_*_direction reverse|forward
+    "rpg_reinforce" (REINFORCE-style, `clip: true` for RPG-style clip) x kl_*_direction reverse|forward
     x kl_*_estimator k1 (normalised KL) | k3 (unnormalised UKL); RPG's iteratively refreshed reference
     is `kl_behaviour` (the sampling policy) or a `kl_ref` model the learner refreshes.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    advantage: AdvantageName = Field(
-        "grpo",
-        description="advantage estimator: group baselines (grpo, dr_grpo, rloo), pass@k-aware (pass_at_k, "
-        "best_of_group), batch-whitened REINFORCE++ (reinforce_pp, reinforce_pp_baseline) or critic-based (gae, "
-        "vtrace: a value head is trained beside the policy)",
+    advantage: Annotated[BaseModel, ADVANTAGES] = Field(
+        default_factory=GRPOAdvantage,
+        description="advantage estimator, a kind or {kind: ..., its fields}: group baselines (grpo, dr_grpo, rloo), "
+        "pass@k-aware (pass_at_k, best_of_group), batch-whitened REINFORCE++ (reinforce_pp, reinforce_pp_baseline) "
+        "or critic-based (gae, vtrace: a value head is trained beside the policy)",
     )
-    grpo_scale_by_std: bool = Field(
-        True, description="advantage=grpo: divide by the group's reward std (false = Dr.GRPO-style centring only)"
-    )
-    grpo_eps: float = Field(1e-6, gt=0, description="added to the group std before dividing")
-    gamma: float = Field(1.0, gt=0, le=1, description="per-token discount (reinforce_pp*, gae); 1 for outcome rewards")
-    gae_lambda: float = Field(1.0, ge=0, le=1, description="advantage=gae: GAE's lambda (1 = Monte Carlo returns)")
     filter_zero_variance_groups: bool = Field(
         False,
         description="mask groups whose rewards are all equal out of the loss (DAPO dynamic sampling, learner side; "
         "rollout.drop_uniform_groups drops them before replay instead)",
     )
-    pass_k: int = Field(
-        4,
-        ge=1,
-        description=(
-            "k that advantage='pass_at_k' optimises (Pass@k Training): larger k rewards exploring for any correct "
-            "sample, k=1 is GRPO; needs rollout.group_size >= k"
-        ),
+    policy_loss: Annotated[BaseModel, POLICY_LOSSES] = Field(
+        default_factory=PPOLoss,
+        description="policy loss, a kind or {kind: ..., its fields}: ppo (clip against the behaviour policy), "
+        "decoupled_ppo (AReaL: clip against the proximal policy, importance weight to the behaviour one), gspo "
+        "(sequence-level ratio), vtrace, rpg_surrogate or rpg_reinforce (Regularized Policy Gradient)",
     )
-    best_of_group_scale_by_std: bool = Field(
-        True,
-        description=(
-            "advantage='best_of_group': divide the best sample's margin over the runner-up by the group's std "
-            "(+ grpo_eps), as verl's grpo_passk does; false keeps the raw margin"
-        ),
-    )
-
-    policy_loss: PolicyLossName = Field(
-        "ppo",
-        description="ppo (clip against the behaviour policy), decoupled_ppo (AReaL: clip against the proximal "
-        "policy, importance weight to the behaviour one), gspo (sequence-level ratio), vtrace, rpg_surrogate or "
-        "rpg_reinforce (Regularized Policy Gradient)",
-    )
-    clip_low: float = Field(0.2, ge=0, lt=1, description="ratio clip below 1 - clip_low")
-    clip_high: float = Field(
-        0.2, ge=0, description="ratio clip above 1 + clip_high; > clip_low is DAPO's clip-higher (e.g. 0.28)"
-    )
-    dual_clip: float | None = Field(
-        None, gt=1, description="dual-clip PPO: bound the loss of negative-advantage tokens at this ratio (e.g. 3)"
-    )
-    tis_cap: float | None = Field(
-        None, gt=0, description="truncated importance sampling: cap the behaviour importance weight (null = off)"
-    )
-    tis_mode: Literal["truncate", "mask"] = Field(
-        "truncate", description="tis_cap: clamp weights above the cap, or mask those tokens out"
-    )
-    vtrace_rho_bar: float = Field(
-        1.0, gt=0, description="V-trace's rho-bar: importance-weight truncation of the policy term and targets"
-    )
-    vtrace_c_bar: float = Field(1.0, gt=0, description="advantage=vtrace: V-trace's c-bar (trace cutting)")
-    rpg_clip: bool = Field(
-        False, description="policy_loss=rpg_reinforce: clip the weight as PPO does (clip_low/clip_high/dual_clip)"
-    )
-
     agg: losses.AggMode = Field(
         "token-mean",
         description="how token losses become one number: over all tokens, per sequence then over sequences, or "
@@ -188,7 +164,13 @@ class ObjectiveConfig(BaseModel):
     entropy_coef: float = Field(
         0.0, ge=0, description="entropy bonus weight (with its gradient); > 0 slows entropy collapse"
     )
-    value_coef: float = Field(0.5, ge=0, description="advantage=gae|vtrace: weight of the value head's loss")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (message := _moved_keys(data)):
+            raise ValueError(message)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ObjectiveConfig:
@@ -197,38 +179,49 @@ class ObjectiveConfig(BaseModel):
         return self
 
 
+def _yaml_inline(fields: dict[str, Any]) -> str:
+    def text(v: Any) -> str:
+        return {True: "true", False: "false", None: "null"}.get(v, str(v)) if isinstance(v, bool | None) else str(v)
+
+    return "{" + ", ".join(f"{k}: {text(v)}" for k, v in fields.items()) + "}"
+
+
+def _moved_keys(data: dict) -> str | None:
+    """The start-up error for flat keys that moved into a variant's config, with the new spelling."""
+    old = [k for k in data if k in MOVED_KEYS]
+    if not old:
+        return None
+    new: dict[str, dict[str, Any]] = {}
+    for key in old:
+        section, name, kinds = MOVED_KEYS[key]
+        current = data.get(section)
+        current = current.get("kind") if isinstance(current, dict) else current
+        kind = current if current in kinds else kinds[0]
+        new.setdefault(section, {"kind": kind})[name] = data[key]
+        if key == "vtrace_rho_bar":  # one knob before, now the targets' and the policy gradient's own
+            new.setdefault("policy_loss", {"kind": "vtrace"})["rho_bar"] = data[key]
+    spelled = "; ".join(f"{section}: {_yaml_inline(fields)}" for section, fields in new.items())
+    return (
+        f"objective.{', objective.'.join(old)} moved into the variant's own config: write {spelled} "
+        "(see deploy/configs/REFERENCE.md)"
+    )
+
+
 def _config_problems(c: ObjectiveConfig) -> list[str]:
-    p = []
-    if c.advantage == "dr_grpo" and c.agg != "seq-mean-token-sum-norm":
-        p.append(
-            "objective.advantage='dr_grpo' drops length normalisation: set objective.agg="
-            "'seq-mean-token-sum-norm' (and agg_norm_tokens), or use advantage='grpo' with "
-            "grpo_scale_by_std=false"
-        )
+    p = ADVANTAGES.of(c.advantage).problems(c.advantage, c) + POLICY_LOSSES.of(c.policy_loss).problems(c.policy_loss, c)
     if c.agg == "seq-mean-token-sum-norm" and c.agg_norm_tokens is None:
         p.append(
             "objective.agg='seq-mean-token-sum-norm' needs objective.agg_norm_tokens (e.g. the max response length)"
         )
-    if c.tis_cap is not None and c.policy_loss != "decoupled_ppo":
-        p.append(
-            "objective.tis_cap caps the proximal/behaviour weight, which only objective.policy_loss="
-            "'decoupled_ppo' has; use vtrace_rho_bar for 'vtrace' or unset tis_cap"
-        )
-    if c.dual_clip is not None and c.policy_loss in ("vtrace", "rpg_surrogate"):
-        p.append(f"objective.dual_clip does not apply to policy_loss='{c.policy_loss}'; unset it")
-    if c.dual_clip is not None and c.dual_clip <= 1 + c.clip_high and c.policy_loss != "rpg_reinforce":
-        p.append(f"objective.dual_clip={c.dual_clip} must exceed 1 + clip_high = {1 + c.clip_high}")
     if c.task_reward_coef == 0 and c.filter_zero_variance_groups:
         p.append(
             "objective.task_reward_coef=0 makes every group's task reward 0, so filter_zero_variance_groups would "
             "mask every group: set filter_zero_variance_groups=false (distillation alone learns from kl_teacher)"
         )
-    if c.rpg_clip and c.policy_loss != "rpg_reinforce":
-        p.append("objective.rpg_clip applies to policy_loss='rpg_reinforce' only")
     reward_kl = "reward" in (c.kl_behaviour_in, c.kl_ref_in) or reward_kl_inputs(c.kl_prev, c.kl_teacher)
-    if c.advantage in PASS_AT_K_ADVANTAGES and reward_kl:
+    if "outcome_only" in ADVANTAGES.of(c.advantage).tags and reward_kl:
         p.append(
-            f"objective.advantage='{c.advantage}' scores samples by their outcome (correct or not), so a KL "
+            f"objective.advantage='{c.advantage.kind}' scores samples by their outcome (correct or not), so a KL "
             "shaped into the reward would be lost: set kl_behaviour_in / kl_ref_in / kl_prev.placement / "
             "kl_teacher.placement to 'loss'"
         )
@@ -237,20 +230,31 @@ def _config_problems(c: ObjectiveConfig) -> list[str]:
 
 def requires(cfg: ObjectiveConfig) -> set[str]:
     """Optional `ObjectiveInputs` fields `cfg` needs (token_rewards is always optional)."""
-    need = set()
+    need = set(ADVANTAGES.of(cfg.advantage).requires | POLICY_LOSSES.of(cfg.policy_loss).requires)
     if cfg.kl_ref_coef > 0:
         need.add("ref_logprobs")
     if cfg.kl_prev.coef > 0:
         need.add("prev_logprobs")
     if cfg.kl_teacher.coef > 0:
         need.add("teacher_logprobs")
-    if cfg.policy_loss == "decoupled_ppo":
-        need.add("proximal_logprobs")
-    if cfg.advantage in CRITIC_ADVANTAGES:
-        need.add("values")
     if cfg.entropy_coef > 0:
         need.add("entropy")
     return need
+
+
+def trains_value_head(cfg: ObjectiveConfig) -> bool:
+    """The advantage estimator is critic-based: the learner trains a value head beside the policy."""
+    return "critic" in ADVANTAGES.of(cfg.advantage).tags
+
+
+def zero_on_uniform_groups(cfg: ObjectiveConfig) -> bool:
+    """Groups whose rewards are all equal get advantage 0, so dropping them before training changes nothing."""
+    return "zero_on_uniform_groups" in ADVANTAGES.of(cfg.advantage).tags
+
+
+def min_group_size(cfg: ObjectiveConfig) -> int:
+    """Samples per group the advantage estimator needs (pass@k: k)."""
+    return ADVANTAGES.of(cfg.advantage).group_size_needed(cfg.advantage)
 
 
 @dataclass
@@ -311,65 +315,21 @@ def _kl_terms(cfg: ObjectiveConfig, x: ObjectiveInputs) -> list[tuple[str, float
     return terms + extra_kl_terms(cfg.kl_prev, cfg.kl_teacher, x.prev_logprobs, x.teacher_logprobs)
 
 
-def _advantages(cfg, x, m, reward_kl: torch.Tensor):
+def _advantages(cfg: ObjectiveConfig, x: ObjectiveInputs, m: torch.Tensor, reward_kl: torch.Tensor):
     """Per-token advantages `[B, T]` (no grad), returns `[B, T]` or None, and the outcome rewards `[B]`."""
     task_tok = None if x.token_rewards is None else x.token_rewards * cfg.task_reward_coef
     outcome = adv_lib.outcome_token_rewards(x.rewards.to(reward_kl.dtype) * cfg.task_reward_coef, m, task_tok)
-    tok = outcome - reward_kl
-    if cfg.advantage in GROUP_BASELINE_ADVANTAGES:
-        a = _sequence_advantages(cfg, tok.sum(-1), x.group_ids)
-        return torch.where(m, a[:, None].expand_as(tok), 0.0), None, outcome.sum(-1)
-    if cfg.advantage in ("reinforce_pp", "reinforce_pp_baseline"):
-        gids = x.group_ids if cfg.advantage == "reinforce_pp_baseline" else None
-        a, ret = adv_lib.reinforce_pp_advantages(tok, m, cfg.gamma, gids)
-        return a, ret, outcome.sum(-1)
-    if cfg.advantage == "vtrace":
-        log_rhos = x.learner_logprobs.detach() - x.behaviour_logprobs
-        a, vs = adv_lib.vtrace(tok, x.values, log_rhos, m, cfg.gamma, cfg.vtrace_rho_bar, cfg.vtrace_c_bar)
-        return a, vs, outcome.sum(-1)
-    a, ret = adv_lib.gae(tok, x.values, m, cfg.gamma, cfg.gae_lambda)
-    # PPO implementations (verl, OpenRLHF) whiten GAE advantages over the batch.
-    return adv_lib.masked_whiten(a, m), ret, outcome.sum(-1)
+    lp = x.learner_logprobs.detach()
+    inputs = AdvantageInputs(outcome - reward_kl, m, x.group_ids, lp, x.behaviour_logprobs, x.values)
+    a, returns = ADVANTAGES.of(cfg.advantage).fn(cfg.advantage, inputs)
+    return a, returns, outcome.sum(-1)
 
 
-def _sequence_advantages(cfg: ObjectiveConfig, seq: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """One advantage per sequence `[B]` from its total reward `[B]`, for the group-baseline estimators."""
-    if cfg.advantage == "rloo":
-        return adv_lib.rloo_advantages(seq, group_ids)
-    if cfg.advantage == "pass_at_k":
-        return adv_lib.pass_at_k_advantages(seq, group_ids, cfg.pass_k)
-    if cfg.advantage == "best_of_group":
-        return adv_lib.best_of_group_advantages(seq, group_ids, cfg.best_of_group_scale_by_std, cfg.grpo_eps)
-    return adv_lib.grpo_advantages(seq, group_ids, cfg.advantage == "grpo" and cfg.grpo_scale_by_std, cfg.grpo_eps)
-
-
-def _policy_term(cfg, x, adv, m, kl_coef):
-    common = {"agg": cfg.agg, "norm_tokens": cfg.agg_norm_tokens}
-    lp, mu = x.learner_logprobs, x.behaviour_logprobs
-    if cfg.policy_loss in ("ppo", "gspo", "decoupled_ppo"):
-        decoupled = cfg.policy_loss == "decoupled_ppo"
-        return losses.policy_loss(
-            lp,
-            x.proximal_logprobs if decoupled else mu,
-            adv,
-            m,
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip,
-            ratio_level="sequence" if cfg.policy_loss == "gspo" else "token",
-            behaviour_logprobs=mu if decoupled else None,
-            tis_cap=cfg.tis_cap,
-            tis_mode=cfg.tis_mode,
-            **common,
-        )
-    if cfg.policy_loss == "vtrace":
-        return losses.vtrace_policy_loss(lp, mu, adv, m, rho_bar=cfg.vtrace_rho_bar, **common)
-    if cfg.policy_loss == "rpg_surrogate":
-        return losses.is_surrogate_loss(lp, mu, adv, m, **common)
-    clip = (cfg.clip_low, cfg.clip_high, cfg.dual_clip) if cfg.rpg_clip else (None, None, None)
-    return losses.rpg_reinforce_loss(
-        lp, mu, adv, m, kl_coef=kl_coef, clip_low=clip[0], clip_high=clip[1], dual_clip=clip[2], **common
+def _policy_term(cfg: ObjectiveConfig, x: ObjectiveInputs, adv, m, kl_coef):
+    inputs = PolicyInputs(
+        x.learner_logprobs, x.behaviour_logprobs, x.proximal_logprobs, adv, m, cfg.agg, cfg.agg_norm_tokens, kl_coef
     )
+    return POLICY_LOSSES.of(cfg.policy_loss).fn(cfg.policy_loss, inputs)
 
 
 @dataclass(frozen=True)
@@ -433,17 +393,19 @@ def objective_loss(
     pens = {n: kl_penalty(lp, t, mu, est, d, m) for n, _, t, est, d, _ in terms}
     zeros = torch.zeros(m.shape, dtype=lp.dtype, device=lp.device)
     loss_terms = [(n, c, t, est, d) for n, c, t, est, d, w in terms if w == "loss"]
-    rpg = cfg.policy_loss == "rpg_reinforce"
+    kl_in_weight = "kl_in_weight" in POLICY_LOSSES.of(cfg.policy_loss).tags
     kl_coef = (
-        sum((c * kl_reinforce_coef(lp, t, mu, est, d, lm) for _, c, t, est, d in loss_terms), zeros) if rpg else None
+        sum((c * kl_reinforce_coef(lp, t, mu, est, d, lm) for _, c, t, est, d in loss_terms), zeros)
+        if kl_in_weight
+        else None
     )
     pg, diag = _policy_term(cfg, x, adv, lm, kl_coef)
     kl_loss = sum(
         (c * losses.aggregate(pens[n], lm, cfg.agg, cfg.agg_norm_tokens) for n, c, *_ in loss_terms),
         torch.zeros((), dtype=lp.dtype, device=lp.device),
     )
-    # rpg_reinforce already carries the KL terms in its REINFORCE coefficient: report, don't add.
-    loss, extra = (pg if rpg else pg + kl_loss), {"pg_loss": pg.detach(), "kl_loss": kl_loss.detach()}
+    # A "kl_in_weight" loss (RPG's REINFORCE form) already carries the KL terms in its coefficient: report, don't add.
+    loss, extra = (pg if kl_in_weight else pg + kl_loss), {"pg_loss": pg.detach(), "kl_loss": kl_loss.detach()}
     loss, extra = _entropy_and_value(cfg, x, lm, targets.returns, loss, extra)
     if denominator is not None:
         share = losses.agg_denominator(lm, cfg.agg, cfg.agg_norm_tokens).to(loss.dtype)
@@ -475,10 +437,10 @@ def _entropy_and_value(cfg, x, lm, returns, loss, extra):
         extra["entropy"] = losses.masked_mean(x.entropy.detach(), x.mask)
         if cfg.entropy_coef > 0:  # the bonus needs the entropy's own gradient (the learner computes it with grad)
             loss = loss - cfg.entropy_coef * losses.aggregate(x.entropy, lm, cfg.agg, cfg.agg_norm_tokens)
-    if cfg.advantage in CRITIC_ADVANTAGES and cfg.value_coef > 0:
+    if trains_value_head(cfg) and cfg.advantage.value_coef > 0:
         err = torch.where(lm, x.values - returns.to(x.values.dtype), 0.0)
         v_loss = losses.aggregate(0.5 * err * err, lm, cfg.agg, cfg.agg_norm_tokens)
-        loss, extra["value_loss"] = loss + cfg.value_coef * v_loss, v_loss.detach()
+        loss, extra["value_loss"] = loss + cfg.advantage.value_coef * v_loss, v_loss.detach()
     return loss, extra
 
 

@@ -44,11 +44,18 @@ import torch
 from learner.auxiliary import ReferencePolicy, frozen_policies
 from learner.batch import TrainBatch, collate, plan_micro_batches, split_minibatches
 from learner.config import LearnerConfig
-from learner.diagnostics import reduce_diagnostics
+from learner.diagnostics import StepDiagnostics, reduce_diagnostics
 from learner.logprobs import CompletionModel, run_completion_model
 from learner.losses import agg_denominator
 from learner.lr_schedule import lr_multiplier
-from learner.objective import CRITIC_ADVANTAGES, ObjectiveInputs, Targets, compute_targets, objective_loss, requires
+from learner.objective import (
+    ObjectiveInputs,
+    Targets,
+    compute_targets,
+    objective_loss,
+    requires,
+    trains_value_head,
+)
 from learner.sample_weights import group_priorities, row_weights, weighted_advantages
 from learner.schedule_free import ClippedScheduleFreeAdamW, ensure_train_mode, eval_parameters
 from learner.weight_packing import group_into_buckets
@@ -138,7 +145,7 @@ class LearnerCore:
     # ------------------------------------------------------------------ one sampled batch
     def train_step(
         self, batch: pa.RecordBatch | pa.Table, group_weights: tuple[float, ...] | None = None
-    ) -> dict[str, float]:
+    ) -> StepDiagnostics:
         """`updates_per_batch` optimiser steps on this rank's groups; returns diagnostics plus timings.
 
         `group_weights`: replay's weight per group (order of first appearance), scaling each group's
@@ -169,7 +176,7 @@ class LearnerCore:
                 break
         diag = self._step_diagnostics(tb, parts, times, t0)
         self._maybe_refresh_snapshot(diag, times)
-        return diag
+        return StepDiagnostics.from_mapping(diag)
 
     def _prev_is_previous(self) -> bool:
         return "prev_logprobs" in self.needs and self.cfg.objective.kl_prev.source == "previous"
@@ -202,7 +209,7 @@ class LearnerCore:
             obj.kl_ref_coef > 0 and obj.kl_ref_in == "reward"
         )
         proximal = "proximal_logprobs" in self.needs and self.cfg.updates_per_batch > 1
-        return obj.advantage in CRITIC_ADVANTAGES or reward_kl or proximal or self._prev_is_previous()
+        return trains_value_head(obj) or reward_kl or proximal or self._prev_is_previous()
 
     def _inputs(self, tb: TrainBatch, logp, entropy, values, ref: dict, proximal=None) -> ObjectiveInputs:
         """Objective inputs of `tb`; `ref` holds the frozen models' log-probs by input name (ref_logprobs,

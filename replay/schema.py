@@ -17,6 +17,7 @@ row to its first broken invariant. This module imports nothing of ours; everythi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 import uuid
@@ -79,14 +80,36 @@ def validate_trace(t: Trace) -> None:
         raise TraceError(problems[0])
 
 
+def validate_traces(traces: Sequence[Trace]) -> None:
+    """Raise `TraceError` naming the first broken invariant of any of `traces`: one vectorised check over
+    the batch (`invalid_rows`), instead of building a one-row batch per trace."""
+    problems = invalid_rows(traces_to_batch(traces)) if traces else {}
+    if problems:
+        raise TraceError(problems[min(problems)])
+
+
+_FLAT_LISTS = {"prompt_ids": np.int32, "completion_ids": np.int32, "behaviour_logprobs": np.float32}
+
+
+def _list_column(rows: list[Sequence], dtype: np.dtype, arrow_type: pa.DataType) -> pa.ListArray:
+    """Non-null list column from per-row sequences: one offsets and one values buffer, no per-row lists."""
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), type=arrow_type)
+
+
 def traces_to_batch(traces: Sequence[Trace]) -> pa.RecordBatch:
     """Pack traces into one RecordBatch with `TRACE_SCHEMA` (column order = schema order)."""
     cols = {f.name: [getattr(t, f.name) for t in traces] for f in TRACE_SCHEMA}
-    cols["prompt_ids"] = [list(x) for x in cols["prompt_ids"]]
-    cols["completion_ids"] = [list(x) for x in cols["completion_ids"]]
-    cols["behaviour_logprobs"] = [list(x) for x in cols["behaviour_logprobs"]]
-    cols["token_rewards"] = [None if x is None else list(x) for x in cols["token_rewards"]]
-    return pa.RecordBatch.from_pydict(cols, schema=TRACE_SCHEMA)
+    arrays = {
+        name: _list_column(cols[name], dtype, TRACE_SCHEMA.field(name).type) for name, dtype in _FLAT_LISTS.items()
+    }
+    for name, values in cols.items():
+        if name not in arrays:  # scalars, and token_rewards (nullable, usually all null)
+            arrays[name] = pa.array(values, type=TRACE_SCHEMA.field(name).type)
+    return pa.RecordBatch.from_arrays([arrays[f.name] for f in TRACE_SCHEMA], schema=TRACE_SCHEMA)
 
 
 def batch_to_traces(batch: pa.RecordBatch | pa.Table) -> list[Trace]:

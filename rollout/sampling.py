@@ -9,9 +9,9 @@ Contract:
 - `policy_version` is the engine's version when sampling started, `policy_version_max` when it
   ended (they differ only if a weight update landed during the call).
 - `task = problem.task`; `metadata` is JSON `{"answer": ..., "finish_reason": ...}`.
-- every returned trace passes `replay.schema.validate_trace`. Completions are never empty
-  (`RolloutConfig.max_new_tokens >= 1`; an eos-only completion is a 1-token trace); an engine that
-  returns an empty completion or the wrong number per prompt breaks its contract and raises here.
+- every returned trace passes `replay.schema.validate_trace` (checked once over the batch: `validate_traces`).
+  Completions are never empty (`RolloutConfig.max_new_tokens >= 1`; an eos-only completion is a 1-token
+  trace); an engine that returns an empty completion or the wrong number per prompt breaks its contract and raises here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 
-from replay.schema import Trace, validate_trace
+from replay.schema import Trace, validate_traces
 from rollout.engine import Completion, Engine
 from rollout.problem import Problem
 from rollout.render import Renderer
@@ -75,6 +75,7 @@ def sample_groups(
             _trace(group_id, problem, prompt, c, r, version_min, version_max, step_rewards)
             for c, r in zip(group, group_rewards)
         ]
+    validate_traces(traces)  # one vectorised check of the whole batch, not a one-row batch per trace
     return traces
 
 
@@ -102,7 +103,6 @@ def _trace(
         metadata=json.dumps({"answer": problem.answer, "finish_reason": c.finish_reason}),
         token_rewards=None if step_rewards is None else step_rewards(problem, c.token_ids),
     )
-    validate_trace(trace)
     return trace
 
 

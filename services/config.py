@@ -14,8 +14,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from learner.advantage_estimators import ADVANTAGES
 from learner.config import LearnerConfig
-from learner.objective import GROUP_BASELINE_ADVANTAGES
+from learner.objective import min_group_size, zero_on_uniform_groups
 from learner.sft import SFTConfig
 from learner.tiny_model import TinyModelSpec
 from replay.config import ReplayConfig
@@ -215,17 +216,18 @@ class RunConfig(BaseModel):
                 f"rollout.device={self.rollout.device!r} != learner.device={self.learner.device!r}; the weight "
                 "broadcast needs one backend"
             )
-        if self.rollout.drop_uniform_groups and self.learner.objective.advantage not in GROUP_BASELINE_ADVANTAGES:
+        objective = self.learner.objective
+        if self.rollout.drop_uniform_groups and not zero_on_uniform_groups(objective):
             raise ValueError(
                 f"rollout.drop_uniform_groups=true drops groups whose rewards are all equal, but "
-                f"learner.objective.advantage={self.learner.objective.advantage!r} gives them a non-zero advantage; "
-                f"use one of {list(GROUP_BASELINE_ADVANTAGES)} or set drop_uniform_groups=false"
+                f"learner.objective.advantage={objective.advantage.kind!r} gives them a non-zero advantage; "
+                f"use one of {list(ADVANTAGES.with_tag('zero_on_uniform_groups'))} or set drop_uniform_groups=false"
             )
-        objective = self.learner.objective
-        if objective.advantage == "pass_at_k" and objective.pass_k > self.rollout.group_size:
+        if min_group_size(objective) > self.rollout.group_size:
             raise ValueError(
-                f"learner.objective.pass_k={objective.pass_k} exceeds rollout.group_size={self.rollout.group_size}: "
-                "pass@k advantages need at least k samples per group; lower pass_k or raise group_size"
+                f"learner.objective.advantage {objective.advantage.model_dump()} needs groups of at least "
+                f"{min_group_size(objective)} samples but rollout.group_size={self.rollout.group_size}: "
+                "raise rollout.group_size or lower learner.objective.advantage.k"
             )
         if objective.task_reward_coef == 0 and self.rollout.drop_uniform_groups:
             raise ValueError(
@@ -296,6 +298,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
+        if isinstance(node.get(k), str):  # a variant given by kind alone: `advantage: pass_at_k` + `advantage.k=2`
+            node[k] = {"kind": node[k]}
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {k!r} is not a section")

@@ -3,7 +3,8 @@
     python -m services.config_reference > deploy/configs/REFERENCE.md
 
 Contract: `render()` walks `services.config.RunConfig` and every section model it contains
-(unions such as `task` list each variant under its `kind`), and writes one markdown table per
+(unions such as `task`, and registered variants such as `learner.objective.advantage`, list each
+variant under its `kind`), and writes one markdown table per
 section with every field's dotted name, type, default, allowed values or bounds, and description.
 Descriptions come from the fields themselves (`Field(description=...)`), so the reference cannot
 drift from the code: `tests/unit/services/test_config_reference.py` regenerates it, compares it
@@ -41,6 +42,16 @@ def _is_union(annotation) -> bool:
     return typing.get_origin(annotation) in (typing.Union, types.UnionType)
 
 
+def _registry(field: FieldInfo):
+    """The variant registry (`learner.variants.Registry`) a field validates through, if any."""
+    return next((m for m in field.metadata if hasattr(m, "configs") and hasattr(m, "kinds")), None)
+
+
+def _field_models(field: FieldInfo) -> list[type[BaseModel]]:
+    registry = _registry(field)
+    return registry.configs() if registry is not None else _models_in(field.annotation)
+
+
 def _models_in(annotation) -> list[type[BaseModel]]:
     """The BaseModel classes a field holds directly (a section, or each variant of a union)."""
     annotation = _strip(annotation)
@@ -72,7 +83,17 @@ def type_name(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+def field_type_name(field: FieldInfo) -> str:
+    registry = _registry(field)
+    if registry is not None:
+        kinds = ", ".join(f"`{k}`" for k in registry.kinds())
+        return f"a kind, or a mapping `{{kind: ..., field: value}}`; kinds: {kinds}"
+    return type_name(field.annotation)
+
+
 def default_text(field: FieldInfo) -> str:
+    if field.default_factory is not None and _registry(field) is not None:
+        return f'`"{field.default_factory().kind}"` with its defaults'
     if field.default_factory is not None:
         try:
             value = field.default_factory()
@@ -104,10 +125,11 @@ def sections(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, ty
     """(dotted prefix, model) for `model` and every section nested in it, depth first, in field order."""
     yield prefix, model
     for name, field in model.model_fields.items():
-        for sub in _models_in(field.annotation):
+        subs = _field_models(field)
+        for sub in subs:
             dotted = f"{prefix}{name}"
             kind = sub.model_fields.get("kind")
-            if len(_models_in(field.annotation)) > 1 and kind is not None:
+            if (len(subs) > 1 or _registry(field) is not None) and kind is not None:
                 dotted = f"{dotted} (kind: {kind.default})"
             yield from sections(sub, dotted + ".")
 
@@ -137,7 +159,7 @@ def render(root: type[BaseModel] | None = None) -> str:
         for name, field in model.model_fields.items():
             description = (field.description or "").replace("|", "\\|").replace("\n", " ")
             out.append(
-                f"| `{prefix}{name}` | {type_name(field.annotation)} | {default_text(field)} | "
+                f"| `{prefix}{name}` | {field_type_name(field)} | {default_text(field)} | "
                 f"{bounds_text(field)} | {description} |"
             )
     return "\n".join(out) + "\n"

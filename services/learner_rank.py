@@ -27,6 +27,7 @@ import pyarrow as pa
 import ray
 
 from learner.config import LearnerConfig
+from learner.diagnostics import StepDiagnostics
 from learner.weight_packing import PackedBucket
 from learner.weight_transport import (
     BroadcastTransport,
@@ -51,10 +52,11 @@ class SendOutcome:
 
 @dataclasses.dataclass(frozen=True)
 class RankStepResult:
-    """What one rank's `train_step` reports: diagnostics (reduced over ranks by `learner.diagnostics`) and
-    a sampling priority per trained group (learner/sample_weights.py) for replay's prioritized sampler."""
+    """What one rank's `train_step` reports: diagnostics (each field declares how it reduces over ranks,
+    `learner.diagnostics`) and a sampling priority per trained group (learner/sample_weights.py) for replay's
+    prioritized sampler."""
 
-    diagnostics: dict[str, float]
+    diagnostics: StepDiagnostics
     group_ids: tuple[str, ...]
     priorities: tuple[float, ...]
     skipped_trace_ids: tuple[str, ...] = ()  # only when the step was skipped for NaN/inf (logged by the loop)
@@ -110,7 +112,7 @@ class LearnerRank:
             diag = self.core.train_step(traces)
         metrics.record_learner_step(self.rank, diag)
         gids, priorities = self.core.last_priorities
-        skipped = tuple(traces.column("trace_id").to_pylist()) if diag.get("skipped_nonfinite") else ()
+        skipped = tuple(traces.column("trace_id").to_pylist()) if diag.skipped_nonfinite else ()
         return RankStepResult(diag, gids, priorities, skipped)
 
     def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, world_size: int) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import ray
 
-from learner.diagnostics import reduce_diagnostics
+from learner.diagnostics import StepDiagnostics, reduce_step_diagnostics
 from services import faults
 from services.checkpoint import Checkpointer, ResumePoint
 from services.config import RunConfig
@@ -190,21 +190,21 @@ class ActorLearnerLoop:
     def _on_train_done(self) -> None:
         done = self.train.finish()
         diags = [r.diagnostics for r in done.results]
-        if any(d.get("skipped_nonfinite") for d in diags):
+        if any(d.skipped_nonfinite for d in diags):
             self._on_nonfinite(diags, [t for r in done.results for t in r.skipped_trace_ids])
         else:
             self._on_step(done, diags)
         if not self._done():
             self._try_train()  # the prefetched sample goes out at once: the ranks do not wait on the driver
 
-    def _on_step(self, done, diags: list[dict]) -> None:
+    def _on_step(self, done, diags: list[StepDiagnostics]) -> None:
         s, meta = self.s, done.meta
         s.consecutive_nonfinite = 0
         s.steps += 1
         s.traces_consumed += sum(meta.traces)
         s.groups_consumed += meta.num_groups
         s.max_staleness_seen = max(s.max_staleness_seen, max(meta.staleness))
-        merged = reduce_diagnostics(diags)  # each key by its declared reduction (mean by tokens, sum, min, max)
+        merged = reduce_step_diagnostics(diags)  # each field by its declared reduction (mean by tokens, sum, ...)
         rec = self.log.write(
             "learner_step",
             learner_step=s.steps,
@@ -215,14 +215,14 @@ class ActorLearnerLoop:
             replay_weight_mean=sum(meta.group_weights) / len(meta.group_weights),
             rank_tokens=list(meta.tokens),
             driver_bytes=done.driver_bytes,
-            **merged,
+            **merged.as_dict(),
         )
         self._progress_update(rec)
         if s.steps % self.cfg.learner.weight_sync.sync_every_steps == 0:
             self.publish_due = True
             self._maybe_publish()
 
-    def _on_nonfinite(self, diags: list[dict], trace_ids: list[str]) -> None:
+    def _on_nonfinite(self, diags: list[StepDiagnostics], trace_ids: list[str]) -> None:
         s, limit = self.s, self.cfg.learner.max_consecutive_nonfinite
         s.nonfinite_skipped += 1
         s.consecutive_nonfinite += 1
@@ -232,8 +232,8 @@ class ActorLearnerLoop:
             learner_step=s.steps,
             policy_version=s.version,
             consecutive=s.consecutive_nonfinite,
-            in_gradient=any(d.get("nonfinite_in_gradient") for d in diags),
-            loss=[d.get("loss") for d in diags],
+            in_gradient=any(d.nonfinite_in_gradient for d in diags),
+            loss=[d.loss for d in diags],
             trace_ids=trace_ids,
         )
         if s.consecutive_nonfinite >= limit:

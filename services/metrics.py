@@ -495,7 +495,8 @@ def scalar_name(kind: str, field: str) -> str:
 
 
 def record_learner_step(rank: int, diag: Mapping[str, float], now: float | None = None) -> None:
-    """One optimiser step's diagnostics (`LearnerCore.train_step`'s dict: objective keys + timings)."""
+    """One optimiser step's diagnostics (`LearnerCore.train_step`'s `StepDiagnostics`, read as a mapping of the
+    diagnostics it holds: objective keys + timings)."""
     for key, (metric, tag, label) in _LEARNER_GAUGES.items():
         if key in diag:
             emit(metric, diag[key], rank=rank, **({tag: label} if tag else {}))

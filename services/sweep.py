@@ -5,7 +5,8 @@
         [--max-concurrent 2] [--address http://HEAD:8265] [--set run.max_wall_s=300 ...] [--report-only]
 
 Contract:
-- The grid is the product of every `--grid KEY=V1,V2,...` axis (values parsed as YAML) times `--seeds`,
+- The grid is the product of every `--grid KEY=V1,V2,...` axis (values parsed as one YAML flow sequence, so
+  `advantage=grpo,{kind: pass_at_k, k: 2}` holds two values) times `--seeds`,
   each seed written to every `--seed-fields` field (default `rollout.seed`: sampling noise, not the task's
   eval split). `--set` overrides apply to every run. Fields that must move together move together
   (`rollout.temperature` also sets `learner.temperature`). Every run's config is validated before anything
@@ -59,12 +60,21 @@ class SweepRun:
 
     @property
     def setting_label(self) -> str:
-        return ",".join(f"{_short(k, self.setting)}={format_value(v)}" for k, v in self.setting) or "base"
+        return ",".join(f"{_short(k, self.setting)}={_label_value(v)}" for k, v in self.setting) or "base"
 
 
 def format_value(value: Any) -> str:
     """A grid value as YAML writes it inline (the form an override takes: 0.01, true, [1, 2])."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip().removesuffix("...").strip()
+    )
+
+
+def _label_value(value: Any) -> str:
+    """A grid value in a run's name: a variant `{kind: pass_at_k, k: 2}` reads `pass_at_k+k=2`."""
+    if isinstance(value, dict) and "kind" in value:
+        return "+".join([str(value["kind"])] + [f"{k}={format_value(v)}" for k, v in value.items() if k != "kind"])
+    return format_value(value)
 
 
 def _short(key: str, setting: tuple[tuple[str, Any], ...]) -> str:
@@ -79,7 +89,10 @@ def parse_grid(items: list[str]) -> list[Axis]:
         key, sep, raw = item.partition("=")
         if not sep or not key or not raw:
             raise ConfigError(f"--grid {item!r} is not KEY=V1,V2,... (e.g. learner.lr=1e-4,3e-4)")
-        values = tuple(yaml.safe_load(v) for v in raw.split(","))
+        try:  # one YAML flow sequence, so a value may hold commas: a list, or a variant {kind: pass_at_k, k: 2}
+            values = tuple(yaml.safe_load(f"[{raw}]"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--grid {item!r}: the values are not YAML ({e}); quote the argument") from None
         if any(a.key == key for a in axes):
             raise ConfigError(f"--grid names {key} twice; give all its values in one KEY=V1,V2")
         axes.append(Axis(key, values))

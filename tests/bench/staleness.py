@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 LOSSES = {
     "ppo": ["learner.objective.policy_loss=ppo"],
     "decoupled_ppo": ["learner.objective.policy_loss=decoupled_ppo"],
-    "tis": ["learner.objective.policy_loss=decoupled_ppo", "learner.objective.tis_cap=2.0"],
+    "tis": ["learner.objective.policy_loss=decoupled_ppo", "learner.objective.policy_loss.tis_cap=2.0"],
 }
 EPOCH_LOSSES = ("decoupled_ppo", "tis")  # the corrections that need a proximal policy != the current one
 TARGET_GAINS = (0.10, 0.20)

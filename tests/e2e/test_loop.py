@@ -27,7 +27,7 @@ def test_async_loop_consumes_several_versions_within_bound(tmp_path):
         "replay.max_staleness=1",
         "run.max_learner_steps=8",
         "learner.objective.policy_loss=decoupled_ppo",
-        "learner.objective.tis_cap=2.0",
+        "learner.objective.policy_loss.tis_cap=2.0",
     )
     summary = json.loads((run / "summary.json").read_text())
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -19,9 +19,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def _sweep(runs_dir: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "services.cli", "sweep", "--config", "deploy/configs/e2e_small.yaml"]
     cmd += ["--name", "ci", "--runs-dir", str(runs_dir), "--max-concurrent", "2", "--poll-s", "2"]
-    cmd += ["--grid", "learner.objective.advantage=grpo,pass_at_k", "--seeds", "0"]  # pass@2 training for real
+    cmd += ["--grid", "learner.objective.advantage=grpo,{kind: pass_at_k, k: 2}", "--seeds", "0"]  # pass@2 for real
     cmd += ["--set", "run.max_learner_steps=3", "learner.num_ranks=1", "learner.zero_stage=0"]
-    cmd += ["learner.objective.pass_k=2"]
     cmd += ["run.loggers=[jsonl,tensorboard]", "run.eval_every_steps=1"]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
 
@@ -35,14 +34,14 @@ def test_small_sweep_runs_as_jobs_reports_and_resumes(tmp_path):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["run"], r["status"], r["learner_steps"]) for r in rows] == [
         ("advantage=grpo,seed=0", "finished", "3"),
-        ("advantage=pass_at_k,seed=0", "finished", "3"),
+        ("advantage=pass_at_k+k=2,seed=0", "finished", "3"),
     ]
-    assert "| advantage=pass_at_k | 1/1 |" in (out / "report.md").read_text()
+    assert "| advantage=pass_at_k+k=2 | 1/1 |" in (out / "report.md").read_text()
     assert all(r["kl_behaviour_final"] for r in rows)  # the KL curve exists for both settings
     assert (out / "accuracy_vs_time.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
-    run = out / "advantage=pass_at_k,seed=0"
+    run = out / "advantage=pass_at_k+k=2,seed=0"
     objective = json.loads((run / "config.json").read_text())["learner"]["objective"]
-    assert (objective["advantage"], objective["pass_k"]) == ("pass_at_k", 2)
+    assert objective["advantage"] == {"kind": "pass_at_k", "k": 2, "solved_at": 1.0}
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("flywheel_learner_loss/total")] == [1, 2, 3]

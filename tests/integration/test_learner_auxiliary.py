@@ -35,7 +35,7 @@ run = load_config(sys.argv[1])
 from pathlib import Path
 model_dir, _ = prepare_model(run, Path(sys.argv[2]))
 cfg = LearnerConfig(lr=3e-3, zero_stage=1, groups_per_step=2, reference={"offload": True},
-                    objective={"advantage": "gae", "gae_lambda": 0.95, "kl_ref_coef": 0.1, "kl_behaviour_coef": 0.0})
+                    objective={"advantage": {"kind": "gae", "lam": 0.95}, "kl_ref_coef": 0.1, "kl_behaviour_coef": 0.0})
 core = LearnerCore(cfg, model_dir, 0, 1)
 traces = [Trace(group_id=f"g{i // 4}", prompt_ids=(1, 4, 5, 13, 6), completion_ids=(8 + i % 3, 9, 2),
                 behaviour_logprobs=(-1.5, -1.0, -0.5), reward=float(i % 2), policy_version=0) for i in range(8)]

@@ -39,12 +39,12 @@ def test_undeclared_keys_fall_back_to_their_suffix():
     "kwargs",
     [
         dict(),
-        dict(policy_loss="decoupled_ppo", tis_cap=2.0),
-        dict(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, agg="seq-mean-token-mean"),
+        dict(policy_loss=dict(kind="decoupled_ppo", tis_cap=2.0)),
+        dict(policy_loss="gspo", agg="seq-mean-token-mean"),
         dict(policy_loss="vtrace", advantage="vtrace"),
-        dict(policy_loss="rpg_reinforce", rpg_clip=True, kl_ref_coef=0.1),
-        dict(policy_loss="rpg_surrogate", dual_clip=None),
-        dict(advantage="gae", entropy_coef=0.01, dual_clip=3.0),
+        dict(policy_loss=dict(kind="rpg_reinforce", clip=True), kl_ref_coef=0.1),
+        dict(policy_loss="rpg_surrogate"),
+        dict(advantage="gae", entropy_coef=0.01, policy_loss=dict(kind="ppo", dual_clip=3.0)),
     ],
 )
 def test_every_objective_diagnostic_is_declared(kwargs):
@@ -63,3 +63,21 @@ def test_every_objective_diagnostic_is_declared(kwargs):
     )
     _, diag = compute_objective(ObjectiveConfig(**kwargs), x)
     assert set(diag) <= set(REDUCTIONS), sorted(set(diag) - set(REDUCTIONS))
+
+
+def test_step_record_declares_each_reduction_and_reads_as_the_metric_names():
+    from learner.diagnostics import StepDiagnostics, reduce_step_diagnostics
+
+    ranks = [
+        StepDiagnostics.from_mapping({"tokens": 10.0, "loss": 1.0, "ratio_min": 0.8, "step_s": 2.0, "toy_max": 1.0}),
+        StepDiagnostics(tokens=30.0, loss=3.0, ratio_min=0.9, step_s=3.0, skipped_nonfinite=0.0),
+    ]
+    merged = reduce_step_diagnostics(ranks)
+    assert (merged.loss, merged.ratio_min, merged.tokens, merged.step_s) == (pytest.approx(2.5), 0.8, 40.0, 3.0)
+    assert merged.extra == {"toy_max": 1.0} and merged["toy_max"] == 1.0  # a variant's key, reduced by suffix
+    assert merged.kl_ref is None and "kl_ref" not in merged and merged.get("kl_ref") is None
+    want = {"loss": 2.5, "ratio_min": 0.8, "tokens": 40.0, "step_s": 3.0, "skipped_nonfinite": 0.0, "toy_max": 1.0}
+    assert dict(merged) == want
+    with pytest.raises(KeyError):
+        merged["kl_ref"]
+    assert REDUCTIONS["skipped_nonfinite"] == "max" and REDUCTIONS["tokens"] == "sum" and len(REDUCTIONS) == 49

@@ -31,7 +31,8 @@ def _batch(seed=0, b=6, t=5, drift=0.1, **extra) -> ObjectiveInputs:
 
 def test_defaults_are_the_documented_ones():
     c = ObjectiveConfig()
-    assert (c.advantage, c.grpo_scale_by_std, c.policy_loss, c.clip_low, c.clip_high, c.agg) == (
+    adv, pl = c.advantage, c.policy_loss
+    assert (adv.kind, adv.scale_by_std, pl.kind, pl.clip_low, pl.clip_high, c.agg) == (
         "grpo",
         True,
         "ppo",
@@ -52,7 +53,9 @@ def test_config_is_frozen_and_forbids_unknown_fields():
     with pytest.raises(pydantic.ValidationError, match="extra"):
         ObjectiveConfig(clip_ratio=0.2)
     with pytest.raises(pydantic.ValidationError):
-        ObjectiveConfig().clip_low = 0.3
+        ObjectiveConfig().agg = "seq-mean-token-mean"
+    with pytest.raises(pydantic.ValidationError):
+        ObjectiveConfig().policy_loss.clip_low = 0.3
     with pytest.raises(pydantic.ValidationError, match="advantage"):
         ObjectiveConfig(advantage="ppo")
 
@@ -62,10 +65,10 @@ def test_config_is_frozen_and_forbids_unknown_fields():
     [
         (dict(advantage="dr_grpo"), "objective.agg"),
         (dict(agg="seq-mean-token-sum-norm"), "objective.agg_norm_tokens"),
-        (dict(tis_cap=2.0), "objective.tis_cap"),
-        (dict(policy_loss="vtrace", dual_clip=3.0), "objective.dual_clip"),
-        (dict(dual_clip=1.1), "objective.dual_clip"),
-        (dict(rpg_clip=True), "objective.rpg_clip"),
+        (dict(policy_loss=dict(kind="ppo", tis_cap=2.0)), "policy_loss.tis_cap"),  # only decoupled_ppo has it
+        (dict(policy_loss=dict(kind="vtrace", dual_clip=3.0)), "policy_loss.dual_clip"),
+        (dict(policy_loss=dict(kind="ppo", dual_clip=1.1)), "dual_clip=1.1 must exceed"),
+        (dict(policy_loss=dict(kind="ppo", clip=True)), "policy_loss.clip"),
         (dict(advantage="pass_at_k", kl_behaviour_in="reward"), "kl_behaviour_in"),
         (dict(advantage="best_of_group", kl_ref_coef=0.1, kl_ref_in="reward"), "kl_ref_in"),
     ],
@@ -77,6 +80,7 @@ def test_cross_field_validation_names_the_field(kwargs, field):
 
 def test_requires_lists_what_each_choice_needs():
     cfg = ObjectiveConfig(advantage="gae", policy_loss="decoupled_ppo", kl_ref_coef=0.1, entropy_coef=0.01)
+    assert requires(ObjectiveConfig(advantage="vtrace", policy_loss="vtrace")) == {"values"}
     assert requires(cfg) == {"values", "proximal_logprobs", "ref_logprobs", "entropy"}
 
 
@@ -122,10 +126,10 @@ def test_behaviour_kl_adds_coef_times_k3_by_hand():
 @pytest.mark.parametrize(
     "cfg, adv_fn",
     [
-        (dict(advantage="pass_at_k", pass_k=2), lambda r, g: A.pass_at_k_advantages(r, g, 2)),
+        (dict(advantage=dict(kind="pass_at_k", k=2)), lambda r, g: A.pass_at_k_advantages(r, g, 2)),
         (dict(advantage="best_of_group"), lambda r, g: A.best_of_group_advantages(r, g, True, 1e-6)),
         (
-            dict(advantage="best_of_group", best_of_group_scale_by_std=False),
+            dict(advantage=dict(kind="best_of_group", scale_by_std=False)),
             lambda r, g: A.best_of_group_advantages(r, g, False),
         ),
     ],
@@ -199,13 +203,13 @@ def test_decoupled_with_proximal_equal_behaviour_matches_coupled_ppo():
     x = _batch(drift=0.3)
     coupled, _ = compute_objective(ObjectiveConfig(), x)
     x.proximal_logprobs = x.behaviour_logprobs.clone()
-    decoupled, d = compute_objective(ObjectiveConfig(policy_loss="decoupled_ppo", tis_cap=2.0), x)
+    decoupled, d = compute_objective(ObjectiveConfig(policy_loss={"kind": "decoupled_ppo", "tis_cap": 2.0}), x)
     assert coupled.item() == pytest.approx(decoupled.item()) and d["behaviour_weight_mean"] == pytest.approx(1.0)
 
 
 def test_gae_value_loss_trains_the_value_head():
     x = _batch(values=torch.full((6, 5), 0.2, dtype=F64, requires_grad=True))
-    loss, d = compute_objective(ObjectiveConfig(advantage="gae", gamma=1.0, gae_lambda=1.0), x)
+    loss, d = compute_objective(ObjectiveConfig(advantage={"kind": "gae", "gamma": 1.0, "lam": 1.0}), x)
     loss.backward()
     assert d["value_loss"] > 0 and torch.any(x.values.grad != 0)
     assert torch.all(x.values.grad[x.mask == 0] == 0)
@@ -225,15 +229,15 @@ def test_rpg_reinforce_matches_rpg_surrogate_gradient_through_the_objective():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, agg="seq-mean-token-mean"),
+        dict(policy_loss="gspo", agg="seq-mean-token-mean"),
         dict(policy_loss="vtrace"),
         dict(advantage="rloo", agg="seq-mean-token-sum"),
         dict(advantage="dr_grpo", agg="seq-mean-token-sum-norm", agg_norm_tokens=8),
-        dict(advantage="reinforce_pp", gamma=0.99),
-        dict(policy_loss="rpg_reinforce", rpg_clip=True, dual_clip=3.0),
+        dict(advantage=dict(kind="reinforce_pp", gamma=0.99)),
+        dict(policy_loss=dict(kind="rpg_reinforce", clip=True, dual_clip=3.0)),
         dict(advantage="vtrace", policy_loss="vtrace", kl_ref_coef=0.1, kl_ref_in="reward"),
-        dict(advantage="pass_at_k", pass_k=2),
-        dict(advantage="best_of_group", best_of_group_scale_by_std=False),
+        dict(advantage=dict(kind="pass_at_k", k=2)),
+        dict(advantage=dict(kind="best_of_group", scale_by_std=False)),
     ],
 )
 def test_every_variant_runs_and_gives_finite_loss_and_gradient(kwargs):
@@ -296,7 +300,7 @@ def test_gradcheck_whole_objective_float64(kwargs):
             dict(advantage="rloo", agg="seq-mean-token-mean"),
             dict(advantage="gae", kl_behaviour_in="reward"),
             dict(policy_loss="gspo"),
-            dict(policy_loss="rpg_reinforce", rpg_clip=True, kl_ref_coef=0.1),
+            dict(policy_loss=dict(kind="rpg_reinforce", clip=True), kl_ref_coef=0.1),
         ]
     ),
 )

@@ -186,7 +186,7 @@ def test_ppo_epochs_clip_around_the_policy_before_the_first_update(tiny_model_di
     "kwargs",
     [
         dict(micro_batch_tokens=20, objective={"advantage": "gae", "kl_ref_coef": 0.1, "entropy_coef": 0.01}),
-        dict(updates_per_batch=2, objective={"policy_loss": "decoupled_ppo", "tis_cap": 2.0}),
+        dict(updates_per_batch=2, objective={"policy_loss": {"kind": "decoupled_ppo", "tis_cap": 2.0}}),
     ],
 )
 def test_every_step_diagnostic_declares_its_reduction(tiny_model_dir, kwargs):

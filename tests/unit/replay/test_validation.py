@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from replay.schema import (
     schema_problem,
     traces_to_batch,
     validate_trace,
+    validate_traces,
 )
 
 _logprob = st.sampled_from([-2.0, -0.5, 0.0, 5e-5, 0.3, math.nan, -math.inf])
@@ -69,6 +71,15 @@ def test_invalid_rows_match_validate_trace(traces):
     expected = {i for i, t in enumerate(batch_to_traces(batch)) if _breaks(t)}
     assert set(invalid_rows(batch)) == expected
     assert {i for i, t in enumerate(traces) if _raises(t)} == expected
+    try:  # the batch check names the first broken trace, as checking one by one would
+        validate_traces(traces)
+        assert not expected
+    except TraceError as e:
+        assert expected and str(e) == invalid_rows(batch)[min(expected)]
+    for got, want in zip(batch_to_traces(batch), traces):  # the flat-buffer packing keeps every row's lists
+        assert (got.completion_ids, got.prompt_ids) == (tuple(want.completion_ids), tuple(want.prompt_ids))
+        lp = np.array(want.behaviour_logprobs, dtype=np.float32)
+        assert np.array_equal(np.array(got.behaviour_logprobs, dtype=np.float32), lp, equal_nan=True)
 
 
 def test_each_malformation_has_its_own_reason():

@@ -42,8 +42,8 @@ def test_defaults_validate():
             "rollout.drop_uniform_groups",
         ),
         (
-            "rollout:\n  group_size: 4\nlearner:\n  objective:\n    advantage: pass_at_k\n    pass_k: 8\n",
-            "learner.objective.pass_k",
+            "rollout:\n  group_size: 4\nlearner:\n  objective:\n    advantage: {kind: pass_at_k, k: 8}\n",
+            "learner.objective.advantage",
         ),
         # the dedicated eval worker loads rank 0's snapshot, which ZeRO-3's streamed publish does not keep
         ("run:\n  eval_worker: dedicated\nlearner:\n  zero_stage: 3\n", "run.eval_worker"),
@@ -65,7 +65,7 @@ def test_bad_config_names_the_field(tmp_path, yaml_text, field):
 def test_pass_at_k_estimators_may_drop_uniform_groups():
     for adv in ("pass_at_k", "best_of_group"):  # uniform groups get exactly zero advantage under both
         cfg = load_config(None, ["rollout.drop_uniform_groups=true", f"learner.objective.advantage={adv}"])
-        assert cfg.learner.objective.advantage == adv
+        assert cfg.learner.objective.advantage.kind == adv
 
 
 def test_override_wrong_type_names_field():

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
 import pytest
 
+from learner.diagnostics import StepDiagnostics
 from replay.parts import SampleMeta
 from services.config import load_config
 from services.learner_rank import RankStepResult
@@ -15,8 +17,8 @@ from services.loop import ActorLearnerLoop, LoopState
 from services.report import MetricsLog
 from services.train_flow import StepDone
 
-OK = {"skipped_nonfinite": 0.0, "loss": 0.5, "reward_mean": 0.5}
-NAN = {"skipped_nonfinite": 1.0, "nonfinite_in_gradient": 0.0, "loss": float("nan"), "reward_mean": 0.5}
+OK = StepDiagnostics(skipped_nonfinite=0.0, loss=0.5, reward_mean=0.5)
+NAN = StepDiagnostics(skipped_nonfinite=1.0, nonfinite_in_gradient=0.0, loss=float("nan"), reward_mean=0.5)
 
 
 @pytest.fixture
@@ -44,11 +46,11 @@ class _FinishedStep:
         return self.done
 
 
-def _step(lp, diags: list[dict], batch: int) -> None:
+def _step(lp, diags: list[StepDiagnostics], batch: int) -> None:
     ids = [f"b{batch}-t{i}" for i in range(4)]
     meta = SampleMeta((("g0",), ("g1",)), (2, 2), (10, 10), (0, 0), (1.0, 1.0), (0,))
     results = [
-        RankStepResult(d, (f"g{k}",), (0.5,), tuple(ids[2 * k : 2 * k + 2]) if d.get("skipped_nonfinite") else ())
+        RankStepResult(d, (f"g{k}",), (0.5,), tuple(ids[2 * k : 2 * k + 2]) if d.skipped_nonfinite else ())
         for k, d in enumerate(diags)
     ]
     lp.train = _FinishedStep(StepDone(meta, results, lp.s.version, 100))
@@ -75,6 +77,6 @@ def test_max_consecutive_nonfinite_stops_the_run(loop, caplog):
     for b in range(1, 3):
         _step(loop, [NAN, NAN], b)
         assert loop.stop_reason is None
-    _step(loop, [OK, NAN | {"nonfinite_in_gradient": 1.0}], 3)  # any rank's skip skips the step
+    _step(loop, [OK, dataclasses.replace(NAN, nonfinite_in_gradient=1.0)], 3)  # any rank's skip skips the step
     assert loop.stop_reason == "nonfinite" and loop._done()
     assert "3 consecutive learner steps had a NaN/inf" in caplog.text

@@ -94,6 +94,14 @@ def _sweep(tmp_path, *extra: str) -> int:
     return cli.main(argv + list(extra))
 
 
+def test_grid_values_may_be_variants_with_commas_inside():
+    axes = sweep.parse_grid(["learner.objective.advantage=grpo,{kind: pass_at_k, k: 2}"])
+    assert axes[0].values == ("grpo", {"kind": "pass_at_k", "k": 2})
+    runs = sweep.plan_runs(CONFIG, "s", axes, [0], ["rollout.seed"], [])
+    assert [r.slug for r in runs] == ["advantage=grpo,seed=0", "advantage=pass_at_k+k=2,seed=0"]
+    assert "learner.objective.advantage={kind: pass_at_k, k: 2}" in runs[1].overrides
+
+
 def test_grid_times_seeds_with_linked_temperature_and_seed_fields():
     axes = sweep.parse_grid(["learner.lr=1e-4,3e-4", "rollout.temperature=0.7,1.0"])
     runs = sweep.plan_runs(CONFIG, "s", axes, [0, 1], ["rollout.seed", "replay.seed"], ["run.max_learner_steps=3"])

@@ -11,6 +11,7 @@ import dataclasses
 
 import pyarrow as pa
 
+from learner.diagnostics import StepDiagnostics
 from replay.config import ReplayConfig
 from replay.parts import RankPart, join_parts, split_for_ranks
 from replay.synthetic import group_batch
@@ -61,7 +62,7 @@ class FakeRank:
         assert isinstance(part, RankPart)
         self.trained.append(part.traces)
         gids = tuple(dict.fromkeys(part.traces.column("group_id").to_pylist()))
-        return _Ref(RankStepResult({"loss": 0.0}, gids, tuple(float(len(g)) for g in gids)))
+        return _Ref(RankStepResult(StepDiagnostics(loss=0.0), gids, tuple(float(len(g)) for g in gids)))
 
 
 def _flow(prefetch=True, max_staleness=4, groups=12, sampler="fifo"):
