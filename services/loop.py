@@ -83,7 +83,8 @@ class ActorLearnerLoop:
         loggers = make_loggers(cfg.run.loggers, cfg.run.wandb, run_dir, cfg.run.name, cfg.model_dump(mode="json"))
         self.log = MetricsLog(run_dir / "metrics.jsonl", loggers)
         self.control = ControlClient(start_control(cfg.run.name, cfg.rollout.num_workers))
-        self.replay, self.ranks, workers = start_actors(cfg, model_dir, cache_dir)
+        self.startup_deaths: list = []  # workers replaced during start-up, logged once the RL clock starts
+        self.replay, self.ranks, workers = start_actors(cfg, model_dir, cache_dir, on_death=self.startup_deaths.append)
         self.pool = WorkerPool(cfg, workers, self.replay, self.ranks[0], model_dir, cache_dir, self.log)
         self.fault_hook = faults.hook(self.pool)  # test hook (services/faults.py); production: a no-op
         self.eval_problems = self.pool.task.eval_set()
@@ -117,6 +118,7 @@ class ActorLearnerLoop:
                 _, self.initial_accuracy = ray.get(self.pool.eval_worker()[1].evaluate.remote(self.eval_problems))
                 self.log.restart_clock()
                 self.log.write("eval", policy_version=0, accuracy=self.initial_accuracy, t_published=0.0)
+            self.pool.record_startup_deaths(self.startup_deaths)
             self._progress_start()
             while not self._done():
                 self._membership_tick()
