@@ -363,6 +363,7 @@ class ActorLearnerLoop:
             self._collect(timeout_s=1.0)
 
     def _finish(self, job_started: float, cold_start_s: float) -> dict:
+        rl_wall_s = self.log.now()  # the RL clock ends with the drain: the stop checkpoint and model save are not RL
         self.ckpt.save("stop")
         self.final_dir = self.run_dir / "final_model"
         ray.get([r.save.remote(str(self.final_dir)) for r in self.ranks])
@@ -374,7 +375,7 @@ class ActorLearnerLoop:
             "eval_accuracy_final": final[2],
             "eval_accuracy_best": max(a for _, _, a in evals),
             "wall_s": time.perf_counter() - job_started,
-            "rl_wall_s": self.log.now(),
+            "rl_wall_s": rl_wall_s,
             "cold_start_s": cold_start_s,
             "rl_seconds_to_target": s.seconds_to_target,
             "target_gain": TARGET_GAIN,

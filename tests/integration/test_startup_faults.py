@@ -45,3 +45,9 @@ def test_workers_killed_during_start_up_are_replaced_and_the_run_finishes(tmp_pa
     assert died == [(0, "start-up join"), (1, "start-up join")], died  # both noticed in the rendezvous
     # The replacements kept the ids 0 and 1, both produced, and nobody died after start-up.
     assert {r["worker_id"] for r in records if r["kind"] == "rollout"} == {0, 1}
+    # The RL clock (metrics' `t`, restarted after start-up and the initial eval) is what rl_wall_s reports,
+    # without the stop checkpoint and the final model save that follow the last RL second.
+    stop = next(r for r in records if r["kind"] == "checkpoint" and r["reason"] == "stop")
+    assert summary["rl_wall_s"] <= stop["t"] - stop["seconds"] + 1e-3, (summary["rl_wall_s"], stop)
+    # Start-up spent weight_sync.timeout_s=10 in the broken rendezvous alone; the clock began after it.
+    assert min(r["t"] for r in records if r["kind"] == "rollout") < 10.0
