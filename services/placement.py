@@ -133,10 +133,8 @@ def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path, on_death=None
     """
     import ray
 
-    from services import faults
     from services.learner_rank import LearnerRank
     from services.replay_client import create_replay
-    from services.startup import ReplacementBudget, form_group, settle
 
     env = {"env_vars": actor_env(cfg, cache_dir)}
     replay = create_replay(cfg.replay)
@@ -158,6 +156,20 @@ def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path, on_death=None
 
         start_reward_model_actors(rm, cfg.render, env)
 
+    workers = _start_rollout_workers(cfg, model_dir, cache_dir, replay, ranks[0], addr, setups, on_death)
+    return replay, ranks, workers
+
+
+def _start_rollout_workers(cfg: RunConfig, model_dir: Path, cache_dir: Path, replay, rank0, addr, setups, on_death):
+    """The rollout workers (engines built, in the start-up weight group with `rank0`) and the dedicated eval
+    worker, replacing those that die on the way (services/startup.py); waits for the learner `setups` too."""
+    import ray
+
+    from services import faults
+    from services.startup import ReplacementBudget, form_group, settle
+
+    lc = cfg.learner
+
     def restart(wid: int):
         return start_rollout_worker(cfg, model_dir, cache_dir, wid, replay)
 
@@ -168,7 +180,7 @@ def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path, on_death=None
 
     def attempt(ws: dict):
         kill("start", pids)
-        return _rendezvous(ranks[0], ws, lc.weight_sync, addr, lambda: kill("start_join", pids))
+        return _rendezvous(rank0, ws, lc.weight_sync, addr, lambda: kill("start_join", pids))
 
     workers = {w: restart(w) for w in range(cfg.rollout.num_workers)}
     ray.get(setups)
@@ -182,7 +194,7 @@ def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path, on_death=None
     for death in budget.deaths:
         if on_death is not None:
             on_death(death)
-    return replay, ranks, [workers[w] for w in sorted(workers)]
+    return [workers[w] for w in sorted(workers)]
 
 
 def _failures(refs: dict) -> dict:
