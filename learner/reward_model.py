@@ -38,6 +38,12 @@ class RewardModelTrainConfig(PairTrainConfig):
     magnitude_coef: float = Field(
         1e-3, ge=0, description="weight of mean(r²) keeping rewards near zero; BT alone fixes only differences"
     )
+    verified_only: bool = Field(
+        False,
+        description="train and evaluate only on verified pairs: chosen accepted by the task's verifier, rejected "
+        "not (needs the data's answer column); turn on when the data mixes in pairs ranked by a graded or "
+        "noisy score, e.g. wrong-vs-wrong pairs of sampled completions",
+    )
 
 
 def init_reward_model(model_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -17,6 +17,10 @@ A row is bad (counted in `skipped` under exactly one reason) when it is: `invali
 `max_tokens`). With `on_bad_row="error"` the first bad row raises `DatasetError` naming file, row and reason.
 
 Split: held-out pairs are chosen by a seeded hash of the prompt, so no prompt is in both splits.
+
+Verified pairs (`verified_pairs`): those whose chosen reply the task's verifier accepts (score >= 1) and
+whose rejected reply it does not (score < 1). A pair on a prompt without a reference answer cannot be
+verified and is dropped.
 """
 
 from __future__ import annotations
@@ -184,3 +188,23 @@ def load_preferences(cfg: PreferenceDataConfig, renderer) -> LoadedPreferences:
         )
     train, held = split_by_prompt(pairs, lambda p: p.problem.key, cfg.seed, cfg.eval_fraction, cfg.eval_size)
     return LoadedPreferences(train=train, eval=held, skipped=skipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifiedSplit:
+    kept: list[PreferencePair]
+    dropped: int  # pairs whose chosen reply failed the verifier or whose rejected reply passed it
+
+
+def verified_pairs(pairs: list[PreferencePair], renderer, score: Callable[[Problem, str], float]) -> VerifiedSplit:
+    """Keep the pairs with chosen verified correct and rejected verified wrong, in order.
+
+    Sampled preference data often ranks two wrong replies by a graded score; such pairs teach a reward model
+    a weak, noisy signal (the RM then learns the grade, not correctness), so a run may train on these only."""
+    kept = [
+        p
+        for p in pairs
+        if score(p.problem, renderer.completion_text(p.chosen_ids)) >= 1.0
+        and score(p.problem, renderer.completion_text(p.rejected_ids)) < 1.0
+    ]
+    return VerifiedSplit(kept, len(pairs) - len(kept))

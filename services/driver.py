@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from services.loop import ActorLearnerLoop
+    from services.startup import StartupFailed
 
     cache_dir = Path(cfg.run.cache_dir).resolve()
     write_resolved(cfg, run_dir)
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loop = ActorLearnerLoop(cfg, run_dir, model_dir, cache_dir, resume=resume)
         summary = loop.run(job_started=t0, cold_start_s=cold_start_s)
+    except StartupFailed as e:  # rollout workers kept dying before the loop began: say which and why
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         ray.shutdown()
     print(json.dumps(summary, indent=1))

@@ -5,12 +5,16 @@ Set `FLYWHEEL_FAULT_KILL_WORKER="worker=1,after_step=2,at=rollout"` in the drive
 loop kills worker `worker`'s process right after handing it a rollout call (`at=rollout`: that call
 is unfinished), right after queueing a weight broadcast to it (`at=broadcast`), or right after
 queueing the re-formed group it is joining (`at=join`: the others wait for it in the rendezvous).
-Unset (the default), the loop does nothing extra. The worker must run on the driver's host.
+Two points come before the loop, in the driver's start-up (services/placement.py, `after_step` unused):
+`at=start` once every engine is built, before the first weight group's rendezvous; `at=start_join`
+right after that rendezvous is queued. Each planned fault fires once (a replacement under the same
+id is not killed again). Unset (the default), nothing extra happens. The worker must run on the driver's host.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -21,8 +25,8 @@ ENV = "FLYWHEEL_FAULT_KILL_WORKER"
 class KillWorker(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     worker: int = Field(ge=0)
-    after_step: int = Field(ge=0)
-    at: Literal["rollout", "broadcast", "join"] = "rollout"
+    after_step: int = Field(0, ge=0)
+    at: Literal["rollout", "broadcast", "join", "start", "start_join"] = "rollout"
 
 
 def parse(text: str) -> KillWorker:
@@ -67,14 +71,45 @@ class FaultHook:
                 return
 
 
+STARTUP_POINTS = ("start", "start_join")
+
+
 def no_faults(at: str, wid: int | None, learner_steps: int) -> None:
     """The production hook: nothing."""
 
 
 def hook(pool, environ=os.environ):
     """The loop's fault hook: `FaultHook` when `FLYWHEEL_FAULT_KILL_WORKER` plans faults, else `no_faults`."""
-    planned = from_env(environ)
+    planned = [f for f in from_env(environ) if f.at not in STARTUP_POINTS]
     if not planned:
         return no_faults
     pool.fetch_pids()
     return FaultHook(planned, pool)
+
+
+class StartupFaults:
+    """The start-up's test hook: `hook(at, pids)` (worker id -> process id, read while the workers were idle:
+    a worker busy in the rendezvous cannot answer) kills -9 each planned worker whose point `at` is; each
+    fault is used up when it fires."""
+
+    def __init__(self, faults: list[KillWorker], kill_pid=None):
+        self.faults, self.kill_pid = list(faults), kill_pid or _kill_pid
+
+    def __call__(self, at: str, pids: dict[int, int]) -> None:
+        for f in [f for f in self.faults if f.at == at and f.worker in pids]:
+            self.faults.remove(f)
+            self.kill_pid(pids[f.worker])
+
+
+def _kill_pid(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+def startup_hook(environ=os.environ):
+    """The start-up's fault hook: `StartupFaults` for the planned `at=start`/`at=start_join` kills, else a no-op."""
+    planned = [f for f in from_env(environ) if f.at in STARTUP_POINTS]
+    return StartupFaults(planned) if planned else _no_startup_faults
+
+
+def _no_startup_faults(at: str, pids: dict[int, int]) -> None:
+    """The production start-up hook: nothing."""

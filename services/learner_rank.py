@@ -116,8 +116,8 @@ class LearnerRank:
         return RankStepResult(diag, gids, priorities, skipped)
 
     def join_weight_group(self, cfg: WeightSyncConfig, master_addr: str, master_port: int, world_size: int) -> int:
-        self._groups_formed += 1
         self.transport = BroadcastTransport.create(cfg, master_addr, master_port, 0, world_size)
+        self._groups_formed = 1  # the start-up group is the first, however many rendezvous it took
         return 0
 
     def publish(self, policy_version: int, group: WeightGroup | None = None) -> SendOutcome | None:

@@ -83,7 +83,8 @@ class ActorLearnerLoop:
         loggers = make_loggers(cfg.run.loggers, cfg.run.wandb, run_dir, cfg.run.name, cfg.model_dump(mode="json"))
         self.log = MetricsLog(run_dir / "metrics.jsonl", loggers)
         self.control = ControlClient(start_control(cfg.run.name, cfg.rollout.num_workers))
-        self.replay, self.ranks, workers = start_actors(cfg, model_dir, cache_dir)
+        self.startup_deaths: list = []  # workers replaced during start-up, logged once the RL clock starts
+        self.replay, self.ranks, workers = start_actors(cfg, model_dir, cache_dir, on_death=self.startup_deaths.append)
         self.pool = WorkerPool(cfg, workers, self.replay, self.ranks[0], model_dir, cache_dir, self.log)
         self.fault_hook = faults.hook(self.pool)  # test hook (services/faults.py); production: a no-op
         self.eval_problems = self.pool.task.eval_set()
@@ -117,6 +118,7 @@ class ActorLearnerLoop:
                 _, self.initial_accuracy = ray.get(self.pool.eval_worker()[1].evaluate.remote(self.eval_problems))
                 self.log.restart_clock()
                 self.log.write("eval", policy_version=0, accuracy=self.initial_accuracy, t_published=0.0)
+            self.pool.record_startup_deaths(self.startup_deaths)
             self._progress_start()
             while not self._done():
                 self._membership_tick()
@@ -361,6 +363,7 @@ class ActorLearnerLoop:
             self._collect(timeout_s=1.0)
 
     def _finish(self, job_started: float, cold_start_s: float) -> dict:
+        rl_wall_s = self.log.now()  # the RL clock ends with the drain: the stop checkpoint and model save are not RL
         self.ckpt.save("stop")
         self.final_dir = self.run_dir / "final_model"
         ray.get([r.save.remote(str(self.final_dir)) for r in self.ranks])
@@ -372,7 +375,7 @@ class ActorLearnerLoop:
             "eval_accuracy_final": final[2],
             "eval_accuracy_best": max(a for _, _, a in evals),
             "wall_s": time.perf_counter() - job_started,
-            "rl_wall_s": self.log.now(),
+            "rl_wall_s": rl_wall_s,
             "cold_start_s": cold_start_s,
             "rl_seconds_to_target": s.seconds_to_target,
             "target_gain": TARGET_GAIN,

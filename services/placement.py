@@ -123,12 +123,13 @@ def start_rollout_worker(cfg: RunConfig, model_dir: Path, cache_dir: Path, worke
     ).remote(rc, cfg.task, cfg.reward, cfg.render, str(model_dir), worker_id, replay)
 
 
-def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
+def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path, on_death=None):
     """Create replay, the DeepSpeed group, the reward-model actors (reward.kind=model, placement=actor) and the
     rollout workers, and wire the weight group.
 
     Returns (replay_client, learner_ranks, rollout_workers), the dedicated eval worker (`run.eval_worker`)
-    last among the workers. Blocks until every actor is ready.
+    last among the workers. Blocks until every actor is ready. A rollout worker that dies meanwhile is
+    replaced under the same id (services/startup.py); `on_death(StartupDeath)` is told of each.
     """
     import ray
 
@@ -154,20 +155,96 @@ def start_actors(cfg: RunConfig, model_dir: Path, cache_dir: Path):
         from services.reward_model_actor import start_reward_model_actors
 
         start_reward_model_actors(rm, cfg.render, env)
-    workers = [start_rollout_worker(cfg, model_dir, cache_dir, w, replay) for w in range(cfg.rollout.num_workers)]
+
+    workers = _start_rollout_workers(cfg, model_dir, cache_dir, replay, ranks[0], addr, setups, on_death)
+    return replay, ranks, workers
+
+
+def _start_rollout_workers(cfg: RunConfig, model_dir: Path, cache_dir: Path, replay, rank0, addr, setups, on_death):
+    """The rollout workers (engines built, in the start-up weight group with `rank0`) and the dedicated eval
+    worker, replacing those that die on the way (services/startup.py); waits for the learner `setups` too."""
+    import ray
+
+    from services import faults
+    from services.startup import ReplacementBudget, form_group, settle
+
+    lc = cfg.learner
+
+    def restart(wid: int):
+        return start_rollout_worker(cfg, model_dir, cache_dir, wid, replay)
+
+    budget, kill, pids = ReplacementBudget(cfg.run.max_worker_replacements), faults.startup_hook(), {}
+
+    def probe(ws: dict) -> dict[int, str]:
+        return _probe(ws, pids)
+
+    def attempt(ws: dict):
+        kill("start", pids)
+        return _rendezvous(rank0, ws, lc.weight_sync, addr, lambda: kill("start_join", pids))
+
+    workers = {w: restart(w) for w in range(cfg.rollout.num_workers)}
     ray.get(setups)
     # Engines built first: the rendezvous below gives members weight_sync.timeout_s to arrive, which a
     # worker still loading its model on a busy node would spend before it even calls join.
-    ray.get([w.pid.remote() for w in workers])
-    _, wport = ray.get(ranks[0].node_address.remote())
-    world = 1 + len(workers)
-    joins = [ranks[0].join_weight_group.remote(lc.weight_sync, addr, lc.weight_sync.master_port or wport, world)]
-    joins += [
-        w.join_weight_group.remote(lc.weight_sync, addr, lc.weight_sync.master_port or wport, i + 1, world)
-        for i, w in enumerate(workers)
-    ]
-    ray.get(joins)
+    settle(workers, probe, restart, budget)
+    form_group(workers, attempt, restart, probe, budget)
     if cfg.run.eval_worker == "dedicated":  # outside the weight group (services/membership.py: roles)
-        workers.append(start_rollout_worker(cfg, model_dir, cache_dir, len(workers), replay))
-        ray.get(workers[-1].pid.remote())
-    return replay, ranks, workers
+        workers[len(workers)] = restart(len(workers))
+        settle(workers, probe, restart, budget)
+    for death in budget.deaths:
+        if on_death is not None:
+            on_death(death)
+    return [workers[w] for w in sorted(workers)]
+
+
+def _failures(refs: dict) -> dict:
+    """Wait for every ref (ref -> worker id); worker id -> the exception of those that failed."""
+    import ray
+
+    ray.wait(list(refs), num_returns=len(refs))
+    failed = {}
+    for ref, wid in refs.items():
+        try:
+            ray.get(ref)
+        except Exception as e:  # noqa: BLE001 -- sorted by the caller: death or another failure
+            failed[wid] = e
+    return failed
+
+
+def _probe(workers: dict, pids: dict[int, int]) -> dict[int, str]:
+    """Worker id -> cause, for the workers whose actor died (constructor crash, kill, node lost); the live
+    ones' process ids go into `pids`."""
+    import ray
+
+    refs = {w.pid.remote(): wid for wid, w in workers.items()}
+    failed = _failures(refs)
+    pids.update((wid, ray.get(ref)) for ref, wid in refs.items() if wid not in failed)
+    dead = {wid: _brief(e) for wid, e in failed.items() if isinstance(e, ray.exceptions.RayActorError)}
+    if len(dead) < len(failed):  # pid() cannot fail in a live actor
+        raise next(e for wid, e in failed.items() if wid not in dead)
+    return dead
+
+
+def _rendezvous(rank0, workers: dict, ws, addr: str, queued):
+    """One attempt at the start-up weight group: rank 0 plus every worker, on a fresh port (`queued()`
+    runs once every join is queued: the fault hook's moment)."""
+    import ray
+
+    from services.startup import Rendezvous
+
+    ray.get(rank0.abandon_weight_group.remote())  # a previous attempt's group, if rank 0 had formed it
+    port = ws.master_port or ray.get(rank0.node_address.remote())[1]
+    world = 1 + len(workers)
+    refs = {rank0.join_weight_group.remote(ws, addr, port, world): None}
+    for i, wid in enumerate(sorted(workers), start=1):
+        refs[workers[wid].join_weight_group.remote(ws, addr, port, i, world)] = wid
+    queued()
+    failed = _failures(refs)
+    dead = {wid: _brief(e) for wid, e in failed.items() if isinstance(e, ray.exceptions.RayActorError)}
+    others = [e for wid, e in failed.items() if wid not in dead]
+    return Rendezvous(dead, others[0] if others else None)
+
+
+def _brief(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}"[:300]

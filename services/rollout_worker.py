@@ -263,6 +263,9 @@ class RolloutWorker:
     def join_weight_group(
         self, cfg: WeightSyncConfig, master_addr: str, master_port: int, rank: int, world_size: int
     ) -> int:
+        if self.transport is not None:  # a start-up rendezvous retried after another member died
+            self.transport.close()
+            self.transport = None
         self.transport = BroadcastTransport.create(cfg, master_addr, master_port, rank, world_size)
         self._set_inflight(cfg)
         return rank

@@ -15,6 +15,7 @@ per step: `rm/loss`, train and held-out pairwise accuracy and reward gap), the `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -101,8 +102,12 @@ def train(run_cfg: RunConfig, sections: PreferenceSections) -> dict:
     run_dir = Path(run_cfg.run.runs_dir) / run_cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     trunk, _ = prepare_model(run_cfg, Path(run_cfg.run.cache_dir).resolve())
-    data = load_preferences(sections.preferences, Renderer.from_pretrained(run_cfg.render, trunk))
+    renderer = Renderer.from_pretrained(run_cfg.render, trunk)
+    data = load_preferences(sections.preferences, renderer)
     log.info("preference pairs: %d train, %d held out, skipped %s", len(data.train), len(data.eval), data.skipped)
+    verified = None
+    if sections.rm_training.verified_only:
+        data, verified = keep_verified(data, run_cfg, renderer)
     model = init_reward_model(trunk, seed=sections.rm_training.seed)
     writer = MetricsWriter(run_cfg, run_dir, {"run": run_cfg.model_dump(mode="json"), **sections.model_dump()})
     t0 = time.perf_counter()
@@ -113,6 +118,7 @@ def train(run_cfg: RunConfig, sections: PreferenceSections) -> dict:
         "train_pairs": len(data.train),
         "eval_pairs": len(data.eval),
         "skipped_rows": data.skipped,
+        "verified_only": verified,
         "train_s": time.perf_counter() - t0,
         "reward_model": str(out.resolve()),
         "trunk": str(trunk),
@@ -120,6 +126,26 @@ def train(run_cfg: RunConfig, sections: PreferenceSections) -> dict:
     writer.close(summary)
     (run_dir / "rm_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def keep_verified(data, run_cfg: RunConfig, renderer):
+    """`rm_training.verified_only`: (data with only verified pairs, {split: {kept, dropped}}), logged;
+    DatasetError when no training pair is left."""
+    from rollout.datasets import DatasetError
+    from rollout.preferences import verified_pairs
+    from rollout.tasks import make_task
+
+    task = make_task(run_cfg.task, renderer)
+    train, held = verified_pairs(data.train, renderer, task.score), verified_pairs(data.eval, renderer, task.score)
+    counts = {n: {"kept": len(v.kept), "dropped": v.dropped} for n, v in (("train", train), ("eval", held))}
+    log.info("rm_training.verified_only: kept %s", counts)
+    if not train.kept or not held.kept:
+        raise DatasetError(
+            f"rm_training.verified_only left no verified pair ({counts}): the data needs a reference answer "
+            f"column (preferences.answer_key) that task.kind={run_cfg.task.kind!r}'s verifier accepts for the "
+            "chosen replies; fix the data or set rm_training.verified_only=false"
+        )
+    return dataclasses.replace(data, train=train.kept, eval=held.kept), counts
 
 
 def preference_cli(argv: list[str] | None, doc: str, train_fn, sections: str, example: str) -> int:

@@ -304,6 +304,14 @@ class WorkerPool:
             self.reissue_origins.append(self.call_origin[wid])
         self._event("died", wid, during=during, error=_brief(_cause(err)), reissued_prompts=reissued)
 
+    def record_startup_deaths(self, deaths: list) -> None:
+        """Count and log the workers that died during start-up and were replaced there (services/startup.py):
+        they spent the same `run.max_worker_replacements` budget as later deaths."""
+        for d in deaths:
+            self.m.counters["worker_deaths"] += 1
+            self.m.counters["worker_replacements"] += 1
+            self._event("died", d.worker_id, during=f"start-up {d.during}", error=d.error, reissued_prompts=0)
+
     # -- reporting and the end ----------------------------------------------------------------------
     @property
     def dedicated_eval(self) -> bool:

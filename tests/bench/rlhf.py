@@ -72,11 +72,6 @@ def load_pairs(cfg, model_dir: Path, pairs_dir: Path):
     return task, renderer, _encode(rows["train"], renderer, 64), _encode(rows["eval"], renderer, 64)
 
 
-def verified_only(pairs, renderer, score) -> list:
-    """Pairs whose chosen completion the verifier accepts (drops the graded wrong-vs-wrong pairs)."""
-    return [p for p in pairs if score(p.problem, renderer.completion_text(p.chosen_ids)) >= 1.0]
-
-
 def train_rm(model_dir: Path, train, held, steps: int, lr: float, out_dir: Path, seed: int):
     from learner.reward_model import RewardModelTrainConfig, init_reward_model, save_reward_model, train_reward_model
 
@@ -162,6 +157,7 @@ def main() -> int:
     ap.add_argument("--skip-dpo", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from rollout.preferences import verified_pairs
     from services.config import load_config
     from services.driver import prepare_model
 
@@ -176,9 +172,11 @@ def main() -> int:
         task, renderer, train, held = make_pairs(cfg, model_dir, out_dir, args.train_prompts, args.seed)
     pairs_s = time.perf_counter() - t0
     all_train = train
-    held_verified = verified_only(held, renderer, task.score)
+    # The product's filter (services.train_rm with rm_training.verified_only=true): chosen verified correct,
+    # rejected verified wrong. Held-out accuracy is always on verified pairs, the question RL asks of the RM.
+    held_verified = verified_pairs(held, renderer, task.score).kept
     if args.rm_pairs == "verified":
-        train = verified_only(train, renderer, task.score)
+        train = verified_pairs(train, renderer, task.score).kept
     result = {
         "task": "2-digit addition, reversed_padded answers, tiny char Llama after cold start (deploy/configs/tiny_cpu)",
         "load_note": "shared 2-core box, other engineers' runs going: times inflated",

@@ -7,7 +7,8 @@ Contract:
 - Same model, task, prompts and evaluation as Flywheel's side: prompt ids are `rollout.render.Renderer`'s
   (`--render-json`, raw by default; a chat rendering is passed to TRL as the template's text, checked row by
   row against what TRL's own tokenization yields), held-out accuracy is `rollout.evaluation.greedy_accuracy`
-  on `task.eval_set()` (the task built with that renderer, so over-long prompts are skipped as Flywheel skips
+  (greedy with the model's KV cache, as HF `generate` decodes: the eval time a TRL user sees) on
+  `task.eval_set()` (the task built with that renderer, so over-long prompts are skipped as Flywheel skips
   them), the reward is the task's verifier (`task.score`: exact match for arithmetic, reasoning-gym's scorer).
 - `--task-json` is any task config with a `kind` (arithmetic, reasoning_gym); reasoning_gym needs the
   `reasoning_gym` package in this venv (deploy/requirements-trl.lock has it).

@@ -82,3 +82,27 @@ def test_chat_conversations_share_their_prompt(bpe_model_dir, tmp_path):
     assert pair.problem.messages == (("user", "0 + 3 ="),) and pair.margin == 1.5
     assert renderer.tokenizer.decode(pair.prompt_ids).endswith("<|im_start|>assistant\n")
     assert renderer.tokenizer.decode(pair.chosen_ids).startswith("3")
+
+
+def test_verified_pairs_keep_chosen_correct_and_rejected_wrong_only(tiny_model_dir, tmp_path):
+    from rollout.preferences import verified_pairs
+    from rollout.tasks import TaskConfig, make_task
+
+    renderer = Renderer.from_pretrained(RenderConfig(), tiny_model_dir)
+    task = make_task(TaskConfig(), renderer)
+    rows = [
+        {"prompt": "1+1=", "chosen": "2", "rejected": "3", "answer": "2"},  # correct vs wrong: kept
+        {"prompt": "2+2=", "chosen": "5", "rejected": "6", "answer": "4"},  # wrong vs wrong (graded): dropped
+        {"prompt": "4+4=", "chosen": "7", "rejected": "8", "answer": "8"},  # mislabelled: dropped
+        {"prompt": "5+5=", "chosen": "10", "rejected": "1", "answer": "10"},  # kept
+        {"prompt": "6+6=", "chosen": "12", "rejected": "13"},  # no reference answer: cannot verify, dropped
+    ]
+    cfg = PreferenceDataConfig(path=str(_write(tmp_path / "p.jsonl", rows)))
+    pairs = load_preferences(cfg, renderer)
+    both = pairs.train + pairs.eval
+    assert len(both) == 5
+    out = verified_pairs(both, renderer, task.score)
+    assert sorted(p.problem.prompt for p in out.kept) == ["1+1=", "5+5="]
+    assert out.dropped == 3
+    # A verifier that accepts every reply: no rejected reply is verified wrong, so nothing is kept.
+    assert verified_pairs(both, renderer, lambda problem, text: 1.0).dropped == 5

@@ -44,3 +44,20 @@ def test_a_planned_kill_fires_once_at_its_step_and_point():
     assert pool.killed == [1]
     hook("join", None, 0)  # worker 2 is joining and in the re-formed group
     assert pool.killed == [1, 2]
+
+
+def test_startup_kills_fire_once_at_their_point_and_the_loop_hook_ignores_them():
+    env = {faults.ENV: "worker=1,at=start_join;worker=0,at=start"}
+    pool = FakePool()
+    assert faults.hook(pool, environ=env) is faults.no_faults  # the loop has nothing to do with these
+    hook = faults.startup_hook(environ=env)
+    killed: list[int] = []
+    hook.kill_pid = killed.append
+    hook("start", {1: 11})  # worker 0 not among these workers
+    hook("start", {0: 10, 1: 11})
+    hook("start", {0: 20, 1: 11})  # used up: the replacement under id 0 lives
+    assert killed == [10]
+    hook("start_join", {0: 20, 1: 11})
+    hook("start_join", {0: 20, 1: 21})
+    assert killed == [10, 11]
+    assert faults.startup_hook(environ={faults.ENV: "worker=1,after_step=2,at=rollout"}) is faults._no_startup_faults

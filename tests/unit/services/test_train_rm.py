@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from services.config import ConfigError, load_config
@@ -41,3 +43,34 @@ def test_reward_model_path_is_checked_at_start_up(tmp_path):
     cfg = load_config("deploy/configs/rlhf_tiny_cpu.yaml", [f"reward.model.path={tmp_path / 'missing'}"])
     with pytest.raises(ConfigError, match=r"reward.model.path=.* is not a directory.*services.train_rm"):
         check_model_path(cfg)
+
+
+def test_verified_only_keeps_verified_pairs_counts_them_and_refuses_an_empty_set(tiny_model_dir, tmp_path):
+    from rollout.datasets import DatasetError
+    from rollout.preferences import LoadedPreferences, PreferenceDataConfig, load_preferences
+    from rollout.render import RenderConfig, Renderer
+    from services.train_rm import keep_verified
+
+    assert not load_preference_config("deploy/configs/preferences/rm_tiny_cpu.yaml", [])[1].rm_training.verified_only
+    run_cfg, _ = load_preference_config(
+        "deploy/configs/preferences/rm_tiny_cpu.yaml", ["task.answer_format=plain", "rm_training.verified_only=true"]
+    )
+    renderer = Renderer.from_pretrained(RenderConfig(), tiny_model_dir)
+    rows = [
+        {"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1), "answer": str(2 * a)}
+        for a in range(6)
+    ]
+    rows += [
+        {"prompt": f"{a}+10=", "chosen": str(a + 12), "rejected": str(a + 13), "answer": str(a + 10)} for a in range(4)
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_preferences(PreferenceDataConfig(path=str(path), eval_fraction=0.5, eval_size=5), renderer)
+    kept, counts = keep_verified(data, run_cfg, renderer)
+    assert {p.problem.prompt for p in kept.train + kept.eval} == {f"{a}+{a}=" for a in range(6)}
+    assert counts["train"]["kept"] + counts["eval"]["kept"] == 6
+    assert counts["train"]["dropped"] + counts["eval"]["dropped"] == 4
+    assert counts["train"]["kept"] == len(kept.train) and counts["eval"]["kept"] == len(kept.eval)
+    wrong_only = LoadedPreferences([p for p in data.train if "+10=" in p.problem.prompt], data.eval, {})
+    with pytest.raises(DatasetError, match=r"verified_only left no verified pair.*answer_key"):
+        keep_verified(wrong_only, run_cfg, renderer)
