@@ -41,6 +41,13 @@ class ReplayConfig(BaseModel):
     insert_retry_s: float = Field(
         60.0, ge=0.0, description="how long a group is re-sent to a shard that is down (restarting) before rejection"
     )
+    # A shard killed between journalling a draw and replying is waited for, then asked for that draw back.
+    reclaim_timeout_s: float = Field(
+        60.0,
+        ge=0.0,
+        description="how long the learner's sampler waits for a shard that died mid-draw to restart and hand "
+        "the draw's groups back; past it they are counted as unrecovered draws (raise it if restores are slow)",
+    )
     # Rate limiter (Reverb's SampleToInsertRatio): sample only when >= min_size_to_sample groups are held,
     # and keep inserts * samples_per_insert - samples within error_buffer of its start value.
     min_size_to_sample: int = Field(1, ge=1, description="sampling waits until a shard holds this many groups")

@@ -6,8 +6,10 @@ Layout (segment index k = 0, 1, ...; a new index starts at every open, checkpoin
   segment closes (roll-over, checkpoint, close, or the next open after a crash) it is sealed into
   `traces-<k>.parquet` (with page checksums): the run's dataset, readable with pyarrow, pandas or
   duckdb (`read_dataset(segment_dir)` reads every shard, sealed or not).
-- `events-<k>.log`    (group_id, kind) for every sample ("sampled") and removal (evicted_stale,
-  evicted_capacity, removed_sampled), with the same guarantees.
+- `events-<k>.log`    (group_id, kind, draw_id, weight) for every sample ("sampled") and removal
+  (evicted_stale, evicted_capacity, removed_sampled), with the same guarantees; a sample's events carry
+  the caller's draw id and each group's sampling weight, so a shard that dies after journalling a draw but
+  before its reply arrived can hand the same groups out again once restarted (`ReplayTable.reclaim`).
 - `snapshot-<k>.arrow` + `snapshot-<k>.json` (by `checkpoint`): the groups held after segment k, with
   times_sampled, priority and counters. The .arrow file is fsynced first; the json, written last and
   atomically, carries its size and crc32, so a snapshot counts only once it is whole.
@@ -38,6 +40,7 @@ import os
 import pathlib
 import re
 import zlib
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,7 +52,12 @@ from replay.schema import TRACE_SCHEMA, expand_prompts
 log = logging.getLogger(__name__)
 
 EVENT_SCHEMA = pa.schema(
-    [pa.field("group_id", pa.string(), nullable=False), pa.field("kind", pa.string(), nullable=False)]
+    [
+        pa.field("group_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("draw_id", pa.string()),  # the sampling call's id (null for evictions and id-less samples)
+        pa.field("weight", pa.float64()),  # the group's sampling weight in that draw
+    ]
 )
 _NAME = re.compile(r"^(traces|events|snapshot)-(\d+)\.(.+)$")
 _ACTIVE = ("log", "parquet", "parquet.crc32", "arrow", "json")  # others ("json.rolled-back-<tag>") are set aside
@@ -59,6 +67,15 @@ class ReplayCorrupt(RuntimeError):
     """A replay file needed to restore the shard is damaged beyond skipping a record."""
 
 
+class Event(NamedTuple):
+    """One journalled sample or removal of a group."""
+
+    group_id: str
+    kind: str  # sampled | removed_sampled | evicted_stale | evicted_capacity
+    draw_id: str | None = None
+    weight: float | None = None
+
+
 @dataclasses.dataclass
 class Restored:
     """What a table needs to rebuild itself: batches in insertion order and the events after them."""
@@ -66,7 +83,7 @@ class Restored:
     snapshot_batches: list[pa.RecordBatch]  # groups held at the snapshot, in insertion order
     batches: list[pa.RecordBatch]  # acknowledged inserts after the snapshot, in order
     group_state: dict[str, tuple[int, float]]  # group_id -> (times_sampled, priority), from the snapshot
-    events: list[tuple[str, str]]  # (group_id, kind) in order
+    events: list[Event]  # in order
     counts: dict[str, int]
     limiter: tuple[int, int]  # (inserts, samples)
     quarantined: int = 0  # corrupt regions or files skipped while opening and restoring (copied to quarantine/)
@@ -77,6 +94,13 @@ class Restored:
 class _Damage:
     quarantined: int = 0
     torn_bytes: int = 0
+
+
+def _events_of(batch: pa.RecordBatch) -> list[Event]:
+    """Events of one journal batch; journals written before draw ids existed have only group_id and kind."""
+    names = batch.schema.names
+    cols = [batch[f].to_pylist() if f in names else [None] * batch.num_rows for f in Event._fields]
+    return [Event(*row) for row in zip(*cols)]
 
 
 def read_journal_checked(path: pathlib.Path, schema: pa.Schema, damage: _Damage) -> list[pa.RecordBatch]:
@@ -276,14 +300,11 @@ class SegmentStore:
         if self._traces.tell() >= self.cfg.segment_bytes:
             self._roll()
 
-    def append_events(self, group_ids: list[str], kind: str) -> None:
-        if group_ids:
+    def append_events(self, events: list[Event]) -> None:
+        if events:
             self._open()
-            self._events.append(
-                pa.RecordBatch.from_pydict(
-                    {"group_id": group_ids, "kind": [kind] * len(group_ids)}, schema=EVENT_SCHEMA
-                )
-            )
+            columns = dict(zip(Event._fields, map(list, zip(*events))))
+            self._events.append(pa.RecordBatch.from_pydict(columns, schema=EVENT_SCHEMA))
 
     def checkpoint(
         self,
@@ -338,7 +359,7 @@ class SegmentStore:
                 restored.batches += read_traces(sealed, damage)
             if (events := self._name("events", k)).exists():
                 for b in read_journal_checked(events, EVENT_SCHEMA, damage):
-                    restored.events += list(zip(b["group_id"].to_pylist(), b["kind"].to_pylist()))
+                    restored.events += _events_of(b)
         restored.quarantined, restored.torn_bytes = damage.quarantined, damage.torn_bytes
         empty = not restored.batches and not restored.events and base < 0
         return None if empty and not damage.quarantined else restored

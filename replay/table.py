@@ -11,6 +11,9 @@ Contract (pure Python + pyarrow, no ray; not thread-safe — `services/replay_sh
   past `cfg.eviction_staleness`), then returns every trace of
   `n_groups` distinct groups, or None if fewer are eligible or the rate limiter says no.
   A group leaves after `max_times_sampled` samples, or when evicted (oldest first) to make room.
+- `sample(..., draw_id=...)` journals the draw's id with its events; a table restored after a crash hands
+  a journalled draw's groups back once with `reclaim(draw_id, policy_version)` (the caller never got them:
+  the shard died between journalling the draw and replying), so a shard death loses no sampled group.
 - `evict_newer(policy_version)` (a resume) evicts, as stale, every group sampled by a policy newer
   than the checkpoint's: that policy was discarded with the steps after the checkpoint.
 - With `cfg.segment_dir` set, every accepted chunk and every removal is appended to disk before the
@@ -28,12 +31,13 @@ import pyarrow as pa
 
 from replay.capacity import Usage, overflow
 from replay.config import ReplayConfig
+from replay.draws import Drawn, RecentDraws
 from replay.group_index import Chunk, Group, compact, split_groups
 from replay.rate_limiter import RateLimiter
 from replay.rejections import RejectReason
 from replay.samplers import select
 from replay.schema import TraceError, invalid_rows, schema_problem
-from replay.segments import Restored, SegmentStore
+from replay.segments import Event, Restored, SegmentStore
 
 _RECENT_GROUP_IDS = 1 << 16  # group_ids remembered after removal, to catch a group spread over inserts
 
@@ -71,6 +75,7 @@ class ReplayStats:
     inserted_traces: int = 0
     sampled_traces: int = 0
     quarantined: int = 0  # corrupt journal records / segment files skipped when this shard last opened
+    reclaimed_groups: int = 0  # groups of draws whose reply died with the shard, handed back after its restart
 
 
 class ReplayTable:
@@ -85,7 +90,8 @@ class ReplayTable:
         self._seq = 0
         self._counts = collections.Counter()
         self._traces = self._tokens = self._bytes = 0
-        self._pending_events: list[tuple[str, str]] = []
+        self._pending_events: list[Event] = []
+        self._drawn = RecentDraws()  # filled on restore: draws journalled before a crash, for `reclaim`
         self._quarantined = 0
         self._store = SegmentStore(cfg, shard_id) if cfg.segment_dir else None
         restored = self._store.restore() if self._store is not None else None
@@ -148,11 +154,7 @@ class ReplayTable:
 
     def _flush_events(self) -> None:
         if self._store is not None and self._pending_events:
-            by_kind = collections.defaultdict(list)
-            for gid, kind in self._pending_events:
-                by_kind[kind].append(gid)
-            for kind, gids in by_kind.items():
-                self._store.append_events(gids, kind)
+            self._store.append_events(self._pending_events)
         self._pending_events.clear()
 
     def _seen(self, group_id: str) -> bool:
@@ -202,7 +204,7 @@ class ReplayTable:
         self._counts["inserted_groups"] += 1
         self._counts["inserted_traces"] += g.length
 
-    def _remove(self, g: Group, why: str, journal: bool = True) -> None:
+    def _remove(self, g: Group, why: str, journal: bool = True, event: Event | None = None) -> None:
         del self._groups[g.group_id]
         self._recent[g.group_id] = None
         if len(self._recent) > _RECENT_GROUP_IDS:
@@ -217,7 +219,7 @@ class ReplayTable:
         self._tokens -= g.tokens
         self._counts[why] += 1
         if journal:
-            self._pending_events.append((g.group_id, why))
+            self._pending_events.append(event or Event(g.group_id, why))
 
     @property
     def _evicts_stale(self) -> bool:
@@ -245,7 +247,7 @@ class ReplayTable:
         self._flush_events()
         return self._limiter.max_sample(len(self._groups))
 
-    def sample(self, n_groups: int, policy_version: int) -> SampleResult | None:
+    def sample(self, n_groups: int, policy_version: int, draw_id: str | None = None) -> SampleResult | None:
         if n_groups < 1:
             raise ValueError(f"n_groups={n_groups}; ask for at least one group")
         if n_groups > self._limiter.max_ever_sample():
@@ -273,30 +275,42 @@ class ReplayTable:
             self.cfg.importance_exponent,
         )
         picked = [held[i] for i in positions]
-        result = self._result(picked, weights, policy_version)
-        self._after_sample(picked)
+        result = self._result([g.rows() for g in picked], [g.min_version for g in picked], weights, policy_version)
+        self._after_sample(picked, draw_id, weights)
         self._flush_events()
         return result
 
-    def _result(self, picked: list[Group], weights: np.ndarray, policy_version: int) -> SampleResult:
-        batch = pa.concat_batches([g.rows() for g in picked])
-        staleness = [policy_version - g.min_version for g in picked]
+    def reclaim(self, draw_id: str, policy_version: int) -> SampleResult | None:
+        """The groups of draw `draw_id` if this table was restored after journalling it (the caller's reply
+        was lost with the process), else None; each draw is handed back at most once."""
+        drawn = self._drawn.pop(draw_id)
+        if not drawn:
+            return None
+        self._counts["reclaimed_groups"] += len(drawn)
+        weights = np.array([d.weight for d in drawn], dtype=np.float64)
+        return self._result([d.rows for d in drawn], [d.min_version for d in drawn], weights, policy_version)
+
+    def _result(
+        self, rows: list[pa.RecordBatch], min_versions: list[int], weights: np.ndarray, policy_version: int
+    ) -> SampleResult:
+        batch = pa.concat_batches(rows)
+        staleness = [policy_version - v for v in min_versions]
         if self.cfg.stale_policy == "downweight" and self.cfg.max_staleness is not None:
             excess = np.maximum(0, np.asarray(staleness) - self.cfg.max_staleness)
             weights = weights * np.power(self.cfg.stale_weight_decay, excess)
         return SampleResult(batch, tuple(float(w) for w in weights), tuple(staleness))
 
-    def _after_sample(self, picked: list[Group]) -> None:
+    def _after_sample(self, picked: list[Group], draw_id: str | None, weights: np.ndarray) -> None:
         self._limiter.on_sample(len(picked))
         self._counts["sampled_groups"] += len(picked)
         self._counts["sampled_traces"] += sum(g.length for g in picked)
         limit = self.cfg.max_times_sampled
-        for g in picked:
+        for g, w in zip(picked, weights.tolist()):
             g.times_sampled += 1
             if limit is not None and g.times_sampled >= limit:
-                self._remove(g, "removed_sampled")
+                self._remove(g, "removed_sampled", event=Event(g.group_id, "removed_sampled", draw_id, w))
             else:
-                self._pending_events.append((g.group_id, "sampled"))
+                self._pending_events.append(Event(g.group_id, "sampled", draw_id, w))
 
     def _evict_stale(self, policy_version: int) -> None:
         if not self._evicts_stale:
@@ -350,6 +364,7 @@ class ReplayTable:
             inserted_traces=c["inserted_traces"],
             sampled_traces=c["sampled_traces"],
             quarantined=self._quarantined,
+            reclaimed_groups=c["reclaimed_groups"],
         )
 
     def checkpoint(self) -> str:
@@ -383,8 +398,10 @@ class ReplayTable:
         self._counts = collections.Counter(r.counts)
         self._limiter.inserts, self._limiter.samples = r.limiter
         self._admit_all(r.batches)
-        for gid, kind in r.events:
+        for gid, kind, draw_id, weight in r.events:
             g = self._groups.get(gid)
+            if g is not None and draw_id is not None and kind in ("sampled", "removed_sampled"):
+                self._drawn.add(draw_id, Drawn(g.rows(), g.min_version, 1.0 if weight is None else weight))
             if kind in ("sampled", "removed_sampled"):
                 self._limiter.on_sample(1)
                 self._counts["sampled_groups"] += 1

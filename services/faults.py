@@ -1,4 +1,4 @@
-"""Test-only fault injection for the loop: kill -9 a rollout worker at a chosen moment.
+"""Test-only fault injection: kill -9 a rollout worker at a chosen moment, or a replay shard mid-draw.
 
 Set `FLYWHEEL_FAULT_KILL_WORKER="worker=1,after_step=2,at=rollout"` in the driver's environment
 (several faults: separate them with `;`): once the learner has finished `after_step` steps, the
@@ -113,3 +113,27 @@ def startup_hook(environ=os.environ):
 
 def _no_startup_faults(at: str, pids: dict[int, int]) -> None:
     """The production start-up hook: nothing."""
+
+
+SHARD_DRAW_ENV = "FLYWHEEL_FAULT_KILL_SHARD_AFTER_DRAW"
+
+
+def shard_draw_hook(shard_id: int, environ=os.environ) -> None:
+    """Called by a replay shard right after it journalled a non-empty draw, before it replies. With
+    `FLYWHEEL_FAULT_KILL_SHARD_AFTER_DRAW="shard=<k>,marker=<path>"` set (in the environment Ray's workers
+    inherit), shard k kills itself with SIGKILL the first time, leaving `marker` so that its restarted
+    process does not die again. Unset (the default), nothing happens."""
+    spec = environ.get(SHARD_DRAW_ENV)
+    if not spec:
+        return
+    fields = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+    if "shard" not in fields or "marker" not in fields:
+        raise ValueError(f"{SHARD_DRAW_ENV}={spec!r}: expected shard=<k>,marker=<path>")
+    marker = fields["marker"]
+    if int(fields["shard"]) != shard_id or os.path.exists(marker):
+        return
+    with open(marker, "x") as f:
+        f.write(str(os.getpid()))
+        f.flush()
+        os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)

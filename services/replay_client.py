@@ -17,14 +17,22 @@ proportion to its size. A shard whose probe is older than `probe_timeout_s` is l
 answers, so a slow shard does not stall the learner. `sample` returns None when the shards together
 cannot give `n_groups` within `timeout_s`. Only if a shard fails or is drained by another consumer
 in the middle of a split draw can a result hold fewer groups (check `len(result.group_weights)`).
+
+Every draw carries an id. A shard that dies between journalling a draw and replying took those groups
+out of replay without handing them over; the client then waits (up to `reclaim_timeout_s`) for the
+restarted shard and asks for that draw back (`ReplayShard.reclaim_split`), so the learner still gets
+them. A draw the shard had not journalled left its groups in replay. Only a shard that stays down past
+the timeout loses a draw; `unrecovered_draws` counts those (and the run summary reports it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import threading
 import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +54,8 @@ _DOWN_RETRY_SLEEP_S = 0.5  # re-probe a shard at most this often while its count
 # A dead or restarting shard is tolerated (its part fails); an error raised by the shard's code is a
 # caller mistake (bad n_groups, a batch without group_id) and propagates.
 _SHARD_DOWN = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +83,12 @@ def _gather(refs: list) -> list:
 
 class ReplayClient:
     def __init__(
-        self, shards: list[ActorHandle], probe_timeout_s: float = 1.0, seed: int = 0, insert_retry_s: float = 0.0
+        self,
+        shards: list[ActorHandle],
+        probe_timeout_s: float = 1.0,
+        seed: int = 0,
+        insert_retry_s: float = 0.0,
+        reclaim_timeout_s: float = 60.0,
     ):
         if not shards:
             raise ValueError("ReplayClient needs at least one ReplayShard handle; use create_replay(cfg)")
@@ -81,6 +96,7 @@ class ReplayClient:
         self.probe_timeout_s = probe_timeout_s
         self.seed = seed
         self.insert_retry_s = insert_retry_s
+        self.reclaim_timeout_s = reclaim_timeout_s
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -89,6 +105,9 @@ class ReplayClient:
         self._probes: dict[int, tuple[ray.ObjectRef, float, int]] = {}  # shard -> (ref, sent_at, policy_version)
         self._known_at: dict[int, float] = {}  # shard -> when its count was last reported
         self._lock = threading.Lock()
+        self._draw_ids = (f"{uuid.uuid4().hex[:12]}-{i}" for i in itertools.count())
+        self.reclaimed_groups = 0  # groups of draws whose shard died before replying, handed back after restart
+        self.unrecovered_draws = 0  # draws whose shard stayed down past reclaim_timeout_s (their groups are lost)
 
     def __getstate__(self) -> dict:
         return {
@@ -96,6 +115,7 @@ class ReplayClient:
             "probe_timeout_s": self.probe_timeout_s,
             "seed": self.seed,
             "insert_retry_s": self.insert_retry_s,
+            "reclaim_timeout_s": self.reclaim_timeout_s,
         }
 
     def __setstate__(self, state: dict) -> None:
@@ -124,8 +144,14 @@ class ReplayClient:
         if n_groups < 1:
             raise ValueError(f"n_groups={n_groups}; ask for at least one group")
         if len(self.shards) == 1:
-            got = _gather([self.shards[0].sample.remote(n_groups, policy_version, timeout_s)])[0]
-            return None if isinstance(got, Exception) else got
+            draw_id = next(self._draw_ids)
+            got = _gather([self.shards[0].sample.remote(n_groups, policy_version, timeout_s, draw_id)])[0]
+            if not isinstance(got, Exception):
+                return got
+            back = self._reclaim(0, draw_id, lambda s: [s.reclaim.remote(draw_id, policy_version)])
+            result = back[0][0] if back else None
+            self._count_reclaimed(0, draw_id, len(result.group_weights) if result is not None else 0)
+            return result
         deadline = time.monotonic() + timeout_s
         while True:
             # wait for probe answers at most one round trip's grace past the caller's deadline
@@ -214,11 +240,17 @@ class ReplayClient:
             return {k: int(c) for k, c in zip(keys, allocate(n, list(avail), self._rng)) if c > 0}
 
     def _draw(self, plan: dict[int, int], policy_version: int) -> list[SampleResult]:
-        calls = list(plan.items())
-        results = _gather([self.shards[k].draw.remote(c, policy_version) for k, c in calls])
+        calls = [(k, c, next(self._draw_ids)) for k, c in plan.items()]
+        results = _gather([self.shards[k].draw.remote(c, policy_version, d) for k, c, d in calls])
+        for i, ((k, _, d), r) in enumerate(zip(calls, results)):
+            if isinstance(r, Exception) and (
+                got := self._reclaim(k, d, lambda s, d=d: [s.reclaim.remote(d, policy_version)])
+            ):
+                results[i] = got[0]
+                self._count_reclaimed(k, d, len(got[0][0].group_weights) if got[0][0] is not None else 0)
         out = []
         with self._lock:
-            for (k, _), r in zip(calls, results):
+            for (k, _, _), r in zip(calls, results):
                 if isinstance(r, Exception):
                     self._known.pop(k, None)
                     continue
@@ -255,17 +287,26 @@ class ReplayClient:
     def _draw_routed(self, plan: dict[int, int], policy_version: int, ranks: int, timeout_s: float):
         calls, first = [], 0
         for k, count in plan.items():
+            draw_id = next(self._draw_ids)
             refs = (
                 self.shards[k]
                 .draw_split.options(num_returns=1 + ranks)
-                .remote(count, policy_version, ranks, timeout_s, first % ranks)
+                .remote(count, policy_version, ranks, timeout_s, first % ranks, draw_id)
             )
-            calls.append((k, refs[0], refs[1:]))
+            calls.append((k, refs[0], refs[1:], draw_id, first % ranks))
             first += count
-        metas = _gather([meta for _, meta, _ in calls])
+        metas = _gather([meta for _, meta, *_ in calls])
+        for i, ((k, _, _, draw_id, part0), meta) in enumerate(zip(calls, metas)):
+            if isinstance(meta, Exception):
+                split = lambda s, d=draw_id, p=part0: s.reclaim_split.options(num_returns=1 + ranks).remote(  # noqa: E731
+                    d, policy_version, ranks, p
+                )
+                if got := self._reclaim(k, draw_id, split):
+                    calls[i], metas[i] = (k, None, got[1], draw_id, part0), got[0]
+                    self._count_reclaimed(k, draw_id, got[0].num_groups)
         kept, parts = [], [[] for _ in range(ranks)]
         with self._lock:
-            for (k, _, part_refs), meta in zip(calls, metas):
+            for (k, _, part_refs, *_), meta in zip(calls, metas):
                 if isinstance(meta, Exception):
                     self._known.pop(k, None)
                     continue
@@ -280,6 +321,30 @@ class ReplayClient:
         if not kept:
             return None
         return RoutedSample(merge_metas(kept), parts)
+
+    def _reclaim(self, k: int, draw_id: str, send) -> tuple[object, list] | None:
+        """After shard `k` failed draw `draw_id`: wait for its restart and ask for the draw back. `send(shard)`
+        sends the reclaim and returns its refs; the result is (the first ref's value, the other refs), or None
+        if the shard stays down past `reclaim_timeout_s` (the draw is then counted as unrecovered)."""
+        deadline = time.monotonic() + self.reclaim_timeout_s
+        while True:
+            refs = send(self.shards[k])
+            answer = _gather(refs[:1])[0]
+            if not isinstance(answer, Exception):
+                return answer, refs[1:]
+            if time.monotonic() >= deadline:
+                self.unrecovered_draws += 1
+                log.error(
+                    f"replay shard {k} died during draw {draw_id} and stayed down for {self.reclaim_timeout_s:.0f} s: "
+                    "the groups it had journalled as drawn are lost (raise replay.reclaim_timeout_s)"
+                )
+                return None
+            time.sleep(_DOWN_RETRY_SLEEP_S)
+
+    def _count_reclaimed(self, k: int, draw_id: str, groups: int) -> None:
+        if groups:
+            self.reclaimed_groups += groups
+            log.warning(f"replay shard {k} died before replying to draw {draw_id}; its {groups} group(s) reclaimed")
 
     def groups_known(self) -> int:
         """Groups the shards could give, by their last reports (draws and probes; no RPC)."""
@@ -330,4 +395,6 @@ def create_replay(cfg: ReplayConfig, max_restarts: int = -1) -> ReplayClient:
         ReplayShard.options(max_restarts=max_restarts, max_concurrency=MAX_CONCURRENCY).remote(cfg, k)
         for k in range(cfg.num_shards)
     ]
-    return ReplayClient(shards, seed=cfg.seed, insert_retry_s=cfg.insert_retry_s)
+    return ReplayClient(
+        shards, seed=cfg.seed, insert_retry_s=cfg.insert_retry_s, reclaim_timeout_s=cfg.reclaim_timeout_s
+    )

@@ -6,6 +6,10 @@ inserts blocked by back-pressure. `insert` waits up to `cfg.insert_timeout_s` fo
 or the rate limiter), then inserts what fits and rejects the rest with a reason — it never blocks
 forever and never drops an acknowledged group. With `cfg.segment_dir` set, a restarted actor (Ray
 `max_restarts`) rebuilds its table from disk in `__init__`.
+
+A draw may carry the caller's `draw_id`. If this process dies after journalling the draw but before the
+reply reaches the caller, the restarted actor hands the same groups back once through `reclaim_split` /
+`reclaim` (`ReplayTable.reclaim`); a draw that was not journalled left its groups in replay.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from replay.config import ReplayConfig
 from replay.parts import empty_meta, split_for_ranks
 from replay.schema import schema_problem
 from replay.table import InsertResult, ReplayStats, ReplayTable, SampleResult
-from services import metrics
+from services import faults, metrics
 
 MAX_CONCURRENCY = 16
 
@@ -71,33 +75,45 @@ class ReplayShard:
             metrics.record_rejected(self._table.shard_id, result, _traces_per_group(batch))
         return result
 
-    def sample(self, n_groups: int, policy_version: int, timeout_s: float = 0.0) -> SampleResult | None:
+    def sample(
+        self, n_groups: int, policy_version: int, timeout_s: float = 0.0, draw_id: str | None = None
+    ) -> SampleResult | None:
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
-                result = self._table.sample(n_groups, policy_version)
+                result = self._table.sample(n_groups, policy_version, draw_id)
                 remaining = deadline - time.monotonic()
                 if result is not None or remaining <= 0:
                     break
                 self._cond.wait(remaining)
             self._cond.notify_all()  # a sample frees room and rate-limiter budget for blocked inserts
             stats = self._table.stats()
+        if result is not None:
+            faults.shard_draw_hook(self._table.shard_id)  # test hook (kill -9 here); production: a no-op
         self._record_sample(result, stats)
         return result
 
-    def draw(self, n_groups: int, policy_version: int) -> tuple[SampleResult | None, int]:
+    def draw(self, n_groups: int, policy_version: int, draw_id: str | None = None) -> tuple[SampleResult | None, int]:
         """A non-waiting sample plus how many groups this shard could still give (for the client's plan)."""
         with self._cond:
-            result = self._table.sample(n_groups, policy_version)
+            result = self._table.sample(n_groups, policy_version, draw_id)
             left = self._table.available(policy_version)
             if result is not None:
                 self._cond.notify_all()
             stats = self._table.stats()
+        if result is not None:
+            faults.shard_draw_hook(self._table.shard_id)
         self._record_sample(result, stats)
         return result, left
 
     def draw_split(
-        self, n_groups: int, policy_version: int, ranks: int, timeout_s: float = 0.0, first_part: int = 0
+        self,
+        n_groups: int,
+        policy_version: int,
+        ranks: int,
+        timeout_s: float = 0.0,
+        first_part: int = 0,
+        draw_id: str | None = None,
     ) -> tuple:
         """Sample (waiting up to `timeout_s`) and cut the draw into `ranks` token-balanced parts.
 
@@ -105,7 +121,23 @@ class ReplayShard:
         what the caller `ray.get`s), each other one a `RankPart` or None, which stays in this process's
         object store until the rank that gets the ref resolves it (replay/parts.py).
         """
-        result = self.sample(n_groups, policy_version, timeout_s)
+        result = self.sample(n_groups, policy_version, timeout_s, draw_id)
+        return self._split(result, policy_version, ranks, first_part)
+
+    def reclaim(self, draw_id: str, policy_version: int) -> tuple[SampleResult | None, int]:
+        """`draw`'s answer for a draw journalled by this shard's previous process (None if it was not)."""
+        with self._cond:
+            result = self._table.reclaim(draw_id, policy_version)
+            left = self._table.available(policy_version)
+        return result, left
+
+    def reclaim_split(self, draw_id: str, policy_version: int, ranks: int, first_part: int = 0) -> tuple:
+        """`draw_split`'s answer for a draw journalled by this shard's previous process (empty if it was not)."""
+        with self._cond:
+            result = self._table.reclaim(draw_id, policy_version)
+        return self._split(result, policy_version, ranks, first_part)
+
+    def _split(self, result: SampleResult | None, policy_version: int, ranks: int, first_part: int) -> tuple:
         with self._cond:
             left = self._table.available(policy_version)
         if result is None:

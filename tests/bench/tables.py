@@ -261,6 +261,11 @@ def chaos() -> str:
             str(d["groups_evicted_at_resume_as_newer"]),
         ],
         ["acknowledged groups lost", str(d["groups_lost"])],
+        *(
+            [["groups of a draw reclaimed from a shard killed before it replied", str(d[k])]]
+            if (k := "groups_reclaimed_after_a_shard_death") in d
+            else []
+        ),
         ["resumes / wall seconds (whole test)", f"{d['resumes']} / {d['wall_s']}"],
     ]
     return _rows(["chaos audit (seed " + str(d["seed"]) + ")", "value"], rows) + f"\nTaken {d['load_note']}.\n"
