@@ -98,8 +98,9 @@ def print_table(rows: list[dict]) -> None:
         print("".join(f"{(f'{r[c]:.4g}' if isinstance(r[c], float) else str(r[c])):>20}" for c in cols))
 
 
-def plot(runs: list[dict], path: Path, title: str) -> Path | None:
-    """Accuracy against learner steps (policy version), one line per run, coloured by arm."""
+def plot(runs: list[dict], path: Path, title: str, x: str = "steps") -> Path | None:
+    """Accuracy against learner steps (policy version), or RL seconds with `x="seconds"`, one line per run,
+    coloured by arm."""
     try:
         import matplotlib
 
@@ -113,11 +114,12 @@ def plot(runs: list[dict], path: Path, title: str) -> Path | None:
         if "error" in r or not r["curve"]:
             continue
         c = colours.setdefault(r["arm"], f"C{len(colours)}")
-        xs, _, ys = zip(*r["curve"])
+        steps, seconds, ys = zip(*r["curve"])
+        xs = seconds if x == "seconds" else steps
         ax.plot(
             xs, ys, color=c, alpha=0.8, label=r["arm"] if r["arm"] not in ax.get_legend_handles_labels()[1] else None
         )
-    ax.set_xlabel("learner steps (policy version)")
+    ax.set_xlabel("RL seconds" if x == "seconds" else "learner steps (policy version)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(title)
     ax.legend()
@@ -128,10 +130,12 @@ def plot(runs: list[dict], path: Path, title: str) -> Path | None:
     return path
 
 
-def write(out: Path, runs: list[dict], rows: list[dict], **extra) -> None:
-    note = (
-        "taken on a shared 2-core box under load from other jobs: arms are compared at equal learner steps; "
-        "rl_wall_s is noisy"
-    )
+EQUAL_STEPS_NOTE = (
+    "taken on a shared 2-core box under load from other jobs: arms are compared at equal learner steps; "
+    "rl_wall_s is noisy"
+)
+
+
+def write(out: Path, runs: list[dict], rows: list[dict], note: str = EQUAL_STEPS_NOTE, **extra) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**extra, "cells": rows, "runs": runs, "note": note}, indent=1))

@@ -1,7 +1,8 @@
-"""Distillation vs RL alone on the default task: a small student, the same number of learner steps in every arm.
+"""Distillation vs RL alone on the default task: a small student, the same number of learner steps in every arm
+(or, with `--rl-s`, the same RL wall-clock seconds).
 
-    .venv/bin/python tests/bench/distill.py [--teacher-steps 360] [--steps 60] [--seeds 0 1 2]
-        [--teacher-dir runs/distill-teacher-seed0/final_model]
+    .venv/bin/python tests/bench/distill.py [--teacher-steps 360] [--steps 60 | --rl-s 150] [--seeds 0 1 2]
+        [--teacher-dir runs/distill-teacher-seed0/final_model] [--teacher-hidden 256 --teacher-layers 4]
 
 1. Teacher: the default recipe trained for `--teacher-steps` learner steps (several times the students' budget),
    optionally on a larger built-in model (`--teacher-hidden`, `--teacher-layers`; the same char tokenizer, so
@@ -16,7 +17,12 @@
    on_policy_only      - the same with `objective.task_reward_coef=0`: the teacher's signal alone;
    offline             - the cold start imitates the teacher's verified samples (services.distill_offline,
                          `cold_start.solutions_path`), then the default RL.
-Writes tests/bench/results/distill.json and tests/bench/results/distill.png (accuracy vs learner steps).
+With `--rl-s S` every student run trains for S seconds of RL (`run.max_wall_s`; cold start and start-up not
+counted) instead of a step count: the teacher's forward pass on the student's samples costs time, and equal
+wall-clock is the comparison a user paying for the hardware makes. Arms run interleaved within each seed so
+a change in the box's load hits every arm alike.
+Writes tests/bench/results/distill.json and tests/bench/results/distill.png (accuracy vs learner steps, or vs
+RL seconds with `--rl-s`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ab_runs import REPO, plot, print_table, run_arm, summarise, write
+from ab_runs import EQUAL_STEPS_NOTE, REPO, plot, print_table, run_arm, summarise, write
+
+UNBOUNDED_STEPS = 1_000_000  # with --rl-s the wall clock, not a step count, ends each run
 
 
 def train_teacher(args) -> tuple[Path, dict]:
@@ -70,6 +78,7 @@ def main() -> None:
     ap.add_argument("--teacher-layers", type=int, default=None)
     ap.add_argument("--steps", type=int, default=60, help="learner steps per student run")
     ap.add_argument("--max-wall-s", type=float, default=1800.0, help="safety cap on each run's RL seconds")
+    ap.add_argument("--rl-s", type=float, default=None, help="equal RL wall-clock per student run (replaces --steps)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--kl-coef", type=float, default=0.05)
     ap.add_argument("--offline-problems", type=int, default=4000)
@@ -104,17 +113,27 @@ def main() -> None:
     teacher_info = {
         k: teacher_run.get(k) for k in ("accuracy_initial", "accuracy_final", "accuracy_best", "learner_steps")
     }
+    steps, cap_s = (UNBOUNDED_STEPS, args.rl_s) if args.rl_s else (args.steps, args.max_wall_s)
+    budget = {"rl_s": args.rl_s} if args.rl_s else {"steps": args.steps}
+    note = (
+        f"every student run trained for {args.rl_s:g} s of RL (equal wall-clock; arms interleaved per seed); "
+        "taken on a shared 2-core box under load from other jobs, so step counts differ with the load"
+        if args.rl_s
+        else EQUAL_STEPS_NOTE
+    )
+    teacher_info["size"] = {"hidden": args.teacher_hidden, "layers": args.teacher_layers}
     for seed in args.seeds:
         for arm in args.arms:
-            runs.append(run_arm(arm, arms[arm], args.steps, seed, args.config, REPO / "runs", args.max_wall_s))
+            runs.append(run_arm(arm, arms[arm], steps, seed, args.config, REPO / "runs", cap_s))
             rows = summarise(runs, baseline="rl")
             rl = next((r["accuracy_final"] for r in rows if r["arm"] == "rl"), None)
             beats = None if rl is None else teacher_info["accuracy_final"] > rl
-            extra = {"steps": args.steps, "teacher": str(teacher), "teacher_run": teacher_info}
-            write(out, runs, rows, **extra, teacher_beats_rl_student=beats)
+            extra = {**budget, "teacher": str(teacher), "teacher_run": teacher_info}
+            write(out, runs, rows, note=note, **extra, teacher_beats_rl_student=beats)
     print_table(rows)
     print(json.dumps({"teacher": str(teacher), **teacher_info}))
-    plot(runs, Path(out).with_suffix(".png"), f"distillation vs RL alone ({args.steps} learner steps)")
+    what = f"{args.rl_s:g} s of RL" if args.rl_s else f"{args.steps} learner steps"
+    plot(runs, Path(out).with_suffix(".png"), f"distillation vs RL alone ({what})", "seconds" if args.rl_s else "steps")
 
 
 if __name__ == "__main__":

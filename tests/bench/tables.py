@@ -294,16 +294,29 @@ def ab(name: str) -> Callable[[], str]:
         header = ["arm", "seeds", "learner steps", "acc. initial", "acc. final (min-max)", "last 3 evals"]
         loads = [x for r in d["runs"] for x in r["load_avg_1m"]]
         t = d.get("teacher_run")
+        size = (t or {}).get("size") or {}
+        larger = (
+            f" on a larger model (hidden {size.get('hidden') or 'as student'}, "
+            f"layers {size.get('layers') or 'as student'})"
+            if any(size.values())
+            else ""
+        )
         teacher = (
-            f"\nTeacher: held-out accuracy {_f(t['accuracy_final'])} (best {_f(t['accuracy_best'])}) after "
-            f"{t['learner_steps']} learner steps from the same {_f(t['accuracy_initial'])} cold start.\n"
+            f"\nTeacher{larger}: held-out accuracy {_f(t['accuracy_final'])} (best {_f(t['accuracy_best'])}) after "
+            f"{t['learner_steps']} learner steps from a {_f(t['accuracy_initial'])} cold start.\n"
             if t
             else ""
         )
-        note = (
-            "\nMeans over seeds; accuracy on the held-out split at the same learner step in every arm. Load "
-            f"average {min(loads):.1f}-{max(loads):.1f} around the runs (wall seconds are noisy, steps are not).\n"
-        )
+        if d.get("rl_s"):
+            note = (
+                f"\nMeans over seeds; accuracy on the held-out split after {d['rl_s']:g} s of RL in every arm (equal "
+                f"wall-clock; learner steps differ). Load average {min(loads):.1f}-{max(loads):.1f} around the runs.\n"
+            )
+        else:
+            note = (
+                "\nMeans over seeds; accuracy on the held-out split at the same learner step in every arm. Load "
+                f"average {min(loads):.1f}-{max(loads):.1f} around the runs (wall seconds are noisy, steps are not).\n"
+            )
         return _rows([*header, "last 3 vs baseline", "RL wall s"], rows) + teacher + note
 
     return table
