@@ -28,7 +28,6 @@ Requires `run_dir` on storage every learner rank can write (one machine, or a sh
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from pathlib import Path
@@ -192,11 +191,11 @@ class Checkpointer:
         replay_s = time.perf_counter() - t_replay
         state = {
             "learner_step": loop.s.steps,
-            "policy_version": loop.s.version,
+            "policy_version": loop.publisher.version,
             "reason": reason,
             "rl_clock_s": loop.log.now(),
-            "initial_accuracy": loop.initial_accuracy,
-            "loop_state": encode(dataclasses.asdict(loop.s)),
+            "initial_accuracy": loop.evaluator.initial_accuracy,
+            "loop_state": encode(loop.persisted_state()),
             "replay_snapshots": snapshots,
             "driver_rng": driver_rng(),
             "config": loop.cfg.model_dump(mode="json"),
@@ -208,7 +207,7 @@ class Checkpointer:
         loop.log.write(
             "checkpoint",
             learner_step=loop.s.steps,
-            policy_version=loop.s.version,
+            policy_version=loop.publisher.version,
             reason=reason,
             path=str(path),
             seconds=self.seconds[-1],
@@ -227,12 +226,12 @@ class Checkpointer:
             raise RuntimeError(
                 f"{point.path}: learner ranks restored steps {steps}, loop.json says {point.learner_step}"
             )
-        loop.s = type(loop.s)(**decode(point.state["loop_state"]))
-        loop.initial_accuracy = point.state["initial_accuracy"]
+        loop.restore_state(decode(point.state["loop_state"]))
+        loop.evaluator.initial_accuracy = point.state["initial_accuracy"]
         loop.log.continue_clock(point.state["rl_clock_s"])
         restore_driver_rng(point.state["driver_rng"])
         self._restore_cursors()
-        version = loop.s.version
+        version = loop.publisher.version
         orphaned = loop.replay.evict_newer(version)  # sampled by the policies after the checkpoint, now discarded
         loop.broadcast(version)  # the checkpoint's weights, as its version, over a freshly formed group
         loop.settle_weights()

@@ -1,8 +1,10 @@
 """The actor-learner loop the driver runs: dispatch, sample, train, publish, evaluate — as named steps.
 
 Components: `TrainFlow` (services/train_flow.py: sample -> ranks -> results, next sample prefetched),
-`WorkerPool` (dispatch and membership), `Checkpointer` (public `broadcast` / `settle_weights` on resume),
-the fault hook (services/faults.py, a no-op in production). The loop waits on their refs with
+`WorkerPool` (dispatch and membership), `Publisher` (services/publisher.py: versions, broadcasts),
+`Evaluator` (services/evaluator.py: eval scheduling and accuracy bookkeeping), `Checkpointer` (public
+`broadcast` / `settle_weights` / `persisted_state` on resume), the fault hook (services/faults.py, a no-op
+in production). The loop waits on their refs with
 `ray.wait(num_returns=1)` and polls control at most every `CONTROL_POLL_S`.
 
 Invariants:
@@ -27,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -38,8 +39,10 @@ from services import faults
 from services.checkpoint import Checkpointer, ResumePoint
 from services.config import RunConfig
 from services.control import ControlClient, start_control
+from services.evaluator import EvalState, Evaluator
 from services.loggers import make_loggers
 from services.placement import start_actors
+from services.publisher import Publisher, PublishState
 from services.report import MetricsLog, draw_report, format_summary
 from services.train_flow import TrainFlow
 from services.worker_pool import WorkerPool
@@ -47,21 +50,18 @@ from services.worker_pool import WorkerPool
 log = logging.getLogger(__name__)
 
 CONTROL_POLL_S = 0.25  # longest wait for a ref before polling control (scale, dead workers); refs wake it sooner
-TARGET_GAIN = 0.20  # the headline figure: RL seconds to +20 points of held-out accuracy
 
 
 @dataclasses.dataclass
 class LoopState:
-    version: int = 0
+    """The loop's own counters (the publisher's and evaluator's state sit beside them in loop.json)."""
+
     steps: int = 0
     traces_consumed: int = 0
     groups_consumed: int = 0
     max_staleness_seen: int = 0
     versions_consumed: set = dataclasses.field(default_factory=set)
     produced_at: dict = dataclasses.field(default_factory=dict)  # version -> groups produced
-    publish_t: dict = dataclasses.field(default_factory=lambda: {0: 0.0})
-    evals: list = dataclasses.field(default_factory=list)  # (version, t_published, accuracy)
-    seconds_to_target: float | None = None
     reward_failures: dict = dataclasses.field(
         default_factory=lambda: dict.fromkeys(
             ("reward_timeouts", "reward_errors", "reward_nonfinite", "dropped_groups", "uniform_groups"), 0
@@ -87,8 +87,12 @@ class ActorLearnerLoop:
         self.replay, self.ranks, workers = start_actors(cfg, model_dir, cache_dir, on_death=self.startup_deaths.append)
         self.pool = WorkerPool(cfg, workers, self.replay, self.ranks[0], model_dir, cache_dir, self.log)
         self.fault_hook = faults.hook(self.pool)  # test hook (services/faults.py); production: a no-op
-        self.eval_problems = self.pool.task.eval_set()
         self.s = LoopState()
+        every = cfg.learner.weight_sync.sync_every_steps
+        self.publisher = Publisher(self.ranks, self.pool, self.log, every, lambda at: self._inject_fault(at, None))
+        self.evaluator = Evaluator(
+            self.pool, self.ranks[0], self.pool.task.eval_set(), self.log, self.publisher.published_at
+        )
         lc = cfg.learner
         self.train = TrainFlow(
             self.replay,
@@ -99,12 +103,6 @@ class ActorLearnerLoop:
             feed_priorities=cfg.replay.sampler == "prioritized",
         )
         self.held_groups = 0  # replay's last reported count plus groups accepted since (no per-tick stats() RPCs)
-        self.publish_due = False
-        self.eval_owed = False
-        self.side_refs: dict = {}  # ref -> what (publish/receive/eval)
-        self.eval_sent_t: dict = {}  # eval ref -> RL clock when it was dispatched (the eval record's eval_s)
-        self.pending_eval = None
-        self.initial_accuracy = math.nan
         self.stop_reason: str | None = None
         self.ckpt = Checkpointer(self, resume)
 
@@ -115,9 +113,7 @@ class ActorLearnerLoop:
                 self.ckpt.restore()
                 self.s.resumes += 1
             else:
-                _, self.initial_accuracy = ray.get(self.pool.eval_worker()[1].evaluate.remote(self.eval_problems))
-                self.log.restart_clock()
-                self.log.write("eval", policy_version=0, accuracy=self.initial_accuracy, t_published=0.0)
+                self.evaluator.run_initial()  # the version-0 eval; the RL clock starts after it
             self.pool.record_startup_deaths(self.startup_deaths)
             self._progress_start()
             while not self._done():
@@ -135,9 +131,7 @@ class ActorLearnerLoop:
         run = self.cfg.run
         if self.stop_reason is not None or self.s.steps >= run.max_learner_steps or self.log.now() >= run.max_wall_s:
             return True
-        return run.stop_at_gain is not None and any(
-            acc >= self.initial_accuracy + run.stop_at_gain for _, _, acc in self.s.evals
-        )
+        return run.stop_at_gain is not None and self.evaluator.gained(run.stop_at_gain)
 
     # -- rollout ----------------------------------------------------------------------------------
     def _groups_per_call(self) -> int:
@@ -147,7 +141,7 @@ class ActorLearnerLoop:
         lc, inflight = self.cfg.learner, self.pool.inflight_prompts()
         if self.cfg.synchronous:
             need = lc.groups_per_step * lc.weight_sync.sync_every_steps
-            return self.s.produced_at.get(self.s.version, 0) + inflight < need
+            return self.s.produced_at.get(self.publisher.version, 0) + inflight < need
         held = self.held_groups + self.train.prefetched_groups()
         return held + inflight < self.cfg.run.max_buffered_steps * lc.groups_per_step
 
@@ -170,7 +164,7 @@ class ActorLearnerLoop:
     def _try_train(self) -> None:
         if self.train.busy:
             return
-        meta = self.train.start(self.s.version)
+        meta = self.train.start(self.publisher.version)
         self.held_groups = self.replay.groups_known()  # the draw just refreshed the shards' counts
         if meta is None:
             return
@@ -187,7 +181,7 @@ class ActorLearnerLoop:
         publishes = after % every == 0
         if after >= self.cfg.run.max_learner_steps or (publishes and self.ckpt.due_at(after)):
             return
-        self.train.prefetch(s.version + int(publishes))
+        self.train.prefetch(self.publisher.version + int(publishes))
 
     def _on_train_done(self) -> None:
         done = self.train.finish()
@@ -210,7 +204,7 @@ class ActorLearnerLoop:
         rec = self.log.write(
             "learner_step",
             learner_step=s.steps,
-            policy_version=s.version,
+            policy_version=self.publisher.version,
             staleness_mean=sum(meta.staleness) / len(meta.staleness),
             staleness_max=max(meta.staleness),
             trace_versions=list(meta.policy_versions),
@@ -220,8 +214,7 @@ class ActorLearnerLoop:
             **merged.as_dict(),
         )
         self._progress_update(rec)
-        if s.steps % self.cfg.learner.weight_sync.sync_every_steps == 0:
-            self.publish_due = True
+        if self.publisher.on_step(s.steps):
             self._maybe_publish()
 
     def _on_nonfinite(self, diags: list[StepDiagnostics], trace_ids: list[str]) -> None:
@@ -232,7 +225,7 @@ class ActorLearnerLoop:
         self.log.write(
             "nonfinite_step",
             learner_step=s.steps,
-            policy_version=s.version,
+            policy_version=self.publisher.version,
             consecutive=s.consecutive_nonfinite,
             in_gradient=any(d.nonfinite_in_gradient for d in diags),
             loss=[d.loss for d in diags],
@@ -247,61 +240,19 @@ class ActorLearnerLoop:
 
     # -- weights and eval -------------------------------------------------------------------------
     def _maybe_publish(self) -> None:
-        if self.publish_due and not self.pool.publish_must_wait():
+        if self.publisher.may_publish():
             self._publish()
 
     def broadcast(self, version: int) -> None:
-        """Send the learner's weights as `version` to every worker (over a re-formed group if members changed)."""
-        group = self.pool.begin_broadcast(version)
-        for rank in self.ranks:
-            self.side_refs[rank.publish.remote(version, group)] = ("publish", version)
-        self._inject_fault("broadcast", None)
-        if group is not None:
-            self._inject_fault("join", None)
+        """Send the learner's weights as `version` to every worker (the checkpointer re-sends them on resume)."""
+        self.publisher.broadcast(version)
 
     def _publish(self) -> None:
-        s = self.s
-        self.publish_due = False
-        s.version += 1
-        s.publish_t[s.version] = self.log.now()
-        self.broadcast(s.version)
-        if s.steps % self.cfg.run.eval_every_steps == 0 or self._done():
-            self._eval_async()
+        self.publisher.publish()
+        if self.s.steps % self.cfg.run.eval_every_steps == 0 or self._done():
+            self.evaluator.request()
         if self.ckpt.due():
             self.ckpt.save("periodic")
-
-    def _eval_async(self) -> None:
-        target = self.pool.eval_worker()
-        self.eval_owed = target is None  # no active worker now: evaluate once one is back
-        if target is not None:
-            wid, worker = target
-            if self.pool.dedicated_eval:  # dedicated: rank 0's snapshot goes to it through the object store
-                ref = worker.evaluate_published.remote(self.ranks[0].published_weights.remote(), self.eval_problems)
-            else:
-                ref = worker.evaluate.remote(self.eval_problems)
-            self.side_refs[ref] = ("eval", wid)
-            self.eval_sent_t[ref] = self.log.now()
-
-    def _on_side(self, ref) -> None:
-        what, arg = self.side_refs.pop(ref)
-        try:
-            value = ray.get(ref)
-        except ray.exceptions.RayActorError as e:
-            if what != "eval":
-                raise  # a learner rank died: nothing to fall back on
-            self.pool.on_failed(arg, e, "eval")  # the eval worker died: the pool replaces it, eval elsewhere
-            self._eval_async()
-            return
-        if what == "publish" and value is not None and value.error is not None:
-            self.log.write("broadcast_failed", policy_version=value.policy_version, error=value.error)
-        if what == "eval":
-            version, acc = value
-            t_pub = self.s.publish_t[version]
-            self.s.evals.append((version, t_pub, acc))
-            eval_s = self.log.now() - self.eval_sent_t.pop(ref, self.log.now())  # dispatch to result, queue included
-            self.log.write("eval", policy_version=version, accuracy=acc, t_published=t_pub, worker=arg, eval_s=eval_s)
-            if self.s.seconds_to_target is None and acc >= self.initial_accuracy + TARGET_GAIN - 1e-9:
-                self.s.seconds_to_target = t_pub
 
     # -- membership -------------------------------------------------------------------------------
     def _membership_tick(self) -> None:
@@ -310,16 +261,14 @@ class ActorLearnerLoop:
         if target is not None:
             self.pool.set_target(target)
         self.pool.reconcile()
-        if self.eval_owed and self.pool.eval_worker() is not None:
-            self._eval_async()
+        self.evaluator.tick()
         self._maybe_publish()
-        if not (self.publish_due or self.train.busy or self.pool.receiving()) and self.pool.m.wants_weights(
-            self.s.version
-        ):
-            if self.s.steps % self.cfg.learner.weight_sync.sync_every_steps:  # unpublished steps: a new version
+        version = self.publisher.version
+        if not (self.publisher.due or self.train.busy or self.pool.receiving()) and self.pool.m.wants_weights(version):
+            if self.publisher.unpublished(self.s.steps):  # unpublished steps: a new version
                 self._publish()
             else:  # the learner holds exactly policy_version: send it again over the re-formed group
-                self.broadcast(self.s.version)
+                self.broadcast(version)
 
     def _inject_fault(self, at: str, wid: int | None) -> None:
         self.fault_hook(at, wid, self.s.steps)
@@ -328,7 +277,7 @@ class ActorLearnerLoop:
     def _collect(self, timeout_s: float) -> None:
         """Wake on the first finished ref (rollout, train step, publish, eval) or after `timeout_s`, the
         control-polling interval (scale requests, dead workers); then handle everything already done."""
-        refs = self.pool.refs() + self.train.refs() + list(self.side_refs)
+        refs = self.pool.refs() + self.train.refs() + self.publisher.refs() + self.evaluator.refs()
         if not refs:
             time.sleep(timeout_s)
             return
@@ -339,27 +288,40 @@ class ActorLearnerLoop:
         ready = set(ready) | set(first)
         for st in self.pool.process(ready):
             self._on_rollout(st)
-        for ref in [r for r in self.side_refs if r in ready]:
-            self._on_side(ref)
+        self.publisher.process(ready)
+        self.evaluator.process(ready)
         if self.train.busy and all(r in ready for r in self.train.refs()):
             self._on_train_done()
 
     def settle_weights(self) -> None:
         """Block until every publish in flight ended and every worker finished receiving (resume uses it)."""
-        while self.side_refs or self.pool.receiving():
+        while self.publisher.busy or self.evaluator.busy or self.pool.receiving():
             self._collect(timeout_s=0.5)
 
+    def persisted_state(self) -> dict:
+        """What a checkpoint carries of the loop (loop.json `loop_state`): its counters, the publisher's and the
+        evaluator's state, as one flat dict."""
+        return {
+            **dataclasses.asdict(self.s),
+            **dataclasses.asdict(self.publisher.s),
+            **dataclasses.asdict(self.evaluator.s),
+        }
+
+    def restore_state(self, state: dict) -> None:
+        """The inverse of `persisted_state` (a decoded loop.json `loop_state`)."""
+        self.s, self.publisher.s, self.evaluator.s = (
+            cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
+            for cls in (LoopState, PublishState, EvalState)
+        )
+
     def _drain_and_publish_final(self) -> None:
-        while self.train.busy or (self.publish_due and self.pool.publish_must_wait()):
+        while self.train.busy or (self.publisher.due and self.pool.publish_must_wait()):
             self._collect(timeout_s=1.0)
-        last_eval = max((v for v, _, _ in self.s.evals), default=0)
-        if (
-            self.publish_due or self.s.steps % self.cfg.learner.weight_sync.sync_every_steps
-        ):  # steps since the last publish
+        if self.publisher.unpublished(self.s.steps):  # steps since the last publish
             self._publish()
-        if last_eval < self.s.version and not any(w == "eval" for w, _ in self.side_refs.values()):
-            self._eval_async()
-        while self.side_refs or self.pool.busy():
+        if self.evaluator.last_version() < self.publisher.version and not self.evaluator.busy:
+            self.evaluator.request()
+        while self.publisher.busy or self.evaluator.busy or self.pool.busy():
             self._collect(timeout_s=1.0)
 
     def _finish(self, job_started: float, cold_start_s: float) -> dict:
@@ -367,20 +329,16 @@ class ActorLearnerLoop:
         self.ckpt.save("stop")
         self.final_dir = self.run_dir / "final_model"
         ray.get([r.save.remote(str(self.final_dir)) for r in self.ranks])
-        s = self.s
-        evals = s.evals or [(0, 0.0, self.initial_accuracy)]  # nothing published: a budget shorter than one step
-        final = max(evals, key=lambda e: (e[0], e[1]))
+        s, acc = self.s, self.evaluator.summary()
         summary = {
-            "eval_accuracy_initial": self.initial_accuracy,
-            "eval_accuracy_final": final[2],
-            "eval_accuracy_best": max(a for _, _, a in evals),
+            **{k: acc[k] for k in ("eval_accuracy_initial", "eval_accuracy_final", "eval_accuracy_best")},
             "wall_s": time.perf_counter() - job_started,
             "rl_wall_s": rl_wall_s,
             "cold_start_s": cold_start_s,
-            "rl_seconds_to_target": s.seconds_to_target,
-            "target_gain": TARGET_GAIN,
+            "rl_seconds_to_target": acc["rl_seconds_to_target"],
+            "target_gain": acc["target_gain"],
             "learner_steps": s.steps,
-            "policy_versions_published": s.version,
+            "policy_versions_published": self.publisher.version,
             "traces_consumed": s.traces_consumed,
             "groups_consumed": s.groups_consumed,
             "max_staleness_seen": s.max_staleness_seen,
@@ -460,9 +418,9 @@ class ActorLearnerLoop:
         )
 
     def _progress_update(self, rec: dict) -> None:
-        acc = self.s.evals[-1][2] if self.s.evals else self.initial_accuracy
+        acc = self.evaluator.latest_accuracy()
         self.bar.set_postfix_str(
-            f"v={self.s.version} reward={rec.get('reward_mean', 0):.2f} eval={acc:.2f} "
+            f"v={self.publisher.version} reward={rec.get('reward_mean', 0):.2f} eval={acc:.2f} "
             f"stale<={rec['staleness_max']} kl={rec.get('kl_behaviour', 0) or 0:.4f}",
             refresh=False,
         )

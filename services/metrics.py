@@ -23,9 +23,12 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from rollout.passk import SOLVED_AT, default_ks, pass_at_k
+
+if TYPE_CHECKING:
+    from rollout.scored_batch import ScoredBatch
 
 Kind = Literal["counter", "gauge", "histogram"]
 RAY_PREFIX = "ray_"
@@ -347,27 +350,25 @@ def rollout_started(worker_id: int, sequences: int) -> None:
 
 
 def record_rollout(
-    worker_id: int, policy_version: int, traces: Iterable, generate_s: float, queue_wait_s: float
+    worker_id: int, policy_version: int, sampled: ScoredBatch, generate_s: float, queue_wait_s: float
 ) -> None:
-    """One finished rollout call: `traces` are `replay.schema.Trace`s of whole groups."""
-    traces = list(traces)
+    """One finished rollout call: `sampled` is its `rollout.scored_batch.ScoredBatch` (whole scored groups)."""
     w = worker_id
     emit("rollout_requests_in_flight", 0, worker=w)
     emit("rollout_generate_seconds", generate_s, worker=w)
     emit("rollout_queue_wait_seconds", queue_wait_s, worker=w)
-    emit("rollout_tokens", sum(len(t.completion_ids) for t in traces), worker=w)
+    emit("rollout_tokens", int(sampled.offsets[-1]), worker=w)
+    for n in sampled.completion_lengths().tolist():
+        emit("rollout_completion_tokens", n, worker=w)
     rewards: dict[str, list[float]] = {}
-    groups: dict[str, list[float]] = {}
-    for t in traces:
-        emit("rollout_completion_tokens", len(t.completion_ids), worker=w)
-        rewards.setdefault(t.task, []).append(t.reward)
-        groups.setdefault(t.group_id, []).append(t.reward)
+    for task, r in zip(sampled.row_tasks(), sampled.rewards.tolist()):
+        rewards.setdefault(task, []).append(r)
     for task, rs in rewards.items():
         emit("rollout_traces", len(rs), worker=w, task=task)
         emit("rollout_reward_mean", sum(rs) / len(rs), worker=w, task=task)
-    n = min((len(g) for g in groups.values()), default=0)
-    for k in default_ks(n) if n else []:  # the estimator `python -m services.evaluate` reports (rollout/passk.py)
-        est = [pass_at_k(len(g), sum(r >= SOLVED_AT for r in g), k) for g in groups.values()]
+    groups = sampled.group_rewards()  # [G, group_size]
+    for k in default_ks(sampled.group_size) if sampled.num_groups else []:  # `services.evaluate`'s estimator
+        est = [pass_at_k(len(g), int((g >= SOLVED_AT).sum()), k) for g in groups]
         emit("run_pass_at_k", sum(est) / len(est), worker=w, k=k)
     record_engine_version(w, policy_version)
 

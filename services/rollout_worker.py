@@ -1,9 +1,10 @@
 """`RolloutWorker`: a Ray actor that samples scored groups with a live engine and pushes them to replay.
 
-Thin by design: generation is `rollout.sampling.sample_groups` over a `rollout.engine.Engine`,
-scoring is the task's verifier, the record is `replay.schema.Trace`. The actor is sequential, so a
-weight update queued behind a rollout call is applied between batches ("drain" semantics): every
-trace of a batch comes from one `policy_version`.
+Thin by design: generation is `rollout.sampling.sample_group_batch` over a `rollout.engine.Engine`,
+scoring is the task's verifier, and the scored completions go to replay as one `TRACE_SCHEMA` Arrow batch
+built from flat column buffers (rollout/scored_batch.py), never a `replay.schema.Trace` per completion.
+The actor is sequential, so a weight update queued behind a rollout call is applied between batches
+("drain" semantics): every trace of a batch comes from one `policy_version`.
 
 Membership (services/worker_pool.py): the loop may hand a call its exact `problems` (so a dead
 worker's prompts can be re-issued elsewhere) and may move the worker to a new weight group inside
@@ -19,13 +20,14 @@ of a running rollout; the receive queued for that version then returns at once.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import ray
 
 from learner.weight_packing import unpack_bucket
@@ -37,7 +39,6 @@ from learner.weight_transport import (
     WeightSyncTimeout,
 )
 from replay.rejections import RejectReason
-from replay.schema import prompt_once, traces_to_batch
 from replay.table import InsertResult
 from rollout.config import RolloutConfig
 from rollout.engine import EngineNeedsWeights
@@ -88,17 +89,21 @@ def origin_group_ids(origin: tuple[int, int], num_prompts: int, seed: int) -> li
     return [uuid.uuid5(_ORIGIN_IDS, f"{seed}/{stream}/{p}").hex for p in range(drawn - num_prompts, drawn)]
 
 
-def _stamp_origin(traces: list, origin: tuple[int, int], worker_id: int, batch: int, positions: dict) -> list:
-    """Stamp each trace with its call's origin, its prompt's position in the stream (group id -> position)
-    and "kept": the positions of every group this insert carries (after dropped and uniform groups left),
-    so a resume can tell a call whose insert only partly reached replay from one that dropped groups."""
-    out = []
-    kept = sorted({positions[t.group_id] for t in traces})
-    for t in traces:
-        stamp = {"stream": origin[0], "drawn": origin[1], "worker": worker_id, "batch": batch}
-        stamp["position"], stamp["kept"] = positions[t.group_id], kept
-        out.append(dataclasses.replace(t, metadata=json.dumps({**json.loads(t.metadata), "origin": stamp})))
-    return out
+def origin_stamps(
+    group_ids: Sequence[str],
+    kept_ids: Sequence[str],
+    origin: tuple[int, int],
+    worker_id: int,
+    batch: int,
+    positions: dict,
+) -> list[dict]:
+    """Each group's "origin" metadata stamp: the call's origin, the prompt's position in the stream (group id ->
+    position) and "kept": the positions of every group this insert carries (`kept_ids`: after dropped and
+    uniform groups left), so a resume can tell a call whose insert only partly reached replay from one that
+    dropped groups."""
+    kept = sorted({positions[g] for g in kept_ids})
+    call = {"stream": origin[0], "drawn": origin[1], "worker": worker_id, "batch": batch}
+    return [{**call, "position": positions[g], "kept": kept} for g in group_ids]
 
 
 @ray.remote
@@ -185,7 +190,7 @@ class RolloutWorker:
         (stream, problems drawn from it after this call) is stamped, with this worker's batch number and
         the prompt's position in the stream, into every inserted trace's metadata as "origin" (a resume
         reads prompt cursors from replay), and fixes the group ids (`origin_group_ids`)."""
-        from rollout.sampling import drop_uniform_groups, sample_groups
+        from rollout.sampling import sample_group_batch
 
         t0 = time.perf_counter()
         if self.needs_weights:  # the pool re-issues these prompts and re-sends the weights
@@ -202,7 +207,7 @@ class RolloutWorker:
         seed = self.cfg.seed * 1_000_003 + self.worker_id * 10_007 + self.batches
         self._failures = ScoreBatchResult(rewards=[])
         ids = origin_group_ids(origin, num_prompts, self.cfg.seed) if origin is not None else None
-        traces = sample_groups(
+        sampled = sample_group_batch(
             self.engine,
             problems,
             self.renderer,
@@ -213,17 +218,17 @@ class RolloutWorker:
             group_ids=ids,
             step_rewards=self._step_rewards(),
         )
-        sampled, scored_groups = traces, len({t.group_id for t in traces})
-        uniform = 0
-        if self.cfg.drop_uniform_groups:
-            traces, uniform = drop_uniform_groups(traces)
+        keep = ~sampled.uniform_groups() if self.cfg.drop_uniform_groups else np.ones(sampled.num_groups, dtype=bool)
         t_gen = time.perf_counter()
         self.batches += 1
+        stamps = None
         if origin is not None:
             positions = {g: origin[1] - num_prompts + i for i, g in enumerate(ids)}
-            traces = _stamp_origin(traces, origin, self.worker_id, self.batches, positions)
-        # the group's prompt travels and is stored once (its first trace); the learner's collate expands it
-        result = self.replay.insert(prompt_once(traces_to_batch(traces))) if traces else InsertResult(0, 0, ())
+            kept_ids = [g for g, k in zip(sampled.group_ids, keep) if k]
+            stamps = origin_stamps(sampled.group_ids, kept_ids, origin, self.worker_id, self.batches, positions)
+        # one Arrow batch from the flat buffers, every row checked; the prompt travels once per group
+        batch = sampled.to_arrow(stamps, keep) if sampled.num_traces else None
+        result = self.replay.insert(batch) if batch is not None and batch.num_rows else InsertResult(0, 0, ())
         duplicates = sum(r is RejectReason.DUPLICATE for r in result.reasons)
         metrics.record_rollout(
             self.worker_id, self.engine.policy_version, sampled, t_gen - t0, time.perf_counter() - t_gen
@@ -235,10 +240,10 @@ class RolloutWorker:
         return RolloutStats(  # groups/traces/tokens/reward_mean describe what was sampled and scored
             worker_id=self.worker_id,
             policy_version=self.engine.policy_version,
-            groups=scored_groups,
-            traces=len(sampled),
-            tokens=sum(len(t.completion_ids) for t in sampled),
-            reward_mean=sum(t.reward for t in sampled) / max(1, len(sampled)),
+            groups=sampled.num_groups,
+            traces=sampled.num_traces,
+            tokens=int(sampled.offsets[-1]),
+            reward_mean=sum(sampled.rewards.tolist()) / max(1, sampled.num_traces),
             accepted_groups=result.accepted_groups,
             rejected_groups=len(result.rejected) - duplicates,
             duplicate_groups=duplicates,
@@ -247,8 +252,8 @@ class RolloutWorker:
             reward_timeouts=self._failures.timeouts,
             reward_errors=self._failures.errors,
             reward_nonfinite=self._failures.non_finite,
-            dropped_groups=num_prompts - scored_groups,
-            uniform_groups=uniform,
+            dropped_groups=num_prompts - sampled.num_groups,
+            uniform_groups=int((~keep).sum()),
             batches=self.batches,
             sandbox_outcomes=self._failures.sandbox,
             **model_stats,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,9 @@ from services.checkpoint import (
     restore_driver_rng,
 )
 from services.config import ConfigError, load_config
-from services.loop import LoopState
+from services.evaluator import EvalState
+from services.loop import ActorLearnerLoop, LoopState
+from services.publisher import PublishState
 
 
 def _save(store: CheckpointStore, step: int, **extra) -> None:
@@ -93,25 +96,21 @@ def test_mismatched_config_names_every_field_that_differs():
 
 
 def test_loop_state_round_trips_through_json():
-    s = LoopState(
-        version=3,
-        steps=7,
-        traces_consumed=56,
-        versions_consumed={0, 1, 2},
-        produced_at={0: 4, 2: 8},
-        publish_t={0: 0.0, 1: 1.5},
-        evals=[(1, 1.5, 0.25)],
-        cursors={0: (40, 10)},
-        seconds_to_target=None,
-    )
-    import dataclasses
-
-    back = LoopState(**decode(json.loads(json.dumps(encode(dataclasses.asdict(s))))))
+    """The loop's, publisher's and evaluator's state go into loop.json as one flat dict and come back apart."""
+    lp = object.__new__(ActorLearnerLoop)
+    lp.s = LoopState(steps=7, traces_consumed=56, versions_consumed={0, 1, 2}, produced_at={0: 4, 2: 8})
+    lp.s.cursors = {0: (40, 10)}
+    lp.publisher = SimpleNamespace(s=PublishState(version=3, publish_t={0: 0.0, 1: 1.5}))
+    lp.evaluator = SimpleNamespace(s=EvalState(evals=[(1, 1.5, 0.25)], seconds_to_target=None))
+    saved = json.loads(json.dumps(encode(lp.persisted_state())))
+    assert {"version", "publish_t", "evals", "seconds_to_target", "steps", "cursors"} <= set(saved)  # one flat record
+    lp.restore_state(decode(saved))
+    back, pub, ev = lp.s, lp.publisher.s, lp.evaluator.s
     assert (
-        back.versions_consumed == {0, 1, 2} and back.produced_at == {0: 4, 2: 8} and back.publish_t == {0: 0.0, 1: 1.5}
+        back.versions_consumed == {0, 1, 2} and back.produced_at == {0: 4, 2: 8} and pub.publish_t == {0: 0.0, 1: 1.5}
     )
-    assert [tuple(e) for e in back.evals] == [(1, 1.5, 0.25)] and tuple(back.cursors[0]) == (40, 10)
-    assert back.steps == 7 and back.reward_failures == s.reward_failures
+    assert [tuple(e) for e in ev.evals] == [(1, 1.5, 0.25)] and tuple(back.cursors[0]) == (40, 10)
+    assert back.steps == 7 and pub.version == 3 and back.reward_failures == LoopState().reward_failures
 
 
 def test_driver_rng_restores_python_and_numpy_draws():

@@ -12,8 +12,10 @@ import pytest
 from learner.diagnostics import StepDiagnostics
 from replay.parts import SampleMeta
 from services.config import load_config
+from services.evaluator import Evaluator
 from services.learner_rank import RankStepResult
 from services.loop import ActorLearnerLoop, LoopState
+from services.publisher import Publisher
 from services.report import MetricsLog
 from services.train_flow import StepDone
 
@@ -25,11 +27,13 @@ NAN = StepDiagnostics(skipped_nonfinite=1.0, nonfinite_in_gradient=0.0, loss=flo
 def loop(tmp_path):
     lp = object.__new__(ActorLearnerLoop)
     lp.cfg = load_config(None, ["learner.max_consecutive_nonfinite=3", "run.max_learner_steps=100"])
-    lp.s, lp.stop_reason, lp.initial_accuracy = LoopState(), None, 0.0
+    lp.s, lp.stop_reason = LoopState(), None
     lp.log = MetricsLog(tmp_path / "metrics.jsonl")
     lp.published = []
-    lp.publish_due = False
     lp.pool = SimpleNamespace(publish_must_wait=lambda: False)  # no re-formed weight group pending
+    lp.publisher = Publisher([], lp.pool, lp.log, 1, fault=lambda at: None, get=lambda ref: ref)
+    lp.evaluator = Evaluator(lp.pool, None, [], lp.log, lp.publisher.published_at, get=lambda ref: ref)
+    lp.evaluator.initial_accuracy = 0.0
     lp._publish = lambda: lp.published.append(lp.s.steps)
     lp._progress_update = lambda rec: None
     lp._try_train = lambda: None
@@ -53,7 +57,7 @@ def _step(lp, diags: list[StepDiagnostics], batch: int) -> None:
         RankStepResult(d, (f"g{k}",), (0.5,), tuple(ids[2 * k : 2 * k + 2]) if d.skipped_nonfinite else ())
         for k, d in enumerate(diags)
     ]
-    lp.train = _FinishedStep(StepDone(meta, results, lp.s.version, 100))
+    lp.train = _FinishedStep(StepDone(meta, results, lp.publisher.version, 100))
     lp._on_train_done()
 
 

@@ -14,6 +14,7 @@ from replay.config import ReplayConfig
 from replay.rejections import RejectReason
 from replay.schema import Trace, traces_to_batch
 from replay.table import InsertResult, ReplayTable
+from rollout.scored_batch import ScoredBatch
 from services import metrics
 
 pytestmark = pytest.mark.prometheus
@@ -37,6 +38,10 @@ def sink():
     old = metrics.set_sinks([s])
     yield s
     metrics.set_sinks(old)
+
+
+def _scored(traces: list[Trace], group_size: int) -> ScoredBatch:
+    return ScoredBatch.from_traces(traces, group_size)
 
 
 def _group(gid: str, rewards, version=0, task="arith", created_at=100.0, n_tokens=3) -> list[Trace]:
@@ -128,7 +133,7 @@ def test_record_rollout_tokens_rewards_by_task_and_pass_at_k(sink):
     traces = _group("a", [1.0, 0.0, 0.0, 0.0], task="add", n_tokens=2) + _group(
         "b", [1.0, 1.0, 0.0, 0.0], task="mul", n_tokens=5
     )
-    metrics.record_rollout(3, policy_version=7, traces=traces, generate_s=0.5, queue_wait_s=0.25)
+    metrics.record_rollout(3, policy_version=7, sampled=_scored(traces, 4), generate_s=0.5, queue_wait_s=0.25)
     assert sink.values("rollout_tokens", worker=3) == [4 * 2 + 4 * 5]
     assert sink.values("rollout_reward_mean", worker=3, task="add") == [0.25]
     assert sink.values("rollout_reward_mean", worker=3, task="mul") == [0.5]
@@ -147,10 +152,10 @@ def test_in_run_pass_at_k_is_the_evaluation_estimator(sink):
 
     assert metrics.pass_at_k is passk.pass_at_k  # one estimator for Prometheus and `services.evaluate`
     traces = _group("a", [1.0, 0.0, 0.0, 1.0, 0.0, 0.0], task="add", n_tokens=1)
-    metrics.record_rollout(0, policy_version=0, traces=traces, generate_s=0.1, queue_wait_s=0.0)
+    metrics.record_rollout(0, policy_version=0, sampled=_scored(traces, 6), generate_s=0.1, queue_wait_s=0.0)
     for k in (1, 2, 4, 6):
         assert sink.values("run_pass_at_k", worker=0, k=k) == [pytest.approx(passk.pass_at_k(6, 2, k))]
-    metrics.record_rollout(1, policy_version=0, traces=[], generate_s=0.1, queue_wait_s=0.0)  # all groups dropped
+    metrics.record_rollout(1, policy_version=0, sampled=_scored([], 6), generate_s=0.1, queue_wait_s=0.0)  # all dropped
     assert sink.values("run_pass_at_k", worker=1, k=1) == []
 
 

@@ -3,15 +3,12 @@ it fixes; the rule after a broken weight update (on the class Ray wraps)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from replay.rejections import RejectReason
-from replay.schema import batch_to_traces
 from replay.synthetic import group_batch
 from rollout.engine import EngineNeedsWeights
-from services.rollout_worker import RolloutWorker, _stamp_origin, origin_group_ids
+from services.rollout_worker import RolloutWorker, origin_group_ids, origin_stamps
 
 
 def test_origin_group_ids_are_fixed_by_stream_position_so_a_reissued_call_repeats_them():
@@ -25,13 +22,13 @@ def test_origin_group_ids_are_fixed_by_stream_position_so_a_reissued_call_repeat
 
 
 def test_stamp_carries_the_call_and_each_prompts_position():
-    traces = batch_to_traces(group_batch(["a", "b"], group_size=2, seed=0))
-    stamped = _stamp_origin(traces, (3, 12), worker_id=5, batch=2, positions={"a": 10, "b": 11})
-    origins = [json.loads(t.metadata)["origin"] for t in stamped]
-    assert [o["position"] for o in origins] == [10, 10, 11, 11]
-    assert all(o["kept"] == [10, 11] for o in origins)  # the groups this insert carries
+    stamps = origin_stamps(
+        ["a", "b", "c"], ["a", "c"], (3, 12), worker_id=5, batch=2, positions={"a": 9, "b": 10, "c": 11}
+    )
+    assert [o["position"] for o in stamps] == [9, 10, 11]
+    assert all(o["kept"] == [9, 11] for o in stamps)  # the groups this insert carries (b was dropped)
     call = {"stream": 3, "drawn": 12, "worker": 5, "batch": 2}
-    assert all({k: o[k] for k in call} == call for o in origins)
+    assert all({k: o[k] for k in call} == call for o in stamps)
 
 
 def test_a_reissued_calls_groups_already_in_replay_are_rejected_as_duplicates(tmp_path):
