@@ -92,9 +92,15 @@ def test_kill_9_mid_rollout_loses_no_acknowledged_trace(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["learner_steps"] >= 8
     assert summary["worker_deaths"] == 1 and summary["worker_replacements"] == 1
-    assert summary["reissued_prompts"] == 4  # the killed call's prompts_per_step problems
-    reissued = [e for e in _records(run, "membership") if e["event"] == "reissued"]
-    assert [e["prompts"] for e in reissued] == [4] and reissued[0]["worker"] != 1
+    events = _records(run, "membership")
+    died = [e for e in events if e["event"] == "died"]
+    assert [(e["worker"], e["reissued_prompts"]) for e in died] == [(1, 4)]  # the killed call's problems
+    # A kill that lands while a broadcast to the victim is in flight also breaks the survivors' update: a
+    # survivor then refuses its next call on stale weights and that call's problems are re-issued too.
+    refused = [e["reissued_prompts"] for e in events if e["event"] == "refused"]
+    assert all(n == 4 for n in refused) and summary["reissued_prompts"] == 4 + sum(refused), (refused, summary)
+    reissued = [e for e in events if e["event"] == "reissued"]
+    assert [e["prompts"] for e in reissued] == [4] * (1 + len(refused)) and all(e["worker"] != 1 for e in reissued)
     _check_replacement_started_current(run, dead=1)
     _check_versions_monotone(run)
     # Every group a rollout call acknowledged is on disk; at most the killed call's own groups more
