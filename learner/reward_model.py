@@ -9,8 +9,9 @@ Contract:
 - `sequence_scores(model, tb)` `[B]`: the head applied to the hidden state of each row's last attended token
   (the final completion token). HF's own forward pools at the last non-pad token, which is the same token
   whenever the pad id does not end the completion; we pool by the attention mask so it never depends on it.
-- `train_reward_model` runs `PairTrainConfig.steps` DeepSpeed steps of `bradley_terry_loss` and evaluates the
-  held-out pairs (pairwise accuracy, mean reward gap) every `eval_every_steps` and at the end.
+- `train_reward_model` runs `PairTrainConfig.steps` DeepSpeed steps of `bradley_terry_loss` (fewer when
+  `max_wall_s` runs out first) and evaluates the held-out pairs (pairwise accuracy, mean reward gap) every
+  `eval_every_steps` and at the end.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class RewardModelTrainConfig(PairTrainConfig):
     )
     magnitude_coef: float = Field(
         1e-3, ge=0, description="weight of mean(r²) keeping rewards near zero; BT alone fixes only differences"
+    )
+    max_wall_s: float | None = Field(
+        None,
+        gt=0,
+        description="stop after the step that passes this many seconds of training (evaluating the held-out pairs "
+        "then), even before `steps`; set it when training shares a time budget (a benchmark, a CI job)",
     )
     verified_only: bool = Field(
         False,
@@ -143,12 +150,16 @@ def train_reward_model(
         record = _train_step(engine, scheduler, next(batches), cfg)
         if not math.isfinite(record["rm/loss"]):
             raise FloatingPointError(f"reward-model loss is {record['rm/loss']} at step {step}; lower lr")
-        if step % cfg.eval_every_steps == 0 or step == cfg.steps:
+        out_of_time = cfg.max_wall_s is not None and time.perf_counter() - t0 >= cfg.max_wall_s
+        if step % cfg.eval_every_steps == 0 or step == cfg.steps or out_of_time:
             last_eval = evaluate_reward_model(engine.module, held_out, cfg.eval_batch_pairs)
             record |= last_eval
             log.info("rm step %d/%d %s", step, cfg.steps, {k: round(v, 4) for k, v in record.items()})
         record["rm/elapsed_s"] = time.perf_counter() - t0
         if on_metrics is not None:
             on_metrics(step, record)
+        if out_of_time:
+            log.info("rm training stopped at step %d/%d: rm_training.max_wall_s=%s", step, cfg.steps, cfg.max_wall_s)
+            break
     engine.module.eval()
     return last_eval

@@ -15,6 +15,8 @@ A row is bad (counted in `skipped` under exactly one reason) when it is: `invali
 `wrong_type`, `missing_field`, `empty_prompt`, `empty_reply` (chosen or rejected blank), `identical_replies`,
 `prompt_mismatch` (conversation prefixes differ), `unencodable` or `too_long` (prompt + longer reply over
 `max_tokens`). With `on_bad_row="error"` the first bad row raises `DatasetError` naming file, row and reason.
+With `deduplicate` (the default) a row rendering to the same prompt, chosen and rejected ids as an earlier
+row is dropped and counted as `duplicate`; a repeat is not malformed, so it never raises.
 
 Split: held-out pairs are chosen by a seeded hash of the prompt, so no prompt is in both splits.
 
@@ -60,6 +62,12 @@ class PreferenceDataConfig(BaseModel):
     eval_size: int = Field(500, ge=1, description="at most this many distinct prompts are held out")
     seed: int = Field(0, description="seeds the held-out split")
     on_bad_row: Literal["skip", "error"] = Field("skip", description="skip (and count) bad rows, or stop at the first")
+    deduplicate: bool = Field(
+        True,
+        description="skip a row whose (prompt, chosen, rejected) repeats an earlier row (counted as `duplicate`): "
+        "sampled pairs repeat when prompts recur, and repeats over-weight those prompts and inflate held-out "
+        "counts; turn off only when repetition is a deliberate weighting",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,17 +161,39 @@ def encode_pair(renderer, problem: Problem, chosen: str, rejected: str, margin: 
     return PreferencePair(problem, tuple(prompt_ids), tuple(chosen_ids), tuple(rejected_ids), margin)
 
 
+def pair_key(pair: PreferencePair) -> tuple:
+    """What makes two pairs the same: the rendered prompt, chosen and rejected ids (not the margin)."""
+    return pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
+
+
+def dedupe_pairs(pairs: list[PreferencePair]) -> list[PreferencePair]:
+    """The first pair of each `pair_key`, in order."""
+    seen: set[tuple] = set()
+    out = []
+    for pair in pairs:
+        if pair_key(pair) not in seen:
+            seen.add(pair_key(pair))
+            out.append(pair)
+    return out
+
+
 def _read_pairs(cfg: PreferenceDataConfig, renderer) -> tuple[list[PreferencePair], dict[str, int]]:
-    kept, skipped = [], {}
+    kept, skipped, seen = [], {}, set()
     for where, row in read_rows(cfg):
         try:
             if isinstance(row, _BadRow):
                 raise row
-            kept.append(encode_pair(renderer, *row_pair(row, cfg), cfg.max_tokens))
+            pair = encode_pair(renderer, *row_pair(row, cfg), cfg.max_tokens)
         except _BadRow as bad:
             if cfg.on_bad_row == "error":
                 raise DatasetError(f"{where}: {bad.reason}: {bad}; fix the row or set on_bad_row='skip'") from None
             skipped[bad.reason] = skipped.get(bad.reason, 0) + 1
+            continue
+        if cfg.deduplicate and pair_key(pair) in seen:  # a repeat is not malformed: counted, never an error
+            skipped["duplicate"] = skipped.get("duplicate", 0) + 1
+            continue
+        seen.add(pair_key(pair))
+        kept.append(pair)
     return kept, skipped
 
 

@@ -1,7 +1,8 @@
 """RLHF end to end on a task with a gold verifier: pairs -> reward model -> RL against it, and DPO on the same pairs.
 
     .venv/bin/python -m tests.bench.rlhf [--rm-steps 700] [--rm-lr 1e-4] [--rm-pairs verified|all]
-        [--rl-wall-s 540] [--dpo-steps 150] [--pairs-from runs/bench-rlhf] [--skip-rl] [--skip-dpo] [--seed 0]
+        [--rm-max-s 900] [--rl-wall-s 540] [--dpo-steps 150] [--pairs-from runs/bench-rlhf]
+        [--rm-from runs/bench-rlhf/reward_model] [--skip-rl] [--skip-dpo] [--seed 0]
 
 1. The tiny_cpu policy after its cold start samples 8 completions per prompt (train prompts, and the task's
    held-out prompts); pairs: chosen = verified correct, rejected = wrong, plus wrong-vs-wrong pairs ranked by
@@ -34,10 +35,11 @@ CONFIG = "deploy/configs/rlhf_tiny_cpu.yaml"
 
 
 def _encode(rows, renderer, max_tokens: int) -> list:
-    from rollout.preferences import PreferenceDataConfig, encode_pair, row_pair
+    """Rendered pairs, each (prompt, chosen, rejected) once: the task's prompts recur in the sampled stream."""
+    from rollout.preferences import PreferenceDataConfig, dedupe_pairs, encode_pair, row_pair
 
     cfg = PreferenceDataConfig(path="-", margin_key="margin")
-    return [encode_pair(renderer, *row_pair(r, cfg), max_tokens) for r in rows]
+    return dedupe_pairs([encode_pair(renderer, *row_pair(r, cfg), max_tokens) for r in rows])
 
 
 def make_pairs(cfg, model_dir: Path, out_dir: Path, n_train_prompts: int, seed: int):
@@ -72,11 +74,17 @@ def load_pairs(cfg, model_dir: Path, pairs_dir: Path):
     return task, renderer, _encode(rows["train"], renderer, 64), _encode(rows["eval"], renderer, 64)
 
 
-def train_rm(model_dir: Path, train, held, steps: int, lr: float, out_dir: Path, seed: int):
+def train_rm(model_dir: Path, train, held, steps: int, lr: float, out_dir: Path, seed: int, max_s: float):
     from learner.reward_model import RewardModelTrainConfig, init_reward_model, save_reward_model, train_reward_model
 
     cfg = RewardModelTrainConfig(
-        steps=steps, pairs_per_step=32, lr=lr, warmup_steps=10, eval_every_steps=max(1, steps // 6), seed=seed
+        steps=steps,
+        pairs_per_step=32,
+        lr=lr,
+        warmup_steps=10,
+        eval_every_steps=max(1, steps // 12),
+        seed=seed,
+        max_wall_s=max_s,
     )
     model = init_reward_model(model_dir, seed=seed)
     curve = []
@@ -109,6 +117,12 @@ def accuracy_by_first_difference(rm_path: Path, pairs, renderer) -> dict[str, di
             chosen, rejected = pair_rewards(model, group)
             out[str(first)] = {"pairs": len(group), "accuracy": pairwise_accuracy(chosen, rejected)}
     return out
+
+
+def evaluate_rm(rm_path: Path, pairs) -> float:
+    from learner.reward_model import evaluate_reward_model, init_reward_model
+
+    return evaluate_reward_model(init_reward_model(rm_path), pairs)["rm/eval_pairwise_accuracy"]
 
 
 def run_rl(rm_path: Path, wall_s: float, seed: int) -> dict:
@@ -148,11 +162,13 @@ def main() -> int:
     ap.add_argument("--rm-steps", type=int, default=700)
     ap.add_argument("--rl-wall-s", type=float, default=540.0)
     ap.add_argument("--dpo-steps", type=int, default=150)
-    ap.add_argument("--train-prompts", type=int, default=1500)
+    ap.add_argument("--train-prompts", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rm-lr", type=float, default=1e-4)
+    ap.add_argument("--rm-max-s", type=float, default=900.0, help="RM training stops here even before --rm-steps")
     ap.add_argument("--rm-pairs", choices=("verified", "all"), default="verified")
     ap.add_argument("--pairs-from", type=Path, default=None, help="reuse pairs_{train,eval}.jsonl from this directory")
+    ap.add_argument("--rm-from", type=Path, default=None, help="reuse a reward model this bench trained earlier")
     ap.add_argument("--skip-rl", action="store_true")
     ap.add_argument("--skip-dpo", action="store_true")
     args = ap.parse_args()
@@ -179,13 +195,16 @@ def main() -> int:
         train = verified_pairs(train, renderer, task.score).kept
     result = {
         "task": "2-digit addition, reversed_padded answers, tiny char Llama after cold start (deploy/configs/tiny_cpu)",
-        "load_note": "shared 2-core box, other engineers' runs going: times inflated",
+        "load_note": "taken under load: shared 2-core box, other engineers' runs going (see loadavg_*); times "
+        "inflated and fewer steps fit in the wall budgets",
         "loadavg_start": os.getloadavg(),
         "pairs": {
             "train_all": len(all_train),
             "rm_train": len(train),
             "rm_train_kind": args.rm_pairs,
             "held_out": len(held_verified),
+            "rm_train_prompts": len({p.problem.prompt for p in train}),
+            "held_out_prompts": len({p.problem.prompt for p in held_verified}),
             "build_s": pairs_s,
             "reused_from": None if args.pairs_from is None else str(args.pairs_from),
         },
@@ -200,17 +219,26 @@ def main() -> int:
         (RESULTS / "rlhf.json").write_text(json.dumps(result, indent=1))
 
     # held-out accuracy on verified pairs (correct vs wrong): the question the RL reward has to answer
-    rm_final, rm_s, rm_path, rm_curve = train_rm(
-        model_dir, train, held_verified, args.rm_steps, args.rm_lr, out_dir, args.seed
-    )
-    result |= {
-        "rm_pairwise_accuracy": rm_final["rm/eval_pairwise_accuracy"],
-        "rm_reward_gap": rm_final["rm/eval_reward_gap"],
-        "rm_train_s": rm_s,
-        "rm_steps": args.rm_steps,
-        "rm_lr": args.rm_lr,
-        "rm_curve": rm_curve,
-        "rm_accuracy_by_first_difference": accuracy_by_first_difference(rm_path, held_verified, renderer),
+    if args.rm_from is None:
+        rm_final, rm_s, rm_path, rm_curve = train_rm(
+            model_dir, train, held_verified, args.rm_steps, args.rm_lr, out_dir, args.seed, args.rm_max_s
+        )
+        record = {
+            "rm_pairwise_accuracy": rm_final["rm/eval_pairwise_accuracy"],
+            "rm_reward_gap": rm_final["rm/eval_reward_gap"],
+            "rm_train_s": rm_s,
+            "rm_steps": rm_curve[-1]["step"],
+            "rm_max_s": args.rm_max_s,
+            "rm_lr": args.rm_lr,
+            "rm_curve": rm_curve,
+        }
+        (rm_path / "bench_rm_train.json").write_text(json.dumps(record, indent=1))
+    else:  # an RM trained by an earlier run of this bench on the same pairs: its record, re-evaluated here
+        rm_path = args.rm_from.resolve()
+        record = json.loads((rm_path / "bench_rm_train.json").read_text()) | {"rm_reused_from": str(rm_path)}
+        record |= {"rm_pairwise_accuracy_reevaluated": evaluate_rm(rm_path, held_verified)}
+    result |= record | {
+        "rm_accuracy_by_first_difference": accuracy_by_first_difference(rm_path, held_verified, renderer)
     }
     save()
     rl = None if args.skip_rl else run_rl(rm_path, args.rl_wall_s, args.seed)

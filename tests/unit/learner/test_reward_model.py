@@ -69,3 +69,12 @@ def test_reward_model_learns_a_preference_and_round_trips_through_transformers(t
     tb = pair_tokens(held[:4], 0)
     with torch.no_grad():
         torch.testing.assert_close(sequence_scores(loaded, tb), sequence_scores(model.eval(), tb))
+
+
+def test_reward_model_training_stops_at_its_wall_clock_budget_with_a_final_evaluation(tiny_model_dir):
+    model = init_reward_model(tiny_model_dir)
+    cfg = RewardModelTrainConfig(steps=50, pairs_per_step=4, lr=1e-3, eval_every_steps=50, max_wall_s=1e-9)
+    seen = []
+    final = train_reward_model(model, _pairs(8), _pairs(4, 500), cfg, on_metrics=lambda s, r: seen.append((s, r)))
+    assert [s for s, _ in seen] == [1]  # the first step already exceeds the budget
+    assert final == {k: v for k, v in seen[0][1].items() if k.startswith("rm/eval_")}

@@ -106,3 +106,20 @@ def test_verified_pairs_keep_chosen_correct_and_rejected_wrong_only(tiny_model_d
     assert out.dropped == 3
     # A verifier that accepts every reply: no rejected reply is verified wrong, so nothing is kept.
     assert verified_pairs(both, renderer, lambda problem, text: 1.0).dropped == 5
+
+
+def test_repeated_rows_are_skipped_as_duplicates_unless_kept_on_purpose(tiny_model_dir, tmp_path):
+    from rollout.preferences import dedupe_pairs
+
+    renderer = Renderer.from_pretrained(RenderConfig(), tiny_model_dir)
+    rows = GOOD + [GOOD[3], GOOD[3], {**GOOD[5], "margin": 2.0}, {**GOOD[5], "rejected": "99"}]
+    cfg = PreferenceDataConfig(path=str(_write(tmp_path / "p.jsonl", rows)), margin_key="margin", on_bad_row="error")
+    data = load_preferences(cfg, renderer)
+    pairs = data.train + data.eval
+    # two repeats of row 3 and one of row 5 (a different margin is still the same pair); a new rejected is not
+    assert len(pairs) == 11 and data.skipped == {"duplicate": 3}
+    assert sum(p.problem.prompt == "5+5=" for p in pairs) == 2
+    kept_all = load_preferences(cfg.model_copy(update={"deduplicate": False}), renderer)
+    assert len(kept_all.train) + len(kept_all.eval) == 14 and kept_all.skipped == {}
+    both = kept_all.train + kept_all.eval
+    assert len(dedupe_pairs(both)) == 11 and dedupe_pairs(both)[0] is both[0]
