@@ -387,7 +387,7 @@ class ActorLearnerLoop:
             "replay_quarantined": sum(st.quarantined for st in stats),
             # groups of draws whose shard died before replying, handed back by the restarted shard
             "replay_reclaimed_groups": sum(st.reclaimed_groups for st in stats),
-            # draws whose shard stayed down past replay.reclaim_timeout_s (their groups are lost)
+            # failed draws whose shard stayed down past replay.reclaim_timeout_s (lost, if it had journalled them)
             "replay_unrecovered_draws": self.replay.unrecovered_draws,
             # prefetched samples dropped because the learner's version moved past the prediction (groups lost)
             "prefetch_dropped": self.train.dropped_prefetches,

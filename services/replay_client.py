@@ -22,7 +22,7 @@ Every draw carries an id. A shard that dies between journalling a draw and reply
 out of replay without handing them over; the client then waits (up to `reclaim_timeout_s`) for the
 restarted shard and asks for that draw back (`ReplayShard.reclaim_split`), so the learner still gets
 them. A draw the shard had not journalled left its groups in replay. Only a shard that stays down past
-the timeout loses a draw; `unrecovered_draws` counts those (and the run summary reports it).
+the timeout can lose a draw (if it had journalled it); `unrecovered_draws` counts those (the run summary reports it).
 """
 
 from __future__ import annotations
@@ -107,7 +107,9 @@ class ReplayClient:
         self._lock = threading.Lock()
         self._draw_ids = (f"{uuid.uuid4().hex[:12]}-{i}" for i in itertools.count())
         self.reclaimed_groups = 0  # groups of draws whose shard died before replying, handed back after restart
-        self.unrecovered_draws = 0  # draws whose shard stayed down past reclaim_timeout_s (their groups are lost)
+        self.unrecovered_draws = (
+            0  # failed draws whose shard stayed down past reclaim_timeout_s (groups it journalled are lost)
+        )
 
     def __getstate__(self) -> dict:
         return {
