@@ -125,7 +125,9 @@ class Readiness:
             self._check(seq, waiting, seen, now, now - start)
 
         _poll(done, check)
-        self.forget(seq - 1)
+        if self.abandoned.is_set():  # abandoned after the last receiver arrived: the send cannot start
+            raise WeightSyncError(f"rank 0: weight-sync group abandoned before update {seq} could start")
+        self.forget(seq - 1, store)
         return time.monotonic() - start
 
     def _check(self, seq: int, waiting: set[int], seen: dict, now: float, waited_s: float) -> None:
@@ -146,11 +148,13 @@ class Readiness:
         store.set(keys[self.rank - 1], "1")
         _poll(lambda: store.check(keys))
 
-    def forget(self, seq: int) -> None:
-        """Drop update `seq`'s keys (every receiver is past it), so the store does not grow per update."""
-        if seq >= 1:
+    def forget(self, seq: int, store=None) -> None:
+        """Drop update `seq`'s keys (every receiver is past it), so the store does not grow per update.
+        `store`: the one the caller captured (`abandon` may have dropped `self.store` meanwhile)."""
+        store = self.store if store is None else store
+        if seq >= 1 and store is not None:
             for key in [f"sync/{seq}", *self._keys(seq)]:
-                self.store.delete_key(key)
+                store.delete_key(key)
 
     def heartbeat(self, stopped: Callable[[], bool]) -> None:
         """Receiver thread: bump `alive/<rank>` until `stopped()` or the store goes."""

@@ -262,7 +262,10 @@ class BroadcastTransport:
             raise ValueError(f"policy_version must be an int >= 0, got {policy_version!r}")
         start, nbytes, buckets, in_flight = time.perf_counter(), 0, 0, _done
         self._seq += 1
-        self._store.set(f"sync/{self._seq}", str(policy_version))
+        store = self._store  # `abandon` (another thread) may drop it from here on
+        if store is None:
+            raise WeightSyncError(f"rank 0: weight-sync group abandoned before update {self._seq} could start")
+        store.set(f"sync/{self._seq}", str(policy_version))
         wait_ready_s = self._wait_receivers_ready()
         try:
             for kind, head, payload in parts:  # pulling part i+1 packs it while part i is on the wire

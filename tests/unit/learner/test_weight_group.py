@@ -116,3 +116,22 @@ def test_readiness_gives_up_at_once_when_abandoned():
     with pytest.raises(WeightSyncError, match="abandoned"):
         sender.wait_all(1)
     assert time.monotonic() - start < 2
+
+
+def test_readiness_abandoned_after_the_receivers_arrived_fails_cleanly():
+    """CI stop 22: `abandon` (another thread) dropped `store` between the last receiver's mark and the
+    sender's clean-up of the previous update; the send must fail as a WeightSyncError (the owner
+    regroups), never an AttributeError that kills the job."""
+    store = dist.HashStore()
+    sender = Readiness(store, 0, 2, timeout_s=30, ready_timeout_s=None)
+    store.set("ready/2/1", "1")  # the receiver is already there
+
+    class AbandonOnCheck(dist.HashStore):
+        def check(self, keys):
+            sender.abandoned.set()
+            sender.store = None  # what BroadcastTransport.abandon does
+            return store.check(keys)
+
+    sender.store = AbandonOnCheck()
+    with pytest.raises(WeightSyncError, match="abandoned before update 2"):
+        sender.wait_all(2)
