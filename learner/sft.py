@@ -60,12 +60,14 @@ class SFTConfig(BaseModel):
         description="a JSONL of worked solutions, one {prompt, completion} object per line, to imitate instead of "
         "the task's reference answers (step-by-step text ending in the answer the verifier reads)",
     )
-    worked_solutions: Literal["column_addition", "running_sum"] | None = Field(
+    worked_solutions: Literal["column_addition", "running_sum", "rewrite_chain"] | None = Field(
         None,
         description="generate a worked solution for each training problem (rollout/worked_solutions.py) and "
         "imitate it instead of the bare reference answer; None = the reference answer. column_addition: sums "
         "written digit column by column with carries; running_sum: +/- chains (reasoning_gym chain_sum) one term "
-        "per line. Set one so the policy reasons before it answers and RL has a longer generation to improve",
+        "per line; rewrite_chain: the same chains rewritten after each step (first two terms replaced by their "
+        "result, the rest copied), easier for a small model to learn. Set one so the policy reasons before it "
+        "answers and RL has a longer generation to improve",
     )
 
     @model_validator(mode="after")

@@ -16,6 +16,11 @@ raises `ValueError` naming what it cannot solve. Registered generators:
   previous line's result: `4 - 1 + 17` -> `4 - 1 = 3\n3 + 17 = 20\n<answer>20</answer>`. A chain of
   n terms is n-1 lines, so the solution's length grows with the problem (a scratchpad, Nye et al. 2021,
   "Show Your Work").
+- `rewrite_chain`: the same chains, rewritten after each step with the first two terms replaced by their
+  result and the rest copied: `4 - 1 + 17` -> `= 3 + 17\n= 20\n<answer>20</answer>`. Each line's
+  arithmetic reads the two terms at the head of the line before, and the rest is a copy of that line at a
+  fixed offset (what induction heads do, Olsson et al. 2022), where `running_sum` must find the k-th term
+  of the prompt on line k; a chain of n terms is about n^2/2 terms of text.
 """
 
 from __future__ import annotations
@@ -67,7 +72,8 @@ def _chain(problem: Problem) -> tuple[int, list[tuple[str, int]]]:
         expression = found.group(0) if found else ""
     if not _CHAIN.match(expression):
         raise ValueError(
-            f"running_sum writes chains of + and - over integers, not {expression or problem.prompt!r}; "
+            "running_sum and rewrite_chain write chains of + and - over integers, "
+            f"not {expression or problem.prompt!r}; "
             "use a task of additions and subtractions only (e.g. reasoning_gym chain_sum)"
         )
     first = re.match(r"\s*(-?\d+)", expression)
@@ -84,7 +90,17 @@ def running_sum(problem: Problem, answer_completion: str) -> str:
     return "\n".join([*lines, answer_completion])
 
 
+def rewrite_chain(problem: Problem, answer_completion: str) -> str:
+    total, steps = _chain(problem)
+    lines = []
+    for i, (op, operand) in enumerate(steps):
+        total = total + operand if op == "+" else total - operand
+        lines.append("= " + " ".join([str(total), *(f"{o} {n}" for o, n in steps[i + 1 :])]))
+    return "\n".join([*lines, answer_completion])
+
+
 WORKED_SOLUTIONS: dict[str, Callable[[Problem, str], str]] = {
     "column_addition": column_addition,
     "running_sum": running_sum,
+    "rewrite_chain": rewrite_chain,
 }

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rollout.problem import Problem
-from rollout.worked_solutions import column_addition, running_sum
+from rollout.worked_solutions import column_addition, rewrite_chain, running_sum
 
 
 def solve(expression: str) -> str:
@@ -100,7 +100,7 @@ def test_running_sum_hand_computed(expression, total, text):
 def test_running_sum_reads_the_prompt_without_metadata_and_rejects_other_operators():
     problem = Problem("State the final answer: 5 + 9 - 7 =", "7", "t")
     assert running_sum(problem, "<answer>7</answer>") == "5 + 9 = 14\n14 - 7 = 7\n<answer>7</answer>"
-    with pytest.raises(ValueError, match="running_sum writes chains of \\+ and -.*chain_sum"):
+    with pytest.raises(ValueError, match="rewrite_chain write chains of \\+ and -.*chain_sum"):
         running_sum(Problem("Calculate 3 * 4.", "12", "t", metadata=json.dumps({"expression": "3 * 4"})), "x")
 
 
@@ -131,3 +131,33 @@ def test_running_sum_on_reasoning_gym_chain_sum_is_accepted_by_the_verifier():
     for problem, text in examples:
         assert task.score(problem, text) == 1.0
         assert 3 <= text.count("\n") <= 7  # 4-8 terms: 3-7 steps before the answer
+
+
+def test_rewrite_chain_hand_computed():
+    problem = Problem("State the final answer: 4 - 1 + 17 + 7 - 7 =", "20", "t")
+    assert (
+        rewrite_chain(problem, "<answer>20</answer>")
+        == "= 3 + 17 + 7 - 7\n= 20 + 7 - 7\n= 27 - 7\n= 20\n<answer>20</answer>"
+    )
+    problem = Problem("x", "-6", "t", metadata=json.dumps({"expression": "1 - 5 - 2"}))
+    assert rewrite_chain(problem, "<answer>-6</answer>") == "= -4 - 2\n= -6\n<answer>-6</answer>"
+    with pytest.raises(ValueError, match="rewrite_chain write chains"):
+        rewrite_chain(Problem("Calculate 3 * 4.", "12", "t"), "x")
+
+
+@given(st.integers(-99, 99), st.lists(st.tuples(st.sampled_from("+-"), st.integers(0, 99)), min_size=1, max_size=10))
+def test_rewrite_chain_each_line_equals_the_one_before_with_one_step_done(first, steps):
+    expression = f"{first} " + " ".join(f"{op} {n}" for op, n in steps)
+    total = first + sum(n if op == "+" else -n for op, n in steps)
+    problem = Problem("x", str(total), "t", metadata=json.dumps({"expression": expression}))
+    lines = rewrite_chain(problem, f"<answer>{total}</answer>").split("\n")
+    assert len(lines) == len(steps) + 1 and lines[-1] == f"<answer>{total}</answer>"
+    before = expression
+    for line in lines[:-1]:
+        assert line.startswith("= ")
+        after = line[2:]
+        assert eval(after) == eval(before)  # noqa: S307 -- generated integer expressions
+        assert after.count(" ") == before.count(" ") - 2  # exactly one operator and operand consumed
+        assert after.split(" ", 1)[1:] == before.split(" ", 3)[3:]  # the rest copied verbatim
+        before = after
+    assert before == str(total)
