@@ -6,7 +6,8 @@ undiscounted returns an estimator derives on the way (REINFORCE++), else None. R
 `@ADVANTAGES.register(Config, requires=..., tags=...)`; `objective.advantage` then accepts its kind.
 
 Tags (what the rest of the system may rely on):
-- "critic": trains a value head beside the policy; `returns` are its targets; the config has `value_coef`.
+- "critic": trains a value model beside the policy (a head on its trunk, or `learner.critic`); `returns` are its
+  targets; the config has `value_coef`.
 - "zero_on_uniform_groups": every member of a group whose rewards are all equal gets advantage 0, so such
   groups may be dropped before training (rollout.drop_uniform_groups).
 - "outcome_only": scores a sample by its outcome reward alone (correct or not), so a KL shaped into the
@@ -168,7 +169,7 @@ def reinforce_pp_baseline(cfg: ReinforcePPBaselineAdvantage, x: AdvantageInputs)
 
 
 class GAEAdvantage(BaseModel):
-    """PPO's critic-based GAE (Schulman et al., 2016), whitened over the batch; trains a value head."""
+    """PPO's critic-based GAE (Schulman et al., 2016), whitened over the batch; trains a value model."""
 
     model_config = _FROZEN
     kind: Literal["gae"] = Field("gae", description="generalised advantage estimation with a learned value head")
@@ -185,7 +186,7 @@ def gae(cfg: GAEAdvantage, x: AdvantageInputs):
 
 
 class VTraceAdvantage(BaseModel):
-    """V-trace (Espeholt et al., 2018): off-policy-corrected value targets and advantages; trains a value head."""
+    """V-trace (Espeholt et al., 2018): off-policy-corrected value targets and advantages; trains a value model."""
 
     model_config = _FROZEN
     kind: Literal["vtrace"] = Field("vtrace", description="IMPALA's V-trace targets with a learned value head")

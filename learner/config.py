@@ -13,8 +13,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from learner.critic import CriticConfig
 from learner.lr_schedule import Schedule
-from learner.objective import ObjectiveConfig, requires
+from learner.objective import ObjectiveConfig, requires, trains_value_head
 from learner.weight_transport import WeightSyncConfig
 
 
@@ -164,6 +165,12 @@ class LearnerConfig(BaseModel):
     teacher: TeacherConfig = Field(
         default_factory=TeacherConfig, description="the distillation teacher (objective.kl_teacher.coef > 0)"
     )
+    critic: CriticConfig | None = Field(
+        None,
+        description="a separate critic (value model) initialised from a reward-model checkpoint, trained only by the "
+        "value loss, for critic-based advantages (gae, vtrace); None = a value head on the policy's trunk. Set it "
+        "for the four-model RLHF setup (policy, reward model, critic, reference) as OpenRLHF/verl PPO run it",
+    )
     weight_sync: WeightSyncConfig = Field(
         default_factory=WeightSyncConfig, description="how new weights reach the rollout workers"
     )
@@ -263,6 +270,16 @@ def _algorithm_problems(c: LearnerConfig) -> list[str]:
         p.append(
             "learner.teacher.path and learner.objective.kl_teacher.coef > 0 go together: set both for on-policy "
             f"distillation or neither (got path={c.teacher.path!r}, coef={obj.kl_teacher.coef})"
+        )
+    if c.critic is not None and not trains_value_head(obj):
+        p.append(
+            f"learner.critic.path is set but learner.objective.advantage.kind={obj.advantage.kind!r} uses no values; "
+            "a critic needs a critic-based estimator (kind: gae or vtrace), or drop learner.critic"
+        )
+    elif c.critic is not None and obj.advantage.value_coef <= 0:
+        p.append(
+            "learner.critic.path is set but learner.objective.advantage.value_coef=0, so the critic would never be "
+            "trained; set value_coef > 0 (e.g. 0.5)"
         )
     if c.lr_schedule != "constant" and c.lr_decay_steps is None:
         p.append(f"learner.lr_schedule={c.lr_schedule!r} needs learner.lr_decay_steps (the step the decay ends at)")

@@ -18,7 +18,8 @@ Contract:
   are what rollout serves) plus an optional value head on the trunk's last hidden state (GAE / V-trace;
   zero-initialised, so the first advantages equal the discounted returns). Its forward returns
   `(logp, entropy | None, values | None)`, all `[B, T]`; values at column t are V(s_t), the state
-  before completion token t is sampled.
+  before completion token t is sampled. With a separate `critic` (`learner.critic`) there is no value head:
+  the values are the critic's (`learner.critic.critic_values`), from its own trunk, same positions.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from learner.batch import Tokens
+from learner.critic import critic_values
 
 EntropyMode = Literal["none", "detached", "grad"]
 # Models whose logits are not `lm_head(hidden)`: they keep the full-logits path (correct, not chunked).
@@ -187,11 +189,21 @@ def completion_outputs(
 
 
 class CompletionModel(torch.nn.Module):
-    """The module the DeepSpeed engine trains: the HF policy plus an optional value head (module docstring)."""
+    """The module the DeepSpeed engine trains: the HF policy plus an optional value head on its trunk or an
+    optional separate critic (a sequence-classification model), never both (module docstring)."""
 
-    def __init__(self, policy: torch.nn.Module, value_head: bool = False, chunk_tokens: int = 1024):
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        value_head: bool = False,
+        chunk_tokens: int = 1024,
+        critic: torch.nn.Module | None = None,
+    ):
         super().__init__()
+        if value_head and critic is not None:
+            raise ValueError("a CompletionModel has a value head on the policy's trunk or a separate critic, not both")
         self.policy = policy
+        self.critic = critic
         self.chunk_tokens = chunk_tokens
         self.value_head = torch.nn.Linear(policy.config.hidden_size, 1) if value_head else None
         if self.value_head is not None:
@@ -209,7 +221,11 @@ class CompletionModel(torch.nn.Module):
         entropy: EntropyMode = "none",
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         tb = Tokens(input_ids, attention_mask, position_ids, completion_ids, mask)
-        return completion_outputs(self.policy, tb, temperature, self.chunk_tokens, entropy, self.value_head)
+        head = self.value_head
+        logp, ent, values = completion_outputs(self.policy, tb, temperature, self.chunk_tokens, entropy, head)
+        if self.critic is not None:
+            values = critic_values(self.critic, tb)
+        return logp, ent, values
 
 
 def run_completion_model(model, tb: Tokens, temperature: float, entropy: EntropyMode = "none"):

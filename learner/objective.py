@@ -104,7 +104,7 @@ class ObjectiveConfig(BaseModel):
         default_factory=GRPOAdvantage,
         description="advantage estimator, a kind or {kind: ..., its fields}: group baselines (grpo, dr_grpo, rloo), "
         "pass@k-aware (pass_at_k, best_of_group), batch-whitened REINFORCE++ (reinforce_pp, reinforce_pp_baseline) "
-        "or critic-based (gae, vtrace: a value head is trained beside the policy)",
+        "or critic-based (gae, vtrace: a value head on the policy's trunk, or learner.critic, trains beside it)",
     )
     filter_zero_variance_groups: bool = Field(
         False,

@@ -44,6 +44,7 @@ import torch
 from learner.auxiliary import ReferencePolicy, frozen_policies
 from learner.batch import TrainBatch, collate, plan_micro_batches, split_minibatches
 from learner.config import LearnerConfig
+from learner.critic import load_critic, optimizer_groups
 from learner.diagnostics import StepDiagnostics, reduce_diagnostics
 from learner.logprobs import CompletionModel, run_completion_model
 from learner.losses import agg_denominator
@@ -86,19 +87,21 @@ def _build_engine(cfg: LearnerConfig, model_dir: str | Path, value_head: bool):
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if cfg.activation_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = CompletionModel(policy, value_head, cfg.logprob_chunk_tokens)
+    critic = None if cfg.critic is None else load_critic(model_dir, cfg.critic.path, cfg.activation_checkpointing)
+    model = CompletionModel(policy, value_head and critic is None, cfg.logprob_chunk_tokens, critic)
+    groups = optimizer_groups(model, cfg.lr, None if cfg.critic is None else cfg.critic.lr)
     kwargs = {"lr": cfg.lr, "betas": cfg.betas, "weight_decay": cfg.weight_decay}
     # fused AdamW (CPU and CUDA kernels in torch): one pass per tensor, no `sqrt(v) / bias_correction`
     # temporaries the size of the flat fp32 partition, which set the learner's peak memory otherwise
     adamw = {**kwargs, "fused": True}
     ds_config = cfg.deepspeed_config()
     if cfg.optimizer == "schedule_free_adamw":  # its own warm-up, no schedule
-        return _build_schedule_free(cfg, model, ds_config, kwargs)
+        return _build_schedule_free(cfg, model, groups, ds_config, kwargs)
     if cfg.zero_stage == 0 and "bf16" not in ds_config and "fp16" not in ds_config:
-        optimizer = _ClippedAdamW(model.parameters(), cfg.grad_clip, **adamw)
+        optimizer = _ClippedAdamW(groups, cfg.grad_clip, **adamw)
         ds_config["gradient_clipping"] = 0.0  # the optimizer clips (and keeps the norm)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), **adamw)
+        optimizer = torch.optim.AdamW(groups, **adamw)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, cfg.lr_schedule, cfg.lr_decay_steps, cfg.min_lr_ratio)
     )
@@ -108,14 +111,14 @@ def _build_engine(cfg: LearnerConfig, model_dir: str | Path, value_head: bool):
     return engine, optimizer, scheduler
 
 
-def _build_schedule_free(cfg: LearnerConfig, model, ds_config: dict, kwargs: dict):
+def _build_schedule_free(cfg: LearnerConfig, model, groups: list[dict], ds_config: dict, kwargs: dict):
     """Schedule-Free AdamW under DeepSpeed. At ZeRO-0 it clips (DeepSpeed would drop the norm); under ZeRO/bf16
     DeepSpeed's wrapper clips by the global norm, since the optimiser only sees this rank's partition."""
     import deepspeed
 
     zero0 = cfg.zero_stage == 0
     optimizer = ClippedScheduleFreeAdamW(
-        model.parameters(), cfg.grad_clip if zero0 else None, warmup_steps=cfg.warmup_steps, **kwargs
+        groups, cfg.grad_clip if zero0 else None, warmup_steps=cfg.warmup_steps, **kwargs
     )
     if zero0:
         ds_config["gradient_clipping"] = 0.0
@@ -380,7 +383,7 @@ class LearnerCore:
     # ------------------------------------------------------------------ state and weights
     @property
     def policy_module(self) -> torch.nn.Module:
-        """The HF policy inside the DeepSpeed engine (without the value head): what rollout serves."""
+        """The HF policy inside the DeepSpeed engine (without the value head or critic): what rollout serves."""
         return self.engine.module.policy
 
     def save_state(self, out_dir: str | Path) -> None:

@@ -361,7 +361,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def check_model_path(cfg: RunConfig) -> None:
     """Raise `ConfigError` unless `model.path` (when given) is a saved HF model with a tokenizer, and
-    `learner.reference.path` (when given) a saved HF model.
+    `learner.reference.path` (when given) a saved HF model, and likewise the teacher, critic and reward model.
 
     Run at start-up on the machine that will load it; `--dry-run` only reports it, since a cluster
     config names a path on the cluster's nodes.
@@ -394,6 +394,13 @@ def check_model_path(cfg: RunConfig) -> None:
             cfg.learner.teacher.path,
             tokenizer=True,
             fix="(e.g. an earlier run's final_model) or set objective.kl_teacher.coef=0",
+        )
+    if cfg.learner.critic is not None:
+        _check_hf_dir(
+            "learner.critic.path",
+            cfg.learner.critic.path,
+            tokenizer=True,
+            fix="e.g. runs/<name>/reward_model written by python -m services.train_rm, or drop learner.critic",
         )
     if cfg.reward.model is not None:
         _check_hf_dir(

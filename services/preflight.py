@@ -9,8 +9,9 @@ Contract:
   the run will use (`reward.function`, run as rollout runs it, else `task.verifier`). It raises
   `ConfigError` naming the field when a chat template is asked for and missing, a stop token does not
   exist, the template's end of turn is not a stop token, or a reference completion scores below 1 under
-  the task's verifier (a user's function is untrusted code with its own contract: its verdict is shown).
-  The driver runs it before the cold start and `--dry-run` prints its report.
+  the task's verifier (a user's function is untrusted code with its own contract: its verdict is shown),
+  or `learner.critic.path` is not a one-label checkpoint with the policy's tokenizer. The driver runs it
+  before the cold start and `--dry-run` prints its report.
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ def _check_problem(split: str, problem, renderer, task, cfg: RunConfig) -> Promp
 
 def preflight(cfg: RunConfig, model_dir: Path) -> PreflightReport:
     """See the module docstring. Dataset errors (rollout.datasets.DatasetError) pass through."""
+    from learner.critic import check_critic
     from rollout.render import Renderer, RenderError
     from rollout.tasks import make_task
 
@@ -175,6 +177,11 @@ def preflight(cfg: RunConfig, model_dir: Path) -> PreflightReport:
         renderer = Renderer.from_pretrained(cfg.render, model_dir)
     except RenderError as e:
         raise ConfigError(f"{e} (tokenizer of {model_dir})") from None
+    if cfg.learner.critic is not None:
+        try:
+            check_critic(model_dir, cfg.learner.critic.path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     try:
         task = make_task(cfg.task, renderer)
         train, held_out = next(task.train_stream()), task.eval_set()[0]

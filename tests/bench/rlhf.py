@@ -2,7 +2,7 @@
 
     .venv/bin/python -m tests.bench.rlhf [--rm-steps 700] [--rm-lr 1e-4] [--rm-pairs verified|all]
         [--rm-max-s 900] [--rl-wall-s 540] [--dpo-steps 150] [--pairs-from runs/bench-rlhf]
-        [--rm-from runs/bench-rlhf/reward_model] [--skip-rl] [--skip-dpo] [--seed 0]
+        [--rm-from runs/bench-rlhf/reward_model] [--skip-rl] [--skip-dpo] [--seed 0] [--critic off|head|rm]
 
 1. The tiny_cpu policy after its cold start samples 8 completions per prompt (train prompts, and the task's
    held-out prompts); pairs: chosen = verified correct, rejected = wrong, plus wrong-vs-wrong pairs ranked by
@@ -12,6 +12,9 @@
    accuracy on the held-out verified pairs. `--pairs-from` reuses the pairs of an earlier run (sampling is slow).
 3. RL (deploy/configs/rlhf_tiny_cpu.yaml: GRPO, reward = the reward model alone, KL to the reference) from
    the same policy: gold gain = held-out greedy accuracy (the verifier) final − initial, within the wall budget.
+   `--critic head|rm` runs PPO with GAE instead (the four-model setup): `head` a value head on the policy's
+   trunk (deploy/configs/rlhf_ppo_tiny_cpu.yaml), `rm` a separate critic initialised from the same reward model
+   (deploy/configs/rlhf_ppo_critic_tiny_cpu.yaml); such a run writes tests/bench/results/rlhf_ppo_<arm>.json.
 4. DPO from the same policy on the same pairs: gold gain on the same held-out problems, same greedy eval.
 Writes tests/bench/results/rlhf.json (rm_pairwise_accuracy, rl_gold_gain, dpo_gold_gain, ...) and the
 gold-vs-proxy figure (runs/bench-rlhf-rl/rlhf.png, copied to tests/bench/results/rlhf_gold_vs_proxy.png).
@@ -32,6 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "tests" / "bench" / "results"
 CONFIG = "deploy/configs/rlhf_tiny_cpu.yaml"
+# the RL phase by --critic: GRPO (no values), PPO/GAE with a value head, PPO/GAE with a critic from the RM
+RL_CONFIGS = {
+    "off": CONFIG,
+    "head": "deploy/configs/rlhf_ppo_tiny_cpu.yaml",
+    "rm": "deploy/configs/rlhf_ppo_critic_tiny_cpu.yaml",
+}
 
 
 def _encode(rows, renderer, max_tokens: int) -> list:
@@ -125,12 +134,14 @@ def evaluate_rm(rm_path: Path, pairs) -> float:
     return evaluate_reward_model(init_reward_model(rm_path), pairs)["rm/eval_pairwise_accuracy"]
 
 
-def run_rl(rm_path: Path, wall_s: float, seed: int) -> dict:
-    name = "bench-rlhf-rl"
+def run_rl(rm_path: Path, wall_s: float, seed: int, critic: str = "off") -> dict:
+    name = "bench-rlhf-rl" if critic == "off" else f"bench-rlhf-ppo-{critic}"
     cmd = [
-        sys.executable, "-m", "services.driver", "--config", CONFIG, f"run.name={name}",
+        sys.executable, "-m", "services.driver", "--config", RL_CONFIGS[critic], f"run.name={name}",
         f"reward.model.path={rm_path}", f"run.max_wall_s={wall_s}", "run.progress=false", f"rollout.seed={seed}",
     ]  # fmt: skip
+    if critic == "rm":
+        cmd.append(f"learner.critic.path={rm_path}")
     shutil.rmtree(ROOT / "runs" / name, ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -171,7 +182,14 @@ def main() -> int:
     ap.add_argument("--rm-from", type=Path, default=None, help="reuse a reward model this bench trained earlier")
     ap.add_argument("--skip-rl", action="store_true")
     ap.add_argument("--skip-dpo", action="store_true")
+    ap.add_argument(
+        "--critic",
+        choices=tuple(RL_CONFIGS),
+        default="off",
+        help="RL phase: off = GRPO; head = PPO/GAE with a value head; rm = PPO/GAE with a critic from the RM",
+    )
     args = ap.parse_args()
+    out_json = RESULTS / ("rlhf.json" if args.critic == "off" else f"rlhf_ppo_{args.critic}.json")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from rollout.preferences import verified_pairs
     from services.config import load_config
@@ -216,7 +234,7 @@ def main() -> int:
 
     def save() -> None:  # after each phase, with the load average at that moment
         result["loadavg_end"] = os.getloadavg()
-        (RESULTS / "rlhf.json").write_text(json.dumps(result, indent=1))
+        out_json.write_text(json.dumps(result, indent=1))
 
     # held-out accuracy on verified pairs (correct vs wrong): the question the RL reward has to answer
     if args.rm_from is None:
@@ -241,7 +259,8 @@ def main() -> int:
         "rm_accuracy_by_first_difference": accuracy_by_first_difference(rm_path, held_verified, renderer)
     }
     save()
-    rl = None if args.skip_rl else run_rl(rm_path, args.rl_wall_s, args.seed)
+    rl = None if args.skip_rl else run_rl(rm_path, args.rl_wall_s, args.seed, args.critic)
+    result["rl_arm"] = {"off": "grpo", "head": "ppo_gae_value_head", "rm": "ppo_gae_critic_from_rm"}[args.critic]
     result |= {"rl_gold_gain": None if rl is None else rl["eval_accuracy_final"] - rl["eval_accuracy_initial"]}
     result["rl"] = rl
     save()
@@ -250,12 +269,16 @@ def main() -> int:
         dpo = run_dpo(model_dir, task, renderer, all_train, held, args.dpo_steps, args.seed, cfg.rollout.max_new_tokens)
         result |= {"dpo_gold_gain": dpo["gain"], "dpo": dpo}
     save()
-    if rl is not None and (Path(rl["run_dir"]) / "rlhf.png").exists():
+    if rl is not None and args.critic == "off" and (Path(rl["run_dir"]) / "rlhf.png").exists():
         shutil.copy(Path(rl["run_dir"]) / "rlhf.png", RESULTS / "rlhf_gold_vs_proxy.png")
     save()
     rows = [
         ("RM held-out pairwise accuracy", f"{result['rm_pairwise_accuracy']:.3f}", ">= 0.90"),
-        ("RL gold gain (points)", "-" if rl is None else f"{100 * result['rl_gold_gain']:+.1f}", ">= +15"),
+        (
+            f"RL gold gain, {result['rl_arm']} (points)",
+            "-" if rl is None else f"{100 * result['rl_gold_gain']:+.1f}",
+            ">= +15",
+        ),
         ("RL job wall (s)", "-" if rl is None else f"{rl['job_s']:.0f}", "<= 900"),
         ("DPO gold gain (points)", "-" if dpo is None else f"{100 * dpo['gain']:+.1f}", "reported"),
     ]

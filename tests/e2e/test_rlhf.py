@@ -1,4 +1,5 @@
-"""RLHF end to end, small: train a reward model for a few steps, then RL through the reward-model actor."""
+"""RLHF end to end, small: train a reward model for a few steps, then RL through the reward-model actor; and PPO
+with a critic initialised from that reward model (the four-model setup), resumed from its checkpoint."""
 
 from __future__ import annotations
 
@@ -33,9 +34,12 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
     return out
 
 
-def test_reward_model_then_rl_through_the_reward_model_actor(tmp_path):
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory) -> Path:
+    """A reward model trained for 6 steps by `python -m services.train_rm` (its metrics checked)."""
     from transformers import AutoModelForSequenceClassification
 
+    tmp_path = tmp_path_factory.mktemp("rm")
     data = _pairs(tmp_path / "pairs.jsonl")
     _run(
         "services.train_rm",
@@ -53,7 +57,11 @@ def test_reward_model_then_rl_through_the_reward_model_actor(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert [r["learner_step"] for r in records] == list(range(1, 7))
     assert 0.0 <= records[-1]["rm/eval_pairwise_accuracy"] <= 1.0
+    return rm_dir
 
+
+def test_reward_model_then_rl_through_the_reward_model_actor(tmp_path, reward_model):
+    rm_dir = reward_model
     _run(
         "services.driver",
         f"run.runs_dir={tmp_path}",
@@ -84,3 +92,42 @@ def test_reward_model_then_rl_through_the_reward_model_actor(tmp_path):
     assert any(r["reward_mean"] not in (0.0, 1.0) for r in rollouts)
     assert any("kl_ref" in r for r in records if r["kind"] == "learner_step")
     assert (run / "rlhf.png").stat().st_size > 10_000
+
+
+def _learner_records(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "learner_step"]
+
+
+def test_ppo_with_a_critic_initialised_from_the_reward_model_then_resume(tmp_path, reward_model):
+    """The four-model setup on 2 ZeRO-2 ranks: policy, reward model (the reward), a critic from the same RM
+    (GAE values), frozen reference. The critic trains and the run checkpoints at its stop; a resume loads the
+    checkpoint with the critic in it and continues."""
+    from safetensors.torch import load_file
+
+    common = (
+        f"run.runs_dir={tmp_path}",
+        "run.name=ppo",
+        "reward.kind=model",
+        f"reward.model.path={reward_model}",
+        "reward.model.placement=worker",
+        f"learner.critic.path={reward_model}",
+        "learner.critic.lr=1e-4",
+        "learner.objective.advantage={kind: gae, gamma: 1.0, lam: 0.95, value_coef: 0.5}",
+        "learner.objective.kl_behaviour_coef=0.0",
+        "learner.objective.kl_ref_coef=0.05",
+        "learner.objective.kl_ref_in=reward",
+        "learner.weight_sync.timeout_s=300",
+    )
+    _run("services.driver", *common, "run.max_learner_steps=3", "run.eval_every_steps=3")
+    run = tmp_path / "ppo"
+    steps = _learner_records(run)
+    assert len(steps) == 3 and all(r["value_loss"] > 0 and r["kl_ref"] is not None for r in steps)
+    assert (run / "checkpoints" / "latest").exists()
+    final = load_file(next((run / "final_model").glob("*.safetensors")))
+    assert final and not any("critic" in n or n.startswith("score") for n in final)  # the policy alone
+
+    _run("services.driver", *common, "run.max_learner_steps=5", "run.eval_every_steps=5", "--resume", str(run))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["learner_steps"] == 5 and summary["resumes"] == 1
+    assert len(_learner_records(run)) == 5

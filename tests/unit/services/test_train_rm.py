@@ -74,3 +74,28 @@ def test_verified_only_keeps_verified_pairs_counts_them_and_refuses_an_empty_set
     wrong_only = LoadedPreferences([p for p in data.train if "+10=" in p.problem.prompt], data.eval, {})
     with pytest.raises(DatasetError, match=r"verified_only left no verified pair.*answer_key"):
         keep_verified(wrong_only, run_cfg, renderer)
+
+
+def test_critic_checkpoint_is_checked_at_start_up(tiny_model_dir, tmp_path):
+    from learner.reward_model import init_reward_model, save_reward_model
+    from services.config import check_model_path
+    from services.preflight import preflight
+
+    critic_cfg = "deploy/configs/rlhf_ppo_critic_tiny_cpu.yaml"
+    missing = load_config(critic_cfg, [f"learner.critic.path={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match=r"learner.critic.path=.* is not a directory.*services.train_rm"):
+        check_model_path(missing)
+    causal_lm = load_config(critic_cfg, [f"learner.critic.path={tiny_model_dir}"])
+    with pytest.raises(ConfigError, match=r"learner.critic.path=.*num_labels=1"):
+        preflight(causal_lm, tiny_model_dir)
+    rm = save_reward_model(init_reward_model(tiny_model_dir), tiny_model_dir, tmp_path / "rm")
+    preflight(load_config(critic_cfg, [f"learner.critic.path={rm}"]), tiny_model_dir)  # the RM of the policy passes
+    with pytest.raises(ConfigError, match=r"learner.critic.path is set.*advantage.kind='grpo'"):
+        load_config(critic_cfg, ["learner.objective.advantage=grpo"])
+
+
+def test_driver_exits_2_on_a_critic_without_a_critic_based_estimator(tmp_path, capsys):
+    from services.driver import main as driver_main
+
+    rc = driver_main(["--config", "deploy/configs/tiny_cpu.yaml", f"learner.critic.path={tmp_path}"])
+    assert rc == 2 and "learner.critic.path" in capsys.readouterr().err
