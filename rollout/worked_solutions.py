@@ -64,7 +64,7 @@ _CHAIN = re.compile(r"^\s*-?\d+(\s*[+-]\s*\d+)+\s*$")
 _TERM = re.compile(r"([+-])\s*(\d+)")
 
 
-def _chain(problem: Problem) -> tuple[int, list[tuple[str, int]]]:
+def _chain(problem: Problem, writer: str) -> tuple[int, list[tuple[str, int]]]:
     """The first term and the (operator, operand) steps of `problem`'s `a + b - c ...` chain."""
     expression = json.loads(problem.metadata).get("expression") if problem.metadata else None
     if expression is None:
@@ -72,8 +72,7 @@ def _chain(problem: Problem) -> tuple[int, list[tuple[str, int]]]:
         expression = found.group(0) if found else ""
     if not _CHAIN.match(expression):
         raise ValueError(
-            "running_sum and rewrite_chain write chains of + and - over integers, "
-            f"not {expression or problem.prompt!r}; "
+            f"{writer} writes chains of + and - over integers, not {expression or problem.prompt!r}; "
             "use a task of additions and subtractions only (e.g. reasoning_gym chain_sum)"
         )
     first = re.match(r"\s*(-?\d+)", expression)
@@ -81,7 +80,7 @@ def _chain(problem: Problem) -> tuple[int, list[tuple[str, int]]]:
 
 
 def running_sum(problem: Problem, answer_completion: str) -> str:
-    total, steps = _chain(problem)
+    total, steps = _chain(problem, "running_sum")
     lines = []
     for op, operand in steps:
         after = total + operand if op == "+" else total - operand
@@ -91,7 +90,7 @@ def running_sum(problem: Problem, answer_completion: str) -> str:
 
 
 def rewrite_chain(problem: Problem, answer_completion: str) -> str:
-    total, steps = _chain(problem)
+    total, steps = _chain(problem, "rewrite_chain")
     lines = []
     for i, (op, operand) in enumerate(steps):
         total = total + operand if op == "+" else total - operand

@@ -100,7 +100,7 @@ def test_running_sum_hand_computed(expression, total, text):
 def test_running_sum_reads_the_prompt_without_metadata_and_rejects_other_operators():
     problem = Problem("State the final answer: 5 + 9 - 7 =", "7", "t")
     assert running_sum(problem, "<answer>7</answer>") == "5 + 9 = 14\n14 - 7 = 7\n<answer>7</answer>"
-    with pytest.raises(ValueError, match="rewrite_chain write chains of \\+ and -.*chain_sum"):
+    with pytest.raises(ValueError, match="running_sum writes chains of \\+ and -.*chain_sum"):
         running_sum(Problem("Calculate 3 * 4.", "12", "t", metadata=json.dumps({"expression": "3 * 4"})), "x")
 
 
@@ -141,7 +141,7 @@ def test_rewrite_chain_hand_computed():
     )
     problem = Problem("x", "-6", "t", metadata=json.dumps({"expression": "1 - 5 - 2"}))
     assert rewrite_chain(problem, "<answer>-6</answer>") == "= -4 - 2\n= -6\n<answer>-6</answer>"
-    with pytest.raises(ValueError, match="rewrite_chain write chains"):
+    with pytest.raises(ValueError, match="rewrite_chain writes chains"):
         rewrite_chain(Problem("Calculate 3 * 4.", "12", "t"), "x")
 
 
