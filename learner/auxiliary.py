@@ -66,17 +66,24 @@ class ReferencePolicy:
             raise KeyError(f"snapshot refresh left {sorted(missing)[:3]}... unset; the policy sent too few tensors")
 
 
-def check_same_tokenizer(student_dir: str | Path, teacher_dir: str | Path) -> None:
-    """Raise unless the teacher tokenises exactly like the student: token-level KL compares log-probs of the
-    same ids, so a different vocabulary would score other tokens (cross-tokenizer distillation is not done)."""
+def check_same_tokenizer(
+    policy_dir: str | Path,
+    other_dir: str | Path,
+    field: str = "learner.teacher.path",
+    policy: str = "student's",
+    why: str = "on-policy distillation needs the same token ids",
+    fix: str = "Use a teacher trained from the same base tokenizer (e.g. an earlier run's final_model)",
+) -> None:
+    """Raise unless the model at `other_dir` (`field`) tokenises exactly like the policy: a teacher's token-level
+    KL and a critic's values read the policy's ids, so a different vocabulary would score other tokens
+    (cross-tokenizer distillation is not done)."""
     from transformers import AutoTokenizer
 
-    s, t = AutoTokenizer.from_pretrained(str(student_dir)), AutoTokenizer.from_pretrained(str(teacher_dir))
+    s, t = AutoTokenizer.from_pretrained(str(policy_dir)), AutoTokenizer.from_pretrained(str(other_dir))
     if s.get_vocab() != t.get_vocab() or s.all_special_ids != t.all_special_ids:
         raise ValueError(
-            f"learner.teacher.path={str(teacher_dir)!r} has a different tokenizer from the student's ({student_dir}): "
-            f"vocab sizes {len(t)} vs {len(s)}; on-policy distillation needs the same token ids. Use a teacher "
-            "trained from the same base tokenizer (e.g. an earlier run's final_model)"
+            f"{field}={str(other_dir)!r} has a different tokenizer from the {policy} ({policy_dir}): "
+            f"vocab sizes {len(t)} vs {len(s)}; {why}. {fix}"
         )
 
 

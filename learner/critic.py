@@ -46,7 +46,7 @@ class CriticConfig(BaseModel):
 
 def check_critic(policy_dir: str | Path, critic_dir: str | Path) -> None:
     """Raise `ValueError` unless `critic_dir` is a one-label checkpoint tokenising exactly like the policy."""
-    from transformers import AutoTokenizer
+    from learner.auxiliary import check_same_tokenizer  # auxiliary -> logprobs -> critic: imported here
 
     config = json.loads((Path(critic_dir) / "config.json").read_text())
     labels = len(config.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"})  # transformers' default: 2 labels
@@ -57,13 +57,14 @@ def check_critic(policy_dir: str | Path, critic_dir: str | Path) -> None:
             "needs a sequence-classification checkpoint with a scalar head (num_labels=1), e.g. a reward model "
             "written by python -m services.train_rm"
         )
-    p, c = AutoTokenizer.from_pretrained(str(policy_dir)), AutoTokenizer.from_pretrained(str(critic_dir))
-    if p.get_vocab() != c.get_vocab() or p.all_special_ids != c.all_special_ids:
-        raise ValueError(
-            f"learner.critic.path={str(critic_dir)!r} has a different tokenizer from the policy's ({policy_dir}): "
-            f"vocab sizes {len(c)} vs {len(p)}; the critic scores the policy's token ids. Use a reward model "
-            "trained from the policy's base model"
-        )
+    check_same_tokenizer(
+        policy_dir,
+        critic_dir,
+        field="learner.critic.path",
+        policy="policy's",
+        why="the critic scores the policy's token ids",
+        fix="Use a reward model trained from the policy's base model",
+    )
 
 
 def load_critic(policy_dir: str | Path, critic_dir: str | Path, activation_checkpointing: bool = False):
