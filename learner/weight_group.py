@@ -148,11 +148,10 @@ class Readiness:
         store.set(keys[self.rank - 1], "1")
         _poll(lambda: store.check(keys))
 
-    def forget(self, seq: int, store=None) -> None:
-        """Drop update `seq`'s keys (every receiver is past it), so the store does not grow per update.
-        `store`: the one the caller captured (`abandon` may have dropped `self.store` meanwhile)."""
-        store = self.store if store is None else store
-        if seq >= 1 and store is not None:
+    def forget(self, seq: int, store) -> None:
+        """Drop update `seq`'s keys from `store` (every receiver is past it), so the store does not grow per
+        update. The caller passes the store it captured: `abandon` may have dropped `self.store` meanwhile."""
+        if seq >= 1:
             for key in [f"sync/{seq}", *self._keys(seq)]:
                 store.delete_key(key)
 
