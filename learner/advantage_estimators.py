@@ -31,7 +31,15 @@ ADVANTAGES: Registry = Registry(
 )
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
-Gamma = Annotated[float, Field(gt=0, le=1, description="per-token discount; 1 for outcome rewards")]
+Gamma = Annotated[
+    float,
+    Field(
+        ge=0,
+        le=1,
+        description="per-token discount; 1 for outcome rewards, 0 = each token's own reward (per-token advantages, "
+        "e.g. on-policy distillation's -(log pi - log teacher) with kl_teacher.placement='reward')",
+    ),
+]
 ValueCoef = Annotated[float, Field(ge=0, description="weight of the value head's loss (value_coef * (V - target)^2/2)")]
 Eps = Annotated[float, Field(gt=0, description="added to the group std before dividing (verl 1e-6, TRL 1e-4)")]
 

@@ -59,6 +59,28 @@ def run_arm(arm: str, overrides: list[str], steps: int, seed: int, config: str, 
     }
 
 
+def cold_started_model(config: str, overrides: list[str]) -> tuple[Path, dict]:
+    """The model the driver would start RL from for `config` with `overrides` (base model + cold start, built
+    and cached by the driver's own `prepare_model`), and its greedy accuracy on the task's held-out split."""
+    sys.path.insert(0, str(REPO))
+    from transformers import AutoModelForCausalLM
+
+    from rollout.evaluation import greedy_accuracy
+    from rollout.render import Renderer
+    from rollout.tasks import make_task
+    from services.config import load_config
+    from services.driver import prepare_model
+
+    cfg = load_config(config, ["run.progress=false", *overrides])
+    path, sft_s = prepare_model(cfg, (REPO / cfg.run.cache_dir).resolve())
+    renderer = Renderer.from_pretrained(cfg.render, path)
+    task = make_task(cfg.task, renderer)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    accuracy = greedy_accuracy(model, renderer, task.eval_set(), cfg.rollout.max_new_tokens, task.score)
+    params = sum(p.numel() for p in model.parameters())
+    return path, {"overrides": overrides, "greedy_accuracy": accuracy, "params": params, "sft_s": sft_s}
+
+
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None

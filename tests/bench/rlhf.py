@@ -3,6 +3,7 @@
     .venv/bin/python -m tests.bench.rlhf [--rm-steps 700] [--rm-lr 1e-4] [--rm-pairs verified|all]
         [--rm-max-s 900] [--rl-wall-s 540] [--dpo-steps 150] [--pairs-from runs/bench-rlhf]
         [--rm-from runs/bench-rlhf/reward_model] [--skip-rl] [--skip-dpo] [--seed 0] [--critic off|head|rm]
+        [--rm-base-set cold_start.steps=1500 ...] [--out results.json]
 
 1. The tiny_cpu policy after its cold start samples 8 completions per prompt (train prompts, and the task's
    held-out prompts); pairs: chosen = verified correct, rejected = wrong, plus wrong-vs-wrong pairs ranked by
@@ -10,6 +11,9 @@
 2. A reward model (that policy's trunk + scalar head) trains on the train pairs (`--rm-pairs verified`: only
    correct-vs-wrong pairs; the graded wrong-vs-wrong pairs carry a weak, noisy signal): held-out pairwise
    accuracy on the held-out verified pairs. `--pairs-from` reuses the pairs of an earlier run (sampling is slow).
+   `--rm-base-set` starts the RM from another trunk built the driver's way from those overrides (a longer cold
+   start, a larger built-in model; same tokenizer), as RLHF pipelines start the RM from their best SFT model:
+   the policy's cold start is deliberately short, and an RM on its trunk must first learn the task from pairs.
 3. RL (deploy/configs/rlhf_tiny_cpu.yaml: GRPO, reward = the reward model alone, KL to the reference) from
    the same policy: gold gain = held-out greedy accuracy (the verifier) final − initial, within the wall budget.
    `--critic head|rm` runs PPO with GAE instead (the four-model setup): `head` a value head on the policy's
@@ -180,6 +184,15 @@ def main() -> int:
     ap.add_argument("--rm-pairs", choices=("verified", "all"), default="verified")
     ap.add_argument("--pairs-from", type=Path, default=None, help="reuse pairs_{train,eval}.jsonl from this directory")
     ap.add_argument("--rm-from", type=Path, default=None, help="reuse a reward model this bench trained earlier")
+    ap.add_argument(
+        "--rm-base-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides that build the reward model's trunk (the driver's base model + cold start) instead of "
+        "the policy's, e.g. a longer cold start or a larger model: cold_start.steps=1500 model.hidden_size=256",
+    )
+    ap.add_argument("--out", type=Path, default=None, help="results file (default results/rlhf.json or _ppo_<arm>)")
     ap.add_argument("--skip-rl", action="store_true")
     ap.add_argument("--skip-dpo", action="store_true")
     ap.add_argument(
@@ -189,7 +202,7 @@ def main() -> int:
         help="RL phase: off = GRPO; head = PPO/GAE with a value head; rm = PPO/GAE with a critic from the RM",
     )
     args = ap.parse_args()
-    out_json = RESULTS / ("rlhf.json" if args.critic == "off" else f"rlhf_ppo_{args.critic}.json")
+    out_json = args.out or RESULTS / ("rlhf.json" if args.critic == "off" else f"rlhf_ppo_{args.critic}.json")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from rollout.preferences import verified_pairs
     from services.config import load_config
@@ -238,8 +251,14 @@ def main() -> int:
 
     # held-out accuracy on verified pairs (correct vs wrong): the question the RL reward has to answer
     if args.rm_from is None:
+        rm_base, rm_base_info = model_dir, {"rm_base": "the policy (its cold start)"}
+        if args.rm_base_set:
+            from tests.bench.ab_runs import cold_started_model
+
+            rm_base, trunk = cold_started_model(CONFIG, ["run.name=bench-rlhf-rm-base", *args.rm_base_set])
+            rm_base_info = {"rm_base": trunk}
         rm_final, rm_s, rm_path, rm_curve = train_rm(
-            model_dir, train, held_verified, args.rm_steps, args.rm_lr, out_dir, args.seed, args.rm_max_s
+            rm_base, train, held_verified, args.rm_steps, args.rm_lr, out_dir, args.seed, args.rm_max_s
         )
         record = {
             "rm_pairwise_accuracy": rm_final["rm/eval_pairwise_accuracy"],
@@ -249,6 +268,7 @@ def main() -> int:
             "rm_max_s": args.rm_max_s,
             "rm_lr": args.rm_lr,
             "rm_curve": rm_curve,
+            **rm_base_info,
         }
         (rm_path / "bench_rm_train.json").write_text(json.dumps(record, indent=1))
     else:  # an RM trained by an earlier run of this bench on the same pairs: its record, re-evaluated here

@@ -301,12 +301,20 @@ def ab(name: str) -> Callable[[], str]:
             if any(size.values())
             else ""
         )
-        teacher = (
-            f"\nTeacher{larger}: held-out accuracy {_f(t['accuracy_final'])} (best {_f(t['accuracy_best'])}) after "
-            f"{t['learner_steps']} learner steps from a {_f(t['accuracy_initial'])} cold start.\n"
-            if t
-            else ""
-        )
+        if t and t["learner_steps"] == 0:
+            params = f", {t['params'] / 1e6:.1f}M parameters" if t.get("params") else ""
+            recipe = " ".join(t.get("overrides") or []) or "the student's recipe"
+            teacher = (
+                f"\nTeacher{larger}{params}: held-out greedy accuracy {_f(t['accuracy_final'])}, its cold start "
+                f"alone ({recipe}), no RL.\n"
+            )
+        elif t:
+            teacher = (
+                f"\nTeacher{larger}: held-out accuracy {_f(t['accuracy_final'])} (best {_f(t['accuracy_best'])}) "
+                f"after {t['learner_steps']} learner steps from a {_f(t['accuracy_initial'])} cold start.\n"
+            )
+        else:
+            teacher = ""
         if d.get("rl_s"):
             note = (
                 f"\nMeans over seeds; accuracy on the held-out split after {d['rl_s']:g} s of RL in every arm (equal "

@@ -82,6 +82,12 @@ def test_returns_to_go_skip_masked_positions():
     )
 
 
+def test_returns_to_go_at_gamma_zero_are_each_tokens_own_reward():
+    r = torch.tensor([[1.0, -2.0, 3.0, float("nan")]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    torch.testing.assert_close(A.returns_to_go(r, mask, gamma=0.0), torch.tensor([[1.0, -2.0, 3.0, 0.0]]))
+
+
 def test_gae_hand_case():
     r = torch.tensor([[0.0, 0.0, 1.0]], dtype=F64)
     v = torch.tensor([[0.5, 0.6, 0.7]], dtype=F64)

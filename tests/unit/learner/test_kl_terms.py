@@ -66,7 +66,7 @@ def test_kl_to_itself_is_zero():
 def test_teacher_kl_in_the_reward_gives_per_token_advantages():
     # reinforce_pp, gamma 0: returns are the per-token rewards -coef * (log pi - log teacher), then whitened
     cfg = ObjectiveConfig(
-        advantage={"kind": "reinforce_pp", "gamma": 1e-9},
+        advantage={"kind": "reinforce_pp", "gamma": 0.0},
         kl_behaviour_coef=0.0,
         task_reward_coef=0.0,
         kl_teacher={"coef": 1.0},
