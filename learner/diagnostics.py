@@ -40,6 +40,7 @@ class StepDiagnostics(Mapping[str, float]):
     entropy: float | None = _d("mean")
     kl_behaviour: float | None = _d("mean")
     kl_ref: float | None = _d("mean")
+    kl_ref_coef: float | None = _d("mean")  # the coefficient this step used (adaptive with kl_ref_target)
     kl_prev: float | None = _d("mean")
     kl_teacher: float | None = _d("mean")
     adv_mean: float | None = _d("mean")

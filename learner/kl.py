@@ -26,6 +26,7 @@ value saturates and its gradient is zero. With `mask` given, padded positions ar
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -148,3 +149,14 @@ def kl_reinforce_coef(
 def _d_estimate_d_logp(logp: torch.Tensor, logq: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
     """d kl_estimate(logp, logq) / d logp: the estimate depends on logq - logp only."""
     return -_d_estimate_d_logq(logp, logq, estimator)
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, sequences: float, horizon: int) -> float:
+    """The next KL coefficient of Ziegler et al.'s (2019) proportional controller (TRL's and OpenRLHF's
+    AdaptiveKLController): `coef * (1 + clip(kl / target - 1, -0.2, 0.2) * min(1, sequences / horizon))`.
+    It rises while the measured KL is above the target and falls below it, by at most 20% per step (the
+    `min(1, ...)` keeps a step larger than the horizon from flipping the sign). A non-finite `kl` leaves it."""
+    if not math.isfinite(kl):
+        return coef
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * min(1.0, sequences / horizon))

@@ -146,6 +146,17 @@ class ObjectiveConfig(BaseModel):
     kl_ref_in: Literal["loss", "reward"] = Field(
         "loss", description="add the reference KL to the loss, or subtract it per token from the rewards"
     )
+    kl_ref_target: float | None = Field(
+        None,
+        gt=0,
+        description="adaptive KL control (Ziegler et al. 2019, as TRL's and OpenRLHF's kl_target): kl_ref_coef is the "
+        "starting coefficient, and after each step it is multiplied by 1 + clip(KL / target - 1, -0.2, 0.2) * "
+        "min(1, sequences / kl_ref_horizon), KL being the step's per-token KL to the reference; None = a fixed "
+        "coefficient. Set it to hold the policy near a KL budget where a learned reward is still trustworthy",
+    )
+    kl_ref_horizon: int = Field(
+        10000, ge=1, description="sequences over which the adaptive coefficient may change by up to 20% (kl_ref_target)"
+    )
     kl_prev: PrevKLConfig = Field(
         default_factory=PrevKLConfig,
         description="a KL term to the learner's own earlier policy (mirror descent, Kimi k1.5); off at coef 0",
@@ -212,6 +223,11 @@ def _config_problems(c: ObjectiveConfig) -> list[str]:
     if c.agg == "seq-mean-token-sum-norm" and c.agg_norm_tokens is None:
         p.append(
             "objective.agg='seq-mean-token-sum-norm' needs objective.agg_norm_tokens (e.g. the max response length)"
+        )
+    if c.kl_ref_target is not None and c.kl_ref_coef == 0:
+        p.append(
+            "objective.kl_ref_target adapts kl_ref_coef from its starting value, which is 0 (no reference): set "
+            "kl_ref_coef > 0 (e.g. 0.05) as the starting coefficient"
         )
     if c.task_reward_coef == 0 and c.filter_zero_variance_groups:
         p.append(

@@ -46,10 +46,12 @@ from learner.batch import TrainBatch, collate, plan_micro_batches, split_minibat
 from learner.config import LearnerConfig
 from learner.critic import load_critic, optimizer_groups
 from learner.diagnostics import StepDiagnostics, reduce_diagnostics
+from learner.kl import adaptive_kl_coef
 from learner.logprobs import CompletionModel, run_completion_model
 from learner.losses import agg_denominator
 from learner.lr_schedule import lr_multiplier
 from learner.objective import (
+    ObjectiveConfig,
     ObjectiveInputs,
     Targets,
     compute_targets,
@@ -141,6 +143,7 @@ class LearnerCore:
         self.engine, self.optimizer, self.scheduler = _build_engine(cfg, model_dir, "values" in self.needs)
         self.entropy = "grad" if "entropy" in self.needs else ("detached" if cfg.log_entropy else "none")
         self.steps = 0
+        self.kl_ref_coef = cfg.objective.kl_ref_coef  # moves with objective.kl_ref_target (adaptive KL control)
         self.frozen = frozen_policies(cfg, model_dir, self.engine.device, self.needs)
         self.reference = self.frozen.get("ref_logprobs")
         self.last_priorities: tuple[tuple[str, ...], tuple[float, ...]] = ((), ())
@@ -162,7 +165,7 @@ class LearnerCore:
         logp0, values0 = pre if pre is not None else (None, None)
         if self._prev_is_previous():  # mirror descent's anchor: the policy before this batch's first update
             ref["prev_logprobs"] = logp0
-        targets = compute_targets(self.cfg.objective, self._inputs(tb, logp0, None, values0, ref))
+        targets = compute_targets(self.objective, self._inputs(tb, logp0, None, values0, ref))
         gids = pc.unique(batch.column("group_id")).to_pylist()  # dense group id j <-> gids[j] (collate's order)
         priorities = group_priorities(targets.advantages, targets.loss_mask, tb.group_ids)
         self.last_priorities = (tuple(gids), tuple(priorities))
@@ -178,8 +181,32 @@ class LearnerCore:
             if parts[-1]["nonfinite_updates"]:  # the same on every rank: the data of this batch is suspect
                 break
         diag = self._step_diagnostics(tb, parts, times, t0)
+        self._adapt_kl_ref(diag)
         self._maybe_refresh_snapshot(diag, times)
         return StepDiagnostics.from_mapping(diag)
+
+    @property
+    def objective(self) -> ObjectiveConfig:
+        """The objective this step optimises: the config's, with the adaptive KL coefficient in place
+        (`objective.kl_ref_target`)."""
+        obj = self.cfg.objective
+        return obj if obj.kl_ref_target is None else obj.model_copy(update={"kl_ref_coef": self.kl_ref_coef})
+
+    def _adapt_kl_ref(self, diag: dict) -> None:
+        """Adaptive KL control: record the coefficient this step used, then move it by the step's per-token KL
+        to the reference over all ranks (one all-reduce, so every rank holds the same coefficient)."""
+        obj = self.cfg.objective
+        if obj.kl_ref_target is None:
+            return
+        diag["kl_ref_coef"] = self.kl_ref_coef
+        kl, tokens = diag.get("kl_ref", float("nan")), diag["tokens"]
+        ok = math.isfinite(kl) and diag.get("updates_applied", 0.0) > 0
+        local = [kl * tokens, tokens, diag["sequences"]] if ok else [0.0, 0.0, diag["sequences"]]
+        kl_sum, token_sum, sequences = self._all_reduce(torch.tensor(local, dtype=torch.float64), "sum").tolist()
+        if token_sum > 0:
+            self.kl_ref_coef = adaptive_kl_coef(
+                self.kl_ref_coef, kl_sum / token_sum, obj.kl_ref_target, sequences, obj.kl_ref_horizon
+            )
 
     def _prev_is_previous(self) -> bool:
         return "prev_logprobs" in self.needs and self.cfg.objective.kl_prev.source == "previous"
@@ -276,7 +303,7 @@ class LearnerCore:
     # ------------------------------------------------------------------ one optimiser step
     def _update(self, tb: TrainBatch, targets: Targets, rows, ref, pre, times: dict) -> dict[str, float]:
         """One optimiser step over minibatch `rows` of `tb`, in micro-batches; its diagnostics."""
-        obj = self.cfg.objective
+        obj = self.objective
         sub = tb.select(rows) if len(rows) else None
         sub_targets = targets.select(rows, sub.mask.shape[1]) if sub is not None else None
         local = agg_denominator(sub_targets.loss_mask, obj.agg, obj.agg_norm_tokens) if sub is not None else 0.0
@@ -321,7 +348,7 @@ class LearnerCore:
         proximal = self._proximal(pre, rows, mb, width, logp)
         ref_mb = {name: t[rows][mb, :width] for name, t in ref.items()}
         x = self._inputs(mtb, logp, entropy, values, ref_mb, proximal)
-        loss, _ = objective_loss(self.cfg.objective, x, targets.select(mb, width), denominator)
+        loss, _ = objective_loss(self.objective, x, targets.select(mb, width), denominator)
         detached = {"logp": logp, "entropy": entropy, "values": values, "proximal": proximal}
         part = {k: None if v is None else v.detach() for k, v in detached.items()}
         return loss * self.world_size, part | {"rows": mb}
@@ -347,7 +374,7 @@ class LearnerCore:
 
         frozen = {k: t[rows] for k, t in ref.items()}
         x = self._inputs(sub, whole("logp"), whole("entropy"), whole("values"), frozen, whole("proximal"))
-        _, diag = objective_loss(self.cfg.objective, x, targets)
+        _, diag = objective_loss(self.objective, x, targets)
         return diag | {"tokens": float(sub.mask.sum()), "sequences": float(sub.num_rows)}
 
     def _step_diagnostics(self, tb: TrainBatch, parts: list[dict], times: dict, t0: float) -> dict[str, float]:
@@ -393,7 +420,8 @@ class LearnerCore:
         out = Path(out_dir)
         # Schedule-Free: the training state at y (train mode), so a resume continues bit for bit
         self.engine.save_checkpoint(str(out / "deepspeed"), tag="state", save_latest=False)
-        torch.save({"rng": capture_rng(), "steps": self.steps}, out / f"rank-{self.rank}.pt")
+        own = {"rng": capture_rng(), "steps": self.steps, "kl_ref_coef": self.kl_ref_coef}
+        torch.save(own, out / f"rank-{self.rank}.pt")
         snap = self.frozen.get("prev_logprobs")
         if snap is not None and self.rank == 0:  # every rank holds the same snapshot; one copy is enough
             torch.save(snap.model.state_dict(), out / SNAPSHOT_FILE)
@@ -420,6 +448,7 @@ class LearnerCore:
                 )
             snap.load_from(torch.load(ckpt / SNAPSHOT_FILE, weights_only=True).items())
         self.steps = own["steps"]
+        self.kl_ref_coef = own.get("kl_ref_coef", self.cfg.objective.kl_ref_coef)  # older checkpoints: the start
         return self.steps
 
     def weight_buckets(

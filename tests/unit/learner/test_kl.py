@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learner.kl import LOG_RATIO_CLAMP, kl_estimate, kl_penalty, kl_reinforce_coef
+from learner.kl import LOG_RATIO_CLAMP, adaptive_kl_coef, kl_estimate, kl_penalty, kl_reinforce_coef
 
 F64 = torch.float64
 ESTIMATORS = ("k1", "k2", "k3")
@@ -138,3 +138,19 @@ def test_bad_names_in_penalty_and_coef_are_clear_errors(direction):
             fn(z, z, z, "k9", direction)
         with pytest.raises(ValueError, match="'sideways'"):
             fn(z, z, z, "k3", "sideways")
+
+
+@pytest.mark.parametrize(
+    ("kl", "sequences", "expected"),
+    [
+        (0.5, 256, 0.1 * (1 + 0.2 * 256 / 1000)),  # 5x the target: the error clips at +0.2
+        (0.11, 256, 0.1 * (1 + 0.1 * 256 / 1000)),  # 10% above: proportional
+        (0.0, 500, 0.1 * (1 - 0.2 * 0.5)),  # no KL at all: the error clips at -0.2
+        (0.1, 256, 0.1),  # on target: unchanged
+        (0.5, 5000, 0.1 * 1.2),  # a step larger than the horizon moves it by 20% at most
+        (math.nan, 256, 0.1),  # no measurement (a skipped step): unchanged
+    ],
+)
+def test_adaptive_kl_coef_hand_values(kl, sequences, expected):
+    # Ziegler et al. 2019: beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon); target 0.1, horizon 1000
+    assert adaptive_kl_coef(0.1, kl, 0.1, sequences, 1000) == pytest.approx(expected, rel=1e-12)

@@ -71,6 +71,7 @@ def test_config_is_frozen_and_forbids_unknown_fields():
         (dict(policy_loss=dict(kind="ppo", clip=True)), "policy_loss.clip"),
         (dict(advantage="pass_at_k", kl_behaviour_in="reward"), "kl_behaviour_in"),
         (dict(advantage="best_of_group", kl_ref_coef=0.1, kl_ref_in="reward"), "kl_ref_in"),
+        (dict(kl_ref_target=0.5), "objective.kl_ref_target adapts kl_ref_coef"),  # from 0: nothing to adapt
     ],
 )
 def test_cross_field_validation_names_the_field(kwargs, field):

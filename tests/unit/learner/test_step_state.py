@@ -93,6 +93,28 @@ def test_save_and_load_state_restore_weights_optimiser_step_and_rng(tiny_model_d
     assert _same(after_one[1], _weights(fresh)) and diag["loss"] == after_one[0]["loss"]
 
 
+def test_adaptive_kl_coefficient_moves_with_the_measured_kl_is_used_in_the_loss_and_resumes(tiny_model_dir, tmp_path):
+    from learner.kl import adaptive_kl_coef
+    from learner.step import LearnerCore
+
+    objective = {"kl_behaviour_coef": 0.0, "kl_ref_coef": 0.1, "kl_ref_target": 1e-4, "kl_ref_horizon": 16}
+    cfg = LearnerConfig(lr=1e-2, objective=objective)
+    core = LearnerCore(cfg, tiny_model_dir, 0, 1)
+    diags = [core.train_step(_batch(seed=s)) for s in range(4)]
+    coef = 0.1
+    for d in diags:  # each step used the coefficient the previous step's KL set (8 sequences: n / horizon = 0.5)
+        assert d["kl_ref_coef"] == pytest.approx(coef, rel=1e-12)
+        assert d["kl_loss"] == pytest.approx(coef * d["kl_ref"], rel=1e-5)  # ... in the loss, not only the log
+        coef = adaptive_kl_coef(coef, d["kl_ref"], 1e-4, 8, 16)
+    assert diags[0]["kl_ref"] == pytest.approx(0.0, abs=1e-7)  # the policy is the reference: the coef falls 10%
+    assert diags[1]["kl_ref_coef"] == pytest.approx(0.09) and diags[-1]["kl_ref_coef"] > diags[1]["kl_ref_coef"]
+    assert core.kl_ref_coef == pytest.approx(coef, rel=1e-12)
+    core.save_state(tmp_path)
+    fresh = LearnerCore(cfg, tiny_model_dir, 0, 1)
+    fresh.load_state(tmp_path)
+    assert fresh.kl_ref_coef == core.kl_ref_coef != 0.1
+
+
 def _uneven_batch():
     """Two groups whose completions differ in length, so GRPO's token-mean policy loss is not 0."""
     traces = []
