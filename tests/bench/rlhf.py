@@ -3,7 +3,7 @@
     .venv/bin/python -m tests.bench.rlhf [--rm-steps 700] [--rm-lr 1e-4] [--rm-pairs verified|all]
         [--rm-max-s 900] [--rl-wall-s 540] [--dpo-steps 150] [--pairs-from runs/bench-rlhf]
         [--rm-from runs/bench-rlhf/reward_model] [--skip-rl] [--skip-dpo] [--seed 0] [--critic off|head|rm]
-        [--rm-base-set cold_start.steps=1500 ...] [--out results.json]
+        [--rm-base-set cold_start.steps=1500 ...] [--rl-set learner.objective.kl_ref_coef=0.1 ...] [--out results.json]
 
 1. The tiny_cpu policy after its cold start samples 8 completions per prompt (train prompts, and the task's
    held-out prompts); pairs: chosen = verified correct, rejected = wrong, plus wrong-vs-wrong pairs ranked by
@@ -21,7 +21,8 @@
    (deploy/configs/rlhf_ppo_critic_tiny_cpu.yaml); such a run writes tests/bench/results/rlhf_ppo_<arm>.json.
 4. DPO from the same policy on the same pairs: gold gain on the same held-out problems, same greedy eval.
 Writes tests/bench/results/rlhf.json (rm_pairwise_accuracy, rl_gold_gain, dpo_gold_gain, ...) and the
-gold-vs-proxy figure (runs/bench-rlhf-rl/rlhf.png, copied to tests/bench/results/rlhf_gold_vs_proxy.png).
+gold-vs-proxy figure (runs/bench-rlhf-rl/rlhf.png, copied to tests/bench/results/rlhf_gold_vs_proxy.png), or
+with `--out X.json`, X.json and X.png.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def evaluate_rm(rm_path: Path, pairs) -> float:
     return evaluate_reward_model(init_reward_model(rm_path), pairs)["rm/eval_pairwise_accuracy"]
 
 
-def run_rl(rm_path: Path, wall_s: float, seed: int, critic: str = "off") -> dict:
+def run_rl(rm_path: Path, wall_s: float, seed: int, critic: str = "off", overrides: tuple[str, ...] = ()) -> dict:
     name = "bench-rlhf-rl" if critic == "off" else f"bench-rlhf-ppo-{critic}"
     cmd = [
         sys.executable, "-m", "services.driver", "--config", RL_CONFIGS[critic], f"run.name={name}",
@@ -146,13 +147,16 @@ def run_rl(rm_path: Path, wall_s: float, seed: int, critic: str = "off") -> dict
     ]  # fmt: skip
     if critic == "rm":
         cmd.append(f"learner.critic.path={rm_path}")
+    cmd += overrides
     shutil.rmtree(ROOT / "runs" / name, ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"RL run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     summary = json.loads((ROOT / "runs" / name / "summary.json").read_text())
-    return {**summary, "job_s": time.perf_counter() - t0, "run_dir": str(ROOT / "runs" / name)}
+    objective = json.loads((ROOT / "runs" / name / "config.json").read_text())["learner"]["objective"]
+    kl = {k: objective.get(k) for k in ("kl_ref_coef", "kl_ref_target", "kl_ref_in")}
+    return {**summary, "kl": kl, "job_s": time.perf_counter() - t0, "run_dir": str(ROOT / "runs" / name)}
 
 
 def run_dpo(model_dir: Path, task, renderer, train, held, steps: int, seed: int, max_new_tokens: int) -> dict:
@@ -192,6 +196,13 @@ def main() -> int:
         help="config overrides that build the reward model's trunk (the driver's base model + cold start) instead of "
         "the policy's, e.g. a longer cold start or a larger model: cold_start.steps=1500 model.hidden_size=256",
     )
+    ap.add_argument(
+        "--rl-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for the RL run, e.g. learner.objective.kl_ref_coef=0.1",
+    )
     ap.add_argument("--out", type=Path, default=None, help="results file (default results/rlhf.json or _ppo_<arm>)")
     ap.add_argument("--skip-rl", action="store_true")
     ap.add_argument("--skip-dpo", action="store_true")
@@ -226,8 +237,7 @@ def main() -> int:
         train = verified_pairs(train, renderer, task.score).kept
     result = {
         "task": "2-digit addition, reversed_padded answers, tiny char Llama after cold start (deploy/configs/tiny_cpu)",
-        "load_note": "taken under load: shared 2-core box, other engineers' runs going (see loadavg_*); times "
-        "inflated and fewer steps fit in the wall budgets",
+        "load_note": "2-core box; the load averages at the start and end are in loadavg_start / loadavg_end",
         "loadavg_start": os.getloadavg(),
         "pairs": {
             "train_all": len(all_train),
@@ -279,7 +289,8 @@ def main() -> int:
         "rm_accuracy_by_first_difference": accuracy_by_first_difference(rm_path, held_verified, renderer)
     }
     save()
-    rl = None if args.skip_rl else run_rl(rm_path, args.rl_wall_s, args.seed, args.critic)
+    rl = None if args.skip_rl else run_rl(rm_path, args.rl_wall_s, args.seed, args.critic, tuple(args.rl_set))
+    result["rl_overrides"] = args.rl_set
     result["rl_arm"] = {"off": "grpo", "head": "ppo_gae_value_head", "rm": "ppo_gae_critic_from_rm"}[args.critic]
     result |= {"rl_gold_gain": None if rl is None else rl["eval_accuracy_final"] - rl["eval_accuracy_initial"]}
     result["rl"] = rl
@@ -290,7 +301,8 @@ def main() -> int:
         result |= {"dpo_gold_gain": dpo["gain"], "dpo": dpo}
     save()
     if rl is not None and args.critic == "off" and (Path(rl["run_dir"]) / "rlhf.png").exists():
-        shutil.copy(Path(rl["run_dir"]) / "rlhf.png", RESULTS / "rlhf_gold_vs_proxy.png")
+        figure = RESULTS / "rlhf_gold_vs_proxy.png" if args.out is None else out_json.with_suffix(".png")
+        shutil.copy(Path(rl["run_dir"]) / "rlhf.png", figure)
     save()
     rows = [
         ("RM held-out pairwise accuracy", f"{result['rm_pairwise_accuracy']:.3f}", ">= 0.90"),

@@ -350,6 +350,20 @@ def rlhf() -> str:
         ],
         ["DPO on the same pairs: gold held-out accuracy gain (points)", _points(d["dpo_gold_gain"]), "reported"],
     ]
+    if rl is not None:
+        best = rl["eval_accuracy_best"] - rl["eval_accuracy_initial"]
+        rows.insert(2, ["RL: gold gain at its best evaluation (points)", _points(best), "reported"])
+    base = d.get("rm_base")
+    if isinstance(base, dict):
+        size = " ".join(o for o in base["overrides"] if not o.startswith("run."))
+        rows.insert(
+            1,
+            [
+                f"reward model's trunk: {base['params'] / 1e6:.1f}M parameters ({size}), greedy accuracy",
+                _f(base["greedy_accuracy"]),
+                "-",
+            ],
+        )
     p = d["pairs"]
     note = (
         f"\nPairs: {p.get('train_all', p.get('train'))} train ({p.get('rm_train', '-')} verified used for the RM), "
@@ -358,8 +372,35 @@ def rlhf() -> str:
     )
     if dpo is not None:
         note += f"; DPO greedy accuracy {_f(dpo['initial'])} -> {_f(dpo['final'])} in {_f(dpo['train_s'], 0)} s"
-    load = d["load_note"][:1].upper() + d["load_note"][1:]
+    load = f"Load average {d['loadavg_start'][0]:.1f} at the start, {d['loadavg_end'][0]:.1f} at the end"
     return _rows(["", "measured", "goal"], rows) + note + f". {load}.\n"
+
+
+def rlhf_runs() -> str:
+    """Every RL-against-a-reward-model run of tests/bench/rlhf.py (results/rlhf*.json), one row each."""
+    rows = []
+    for path in sorted(RESULTS.glob("rlhf*.json")):
+        d = json.loads(path.read_text())
+        rl = d.get("rl")
+        if rl is None:
+            continue
+        base = d.get("rm_base")
+        trunk = f"{base['params'] / 1e6:.1f}M SFT trunk" if isinstance(base, dict) else "the policy's trunk"
+        kl = ", ".join(f"{k} {v}" for k, v in (rl.get("kl") or {}).items() if v is not None) or "-"
+        rows.append(
+            [
+                path.name,
+                f"{_f(d['rm_pairwise_accuracy'])} ({trunk})",
+                d.get("rl_arm") or "grpo",
+                kl,
+                str(rl["learner_steps"]),
+                f"{_f(rl['eval_accuracy_initial'])} -> {_f(rl['eval_accuracy_final'])} "
+                f"({_f(rl['eval_accuracy_best'])})",
+                _points(rl["eval_accuracy_final"] - rl["eval_accuracy_initial"]),
+            ]
+        )
+    header = ["results file", "RM held-out acc.", "RL", "KL to the reference", "learner steps"]
+    return _rows([*header, "gold: start -> end (best)", "gain (points)"], rows)
 
 
 def spine_summary() -> str:
@@ -466,6 +507,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "spine_summary": spine_summary,
     "chaos_summary": chaos_summary,
     "rlhf": rlhf,
+    "rlhf_runs": rlhf_runs,
     "spine": spine,
     "staleness": staleness,
     "replay": replay,

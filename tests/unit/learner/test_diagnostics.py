@@ -80,4 +80,4 @@ def test_step_record_declares_each_reduction_and_reads_as_the_metric_names():
     assert dict(merged) == want
     with pytest.raises(KeyError):
         merged["kl_ref"]
-    assert REDUCTIONS["skipped_nonfinite"] == "max" and REDUCTIONS["tokens"] == "sum" and len(REDUCTIONS) == 49
+    assert REDUCTIONS["skipped_nonfinite"] == "max" and REDUCTIONS["tokens"] == "sum" and len(REDUCTIONS) == 50
