@@ -52,9 +52,13 @@ def train_teacher(args) -> tuple[Path, dict]:
     overrides = [*size, *args.teacher_set]
     if args.teacher_steps == 0:  # the teacher is its cold start (SFT) alone
         path, built = cold_started_model(args.config, ["run.name=distill-teacher", *overrides])
-        acc = built["greedy_accuracy"]
-        return path, {"accuracy_initial": acc, "accuracy_final": acc, "accuracy_best": acc, "learner_steps": 0} | {
-            "params": built["params"]
+        acc, params = built["greedy_accuracy"], built["params"]
+        return path, {
+            "accuracy_initial": acc,
+            "accuracy_final": acc,
+            "accuracy_best": acc,
+            "learner_steps": 0,
+            "params": params,
         }
     run = run_arm("distill-teacher", overrides, args.teacher_steps, 0, args.config, REPO / "runs", args.max_wall_s)
     if "error" in run:
