@@ -256,9 +256,18 @@ def cold_start(
         losses = train_sft(model, renderer, training_examples(task, cfg), cfg, on_step=on_step)
     finally:
         torch.set_num_threads(previous_threads)
+    return save_cold_start(model, renderer, out_dir, key, losses[-1])
+
+
+def save_cold_start(model, renderer: Renderer, out_dir: Path, key: dict, final_loss: float) -> Path:
+    """Write a cold-started `model` and its tokenizer to `out_dir` under `key` (`cache_key`), so `cold_start`
+    with the same inputs returns it instead of training again. The marker goes last: a half-written
+    directory is never taken for a finished one."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    marker = out_dir / MARKER
     marker.unlink(missing_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     renderer.tokenizer.save_pretrained(out_dir)
-    marker.write_text(json.dumps({"key": key, "final_loss": losses[-1]}, indent=1))
+    marker.write_text(json.dumps({"key": key, "final_loss": final_loss}, indent=1))
     return out_dir

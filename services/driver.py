@@ -71,6 +71,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def cold_start_dir(cfg: RunConfig, base: Path, cache_dir: Path) -> Path:
+    """Where `prepare_model` keeps the cold start of `base` for `cfg` (one directory per task, render and
+    cold-start settings; tests/bench/cold_start_curve.py --save writes its final model there too)."""
+    key = hashlib.sha256(
+        f"{base.resolve()}|{cfg.task.model_dump_json(exclude={'step_reward'})}|{cfg.render.model_dump_json()}|"
+        f"{cfg.cold_start.model_dump_json()}".encode()
+    ).hexdigest()[:16]
+    return cache_dir / "models" / f"coldstart-{key}"
+
+
 def prepare_model(cfg: RunConfig, cache_dir: Path) -> tuple[Path, float]:
     """The policy's starting point (version 0): the given or built-in model, checked by `preflight`, after
     the cold start. Cached. Raises ConfigError / DatasetError before any training when the setup is wrong."""
@@ -84,10 +94,6 @@ def prepare_model(cfg: RunConfig, cache_dir: Path) -> tuple[Path, float]:
     if cfg.cold_start is None:
         return base, 0.0
     task = make_task(cfg.task, Renderer.from_pretrained(cfg.render, base))
-    key = hashlib.sha256(
-        f"{base.resolve()}|{cfg.task.model_dump_json(exclude={'step_reward'})}|{cfg.render.model_dump_json()}|"
-        f"{cfg.cold_start.model_dump_json()}".encode()
-    ).hexdigest()[:16]
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -101,7 +107,7 @@ def prepare_model(cfg: RunConfig, cache_dir: Path) -> tuple[Path, float]:
 
         out = cold_start(
             base,
-            cache_dir / "models" / f"coldstart-{key}",
+            cold_start_dir(cfg, base, cache_dir),
             task,
             cfg.cold_start,
             render=cfg.render,

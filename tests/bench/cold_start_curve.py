@@ -9,7 +9,9 @@ exactly as `services.driver` would, with a greedy held-out eval (`rollout.evalua
 `--eval-size` problems of the task's eval split, `rollout.max_new_tokens`) every `--every` steps and two
 sample completions printed, so a user picks `cold_start.steps` (and the task's difficulty) that leave RL the
 headroom they want. Mid-run points share one cosine schedule over `cold_start.steps`, so they are not the
-end points of shorter cold starts; confirm the pick with a driver run. Nothing is cached or saved.
+end points of shorter cold starts; confirm the pick with a driver run. With `--save` the final model goes
+where the driver keeps this config's cold start (`services.driver.cold_start_dir`, same cache key), so a driver
+run or benchmark on the same config and overrides starts from it instead of training it again.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from learner.sft import train_sft, training_examples  # noqa: E402
+from learner.sft import cache_key, save_cold_start, train_sft, training_examples  # noqa: E402
 from rollout.evaluation import greedy_accuracy, greedy_generate  # noqa: E402
 from rollout.render import Renderer  # noqa: E402
 from rollout.tasks import make_task  # noqa: E402
 from services.config import load_config  # noqa: E402
+from services.driver import cold_start_dir  # noqa: E402
 from services.preflight import build_base_model  # noqa: E402
 
 
@@ -41,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-size", type=int, default=50, help="held-out problems per eval (the eval split's first)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per eval here")
+    ap.add_argument("--save", action="store_true", help="keep the final model as the driver's cold start")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. cold_start.lr=5e-4")
     return ap.parse_args(argv)
 
@@ -85,7 +89,11 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(json.dumps({"config": args.config, "overrides": args.overrides, **row}) + "\n")
         clock["since"] = time.perf_counter()
 
-    train_sft(model, renderer, training_examples(task, sft), sft, on_step=on_step)
+    losses = train_sft(model, renderer, training_examples(task, sft), sft, on_step=on_step)
+    if args.save:
+        out = cold_start_dir(cfg, base, Path(cfg.run.cache_dir).resolve())
+        save_cold_start(model, renderer, out, cache_key(base, task, sft, cfg.render), losses[-1])
+        print(f"# saved as the driver's cold start for this config: {out}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,17 @@ import json
 import pytest
 import torch
 
-from learner.sft import MARKER, SFTConfig, cold_start, lr_factor, reference_examples, sft_batch, train_sft
+from learner.sft import (
+    MARKER,
+    SFTConfig,
+    cache_key,
+    cold_start,
+    lr_factor,
+    reference_examples,
+    save_cold_start,
+    sft_batch,
+    train_sft,
+)
 from learner.tiny_model import build_tokenizer
 from rollout.render import RenderConfig, Renderer
 from rollout.tasks import ARITHMETIC_ALPHABET, ArithmeticTask, Problem, TaskConfig
@@ -73,6 +83,26 @@ def test_cold_start_is_deterministic_and_cached(tiny_model_dir, tmp_path):
     assert (a / "model.safetensors").stat().st_mtime_ns == stamp
     cold_start(tiny_model_dir, tmp_path / "a", TASK, cfg.model_copy(update={"steps": 4}))
     assert json.loads((a / MARKER).read_text())["key"]["sft"]["steps"] == 4
+
+
+def test_a_cold_start_trained_elsewhere_and_saved_under_its_key_is_reused(tiny_model_dir, tmp_path):
+    """cold_start_curve.py --save: a model trained outside `cold_start` and saved under the same key is what the
+    driver's `cold_start` returns, untouched; a different config still trains."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = SFTConfig(steps=3, batch_size=4, warmup_steps=1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    renderer = Renderer(RenderConfig(), AutoTokenizer.from_pretrained(tiny_model_dir))
+    losses = train_sft(model, renderer, reference_examples(TASK, 0), cfg)
+    out = save_cold_start(
+        model, renderer, tmp_path / "c", cache_key(tiny_model_dir, TASK, cfg, RenderConfig()), losses[-1]
+    )
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert cold_start(tiny_model_dir, out, TASK, cfg) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((out / MARKER).read_text())["final_loss"] == losses[-1]
+    cold_start(tiny_model_dir, out, TASK, cfg.model_copy(update={"steps": 2}))
+    assert (out / "model.safetensors").stat().st_mtime_ns != stamp
 
 
 def test_missing_base_model_is_a_clear_error(tmp_path):
