@@ -274,14 +274,15 @@ def format_table(report: dict) -> str:
         ("learner tokens/s", "learner_tokens_per_s"),
     ]
     names = list(report["systems"])
-    lines = [f"{'seed mean [min..max]':<28}" + "".join(f"{n:>24}" for n in names)]
-    for label, key in rows:
-        cells = [report["systems"][n]["summary"][key] for n in names]
-        lines.append(f"{label:<28}" + "".join(f"{_cell(c, fmt):>24}" for c in cells))
+    table = [[_cell(report["systems"][n]["summary"][key], fmt) for n in names] for _, key in rows]
+    w = max(24, *(len(c) + 2 for row in table for c in row))  # columns never run into each other
+    lines = [f"{'seed mean [min..max]':<28}" + "".join(f"{n:>{w}}" for n in names)]
+    for (label, _), cells in zip(rows, table):
+        lines.append(f"{label:<28}" + "".join(f"{c:>{w}}" for c in cells))
     parts = sorted({k for n in names for k in report["systems"][n]["summary"]["time_share"]})
     for part in parts:
         cells = [report["systems"][n]["summary"]["time_share"].get(part) for n in names]
-        lines.append(f"{'share: ' + part:<28}" + "".join(f"{fmt(c):>24}" for c in cells))
+        lines.append(f"{'share: ' + part:<28}" + "".join(f"{fmt(c):>{w}}" for c in cells))
     for key in ("speedup_vs_trl", "speedup_async_vs_sync"):
         lines.append(f"{key}: {fmt(report[key]['value'])} {report[key]['reason'] or ''}")
     return "\n".join(lines)
